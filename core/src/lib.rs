@@ -1,69 +1,284 @@
-//! SKELETON — being written; API fixed, bodies pending.
+//! The allocator core of xalloc: a two-level segregated-fit (TLSF) heap over caller-given
+//! regions, with no OS dependency.
+//!
+//! # Map
+//!
+//! - [`Tlsf`] ([`tlsf`]): the algorithm. O(1) allocate and free for every alignment, immediate
+//!   coalescing, in-place reallocation when the next block is free. Generic over a
+//!   [`MetaStore`] ([`store`]) that says where block metadata lives:
+//!   - [`Heap`] = `Tlsf<InBand>`: 8-byte headers beside the blocks, 16-byte minimum block, up to
+//!     [`MAX_REGIONS`](store::MAX_REGIONS) regions. The embedded heap.
+//!   - [`OobHeap`] = `Tlsf<OutOfBand>`: metadata in a separate table, nothing written inside the
+//!     region. The daemon's shared arena.
+//! - [`LockedHeap`]: a [`Heap`] behind a spin lock, usable as `#[global_allocator]`.
+//! - [`FirstFit`]: the `linked_list_allocator` crate's heap behind the same [`RegionAllocator`]
+//!   trait, kept as the reference baseline.
+//!
+//! Every link the algorithm stores is a granule index from the start of its region, never an
+//! address, so a region can be mapped at a different address in each process that uses it.
+//!
+//! # Example: a firmware heap
+//!
+//! ```
+//! use xalloc_core::LockedHeap;
+//!
+//! // In firmware: `#[global_allocator] static HEAP: LockedHeap = LockedHeap::empty();`
+//! static HEAP: LockedHeap = LockedHeap::empty();
+//! static mut ARENA: [u8; 4096] = [0; 4096];
+//!
+//! // SAFETY: ARENA is used by nothing else, and `init` runs once, before any allocation.
+//! unsafe { HEAP.init(core::ptr::addr_of_mut!(ARENA).cast(), 4096) };
+//! assert_eq!(HEAP.lock().stats().live_blocks, 0);
+//! ```
 #![no_std]
+
+pub mod first_fit;
+pub mod locked;
+pub mod store;
+pub mod tlsf;
+
 use core::alloc::Layout;
+use core::fmt;
 use core::ptr::NonNull;
 
-/// Statistics.
+pub use first_fit::FirstFit;
+pub use locked::LockedHeap;
+pub use store::{InBand, MetaEntry, MetaStore, OutOfBand};
+pub use tlsf::Tlsf;
+
+/// The default heap: TLSF with in-band metadata over one or more regions.
+pub type Heap = Tlsf<InBand>;
+
+/// TLSF with its metadata in a separate table: nothing is written inside the region.
+pub type OobHeap = Tlsf<OutOfBand>;
+
+/// Counters of a heap. Block sizes include per-block overhead, rounded to the granule.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// bytes in managed regions
+    /// Bytes under management (all regions, after alignment, without sentinels).
     pub region_bytes: usize,
-    /// bytes in used blocks (including per-block overhead)
+    /// Bytes in used blocks.
     pub used_bytes: usize,
-    /// bytes in free blocks
+    /// Bytes in free blocks.
     pub free_bytes: usize,
-    /// largest allocation that would succeed with alignment <= 16
+    /// The largest allocation (alignment up to the granule) that would succeed now.
     pub largest_free_bytes: usize,
-    /// live blocks
+    /// Blocks allocated and not freed.
     pub live_blocks: usize,
-    /// free blocks
+    /// Free blocks (after coalescing).
     pub free_blocks: usize,
 }
 
-/// The common interface.
-pub trait RegionAllocator {
-    /// allocate
-    fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>>;
-    /// # Safety
-    /// ptr from allocate with layout
-    unsafe fn deallocate(&mut self, ptr: NonNull<u8>, layout: Layout);
-    /// # Safety
-    /// ptr from allocate with layout
-    unsafe fn reallocate(&mut self, ptr: NonNull<u8>, layout: Layout, new_size: usize) -> Option<NonNull<u8>>;
-    /// stats
-    fn stats(&self) -> Stats;
+/// Why a region could not be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InitError {
+    /// After aligning the start, the region holds no block.
+    TooSmall,
+    /// `start + size` overflows the address space.
+    Overflow,
+    /// The heap already manages as many regions as it can.
+    TooManyRegions,
+    /// `init` on a heap that already has a region; use `add_region`.
+    AlreadyInitialized,
+    /// The granule is not a power of two of at least 8.
+    BadGranule,
+    /// The metadata table pointer is null or misaligned.
+    BadTable,
+    /// The metadata table has fewer entries than the region needs.
+    TableTooShort {
+        /// Entries needed, see [`OutOfBand::table_entries`].
+        needed: usize,
+    },
 }
 
-/// Heap.
-pub struct Heap;
-impl Heap {
-    /// empty
-    pub const fn empty() -> Self { Heap }
-    /// # Safety
-    /// region valid
-    pub unsafe fn init(&mut self, _start: *mut u8, _size: usize) { todo!() }
-    /// allocate
-    pub fn allocate(&mut self, _layout: Layout) -> Option<NonNull<u8>> { todo!() }
-    /// # Safety
-    /// x
-    pub unsafe fn deallocate(&mut self, _ptr: NonNull<u8>, _layout: Layout) { todo!() }
-    /// # Safety
-    /// x
-    pub unsafe fn reallocate(&mut self, _ptr: NonNull<u8>, _layout: Layout, _new_size: usize) -> Option<NonNull<u8>> { todo!() }
-    /// stats
-    pub fn stats(&self) -> Stats { todo!() }
+impl fmt::Display for InitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooSmall => f.write_str("region too small to hold a block after alignment"),
+            Self::Overflow => f.write_str("region end overflows the address space"),
+            Self::TooManyRegions => write!(f, "heap already has {} regions", store::MAX_REGIONS),
+            Self::AlreadyInitialized => {
+                f.write_str("heap already initialised; use add_region to extend it")
+            }
+            Self::BadGranule => f.write_str("granule must be a power of two of at least 8 bytes"),
+            Self::BadTable => f.write_str("metadata table pointer is null or misaligned"),
+            Self::TableTooShort { needed } => {
+                write!(f, "metadata table too short: {needed} entries needed")
+            }
+        }
+    }
 }
-/// LockedHeap
-pub struct LockedHeap(spin::Mutex<Heap>);
-impl LockedHeap {
-    /// empty
-    pub const fn empty() -> Self { LockedHeap(spin::Mutex::new(Heap::empty())) }
+
+impl core::error::Error for InitError {}
+
+/// A broken heap invariant, found by `check_invariants`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvariantError {
+    /// What is wrong.
+    pub what: &'static str,
+    /// The block concerned ([`store::NIL`] if none).
+    pub block: u32,
+}
+
+impl fmt::Display for InvariantError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "heap invariant broken at block {:#x}: {}",
+            self.block, self.what
+        )
+    }
+}
+
+impl core::error::Error for InvariantError {}
+
+/// The interface shared by every heap of this crate, so tests and benchmarks run against each.
+pub trait RegionAllocator {
+    /// Allocates a block of at least `layout.size()` bytes aligned to `layout.align()`, or
+    /// returns `None` when the heap cannot.
+    fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>>;
+
+    /// Frees a block.
+    ///
     /// # Safety
-    /// x
-    pub unsafe fn init(&self, start: *mut u8, size: usize) { unsafe { self.0.lock().init(start, size) } }
+    /// - `ptr` was returned by this heap's `allocate`/`reallocate` and has not been freed;
+    /// - `layout` is the layout it was allocated (or last reallocated) with.
+    unsafe fn deallocate(&mut self, ptr: NonNull<u8>, layout: Layout);
+
+    /// Resizes a block to `new_size` bytes with the same alignment, moving it if needed; the
+    /// first `min(layout.size(), new_size)` bytes are kept. On `None` the old block is untouched.
+    ///
+    /// # Safety
+    /// As for [`deallocate`](Self::deallocate).
+    unsafe fn reallocate(
+        &mut self,
+        ptr: NonNull<u8>,
+        layout: Layout,
+        new_size: usize,
+    ) -> Option<NonNull<u8>>;
+
+    /// The heap's counters.
+    fn stats(&self) -> Stats;
+
+    /// Checks the heap's whole structure.
+    fn check_invariants(&self) -> Result<(), InvariantError>;
 }
-// SAFETY: skeleton
-unsafe impl core::alloc::GlobalAlloc for LockedHeap {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 { self.0.lock().allocate(l).map_or(core::ptr::null_mut(), |p| p.as_ptr()) }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) { unsafe { self.0.lock().deallocate(NonNull::new_unchecked(p), l) } }
+
+impl<S: MetaStore> RegionAllocator for Tlsf<S> {
+    #[inline]
+    fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
+        Tlsf::allocate(self, layout)
+    }
+    #[inline]
+    unsafe fn deallocate(&mut self, ptr: NonNull<u8>, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { Tlsf::deallocate(self, ptr, layout) }
+    }
+    #[inline]
+    unsafe fn reallocate(
+        &mut self,
+        ptr: NonNull<u8>,
+        layout: Layout,
+        new_size: usize,
+    ) -> Option<NonNull<u8>> {
+        // SAFETY: forwarded contract.
+        unsafe { Tlsf::reallocate(self, ptr, layout, new_size) }
+    }
+    fn stats(&self) -> Stats {
+        Tlsf::stats(self)
+    }
+    fn check_invariants(&self) -> Result<(), InvariantError> {
+        Tlsf::check_invariants(self)
+    }
 }
+
+impl Tlsf<InBand> {
+    /// A heap with no memory; every allocation fails until [`init`](Self::init).
+    pub const fn empty() -> Self {
+        Self::with_store(InBand::empty())
+    }
+
+    /// Gives the heap its first region, `size` bytes at `start`. The start needs no alignment;
+    /// up to 23 bytes are lost to aligning it and to the end sentinel.
+    ///
+    /// A region too small for one block, or a heap already initialised, leaves the heap as it
+    /// was (allocations keep failing on an empty heap). Use [`try_init`](Self::try_init) to learn
+    /// why.
+    ///
+    /// # Safety
+    /// - `start..start + size` is valid for reads and writes for as long as the heap is used;
+    /// - nothing else accesses that memory, except through blocks this heap hands out.
+    pub unsafe fn init(&mut self, start: *mut u8, size: usize) {
+        // SAFETY: forwarded contract.
+        let _ = unsafe { self.try_init(start, size) };
+    }
+
+    /// [`init`](Self::init), reporting why the region was refused.
+    ///
+    /// # Safety
+    /// As for [`init`](Self::init).
+    pub unsafe fn try_init(&mut self, start: *mut u8, size: usize) -> Result<(), InitError> {
+        if self.region_count() != 0 {
+            return Err(InitError::AlreadyInitialized);
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.add_region(start, size) }
+    }
+
+    /// Adds another region of `size` bytes at `start`; the heap then allocates from all of them.
+    ///
+    /// # Safety
+    /// As for [`init`](Self::init), and the region overlaps no region the heap already has.
+    pub unsafe fn add_region(&mut self, start: *mut u8, size: usize) -> Result<(), InitError> {
+        if start.is_null() {
+            return Err(InitError::TooSmall);
+        }
+        if self.region_count() == store::MAX_REGIONS {
+            return Err(InitError::TooManyRegions);
+        }
+        start.addr().checked_add(size).ok_or(InitError::Overflow)?;
+        let (first, n) = self
+            .store_mut()
+            .push_region(start, size)
+            .ok_or(InitError::TooSmall)?;
+        // SAFETY: the store registered region `first >> LOCAL_BITS` with `n` granules just now.
+        unsafe { self.adopt_region(first, n) };
+        Ok(())
+    }
+}
+
+impl Tlsf<OutOfBand> {
+    /// The number of [`MetaEntry`] slots `new` needs for a region of `region_size` bytes.
+    pub const fn table_entries(region_size: usize, granule: usize) -> usize {
+        OutOfBand::table_entries(region_size, granule)
+    }
+
+    /// A heap over `size` bytes at `start` (aligned up to `granule`), keeping its metadata in
+    /// `table`. Every block is a multiple of `granule` bytes and aligned to it.
+    ///
+    /// # Safety
+    /// As for [`OutOfBand::new`].
+    pub unsafe fn new(
+        start: *mut u8,
+        size: usize,
+        granule: usize,
+        table: *mut MetaEntry,
+        table_len: usize,
+    ) -> Result<Self, InitError> {
+        // SAFETY: forwarded contract.
+        let (store, n) = unsafe { OutOfBand::new(start, size, granule, table, table_len)? };
+        let mut heap = Self::with_store(store);
+        // SAFETY: the store was built for exactly this region of `n` granules, id 0 first.
+        unsafe { heap.adopt_region(0, n) };
+        Ok(heap)
+    }
+
+    /// Offset in bytes of `ptr` from the region's start.
+    pub fn offset_of(&self, ptr: NonNull<u8>) -> usize {
+        ptr.as_ptr().addr().wrapping_sub(self.store().base().addr())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,496 @@
+//! Where block metadata lives: the [`MetaStore`] trait and its two implementations.
+//!
+//! The TLSF algorithm in [`crate::tlsf`] never touches memory itself. It names blocks by a
+//! [`BlockId`] and asks a store to read and write four 32-bit fields per block:
+//!
+//! | field        | meaning                                                        | valid when |
+//! | ------------ | -------------------------------------------------------------- | ---------- |
+//! | `size_flags` | size in granules `<< 1`, bit 0 set iff the block is free       | always     |
+//! | `prev_size`  | size in granules of the physically previous block, 0 if none   | always     |
+//! | `next_free`  | next block in this block's free list, [`NIL`] at the end       | block free |
+//! | `prev_free`  | previous block in this block's free list, [`NIL`] at the head  | block free |
+//!
+//! A *granule* is the store's unit of size and alignment (16 bytes in band, a power of two of
+//! the caller's choice out of band). Block ids are granule indices from the start of a region,
+//! with the region's number in the top [`REGION_BITS`] bits; every link is such an index, never an
+//! address, so a region can be mapped at a different address by every process that shares it.
+//!
+//! - [`InBand`] keeps `prev_size` and `size_flags` in an 8-byte header just below each payload and
+//!   the two free-list links in the first 8 bytes of a free block's payload: the classic embedded
+//!   layout, with 8 bytes of overhead per block and a 16-byte minimum block.
+//! - [`OutOfBand`] keeps all four fields in a caller-provided table with one [`MetaEntry`] per
+//!   granule, indexed by block id; nothing is written inside the managed region, so a program that
+//!   scribbles over its buffers can corrupt data but never the allocator.
+
+use core::ptr::NonNull;
+
+/// Identifies a block: the region number in the top [`REGION_BITS`] bits, the granule index of
+/// the block's payload within that region below them.
+pub type BlockId = u32;
+
+/// The "no block" link value.
+pub const NIL: BlockId = u32::MAX;
+
+/// Bits of a [`BlockId`] that hold the region number.
+pub const REGION_BITS: u32 = 2;
+
+/// How many regions one heap can manage.
+pub const MAX_REGIONS: usize = 1 << REGION_BITS;
+
+/// Bits of a [`BlockId`] that hold the granule index within the region.
+pub const LOCAL_BITS: u32 = 32 - REGION_BITS;
+
+/// Mask of the granule-index bits of a [`BlockId`].
+pub const LOCAL_MASK: u32 = (1 << LOCAL_BITS) - 1;
+
+/// The largest number of granules one region can hold, sentinel included.
+pub const MAX_REGION_GRANULES: u32 = LOCAL_MASK;
+
+/// Storage of per-block metadata for [`crate::Tlsf`].
+///
+/// Every accessor takes the id of a block that the caller knows to exist: a block start, or for
+/// `prev_size`/`set_prev_size` also a region's end sentinel. The store translates the id; it does
+/// not validate it, which is why the accessors are `unsafe`.
+///
+/// # Safety
+///
+/// An implementation must guarantee that:
+/// 1. `payload(id)` for every valid block id returns a pointer, with provenance over the whole
+///    block, to `granule()`-aligned memory of `size * granule() - OVERHEAD` bytes that belong to
+///    the block alone (size as recorded in `size_flags`);
+/// 2. `block_of(payload(id)) == id` for every valid block id;
+/// 3. a value written through a setter is returned by the matching getter until it is written
+///    again, and writing one field of one block changes no other field of any block and no byte
+///    of any *used* block's payload;
+/// 4. `OVERHEAD < granule()`, and `granule()` is a power of two of at least 8.
+pub unsafe trait MetaStore {
+    /// Bytes of every block that its owner cannot use (the in-band header).
+    const OVERHEAD: usize;
+
+    /// log2 of the granule size in bytes.
+    fn granule_shift(&self) -> u32;
+
+    /// Reads `size_flags` of block `b`.
+    ///
+    /// # Safety
+    /// `b` is a block start or a region's sentinel.
+    unsafe fn size_flags(&self, b: BlockId) -> u32;
+    /// Writes `size_flags` of block `b`.
+    ///
+    /// # Safety
+    /// `b` is a block start or a region's sentinel.
+    unsafe fn set_size_flags(&mut self, b: BlockId, v: u32);
+    /// Reads `prev_size` of block `b`.
+    ///
+    /// # Safety
+    /// `b` is a block start or a region's sentinel.
+    unsafe fn prev_size(&self, b: BlockId) -> u32;
+    /// Writes `prev_size` of block `b`.
+    ///
+    /// # Safety
+    /// `b` is a block start or a region's sentinel.
+    unsafe fn set_prev_size(&mut self, b: BlockId, v: u32);
+    /// Reads `next_free` of block `b`.
+    ///
+    /// # Safety
+    /// `b` is a free block's start.
+    unsafe fn next_free(&self, b: BlockId) -> BlockId;
+    /// Writes `next_free` of block `b`.
+    ///
+    /// # Safety
+    /// `b` is the start of a block that is free or is being made free.
+    unsafe fn set_next_free(&mut self, b: BlockId, v: BlockId);
+    /// Reads `prev_free` of block `b`.
+    ///
+    /// # Safety
+    /// `b` is a free block's start.
+    unsafe fn prev_free(&self, b: BlockId) -> BlockId;
+    /// Writes `prev_free` of block `b`.
+    ///
+    /// # Safety
+    /// `b` is the start of a block that is free or is being made free.
+    unsafe fn set_prev_free(&mut self, b: BlockId, v: BlockId);
+
+    /// Records that `b` stopped being a block start because it was merged into a neighbour.
+    /// Out of band this clears the entry, so that a stale id can be recognised as invalid.
+    ///
+    /// # Safety
+    /// `b` was a block start and is now inside another block.
+    unsafe fn retire(&mut self, b: BlockId);
+
+    /// The address of block `b`'s payload, as an integer (for alignment arithmetic).
+    fn payload_addr(&self, b: BlockId) -> usize;
+
+    /// A pointer to block `b`'s payload.
+    ///
+    /// # Safety
+    /// `b` is a valid block id of an initialised region.
+    unsafe fn payload(&self, b: BlockId) -> NonNull<u8>;
+
+    /// The id of the block whose payload starts at `ptr`, or `None` if `ptr` is outside every
+    /// region or not on a granule boundary. It does not check that a block starts there.
+    fn block_of(&self, ptr: NonNull<u8>) -> Option<BlockId>;
+}
+
+/// Metadata kept in band, beside the blocks: the embedded layout. Granule: 16 bytes.
+///
+/// Block `b` of region `r` has its payload at `base[r] + 16 * local(b)` and its 8-byte header
+/// (`prev_size`, then `size_flags`) just below. A free block's links fill the first 8 bytes of
+/// its payload. A region of `n` granules ends with a sentinel header at `base[r] + 16 * n - 8`.
+pub struct InBand {
+    /// Payload address of granule 0 of each region; null for regions not added yet.
+    bases: [*mut u8; MAX_REGIONS],
+    /// Granules of each region, sentinel excluded.
+    lens: [u32; MAX_REGIONS],
+    /// Regions added so far.
+    count: usize,
+}
+
+// SAFETY: `InBand` holds raw pointers into regions that the `init`/`add_region` contract gives
+// to the heap exclusively; nothing else refers to them, so moving the store to another thread
+// moves the only access path with it.
+unsafe impl Send for InBand {}
+
+/// The in-band granule: 16 bytes, so every payload is 16-aligned and a 16-byte block (8-byte
+/// header, 8 bytes of payload or free-list links) is the smallest.
+pub const IN_BAND_GRANULE_SHIFT: u32 = 4;
+
+/// The in-band per-block header size.
+pub const IN_BAND_HEADER: usize = 8;
+
+impl InBand {
+    /// A store with no regions.
+    pub const fn empty() -> Self {
+        Self {
+            bases: [core::ptr::null_mut(); MAX_REGIONS],
+            lens: [0; MAX_REGIONS],
+            count: 0,
+        }
+    }
+
+    /// Places a region of `size` bytes at `start` in the in-band layout and records it.
+    ///
+    /// Returns the id of its first block and its size in granules (sentinel excluded), or `None`
+    /// if it holds less than one block or all [`MAX_REGIONS`] regions are taken. Regions larger
+    /// than [`MAX_REGION_GRANULES`] granules are used up to that size.
+    pub(crate) fn push_region(&mut self, start: *mut u8, size: usize) -> Option<(BlockId, u32)> {
+        if self.count == MAX_REGIONS {
+            return None;
+        }
+        let addr = start.addr();
+        let end = addr.checked_add(size)?;
+        // The first payload is the first 16-aligned address with room for a header below it.
+        let base = addr
+            .checked_add(IN_BAND_HEADER)?
+            .checked_next_multiple_of(16)?;
+        if base > end {
+            return None;
+        }
+        // Blocks fill [base - 8, base + 16n - 8); the sentinel header takes [base + 16n - 8, base + 16n).
+        let n =
+            ((end - base) >> IN_BAND_GRANULE_SHIFT).min(MAX_REGION_GRANULES as usize - 1) as u32;
+        if n == 0 {
+            return None;
+        }
+        let r = self.count;
+        self.bases[r] = start.wrapping_add(base - addr);
+        self.lens[r] = n;
+        self.count += 1;
+        Some(((r as u32) << LOCAL_BITS, n))
+    }
+
+    /// Pointer to the header of block `b` (8 bytes below its payload).
+    #[inline(always)]
+    fn header(&self, b: BlockId) -> *mut u32 {
+        let r = (b >> LOCAL_BITS) as usize;
+        let off = ((b & LOCAL_MASK) as usize) << IN_BAND_GRANULE_SHIFT;
+        self.bases[r]
+            .wrapping_add(off)
+            .wrapping_sub(IN_BAND_HEADER)
+            .cast::<u32>()
+    }
+
+    /// Pointer to the first word of block `b`'s payload.
+    #[inline(always)]
+    fn links(&self, b: BlockId) -> *mut u32 {
+        let r = (b >> LOCAL_BITS) as usize;
+        let off = ((b & LOCAL_MASK) as usize) << IN_BAND_GRANULE_SHIFT;
+        self.bases[r].wrapping_add(off).cast::<u32>()
+    }
+}
+
+// SAFETY: 1. `push_region` places block `b`'s payload at `base + 16 * local(b)`, derived from the
+// region's own pointer, with its header in the 8 bytes below and the next block's header 16 * size
+// bytes further, so the payload has `16 * size - 8` bytes of its own, 16-aligned.
+// 2. `block_of` inverts that arithmetic. 3. Each field is its own 4-byte word: two in the header,
+// two in a *free* block's payload. 4. OVERHEAD = 8 < 16.
+unsafe impl MetaStore for InBand {
+    const OVERHEAD: usize = IN_BAND_HEADER;
+
+    #[inline(always)]
+    fn granule_shift(&self) -> u32 {
+        IN_BAND_GRANULE_SHIFT
+    }
+
+    #[inline(always)]
+    unsafe fn size_flags(&self, b: BlockId) -> u32 {
+        // SAFETY: the caller guarantees `b` is a block start or sentinel, whose 8-byte header lies
+        // inside its region, 8-aligned; `size_flags` is its second word.
+        unsafe { self.header(b).add(1).read() }
+    }
+    #[inline(always)]
+    unsafe fn set_size_flags(&mut self, b: BlockId, v: u32) {
+        // SAFETY: as in `size_flags`.
+        unsafe { self.header(b).add(1).write(v) }
+    }
+    #[inline(always)]
+    unsafe fn prev_size(&self, b: BlockId) -> u32 {
+        // SAFETY: as in `size_flags`; `prev_size` is the header's first word.
+        unsafe { self.header(b).read() }
+    }
+    #[inline(always)]
+    unsafe fn set_prev_size(&mut self, b: BlockId, v: u32) {
+        // SAFETY: as in `prev_size`.
+        unsafe { self.header(b).write(v) }
+    }
+    #[inline(always)]
+    unsafe fn next_free(&self, b: BlockId) -> BlockId {
+        // SAFETY: `b` is a free block; its payload holds at least 8 bytes (one granule minus the
+        // header), 16-aligned, and belongs to the allocator while the block is free.
+        unsafe { self.links(b).read() }
+    }
+    #[inline(always)]
+    unsafe fn set_next_free(&mut self, b: BlockId, v: BlockId) {
+        // SAFETY: as in `next_free`.
+        unsafe { self.links(b).write(v) }
+    }
+    #[inline(always)]
+    unsafe fn prev_free(&self, b: BlockId) -> BlockId {
+        // SAFETY: as in `next_free`; the second word of the payload.
+        unsafe { self.links(b).add(1).read() }
+    }
+    #[inline(always)]
+    unsafe fn set_prev_free(&mut self, b: BlockId, v: BlockId) {
+        // SAFETY: as in `prev_free`.
+        unsafe { self.links(b).add(1).write(v) }
+    }
+
+    #[inline(always)]
+    unsafe fn retire(&mut self, _b: BlockId) {}
+
+    #[inline(always)]
+    fn payload_addr(&self, b: BlockId) -> usize {
+        self.links(b).addr()
+    }
+
+    #[inline(always)]
+    unsafe fn payload(&self, b: BlockId) -> NonNull<u8> {
+        // SAFETY: a valid block's payload lies inside a region whose start the caller of
+        // `init`/`add_region` guaranteed non-null, above that start.
+        unsafe { NonNull::new_unchecked(self.links(b).cast::<u8>()) }
+    }
+
+    #[inline(always)]
+    fn block_of(&self, ptr: NonNull<u8>) -> Option<BlockId> {
+        let addr = ptr.as_ptr().addr();
+        for r in 0..self.count {
+            let off = addr.wrapping_sub(self.bases[r].addr());
+            if off < (self.lens[r] as usize) << IN_BAND_GRANULE_SHIFT {
+                if off & ((1 << IN_BAND_GRANULE_SHIFT) - 1) != 0 {
+                    return None;
+                }
+                return Some(((r as u32) << LOCAL_BITS) | (off >> IN_BAND_GRANULE_SHIFT) as u32);
+            }
+        }
+        None
+    }
+}
+
+/// One block's metadata in an [`OutOfBand`] table. Plain data; the table holds one per granule
+/// of the region plus one for the end sentinel (see [`OutOfBand::table_entries`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetaEntry {
+    size_flags: u32,
+    prev_size: u32,
+    next_free: u32,
+    prev_free: u32,
+}
+
+/// Metadata kept out of band, in a table beside the region: the shared-arena layout.
+///
+/// Block `b` has its payload at `base + granule * b` and its metadata in `table[b]`. The region
+/// itself is never read or written by the allocator. One region per heap.
+pub struct OutOfBand {
+    base: *mut u8,
+    table: *mut MetaEntry,
+    shift: u32,
+    /// Granules in the region, sentinel excluded; the table holds `len + 1` entries.
+    len: u32,
+}
+
+// SAFETY: the region and the table are given to the heap exclusively by `OutOfBand::new`'s
+// contract; moving the store moves the only access path to them.
+unsafe impl Send for OutOfBand {}
+
+impl OutOfBand {
+    /// The number of [`MetaEntry`] slots a table must hold for a region of `region_size` bytes
+    /// with granules of `granule` bytes: one per whole granule, plus one for the end sentinel.
+    pub const fn table_entries(region_size: usize, granule: usize) -> usize {
+        if granule == 0 {
+            return 0;
+        }
+        let n = region_size / granule;
+        let cap = MAX_REGION_GRANULES as usize - 1;
+        (if n > cap { cap } else { n }) + 1
+    }
+
+    /// Builds a store over `size` bytes at `start`, with `table` for metadata.
+    ///
+    /// Returns the store and the region's size in granules, or an error if `granule` is not a
+    /// power of two of at least 8, the region holds no whole granule after aligning `start` up,
+    /// or the table is too short.
+    ///
+    /// # Safety
+    /// - `start..start + size` is valid for reads and writes for the store's life, and
+    ///   `table..table + table_len` is valid for reads and writes of `MetaEntry` for its life;
+    /// - neither is accessed by anything else while the store lives (the region's *payloads* may
+    ///   be, by whoever allocated them, which the store never reads);
+    /// - the two do not overlap.
+    pub unsafe fn new(
+        start: *mut u8,
+        size: usize,
+        granule: usize,
+        table: *mut MetaEntry,
+        table_len: usize,
+    ) -> Result<(Self, u32), crate::InitError> {
+        use crate::InitError;
+        if !granule.is_power_of_two() || granule < 8 {
+            return Err(InitError::BadGranule);
+        }
+        if table.is_null()
+            || !table
+                .cast::<u8>()
+                .addr()
+                .is_multiple_of(align_of::<MetaEntry>())
+        {
+            return Err(InitError::BadTable);
+        }
+        let shift = granule.trailing_zeros();
+        let addr = start.addr();
+        let end = addr.checked_add(size).ok_or(InitError::Overflow)?;
+        let base = addr
+            .checked_next_multiple_of(granule)
+            .ok_or(InitError::Overflow)?;
+        if start.is_null() || base >= end {
+            return Err(InitError::TooSmall);
+        }
+        let n = ((end - base) >> shift).min(MAX_REGION_GRANULES as usize - 1) as u32;
+        if n == 0 {
+            return Err(InitError::TooSmall);
+        }
+        if table_len < n as usize + 1 {
+            return Err(InitError::TableTooShort {
+                needed: n as usize + 1,
+            });
+        }
+        let store = Self {
+            base: start.wrapping_add(base - addr),
+            table,
+            shift,
+            len: n,
+        };
+        Ok((store, n))
+    }
+
+    /// The region's first byte (granule-aligned): payload of block 0.
+    pub fn base(&self) -> *mut u8 {
+        self.base
+    }
+
+    #[inline(always)]
+    fn entry(&self, b: BlockId) -> *mut MetaEntry {
+        self.table.wrapping_add(b as usize)
+    }
+}
+
+// SAFETY: 1. Block `b`'s payload is `base + granule * b` over `size` whole granules of the region,
+// derived from the region's pointer; nothing of it is used for metadata (OVERHEAD = 0).
+// 2. `block_of` inverts that. 3. Each field is its own word of `table[b]`, outside the region.
+// 4. `new` accepts only powers of two of at least 8.
+unsafe impl MetaStore for OutOfBand {
+    const OVERHEAD: usize = 0;
+
+    #[inline(always)]
+    fn granule_shift(&self) -> u32 {
+        self.shift
+    }
+
+    #[inline(always)]
+    unsafe fn size_flags(&self, b: BlockId) -> u32 {
+        // SAFETY: `b <= len` for any block or sentinel, and the table holds `len + 1` entries.
+        unsafe { (*self.entry(b)).size_flags }
+    }
+    #[inline(always)]
+    unsafe fn set_size_flags(&mut self, b: BlockId, v: u32) {
+        // SAFETY: as in `size_flags`.
+        unsafe { (*self.entry(b)).size_flags = v }
+    }
+    #[inline(always)]
+    unsafe fn prev_size(&self, b: BlockId) -> u32 {
+        // SAFETY: as in `size_flags`.
+        unsafe { (*self.entry(b)).prev_size }
+    }
+    #[inline(always)]
+    unsafe fn set_prev_size(&mut self, b: BlockId, v: u32) {
+        // SAFETY: as in `size_flags`.
+        unsafe { (*self.entry(b)).prev_size = v }
+    }
+    #[inline(always)]
+    unsafe fn next_free(&self, b: BlockId) -> BlockId {
+        // SAFETY: as in `size_flags`.
+        unsafe { (*self.entry(b)).next_free }
+    }
+    #[inline(always)]
+    unsafe fn set_next_free(&mut self, b: BlockId, v: BlockId) {
+        // SAFETY: as in `size_flags`.
+        unsafe { (*self.entry(b)).next_free = v }
+    }
+    #[inline(always)]
+    unsafe fn prev_free(&self, b: BlockId) -> BlockId {
+        // SAFETY: as in `size_flags`.
+        unsafe { (*self.entry(b)).prev_free }
+    }
+    #[inline(always)]
+    unsafe fn set_prev_free(&mut self, b: BlockId, v: BlockId) {
+        // SAFETY: as in `size_flags`.
+        unsafe { (*self.entry(b)).prev_free = v }
+    }
+
+    #[inline(always)]
+    unsafe fn retire(&mut self, b: BlockId) {
+        // SAFETY: as in `size_flags`.
+        unsafe { *self.entry(b) = MetaEntry::default() }
+    }
+
+    #[inline(always)]
+    fn payload_addr(&self, b: BlockId) -> usize {
+        self.base.addr() + ((b as usize) << self.shift)
+    }
+
+    #[inline(always)]
+    unsafe fn payload(&self, b: BlockId) -> NonNull<u8> {
+        // SAFETY: `new` rejected a null start, and a block's payload lies at or above `base`,
+        // inside the region.
+        unsafe { NonNull::new_unchecked(self.base.wrapping_add((b as usize) << self.shift)) }
+    }
+
+    #[inline(always)]
+    fn block_of(&self, ptr: NonNull<u8>) -> Option<BlockId> {
+        let off = ptr.as_ptr().addr().wrapping_sub(self.base.addr());
+        if off >= (self.len as usize) << self.shift || off & ((1 << self.shift) - 1) != 0 {
+            return None;
+        }
+        Some((off >> self.shift) as BlockId)
+    }
+}

@@ -1,0 +1,373 @@
+//! Unit tests of the TLSF heap's edge cases. Randomised sequences against a shadow model live in
+//! `tests/shadow.rs`.
+
+extern crate std;
+
+use std::vec;
+use std::vec::Vec;
+
+use super::*;
+
+/// A 16-aligned buffer of `n` bytes.
+fn buffer(n: usize) -> Vec<u128> {
+    vec![0u128; n.div_ceil(16)]
+}
+
+fn heap_over(buf: &mut [u128]) -> Heap {
+    let mut h = Heap::empty();
+    // SAFETY: `buf` outlives the heap in every test and is used by nothing else.
+    unsafe { h.try_init(buf.as_mut_ptr().cast(), buf.len() * 16).unwrap() };
+    h
+}
+
+fn layout(size: usize, align: usize) -> Layout {
+    Layout::from_size_align(size, align).unwrap()
+}
+
+#[test]
+fn empty_heap_refuses() {
+    let mut h = Heap::empty();
+    assert!(h.allocate(layout(8, 8)).is_none());
+    assert_eq!(h.stats(), Stats::default());
+    h.check_invariants().unwrap();
+}
+
+#[test]
+fn too_small_and_misaligned_regions_are_reported() {
+    let mut buf = buffer(64);
+    let p: *mut u8 = buf.as_mut_ptr().cast();
+    let mut h = Heap::empty();
+    // SAFETY: inside `buf`.
+    unsafe {
+        assert_eq!(h.try_init(p.add(1), 20), Err(InitError::TooSmall));
+        assert_eq!(
+            h.try_init(core::ptr::null_mut(), 64),
+            Err(InitError::TooSmall)
+        );
+        // Misaligned but large enough: accepted, payloads still 16-aligned.
+        h.try_init(p.add(3), 61).unwrap();
+        assert_eq!(h.try_init(p, 64), Err(InitError::AlreadyInitialized));
+    }
+    let a = h.allocate(layout(8, 16)).unwrap();
+    assert_eq!(a.as_ptr().addr() % 16, 0);
+    h.check_invariants().unwrap();
+}
+
+#[test]
+fn init_on_small_region_leaves_empty_heap() {
+    let mut buf = buffer(16);
+    let mut h = Heap::empty();
+    // SAFETY: inside `buf`.
+    unsafe { h.init(buf.as_mut_ptr().cast(), 16) };
+    assert!(h.allocate(layout(1, 1)).is_none());
+}
+
+#[test]
+fn minimum_block_and_overhead() {
+    let mut buf = buffer(1024);
+    let mut h = heap_over(&mut buf);
+    let total = h.stats().free_bytes;
+    let a = h.allocate(layout(8, 8)).unwrap();
+    assert_eq!(
+        h.stats().used_bytes,
+        16,
+        "an 8-byte request takes one 16-byte block"
+    );
+    let b = h.allocate(layout(24, 8)).unwrap();
+    assert_eq!(h.stats().used_bytes, 48, "24 bytes + 8 header = 32");
+    assert_eq!(b.as_ptr().addr() - a.as_ptr().addr(), 16);
+    // SAFETY: live blocks of this heap.
+    unsafe {
+        h.deallocate(a, layout(8, 8));
+        h.deallocate(b, layout(24, 8));
+    }
+    let s = h.stats();
+    assert_eq!((s.free_bytes, s.free_blocks, s.live_blocks), (total, 1, 0));
+    h.check_invariants().unwrap();
+}
+
+#[test]
+fn coalesces_both_sides() {
+    let mut buf = buffer(4096);
+    let mut h = heap_over(&mut buf);
+    let l = layout(100, 8);
+    let p: Vec<_> = (0..5).map(|_| h.allocate(l).unwrap()).collect();
+    // SAFETY: live blocks of this heap, each freed once.
+    unsafe {
+        h.deallocate(p[1], l);
+        h.deallocate(p[3], l);
+        assert_eq!(h.stats().free_blocks, 3);
+        h.deallocate(p[2], l); // merges with 1 and 3
+        assert_eq!(h.stats().free_blocks, 2);
+        h.check_invariants().unwrap();
+        h.deallocate(p[0], l);
+        h.deallocate(p[4], l);
+    }
+    assert_eq!(h.stats().free_blocks, 1);
+    h.check_invariants().unwrap();
+}
+
+#[test]
+fn every_alignment_up_to_64k() {
+    let mut buf = buffer(1 << 20);
+    let mut h = heap_over(&mut buf);
+    let mut live = Vec::new();
+    for shift in 0..=16 {
+        let l = layout(24, 1 << shift);
+        let p = h.allocate(l).unwrap();
+        assert_eq!(p.as_ptr().addr() % (1 << shift), 0, "align {}", 1 << shift);
+        live.push((p, l));
+        h.check_invariants().unwrap();
+    }
+    for (p, l) in live {
+        // SAFETY: live blocks of this heap.
+        unsafe { h.deallocate(p, l) };
+    }
+    assert_eq!(h.stats().free_blocks, 1);
+    h.check_invariants().unwrap();
+}
+
+#[test]
+fn largest_block_is_always_found() {
+    // TLSF's rounding alone would refuse a request for exactly the one free block's size when
+    // that size is not a class boundary.
+    for size in [1000usize, 4000, 4096 + 200, 65_000] {
+        let mut buf = buffer(size + 64);
+        let mut h = heap_over(&mut buf);
+        let largest = h.stats().largest_free_bytes;
+        let p = h
+            .allocate(layout(largest, 8))
+            .expect("the whole free block");
+        assert!(h.allocate(layout(1, 1)).is_none());
+        // SAFETY: live block of this heap.
+        unsafe { h.deallocate(p, layout(largest, 8)) };
+        // An aligned request that fits only at the right offset is found too.
+        let p = h
+            .allocate(layout(largest - 256, 256))
+            .expect("aligned, near the limit");
+        assert_eq!(p.as_ptr().addr() % 256, 0);
+        h.check_invariants().unwrap();
+    }
+}
+
+#[test]
+fn out_of_memory_returns_none_and_changes_nothing() {
+    let mut buf = buffer(4096);
+    let mut h = heap_over(&mut buf);
+    let a = h.allocate(layout(1000, 8)).unwrap();
+    let before = h.stats();
+    assert!(h.allocate(layout(8192, 8)).is_none());
+    assert!(h.allocate(layout(isize::MAX as usize - 8, 8)).is_none());
+    assert!(h.allocate(layout(1 << 40, 4096)).is_none());
+    assert_eq!(h.stats(), before);
+    // SAFETY: `a` is live with this layout.
+    assert!(unsafe { h.reallocate(a, layout(1000, 8), 1 << 20) }.is_none());
+    assert_eq!(h.stats(), before);
+    h.check_invariants().unwrap();
+}
+
+#[test]
+fn realloc_grows_in_place_and_moves_when_blocked() {
+    let mut buf = buffer(1 << 16);
+    let mut h = heap_over(&mut buf);
+    let l = layout(100, 8);
+    let a = h.allocate(l).unwrap();
+    // SAFETY: `a` is a live 100-byte block; the writes stay inside the sizes requested.
+    unsafe {
+        a.as_ptr().write_bytes(0xAB, 100);
+        let g = h.reallocate(a, l, 1000).unwrap();
+        assert_eq!(g, a, "free successor: grows in place");
+        let b = h.allocate(l).unwrap();
+        let m = h.reallocate(g, layout(1000, 8), 5000).unwrap();
+        assert_ne!(m, g, "successor used: moves");
+        assert!(core::slice::from_raw_parts(m.as_ptr(), 100)
+            .iter()
+            .all(|&x| x == 0xAB));
+        let s = h.reallocate(m, layout(5000, 8), 10).unwrap();
+        assert_eq!(s, m, "shrinks in place");
+        h.check_invariants().unwrap();
+        h.deallocate(s, layout(10, 8));
+        h.deallocate(b, l);
+    }
+    assert_eq!(h.stats().free_blocks, 1);
+    h.check_invariants().unwrap();
+}
+
+#[test]
+fn regions_can_be_added() {
+    let mut b1 = buffer(512);
+    let mut b2 = buffer(4096);
+    let mut h = heap_over(&mut b1);
+    assert!(h.allocate(layout(2000, 8)).is_none());
+    // SAFETY: `b2` outlives the heap and is disjoint from `b1`.
+    unsafe { h.add_region(b2.as_mut_ptr().cast(), 4096).unwrap() };
+    let p = h.allocate(layout(2000, 8)).unwrap();
+    let r2 = b2.as_ptr().addr()..b2.as_ptr().addr() + 4096;
+    assert!(r2.contains(&p.as_ptr().addr()));
+    let q = h.allocate(layout(100, 8)).unwrap();
+    h.check_invariants().unwrap();
+    // SAFETY: live blocks.
+    unsafe {
+        h.deallocate(p, layout(2000, 8));
+        h.deallocate(q, layout(100, 8));
+    }
+    assert_eq!(h.stats().free_blocks, 2, "one per region");
+    h.check_invariants().unwrap();
+    let mut extra = [buffer(64), buffer(64), buffer(64)];
+    // SAFETY: each buffer outlives the heap and is disjoint from the others.
+    unsafe {
+        h.add_region(extra[0].as_mut_ptr().cast(), 1024).unwrap();
+        h.add_region(extra[1].as_mut_ptr().cast(), 1024).unwrap();
+        assert_eq!(
+            h.add_region(extra[2].as_mut_ptr().cast(), 1024),
+            Err(InitError::TooManyRegions)
+        );
+    }
+}
+
+#[test]
+fn out_of_band_writes_nothing_into_the_region() {
+    for granule in [16usize, 64, 4096] {
+        let size = 64 * granule;
+        let mut region = vec![0xEEu8; size + granule];
+        let mut table = vec![MetaEntry::default(); OobHeap::table_entries(size + granule, granule)];
+        // SAFETY: region and table outlive the heap and are used by nothing else.
+        let mut h = unsafe {
+            OobHeap::new(
+                region.as_mut_ptr(),
+                size + granule,
+                granule,
+                table.as_mut_ptr(),
+                table.len(),
+            )
+        }
+        .unwrap();
+        let mut live = Vec::new();
+        for i in 1..40 {
+            let l = layout(i * 37 % (3 * granule) + 1, 8);
+            if let Some(p) = h.allocate(l) {
+                assert_eq!(p.as_ptr().addr() % granule, 0);
+                live.push((p, l));
+            }
+            if i % 3 == 0 {
+                let (p, l) = live.swap_remove(i % live.len());
+                // SAFETY: live block of this heap.
+                unsafe { h.deallocate(p, l) };
+            }
+            h.check_invariants().unwrap();
+        }
+        for (p, l) in live {
+            // SAFETY: live block of this heap.
+            unsafe { h.deallocate(p, l) };
+        }
+        assert_eq!(h.stats().free_blocks, 1);
+        assert!(
+            region.iter().all(|&b| b == 0xEE),
+            "granule {granule}: region was written"
+        );
+    }
+}
+
+#[test]
+fn out_of_band_rejects_bad_parameters() {
+    let mut region = vec![0u8; 4096];
+    let mut table = vec![MetaEntry::default(); 4];
+    let (r, t) = (region.as_mut_ptr(), table.as_mut_ptr());
+    // SAFETY: region and table outlive every heap built here.
+    unsafe {
+        assert_eq!(
+            OobHeap::new(r, 4096, 48, t, 4).err(),
+            Some(InitError::BadGranule)
+        );
+        assert_eq!(
+            OobHeap::new(r, 4096, 4, t, 4).err(),
+            Some(InitError::BadGranule)
+        );
+        assert!(matches!(
+            OobHeap::new(r, 4096, 64, t, 4),
+            Err(InitError::TableTooShort { .. })
+        ));
+        assert_eq!(
+            OobHeap::new(r, 10, 4096, t, 4).err(),
+            Some(InitError::TooSmall)
+        );
+        assert_eq!(
+            OobHeap::new(r, 4096, 1024, core::ptr::null_mut(), 4).err(),
+            Some(InitError::BadTable)
+        );
+        assert!(OobHeap::new(r, 4096, 1024, t, 4).is_ok());
+    }
+}
+
+/// A small deterministic generator, so the stress test needs no dependency.
+struct XorShift(u64);
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn random_stress_keeps_invariants() {
+    let ops = if cfg!(miri) { 300 } else { 20_000 };
+    let mut buf = buffer(1 << 18);
+    let mut h = heap_over(&mut buf);
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut live: Vec<(NonNull<u8>, Layout, u8)> = Vec::new();
+    for i in 0..ops {
+        let r = rng.next();
+        match r % 4 {
+            0 | 1 => {
+                let l = layout((r >> 8) as usize % 3000 + 1, 1 << ((r >> 20) % 8));
+                if let Some(p) = h.allocate(l) {
+                    assert_eq!(p.as_ptr().addr() % l.align(), 0);
+                    // SAFETY: fresh block of `l.size()` bytes.
+                    unsafe { p.as_ptr().write_bytes(i as u8, l.size()) };
+                    live.push((p, l, i as u8));
+                }
+            }
+            2 if !live.is_empty() => {
+                let (p, l, tag) = live.swap_remove((r >> 8) as usize % live.len());
+                // SAFETY: live block; its bytes were written with `tag`.
+                unsafe {
+                    assert!(core::slice::from_raw_parts(p.as_ptr(), l.size())
+                        .iter()
+                        .all(|&x| x == tag));
+                    h.deallocate(p, l);
+                }
+            }
+            3 if !live.is_empty() => {
+                let k = (r >> 8) as usize % live.len();
+                let (p, l, tag) = live[k];
+                let n = (r >> 24) as usize % 6000 + 1;
+                // SAFETY: live block with layout `l`.
+                if let Some(q) = unsafe { h.reallocate(p, l, n) } {
+                    let keep = l.size().min(n);
+                    // SAFETY: `q` holds `n` bytes, the first `keep` copied from the old block.
+                    unsafe {
+                        assert!(core::slice::from_raw_parts(q.as_ptr(), keep)
+                            .iter()
+                            .all(|&x| x == tag));
+                        q.as_ptr().write_bytes(tag, n);
+                    }
+                    assert_eq!(q.as_ptr().addr() % l.align(), 0);
+                    live[k] = (q, layout(n, l.align()), tag);
+                }
+            }
+            _ => {}
+        }
+        if i % 64 == 0 || cfg!(miri) {
+            h.check_invariants().unwrap();
+        }
+        assert_eq!(h.stats().live_blocks, live.len());
+    }
+    for (p, l, _) in live {
+        // SAFETY: live block.
+        unsafe { h.deallocate(p, l) };
+    }
+    h.check_invariants().unwrap();
+    assert_eq!(h.stats().free_blocks, 1);
+}

@@ -1,0 +1,708 @@
+//! Two-level segregated fit over one to [`MAX_REGIONS`] regions, generic over where block
+//! metadata lives ([`MetaStore`]).
+//!
+//! # Structure
+//!
+//! Free blocks sit in doubly linked lists, one per *size class*. A size of `s` granules belongs to
+//! class `(fl, sl)`: sizes below [`SL`] granules each have their own class in `fl = 0`; above, `fl`
+//! picks the power of two and `sl` one of [`SL`] equal slices of it, so a class spans at most
+//! 1/32 of its sizes. Two bitmaps say which lists are non-empty.
+//!
+//! # Invariants
+//!
+//! 1. Bit `fl` of `fl_bitmap` is set iff `sl_bitmap[fl] != 0`.
+//! 2. Bit `sl` of `sl_bitmap[fl]` is set iff list `(fl, sl)` is non-empty, and then
+//!    `heads[fl][sl]` is its first block. When the bit is clear, `heads[fl][sl]` is meaningless.
+//! 3. Every free block is in exactly the list of its size class; every block in a list is free.
+//! 4. No two free blocks are physically adjacent (coalescing is immediate).
+//! 5. The blocks of a region tile it from id `r << LOCAL_BITS` to its sentinel, each block's
+//!    `prev_size` is the size of the block before it (0 for the first), and the sentinel has size 0
+//!    and is never free.
+//! 6. `used`, `free`, `live` and `free_blocks` equal the sums over all blocks.
+//!
+//! [`Tlsf::check_invariants`] verifies all six by walking every region and every list.
+//!
+//! # Time complexity
+//!
+//! `allocate`, `deallocate` and in-place `reallocate` are O(1) for every alignment: a bitmap
+//! search finds a class whose every block fits (the request rounded up to the next class
+//! boundary, plus `align - granule` when the alignment exceeds the granule). Only when that finds
+//! nothing, i.e. the heap is nearly out of memory for that size, does `allocate` scan the lists of
+//! the classes below, so that it never reports out-of-memory while a block that fits exists.
+
+use core::alloc::Layout;
+use core::ptr::NonNull;
+
+use crate::store::{BlockId, MetaStore, LOCAL_BITS, LOCAL_MASK, MAX_REGIONS, NIL};
+use crate::{InvariantError, Stats};
+
+/// log2 of the number of second-level classes per power of two.
+pub const SLI: u32 = 5;
+/// Second-level classes per power of two.
+pub const SL: usize = 1 << SLI;
+/// First-level classes: enough for blocks of up to `2^LOCAL_BITS` granules.
+pub const FL: usize = (LOCAL_BITS - SLI + 1) as usize;
+
+const FREE: u32 = 1;
+
+// The bitmaps are `u32`s.
+const _: () = assert!(FL <= 32 && SL <= 32);
+
+/// The TLSF allocator over regions whose metadata lives in `S`.
+///
+/// Use it through the aliases [`crate::Heap`] (in band) and [`crate::OobHeap`] (out of band).
+pub struct Tlsf<S> {
+    store: S,
+    fl_bitmap: u32,
+    sl_bitmap: [u32; FL],
+    heads: [[BlockId; SL]; FL],
+    /// Size in granules of each region, sentinel excluded; regions `0..regions`.
+    region_len: [u32; MAX_REGIONS],
+    regions: usize,
+    used_granules: usize,
+    free_granules: usize,
+    live: usize,
+    free_blocks: usize,
+}
+
+#[inline(always)]
+fn size_of_flags(v: u32) -> u32 {
+    v >> 1
+}
+
+#[inline(always)]
+fn msb(x: u32) -> u32 {
+    31 - x.leading_zeros()
+}
+
+/// The class of a block of `size` granules (`size >= 1`).
+#[inline(always)]
+fn class_of(size: u32) -> (usize, usize) {
+    if size < SL as u32 {
+        (0, size as usize)
+    } else {
+        let m = msb(size);
+        let fl = m - SLI + 1;
+        let sl = (size >> (m - SLI)) as usize - SL;
+        (fl as usize, sl)
+    }
+}
+
+/// The smallest class whose every block holds `size` granules.
+#[inline(always)]
+fn class_at_least(size: u32) -> (usize, usize) {
+    if size < SL as u32 {
+        (0, size as usize)
+    } else {
+        let round = (1u32 << (msb(size) - SLI)) - 1;
+        class_of(size + round)
+    }
+}
+
+impl<S: MetaStore> Tlsf<S> {
+    /// A heap with no regions over `store`.
+    pub(crate) const fn with_store(store: S) -> Self {
+        Self {
+            store,
+            fl_bitmap: 0,
+            sl_bitmap: [0; FL],
+            heads: [[0; SL]; FL],
+            region_len: [0; MAX_REGIONS],
+            regions: 0,
+            used_granules: 0,
+            free_granules: 0,
+            live: 0,
+            free_blocks: 0,
+        }
+    }
+
+    /// The metadata store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub(crate) fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// Bytes per granule: the unit of block sizes and the alignment every payload has.
+    #[inline(always)]
+    pub fn granule(&self) -> usize {
+        1 << self.store.granule_shift()
+    }
+
+    /// Lays out the first free block of a freshly registered region `first..first + n` and its
+    /// sentinel.
+    ///
+    /// # Safety
+    /// The store has just registered region `first >> LOCAL_BITS` with `n` granules.
+    pub(crate) unsafe fn adopt_region(&mut self, first: BlockId, n: u32) {
+        let r = (first >> LOCAL_BITS) as usize;
+        self.region_len[r] = n;
+        self.regions = self.regions.max(r + 1);
+        // SAFETY: 1. `first` is the region's first block start and `first + n` its sentinel,
+        // both inside the region the store just registered.
+        unsafe {
+            self.store.set_prev_size(first, 0);
+            self.store.set_prev_size(first + n, n);
+            self.store.set_size_flags(first + n, 0);
+            self.make_free(first, n);
+        }
+        self.free_granules += n as usize;
+    }
+
+    /// Granules a request of `size` bytes needs, or `None` if no region could ever hold it.
+    #[inline(always)]
+    fn granules_for(&self, size: usize) -> Option<u32> {
+        let shift = self.store.granule_shift();
+        let bytes = size.checked_add(S::OVERHEAD + (1 << shift) - 1)?;
+        let g = (bytes >> shift).max(1);
+        if g > LOCAL_MASK as usize / 2 {
+            return None;
+        }
+        Some(g as u32)
+    }
+
+    // ----- free lists -----
+
+    /// Marks `b` free with `size` granules and pushes it on its class's list.
+    ///
+    /// # Safety
+    /// `b` is a block start of `size` granules that is in no list.
+    #[inline(always)]
+    unsafe fn make_free(&mut self, b: BlockId, size: u32) {
+        let (fl, sl) = class_of(size);
+        let head = if self.sl_bitmap[fl] & (1 << sl) != 0 {
+            self.heads[fl][sl]
+        } else {
+            NIL
+        };
+        // SAFETY: 1. `b` is a block start becoming free; `head`, if not NIL, is a free block.
+        unsafe {
+            self.store.set_size_flags(b, (size << 1) | FREE);
+            self.store.set_next_free(b, head);
+            self.store.set_prev_free(b, NIL);
+            if head != NIL {
+                self.store.set_prev_free(head, b);
+            }
+        }
+        self.heads[fl][sl] = b;
+        self.sl_bitmap[fl] |= 1 << sl;
+        self.fl_bitmap |= 1 << fl;
+        self.free_blocks += 1;
+    }
+
+    /// Unlinks free block `b` of `size` granules from its list (its flags are left as they are).
+    ///
+    /// # Safety
+    /// `b` is a free block of `size` granules, in its class's list.
+    #[inline(always)]
+    unsafe fn unlink(&mut self, b: BlockId, size: u32) {
+        // SAFETY: `b` is free, so its links are valid and name free blocks or NIL.
+        let (next, prev) = unsafe { (self.store.next_free(b), self.store.prev_free(b)) };
+        if prev != NIL {
+            // SAFETY: `prev` is a free block in the same list.
+            unsafe { self.store.set_next_free(prev, next) };
+        } else {
+            let (fl, sl) = class_of(size);
+            self.heads[fl][sl] = next;
+            if next == NIL {
+                self.sl_bitmap[fl] &= !(1 << sl);
+                if self.sl_bitmap[fl] == 0 {
+                    self.fl_bitmap &= !(1 << fl);
+                }
+            }
+        }
+        if next != NIL {
+            // SAFETY: `next` is a free block in the same list.
+            unsafe { self.store.set_prev_free(next, prev) };
+        }
+        self.free_blocks -= 1;
+    }
+
+    /// The first non-empty class at or above `(fl, sl)`.
+    #[inline(always)]
+    fn find_class(&self, fl: usize, sl: usize) -> Option<(usize, usize)> {
+        if fl >= FL {
+            return None;
+        }
+        let sl_map = self.sl_bitmap[fl] & (!0u32 << sl);
+        if sl_map != 0 {
+            return Some((fl, sl_map.trailing_zeros() as usize));
+        }
+        let fl_map = self.fl_bitmap & (!0u32).checked_shl(fl as u32 + 1).unwrap_or(0);
+        if fl_map == 0 {
+            return None;
+        }
+        let fl = fl_map.trailing_zeros() as usize;
+        Some((fl, self.sl_bitmap[fl].trailing_zeros() as usize))
+    }
+
+    // ----- allocation -----
+
+    /// Allocates a block for `layout`, or returns `None` when no free block can hold it.
+    ///
+    /// The block's payload is at least `layout.size()` bytes aligned to `layout.align()`.
+    ///
+    /// # Time complexity
+    /// O(1), except when the heap is nearly exhausted for this size (see the module docs).
+    #[inline]
+    pub fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
+        let g = self.granules_for(layout.size())?;
+        let shift = self.store.granule_shift();
+        if layout.align() <= 1 << shift {
+            let (fl, sl) = class_at_least(g);
+            let b = match self.find_class(fl, sl) {
+                Some((fl, sl)) => {
+                    let b = self.heads[fl][sl];
+                    // SAFETY: invariant 2: the bit is set, so `b` heads the list and is free.
+                    let size = unsafe { size_of_flags(self.store.size_flags(b)) };
+                    // SAFETY: `b` is a free block of `size` granules in its list.
+                    unsafe { self.unlink(b, size) };
+                    (b, size)
+                }
+                None => self.take_exhaustive(g, layout.align())?,
+            };
+            // SAFETY: `b.0` is a block of `b.1 >= g` granules, out of every list.
+            return Some(unsafe { self.finish_allocation(b.0, b.1, g) });
+        }
+        self.allocate_aligned(g, layout.align())
+    }
+
+    /// [`allocate`](Self::allocate) for an alignment above the granule.
+    #[inline(never)]
+    fn allocate_aligned(&mut self, g: u32, align: usize) -> Option<NonNull<u8>> {
+        let shift = self.store.granule_shift();
+        let pad = ((align >> shift) - 1) as u32;
+        let (b, size) = match g
+            .checked_add(pad)
+            .filter(|&s| s <= LOCAL_MASK / 2)
+            .and_then(|s| {
+                let (fl, sl) = class_at_least(s);
+                self.find_class(fl, sl)
+            }) {
+            Some((fl, sl)) => {
+                let b = self.heads[fl][sl];
+                // SAFETY: invariant 2.
+                let size = unsafe { size_of_flags(self.store.size_flags(b)) };
+                // SAFETY: `b` is a free block of `size` granules in its list.
+                unsafe { self.unlink(b, size) };
+                (b, size)
+            }
+            None => self.take_exhaustive(g, align)?,
+        };
+        let front = self.front_pad(b, align);
+        // SAFETY: `b` is a block of `size` granules out of every list; `front + g <= size` by
+        // construction of the search (or checked by `take_exhaustive`).
+        unsafe {
+            let (b, size) = self.split_front(b, size, front);
+            Some(self.finish_allocation(b, size, g))
+        }
+    }
+
+    /// Granules from block `b`'s payload to the first payload position aligned to `align`.
+    #[inline(always)]
+    fn front_pad(&self, b: BlockId, align: usize) -> u32 {
+        let addr = self.store.payload_addr(b);
+        let aligned = (addr + align - 1) & !(align - 1);
+        ((aligned - addr) >> self.store.granule_shift()) as u32
+    }
+
+    /// The slow path of allocation, taken when no class is large enough for every member to fit:
+    /// scans the lists that may still hold a fitting block and unlinks the first such block.
+    #[cold]
+    fn take_exhaustive(&mut self, g: u32, align: usize) -> Option<(BlockId, u32)> {
+        let (mut fl, mut sl) = class_of(g);
+        while let Some((f, s)) = self.find_class(fl, sl) {
+            let mut b = self.heads[f][s];
+            while b != NIL {
+                // SAFETY: `b` is in a free list, so it is a free block.
+                let size = unsafe { size_of_flags(self.store.size_flags(b)) };
+                let front = if align > self.granule() {
+                    self.front_pad(b, align)
+                } else {
+                    0
+                };
+                if size >= g && size - g >= front {
+                    // SAFETY: `b` is a free block of `size` granules in its list.
+                    unsafe { self.unlink(b, size) };
+                    return Some((b, size));
+                }
+                // SAFETY: `b` is free.
+                b = unsafe { self.store.next_free(b) };
+            }
+            (fl, sl) = if s + 1 < SL { (f, s + 1) } else { (f + 1, 0) };
+        }
+        None
+    }
+
+    /// Splits `front` granules off the start of unlisted block `b` of `size` granules into a
+    /// free block, returning the remaining block.
+    ///
+    /// # Safety
+    /// `b` is a block start of `size > front` granules, in no list, whose physical predecessor is
+    /// not free.
+    #[inline(always)]
+    unsafe fn split_front(&mut self, b: BlockId, size: u32, front: u32) -> (BlockId, u32) {
+        if front == 0 {
+            return (b, size);
+        }
+        let rest = b + front;
+        // SAFETY: 1. `rest` and `b + size` lie inside or at the end of the block, so they are
+        // valid header positions once written.
+        unsafe {
+            self.store.set_prev_size(rest, front);
+            self.store.set_prev_size(b + size, size - front);
+            self.make_free(b, front);
+        }
+        (rest, size - front)
+    }
+
+    /// Carves `g` granules from unlisted block `b` of `size >= g` granules, frees the rest, marks
+    /// the block used and returns its payload.
+    ///
+    /// # Safety
+    /// `b` is a block start of `size >= g` granules in no list, whose physical successor is not
+    /// free.
+    #[inline(always)]
+    unsafe fn finish_allocation(&mut self, b: BlockId, size: u32, g: u32) -> NonNull<u8> {
+        // SAFETY: 1. `b` is a block start; 2. `b + g` is inside the block when `size > g`; 3.
+        // `b + size` is the next block or the sentinel.
+        unsafe {
+            if size > g {
+                let rest = b + g;
+                self.store.set_prev_size(rest, g);
+                self.store.set_prev_size(b + size, size - g);
+                self.make_free(rest, size - g);
+            }
+            self.store.set_size_flags(b, g << 1);
+        }
+        self.free_granules -= g as usize;
+        self.used_granules += g as usize;
+        self.live += 1;
+        // SAFETY: `b` is a valid block.
+        unsafe { self.store.payload(b) }
+    }
+
+    // ----- deallocation -----
+
+    /// Resolves `ptr` to the id and size of the used block it starts, as the `# Safety` contract
+    /// of the public entry points guarantees.
+    #[inline(always)]
+    unsafe fn used_block(&self, ptr: NonNull<u8>) -> (BlockId, u32) {
+        let b = self.store.block_of(ptr);
+        debug_assert!(b.is_some(), "pointer not from this heap");
+        // SAFETY: the caller passes a pointer this heap returned and did not free, so it lies in a
+        // region, on a granule boundary.
+        let b = unsafe { b.unwrap_unchecked() };
+        // SAFETY: `b` is a used block start.
+        let v = unsafe { self.store.size_flags(b) };
+        debug_assert!(v & FREE == 0 && v > 0, "double free or foreign pointer");
+        (b, size_of_flags(v))
+    }
+
+    /// Returns block `b` of `size` granules, out of every list, to the free lists, merging it with
+    /// free neighbours.
+    ///
+    /// # Safety
+    /// `b` is a block start of `size` granules in no list and not counted as free.
+    #[inline(always)]
+    unsafe fn release(&mut self, mut b: BlockId, mut size: u32) {
+        self.free_granules += size as usize;
+        // SAFETY: 1. `b + size` is the next block or the sentinel (never free); 2. when
+        // `prev_size != 0`, `b - prev_size` is the previous block; 3. free blocks are in their
+        // lists, so unlinking them is sound.
+        unsafe {
+            let next = b + size;
+            let nv = self.store.size_flags(next);
+            if nv & FREE != 0 {
+                let ns = size_of_flags(nv);
+                self.unlink(next, ns);
+                self.store.retire(next);
+                size += ns;
+            }
+            let ps = self.store.prev_size(b);
+            if ps != 0 {
+                let prev = b - ps;
+                if self.store.size_flags(prev) & FREE != 0 {
+                    self.unlink(prev, ps);
+                    self.store.retire(b);
+                    b = prev;
+                    size += ps;
+                }
+            }
+            self.store.set_prev_size(b + size, size);
+            self.make_free(b, size);
+        }
+    }
+
+    /// Frees the block at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` was returned by this heap's `allocate` or `reallocate` and not freed since.
+    ///
+    /// # Time complexity
+    /// O(1).
+    #[inline]
+    pub unsafe fn deallocate(&mut self, ptr: NonNull<u8>, _layout: Layout) {
+        // SAFETY: the caller's contract.
+        let (b, size) = unsafe { self.used_block(ptr) };
+        self.used_granules -= size as usize;
+        self.live -= 1;
+        // SAFETY: `b` is a used block: in no list, not counted as free.
+        unsafe { self.release(b, size) };
+    }
+
+    // ----- reallocation -----
+
+    /// Resizes the block at `ptr` to `new_size` bytes, keeping `layout.align()`, in place when
+    /// the block or its free successor has room, else by moving it. On failure returns `None`
+    /// and leaves the block as it was.
+    ///
+    /// # Safety
+    /// `ptr` was returned by this heap with `layout` (same alignment; size at most the block's)
+    /// and not freed since.
+    ///
+    /// # Time complexity
+    /// O(1) plus the copy when the block moves.
+    pub unsafe fn reallocate(
+        &mut self,
+        ptr: NonNull<u8>,
+        layout: Layout,
+        new_size: usize,
+    ) -> Option<NonNull<u8>> {
+        let g = self.granules_for(new_size)?;
+        // SAFETY: the caller's contract.
+        let (b, size) = unsafe { self.used_block(ptr) };
+        if g <= size {
+            if g < size {
+                // SAFETY: `b` is a used block of `size > g` granules; the tail `b + g..b + size`
+                // becomes its own block and is released (merging with a free successor).
+                unsafe {
+                    self.store.set_size_flags(b, g << 1);
+                    self.store.set_prev_size(b + g, g);
+                    self.store.set_size_flags(b + g, (size - g) << 1);
+                    self.used_granules -= (size - g) as usize;
+                    self.release(b + g, size - g);
+                }
+            }
+            return Some(ptr);
+        }
+        // Grow into a free successor.
+        // SAFETY: `b + size` is the next block or the sentinel.
+        let nv = unsafe { self.store.size_flags(b + size) };
+        if nv & FREE != 0 && size + size_of_flags(nv) >= g {
+            let ns = size_of_flags(nv);
+            // SAFETY: the successor is a free block of `ns` granules; merging it into `b` and
+            // splitting the excess off keeps invariants 3-5.
+            unsafe {
+                self.unlink(b + size, ns);
+                self.store.retire(b + size);
+                let total = size + ns;
+                self.free_granules -= ns as usize;
+                self.used_granules += ns as usize;
+                self.store.set_prev_size(b + total, total);
+                if total > g {
+                    let rest = b + g;
+                    self.store.set_prev_size(rest, g);
+                    self.store.set_prev_size(b + total, total - g);
+                    self.make_free(rest, total - g);
+                    self.free_granules += (total - g) as usize;
+                    self.used_granules -= (total - g) as usize;
+                }
+                self.store.set_size_flags(b, g << 1);
+            }
+            return Some(ptr);
+        }
+        // Move.
+        let new_layout = Layout::from_size_align(new_size, layout.align()).ok()?;
+        let new = self.allocate(new_layout)?;
+        let keep = layout.size().min(new_size);
+        // SAFETY: `ptr` holds at least `layout.size()` initialised-or-not bytes the caller owns,
+        // `new` at least `new_size`; they are distinct live blocks, so they do not overlap.
+        unsafe {
+            core::ptr::copy_nonoverlapping(ptr.as_ptr(), new.as_ptr(), keep);
+            self.deallocate(ptr, layout);
+        }
+        Some(new)
+    }
+
+    // ----- introspection -----
+
+    /// Counters of the heap, in bytes and blocks. O(1) except `largest_free_bytes`, which walks
+    /// the list of the largest non-empty class.
+    pub fn stats(&self) -> Stats {
+        let gs = self.store.granule_shift();
+        let region: usize = self.region_len[..self.regions]
+            .iter()
+            .map(|&n| n as usize)
+            .sum();
+        let mut largest = 0u32;
+        if self.fl_bitmap != 0 {
+            let fl = msb(self.fl_bitmap) as usize;
+            let sl = msb(self.sl_bitmap[fl]) as usize;
+            let mut b = self.heads[fl][sl];
+            while b != NIL {
+                // SAFETY: `b` is in a free list, so it is a free block.
+                let (v, next) = unsafe { (self.store.size_flags(b), self.store.next_free(b)) };
+                largest = largest.max(size_of_flags(v));
+                b = next;
+            }
+        }
+        Stats {
+            region_bytes: region << gs,
+            used_bytes: self.used_granules << gs,
+            free_bytes: self.free_granules << gs,
+            largest_free_bytes: ((largest as usize) << gs).saturating_sub(S::OVERHEAD),
+            live_blocks: self.live,
+            free_blocks: self.free_blocks,
+        }
+    }
+
+    /// Walks every region and every free list and checks the invariants in the module docs.
+    ///
+    /// # Time complexity
+    /// O(blocks).
+    pub fn check_invariants(&self) -> Result<(), InvariantError> {
+        let fail = |what: &'static str, block: BlockId| Err(InvariantError { what, block });
+        let (mut used, mut free, mut live, mut free_blocks) = (0usize, 0usize, 0usize, 0usize);
+        for r in 0..self.regions {
+            let first = (r as u32) << LOCAL_BITS;
+            let end = first + self.region_len[r];
+            let (mut b, mut prev_size, mut prev_free) = (first, 0u32, false);
+            while b < end {
+                // SAFETY: `b` is a block start: the first one, or the successor of one checked.
+                let (v, ps) = unsafe { (self.store.size_flags(b), self.store.prev_size(b)) };
+                let size = size_of_flags(v);
+                if size == 0 || size > end - b {
+                    return fail("block size zero or past the region's end", b);
+                }
+                if ps != prev_size {
+                    return fail("prev_size differs from the previous block's size", b);
+                }
+                let is_free = v & FREE != 0;
+                if is_free {
+                    if prev_free {
+                        return fail("two adjacent free blocks", b);
+                    }
+                    free += size as usize;
+                    free_blocks += 1;
+                    self.check_links(b, size)?;
+                } else {
+                    used += size as usize;
+                    live += 1;
+                }
+                (prev_size, prev_free) = (size, is_free);
+                b += size;
+            }
+            // SAFETY: `end` is the region's sentinel.
+            let (v, ps) = unsafe { (self.store.size_flags(end), self.store.prev_size(end)) };
+            if b != end || v != 0 || ps != prev_size {
+                return fail("region does not end in its sentinel", end);
+            }
+        }
+        if (used, free, live, free_blocks)
+            != (
+                self.used_granules,
+                self.free_granules,
+                self.live,
+                self.free_blocks,
+            )
+        {
+            return fail("counters disagree with the blocks", NIL);
+        }
+        let mut listed = 0usize;
+        for fl in 0..FL {
+            if (self.fl_bitmap >> fl & 1 != 0) != (self.sl_bitmap[fl] != 0) {
+                return fail("fl_bitmap disagrees with sl_bitmap", NIL);
+            }
+            for sl in 0..SL {
+                if self.sl_bitmap[fl] >> sl & 1 == 0 {
+                    continue;
+                }
+                let (mut b, mut prev) = (self.heads[fl][sl], NIL);
+                if b == NIL {
+                    return fail("bitmap bit set for an empty list", NIL);
+                }
+                while b != NIL {
+                    if !self.looks_like_block(b) {
+                        return fail("free list links to a non-block", b);
+                    }
+                    // SAFETY: `b` is a block start (checked just above).
+                    let v = unsafe { self.store.size_flags(b) };
+                    if v & FREE == 0 || class_of(size_of_flags(v)) != (fl, sl) {
+                        return fail("listed block is used or in the wrong class", b);
+                    }
+                    // SAFETY: `b` is a free block.
+                    let (next, back) =
+                        unsafe { (self.store.next_free(b), self.store.prev_free(b)) };
+                    if back != prev {
+                        return fail("prev_free link broken", b);
+                    }
+                    listed += 1;
+                    if listed > self.free_blocks {
+                        return fail("free list longer than the free block count (cycle?)", b);
+                    }
+                    (prev, b) = (b, next);
+                }
+            }
+        }
+        if listed != self.free_blocks {
+            return fail("a free block is missing from the lists", NIL);
+        }
+        Ok(())
+    }
+
+    /// Checks that free block `b` of `size` granules, found by walking its region, is linked
+    /// both ways with its list neighbours (or heads its list).
+    fn check_links(&self, b: BlockId, size: u32) -> Result<(), InvariantError> {
+        let fail = |what: &'static str| Err(InvariantError { what, block: b });
+        // SAFETY: `b` is a free block (found free by the physical walk).
+        let (next, prev) = unsafe { (self.store.next_free(b), self.store.prev_free(b)) };
+        if prev == NIL {
+            let (fl, sl) = class_of(size);
+            if self.sl_bitmap[fl] >> sl & 1 == 0 || self.heads[fl][sl] != b {
+                return fail("free block without a predecessor does not head its list");
+            }
+        } else if !self.looks_like_block(prev) {
+            return fail("prev_free names a non-block");
+        // SAFETY: `prev` looks like a free block start (checked just above).
+        } else if unsafe { self.store.next_free(prev) } != b {
+            return fail("prev_free's next_free is not this block");
+        }
+        if next != NIL {
+            if !self.looks_like_block(next) {
+                return fail("next_free names a non-block");
+            }
+            // SAFETY: `next` looks like a free block start (checked just above).
+            if unsafe { self.store.prev_free(next) } != b {
+                return fail("next_free's prev_free is not this block");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `b` is inside a region and its header agrees with its successor's: the O(1)
+    /// plausibility check used for ids found in free lists.
+    fn looks_like_block(&self, b: BlockId) -> bool {
+        let r = (b >> LOCAL_BITS) as usize;
+        if r >= self.regions || b & LOCAL_MASK >= self.region_len[r] {
+            return false;
+        }
+        let end = ((r as u32) << LOCAL_BITS) + self.region_len[r];
+        // SAFETY: `b` is inside region `r`; the store's accessors read metadata positions only
+        // (in band: the header below a granule boundary, inside the region; out of band: the
+        // table), so reading them for an arbitrary granule is sound, if possibly meaningless.
+        let size = size_of_flags(unsafe { self.store.size_flags(b) });
+        // SAFETY: as above, `b + size <= end` is checked first.
+        size != 0 && size <= end - b && unsafe { self.store.prev_size(b + size) } == size
+    }
+}
+
+// Reachable from `Tlsf` by construction only through the aliases; the init error type is shared.
+impl<S> Tlsf<S> {
+    /// Number of regions added.
+    pub fn region_count(&self) -> usize {
+        self.regions
+    }
+}
