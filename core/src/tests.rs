@@ -213,7 +213,7 @@ fn regions_can_be_added() {
     }
     assert_eq!(h.stats().free_blocks, 2, "one per region");
     h.check_invariants().unwrap();
-    let mut extra = [buffer(64), buffer(64), buffer(64)];
+    let mut extra = [buffer(1024), buffer(1024), buffer(1024)];
     // SAFETY: each buffer outlives the heap and is disjoint from the others.
     unsafe {
         h.add_region(extra[0].as_mut_ptr().cast(), 1024).unwrap();
