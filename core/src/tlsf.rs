@@ -43,7 +43,13 @@ pub const SL: usize = 1 << SLI;
 /// First-level classes: enough for blocks of up to `2^LOCAL_BITS` granules.
 pub const FL: usize = (LOCAL_BITS - SLI + 1) as usize;
 
+/// `size_flags` bit: the block is free.
 const FREE: u32 = 1;
+/// `size_flags` bit: the physically previous block is free (so `prev_size` leads to it without
+/// reading its header).
+const PREV_FREE: u32 = 2;
+/// `size_flags` holds the size in granules above the two flag bits.
+const SIZE_SHIFT: u32 = 2;
 
 // The bitmaps are `u32`s.
 const _: () = assert!(FL <= 32 && SL <= 32);
@@ -67,7 +73,7 @@ pub struct Tlsf<S> {
 
 #[inline(always)]
 fn size_of_flags(v: u32) -> u32 {
-    v >> 1
+    v >> SIZE_SHIFT
 }
 
 #[inline(always)]
@@ -145,7 +151,7 @@ impl<S: MetaStore> Tlsf<S> {
         unsafe {
             self.store.set_prev_size(first, 0);
             self.store.set_prev_size(first + n, n);
-            self.store.set_size_flags(first + n, 0);
+            self.store.set_size_flags(first + n, PREV_FREE);
             self.make_free(first, n);
         }
         self.free_granules += n as usize;
@@ -165,10 +171,12 @@ impl<S: MetaStore> Tlsf<S> {
 
     // ----- free lists -----
 
-    /// Marks `b` free with `size` granules and pushes it on its class's list.
+    /// Marks `b` free with `size` granules and pushes it on its class's list. Its successor's
+    /// `prev_size` and `PREV_FREE` bit are the caller's business.
     ///
     /// # Safety
-    /// `b` is a block start of `size` granules that is in no list.
+    /// `b` is a block start of `size` granules that is in no list and whose physical
+    /// predecessor is not free.
     #[inline(always)]
     unsafe fn make_free(&mut self, b: BlockId, size: u32) {
         let (fl, sl) = class_of(size);
@@ -179,9 +187,8 @@ impl<S: MetaStore> Tlsf<S> {
         };
         // SAFETY: 1. `b` is a block start becoming free; `head`, if not NIL, is a free block.
         unsafe {
-            self.store.set_size_flags(b, (size << 1) | FREE);
+            self.store.set_size_flags(b, (size << SIZE_SHIFT) | FREE);
             self.store.set_next_free(b, head);
-            self.store.set_prev_free(b, NIL);
             if head != NIL {
                 self.store.set_prev_free(head, b);
             }
@@ -192,32 +199,77 @@ impl<S: MetaStore> Tlsf<S> {
         self.free_blocks += 1;
     }
 
+    /// Removes the first block of non-empty list `(fl, sl)` and returns it with its flags.
+    ///
+    /// The new head's `prev_free` is left stale: a list head is recognised by `heads`, never by
+    /// its `prev_free`, which saves touching a second block on every allocation.
+    #[inline(always)]
+    fn pop(&mut self, fl: usize, sl: usize) -> (BlockId, u32) {
+        let b = self.heads[fl][sl];
+        // SAFETY: invariant 2: the list's bit is set (the caller found it with `find_class`), so
+        // `b` is a free block and its `next_free` is valid.
+        let (v, next) = unsafe { (self.store.size_flags(b), self.store.next_free(b)) };
+        self.heads[fl][sl] = next;
+        if next == NIL {
+            self.clear_bit(fl, sl);
+        }
+        self.free_blocks -= 1;
+        (b, v)
+    }
+
+    #[inline(always)]
+    fn clear_bit(&mut self, fl: usize, sl: usize) {
+        self.sl_bitmap[fl] &= !(1 << sl);
+        if self.sl_bitmap[fl] == 0 {
+            self.fl_bitmap &= !(1 << fl);
+        }
+    }
+
     /// Unlinks free block `b` of `size` granules from its list (its flags are left as they are).
     ///
     /// # Safety
     /// `b` is a free block of `size` granules, in its class's list.
     #[inline(always)]
     unsafe fn unlink(&mut self, b: BlockId, size: u32) {
-        // SAFETY: `b` is free, so its links are valid and name free blocks or NIL.
-        let (next, prev) = unsafe { (self.store.next_free(b), self.store.prev_free(b)) };
-        if prev != NIL {
-            // SAFETY: `prev` is a free block in the same list.
-            unsafe { self.store.set_next_free(prev, next) };
-        } else {
-            let (fl, sl) = class_of(size);
+        let (fl, sl) = class_of(size);
+        // SAFETY: `b` is free, so its `next_free` names a free block or NIL.
+        let next = unsafe { self.store.next_free(b) };
+        // The list is non-empty (it holds `b`), so `heads[fl][sl]` is meaningful.
+        if self.heads[fl][sl] == b {
             self.heads[fl][sl] = next;
             if next == NIL {
-                self.sl_bitmap[fl] &= !(1 << sl);
-                if self.sl_bitmap[fl] == 0 {
-                    self.fl_bitmap &= !(1 << fl);
+                self.clear_bit(fl, sl);
+            }
+        } else {
+            // SAFETY: `b` is not its list's head, so its `prev_free` is its predecessor (see
+            // `pop`); both neighbours are free blocks of the same list.
+            unsafe {
+                let prev = self.store.prev_free(b);
+                self.store.set_next_free(prev, next);
+                if next != NIL {
+                    self.store.set_prev_free(next, prev);
                 }
             }
         }
-        if next != NIL {
-            // SAFETY: `next` is a free block in the same list.
-            unsafe { self.store.set_prev_free(next, prev) };
-        }
         self.free_blocks -= 1;
+    }
+
+    /// Sets or clears block `b`'s `PREV_FREE` bit.
+    ///
+    /// # Safety
+    /// `b` is a block start or a sentinel.
+    #[inline(always)]
+    unsafe fn set_prev_free_bit(&mut self, b: BlockId, prev_free: bool) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let v = self.store.size_flags(b);
+            let v = if prev_free {
+                v | PREV_FREE
+            } else {
+                v & !PREV_FREE
+            };
+            self.store.set_size_flags(b, v);
+        }
     }
 
     /// The first non-empty class at or above `(fl, sl)`.
@@ -249,24 +301,17 @@ impl<S: MetaStore> Tlsf<S> {
     #[inline]
     pub fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
         let g = self.granules_for(layout.size())?;
-        let shift = self.store.granule_shift();
-        if layout.align() <= 1 << shift {
-            let (fl, sl) = class_at_least(g);
-            let b = match self.find_class(fl, sl) {
-                Some((fl, sl)) => {
-                    let b = self.heads[fl][sl];
-                    // SAFETY: invariant 2: the bit is set, so `b` heads the list and is free.
-                    let size = unsafe { size_of_flags(self.store.size_flags(b)) };
-                    // SAFETY: `b` is a free block of `size` granules in its list.
-                    unsafe { self.unlink(b, size) };
-                    (b, size)
-                }
-                None => self.take_exhaustive(g, layout.align())?,
-            };
-            // SAFETY: `b.0` is a block of `b.1 >= g` granules, out of every list.
-            return Some(unsafe { self.finish_allocation(b.0, b.1, g) });
+        if layout.align() > self.granule() {
+            return self.allocate_aligned(g, layout.align());
         }
-        self.allocate_aligned(g, layout.align())
+        let (fl, sl) = class_at_least(g);
+        let (b, v) = match self.find_class(fl, sl) {
+            Some((fl, sl)) => self.pop(fl, sl),
+            None => self.take_exhaustive(g, layout.align())?,
+        };
+        // SAFETY: `b` was a free block (so its predecessor is used) of `size >= g` granules, and
+        // is now in no list.
+        Some(unsafe { self.finish_allocation(b, size_of_flags(v), g, 0) })
     }
 
     /// [`allocate`](Self::allocate) for an alignment above the granule.
@@ -274,29 +319,32 @@ impl<S: MetaStore> Tlsf<S> {
     fn allocate_aligned(&mut self, g: u32, align: usize) -> Option<NonNull<u8>> {
         let shift = self.store.granule_shift();
         let pad = ((align >> shift) - 1) as u32;
-        let (b, size) = match g
+        let found = g
             .checked_add(pad)
             .filter(|&s| s <= LOCAL_MASK / 2)
             .and_then(|s| {
                 let (fl, sl) = class_at_least(s);
                 self.find_class(fl, sl)
-            }) {
-            Some((fl, sl)) => {
-                let b = self.heads[fl][sl];
-                // SAFETY: invariant 2.
-                let size = unsafe { size_of_flags(self.store.size_flags(b)) };
-                // SAFETY: `b` is a free block of `size` granules in its list.
-                unsafe { self.unlink(b, size) };
-                (b, size)
-            }
+            });
+        let (b, v) = match found {
+            Some((fl, sl)) => self.pop(fl, sl),
             None => self.take_exhaustive(g, align)?,
         };
+        let size = size_of_flags(v);
         let front = self.front_pad(b, align);
-        // SAFETY: `b` is a block of `size` granules out of every list; `front + g <= size` by
-        // construction of the search (or checked by `take_exhaustive`).
+        if front == 0 {
+            // SAFETY: as in `allocate`.
+            return Some(unsafe { self.finish_allocation(b, size, g, 0) });
+        }
+        // SAFETY: `b` is an unlisted block of `size >= front + g` granules (by the padded search,
+        // or checked by `take_exhaustive`) whose predecessor is used. Its first `front` granules
+        // become a free block, the rest is allocated with `PREV_FREE` set.
         unsafe {
-            let (b, size) = self.split_front(b, size, front);
-            Some(self.finish_allocation(b, size, g))
+            let rest = b + front;
+            self.make_free(b, front);
+            self.store.set_prev_size(rest, front);
+            self.store.set_prev_size(b + size, size - front);
+            Some(self.finish_allocation(rest, size - front, g, PREV_FREE))
         }
     }
 
@@ -309,7 +357,8 @@ impl<S: MetaStore> Tlsf<S> {
     }
 
     /// The slow path of allocation, taken when no class is large enough for every member to fit:
-    /// scans the lists that may still hold a fitting block and unlinks the first such block.
+    /// scans the lists that may still hold a fitting block, unlinks the first such block and
+    /// returns it with its flags.
     #[cold]
     fn take_exhaustive(&mut self, g: u32, align: usize) -> Option<(BlockId, u32)> {
         let (mut fl, mut sl) = class_of(g);
@@ -317,7 +366,8 @@ impl<S: MetaStore> Tlsf<S> {
             let mut b = self.heads[f][s];
             while b != NIL {
                 // SAFETY: `b` is in a free list, so it is a free block.
-                let size = unsafe { size_of_flags(self.store.size_flags(b)) };
+                let v = unsafe { self.store.size_flags(b) };
+                let size = size_of_flags(v);
                 let front = if align > self.granule() {
                     self.front_pad(b, align)
                 } else {
@@ -326,7 +376,7 @@ impl<S: MetaStore> Tlsf<S> {
                 if size >= g && size - g >= front {
                     // SAFETY: `b` is a free block of `size` granules in its list.
                     unsafe { self.unlink(b, size) };
-                    return Some((b, size));
+                    return Some((b, v));
                 }
                 // SAFETY: `b` is free.
                 b = unsafe { self.store.next_free(b) };
@@ -336,46 +386,34 @@ impl<S: MetaStore> Tlsf<S> {
         None
     }
 
-    /// Splits `front` granules off the start of unlisted block `b` of `size` granules into a
-    /// free block, returning the remaining block.
+    /// Carves `g` granules from unlisted, formerly free block `b` of `size >= g` granules, frees
+    /// the rest, marks the block used (with `prev_free` as its `PREV_FREE` bit) and returns its
+    /// payload.
     ///
     /// # Safety
-    /// `b` is a block start of `size > front` granules, in no list, whose physical predecessor is
-    /// not free.
+    /// `b` is a block start of `size >= g` granules in no list, counted as free; its successor
+    /// is not free and has `PREV_FREE` set.
     #[inline(always)]
-    unsafe fn split_front(&mut self, b: BlockId, size: u32, front: u32) -> (BlockId, u32) {
-        if front == 0 {
-            return (b, size);
-        }
-        let rest = b + front;
-        // SAFETY: 1. `rest` and `b + size` lie inside or at the end of the block, so they are
-        // valid header positions once written.
-        unsafe {
-            self.store.set_prev_size(rest, front);
-            self.store.set_prev_size(b + size, size - front);
-            self.make_free(b, front);
-        }
-        (rest, size - front)
-    }
-
-    /// Carves `g` granules from unlisted block `b` of `size >= g` granules, frees the rest, marks
-    /// the block used and returns its payload.
-    ///
-    /// # Safety
-    /// `b` is a block start of `size >= g` granules in no list, whose physical successor is not
-    /// free.
-    #[inline(always)]
-    unsafe fn finish_allocation(&mut self, b: BlockId, size: u32, g: u32) -> NonNull<u8> {
+    unsafe fn finish_allocation(
+        &mut self,
+        b: BlockId,
+        size: u32,
+        g: u32,
+        prev_free: u32,
+    ) -> NonNull<u8> {
         // SAFETY: 1. `b` is a block start; 2. `b + g` is inside the block when `size > g`; 3.
         // `b + size` is the next block or the sentinel.
         unsafe {
             if size > g {
                 let rest = b + g;
                 self.store.set_prev_size(rest, g);
-                self.store.set_prev_size(b + size, size - g);
                 self.make_free(rest, size - g);
+                // The successor keeps `PREV_FREE`: its predecessor is still free.
+                self.store.set_prev_size(b + size, size - g);
+            } else {
+                self.set_prev_free_bit(b + size, false);
             }
-            self.store.set_size_flags(b, g << 1);
+            self.store.set_size_flags(b, (g << SIZE_SHIFT) | prev_free);
         }
         self.free_granules -= g as usize;
         self.used_granules += g as usize;
@@ -386,8 +424,8 @@ impl<S: MetaStore> Tlsf<S> {
 
     // ----- deallocation -----
 
-    /// Resolves `ptr` to the id and size of the used block it starts, as the `# Safety` contract
-    /// of the public entry points guarantees.
+    /// Resolves `ptr` to the id and flags of the used block it starts, as the `# Safety`
+    /// contract of the public entry points guarantees.
     #[inline(always)]
     unsafe fn used_block(&self, ptr: NonNull<u8>) -> (BlockId, u32) {
         let b = self.store.block_of(ptr);
@@ -397,21 +435,25 @@ impl<S: MetaStore> Tlsf<S> {
         let b = unsafe { b.unwrap_unchecked() };
         // SAFETY: `b` is a used block start.
         let v = unsafe { self.store.size_flags(b) };
-        debug_assert!(v & FREE == 0 && v > 0, "double free or foreign pointer");
-        (b, size_of_flags(v))
+        debug_assert!(
+            v & FREE == 0 && size_of_flags(v) > 0,
+            "double free or foreign pointer"
+        );
+        (b, v)
     }
 
     /// Returns block `b` of `size` granules, out of every list, to the free lists, merging it with
-    /// free neighbours.
+    /// free neighbours. `prev_free` is its `PREV_FREE` bit.
     ///
     /// # Safety
-    /// `b` is a block start of `size` granules in no list and not counted as free.
+    /// `b` is a block start of `size` granules in no list and not counted as free, and
+    /// `prev_free` tells truly whether its predecessor is free.
     #[inline(always)]
-    unsafe fn release(&mut self, mut b: BlockId, mut size: u32) {
+    unsafe fn release(&mut self, mut b: BlockId, mut size: u32, prev_free: u32) {
         self.free_granules += size as usize;
         // SAFETY: 1. `b + size` is the next block or the sentinel (never free); 2. when
-        // `prev_size != 0`, `b - prev_size` is the previous block; 3. free blocks are in their
-        // lists, so unlinking them is sound.
+        // `PREV_FREE` is set, `b - prev_size` is the free previous block; 3. free blocks are in
+        // their lists, so unlinking them is sound.
         unsafe {
             let next = b + size;
             let nv = self.store.size_flags(next);
@@ -421,18 +463,16 @@ impl<S: MetaStore> Tlsf<S> {
                 self.store.retire(next);
                 size += ns;
             }
-            let ps = self.store.prev_size(b);
-            if ps != 0 {
-                let prev = b - ps;
-                if self.store.size_flags(prev) & FREE != 0 {
-                    self.unlink(prev, ps);
-                    self.store.retire(b);
-                    b = prev;
-                    size += ps;
-                }
+            if prev_free != 0 {
+                let ps = self.store.prev_size(b);
+                self.unlink(b - ps, ps);
+                self.store.retire(b);
+                b -= ps;
+                size += ps;
             }
-            self.store.set_prev_size(b + size, size);
             self.make_free(b, size);
+            self.store.set_prev_size(b + size, size);
+            self.set_prev_free_bit(b + size, true);
         }
     }
 
@@ -446,11 +486,12 @@ impl<S: MetaStore> Tlsf<S> {
     #[inline]
     pub unsafe fn deallocate(&mut self, ptr: NonNull<u8>, _layout: Layout) {
         // SAFETY: the caller's contract.
-        let (b, size) = unsafe { self.used_block(ptr) };
+        let (b, v) = unsafe { self.used_block(ptr) };
+        let size = size_of_flags(v);
         self.used_granules -= size as usize;
         self.live -= 1;
-        // SAFETY: `b` is a used block: in no list, not counted as free.
-        unsafe { self.release(b, size) };
+        // SAFETY: `b` is a used block: in no list, not counted as free; `v` holds its flags.
+        unsafe { self.release(b, size, v & PREV_FREE) };
     }
 
     // ----- reallocation -----
@@ -473,17 +514,19 @@ impl<S: MetaStore> Tlsf<S> {
     ) -> Option<NonNull<u8>> {
         let g = self.granules_for(new_size)?;
         // SAFETY: the caller's contract.
-        let (b, size) = unsafe { self.used_block(ptr) };
+        let (b, v) = unsafe { self.used_block(ptr) };
+        let (size, pf) = (size_of_flags(v), v & PREV_FREE);
         if g <= size {
             if g < size {
                 // SAFETY: `b` is a used block of `size > g` granules; the tail `b + g..b + size`
-                // becomes its own block and is released (merging with a free successor).
+                // becomes its own used block (predecessor used) and is released, merging with a
+                // free successor.
                 unsafe {
-                    self.store.set_size_flags(b, g << 1);
+                    self.store.set_size_flags(b, (g << SIZE_SHIFT) | pf);
                     self.store.set_prev_size(b + g, g);
-                    self.store.set_size_flags(b + g, (size - g) << 1);
+                    self.store.set_size_flags(b + g, (size - g) << SIZE_SHIFT);
                     self.used_granules -= (size - g) as usize;
-                    self.release(b + g, size - g);
+                    self.release(b + g, size - g, 0);
                 }
             }
             return Some(ptr);
@@ -493,33 +536,34 @@ impl<S: MetaStore> Tlsf<S> {
         let nv = unsafe { self.store.size_flags(b + size) };
         if nv & FREE != 0 && size + size_of_flags(nv) >= g {
             let ns = size_of_flags(nv);
+            let total = size + ns;
             // SAFETY: the successor is a free block of `ns` granules; merging it into `b` and
-            // splitting the excess off keeps invariants 3-5.
+            // splitting the excess off as a free block keeps invariants 3-5.
             unsafe {
                 self.unlink(b + size, ns);
                 self.store.retire(b + size);
-                let total = size + ns;
-                self.free_granules -= ns as usize;
-                self.used_granules += ns as usize;
-                self.store.set_prev_size(b + total, total);
                 if total > g {
                     let rest = b + g;
                     self.store.set_prev_size(rest, g);
-                    self.store.set_prev_size(b + total, total - g);
                     self.make_free(rest, total - g);
-                    self.free_granules += (total - g) as usize;
-                    self.used_granules -= (total - g) as usize;
+                    // The block after keeps `PREV_FREE`: its predecessor is still free.
+                    self.store.set_prev_size(b + total, total - g);
+                } else {
+                    self.store.set_prev_size(b + total, total);
+                    self.set_prev_free_bit(b + total, false);
                 }
-                self.store.set_size_flags(b, g << 1);
+                self.store.set_size_flags(b, (g << SIZE_SHIFT) | pf);
             }
+            self.free_granules -= (g - size) as usize;
+            self.used_granules += (g - size) as usize;
             return Some(ptr);
         }
         // Move.
         let new_layout = Layout::from_size_align(new_size, layout.align()).ok()?;
         let new = self.allocate(new_layout)?;
         let keep = layout.size().min(new_size);
-        // SAFETY: `ptr` holds at least `layout.size()` initialised-or-not bytes the caller owns,
-        // `new` at least `new_size`; they are distinct live blocks, so they do not overlap.
+        // SAFETY: `ptr` holds at least `layout.size()` bytes the caller owns, `new` at least
+        // `new_size`; they are distinct live blocks, so they do not overlap.
         unsafe {
             core::ptr::copy_nonoverlapping(ptr.as_ptr(), new.as_ptr(), keep);
             self.deallocate(ptr, layout);
@@ -580,6 +624,9 @@ impl<S: MetaStore> Tlsf<S> {
                 if ps != prev_size {
                     return fail("prev_size differs from the previous block's size", b);
                 }
+                if (v & PREV_FREE != 0) != prev_free {
+                    return fail("PREV_FREE bit differs from the previous block's state", b);
+                }
                 let is_free = v & FREE != 0;
                 if is_free {
                     if prev_free {
@@ -597,7 +644,8 @@ impl<S: MetaStore> Tlsf<S> {
             }
             // SAFETY: `end` is the region's sentinel.
             let (v, ps) = unsafe { (self.store.size_flags(end), self.store.prev_size(end)) };
-            if b != end || v != 0 || ps != prev_size {
+            let want = if prev_free { PREV_FREE } else { 0 };
+            if b != end || v != want || ps != prev_size {
                 return fail("region does not end in its sentinel", end);
             }
         }
@@ -636,7 +684,7 @@ impl<S: MetaStore> Tlsf<S> {
                     // SAFETY: `b` is a free block.
                     let (next, back) =
                         unsafe { (self.store.next_free(b), self.store.prev_free(b)) };
-                    if back != prev {
+                    if prev != NIL && back != prev {
                         return fail("prev_free link broken", b);
                     }
                     listed += 1;
@@ -659,11 +707,12 @@ impl<S: MetaStore> Tlsf<S> {
         let fail = |what: &'static str| Err(InvariantError { what, block: b });
         // SAFETY: `b` is a free block (found free by the physical walk).
         let (next, prev) = unsafe { (self.store.next_free(b), self.store.prev_free(b)) };
-        if prev == NIL {
-            let (fl, sl) = class_of(size);
-            if self.sl_bitmap[fl] >> sl & 1 == 0 || self.heads[fl][sl] != b {
-                return fail("free block without a predecessor does not head its list");
-            }
+        let (fl, sl) = class_of(size);
+        if self.sl_bitmap[fl] >> sl & 1 == 0 {
+            return fail("free block's class has its bitmap bit clear");
+        }
+        if self.heads[fl][sl] == b {
+            // A head's `prev_free` is stale by design (see `pop`).
         } else if !self.looks_like_block(prev) {
             return fail("prev_free names a non-block");
         // SAFETY: `prev` looks like a free block start (checked just above).
