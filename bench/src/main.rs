@@ -337,29 +337,14 @@ impl<A: BenchAlloc> Contender for Contest<A> {
             // the number.
             let fp = glibc_footprint_in_child(wl.name, ctx.cfg.quick, n)?;
             row.region_ratio = Some(fp as f64 / peak as f64);
-            let stride = footprint_stride(wl);
-            row.notes.push(format!(
+            row.notes.push(
                 "not region-based: the region/peak-live column is glibc's footprint instead, \
-                 the peak of mallinfo2 `arena + hblkhd` (sampled after {}) divided by peak \
-                 live bytes; see the notes at the end",
-                if stride == 1 {
-                    "every allocating op".to_string()
-                } else {
-                    format!("every {stride}th op when it allocates")
-                }
-            ));
+                 the peak of mallinfo2 `arena + hblkhd` divided by peak live bytes; see the \
+                 notes at the end"
+                    .to_string(),
+            );
         }
         Ok(row)
-    }
-}
-
-/// glibc's footprint is sampled after every allocating op, except for
-/// large live sets where mallinfo2 (which walks the free lists) is costly.
-fn footprint_stride(wl: &Workload) -> usize {
-    if wl.slots > 10_000 {
-        64
-    } else {
-        1
     }
 }
 
@@ -404,7 +389,7 @@ fn glibc_footprint_child(args: &[String]) -> ! {
     let ops = &wl.ops[..n.min(wl.ops.len())];
     let mut arena = Arena::new(4096); // glibc ignores the region
     let mut a = Glibc::create();
-    let mut fp = FootprintProbe::new(footprint_stride(&wl));
+    let mut fp = FootprintProbe::new();
     let (out, _) = replay(
         &mut *a,
         &mut arena,
@@ -684,7 +669,8 @@ fn main() {
              M_MMAP_THRESHOLD = 32 MiB, so that, like the region allocators, it works on \
              already-faulted memory after the warm-up and never mmaps per block. Its footprint is \
              measured in a fresh child process replaying the same stream (so blocks parked in \
-             tcache by earlier passes cannot pin the heap); the harness itself allocates through \
+             tcache by earlier passes cannot pin the heap), calling mallinfo2 whenever the \
+             program break moved and every 4096th allocating op; the harness itself allocates through \
              dlmalloc-over-mmap, so glibc's heap holds only the stream's blocks.\n"
         );
     }

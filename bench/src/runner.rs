@@ -215,14 +215,14 @@ pub fn replay<A: BenchAlloc>(
                     outcome = Outcome::Oom(i);
                     break;
                 }
-                if op.kind != FREE && i % fp.stride == 0 {
-                    fp.sample();
+                if op.kind != FREE {
+                    fp.sample(i);
                 }
             }
         }
         Mode::Deadline(deadline) => {
             for (i, &op) in ops.iter().enumerate() {
-                if i % 1024 == 0 && i > 0 && Instant::now() > deadline {
+                if i > 0 && i.is_multiple_of(1024) && Instant::now() > deadline {
                     outcome = Outcome::Deadline(i);
                     break;
                 }
@@ -282,23 +282,43 @@ fn free_live<A: BenchAlloc>(a: &mut A, ops: &[Op], slots: &mut [Slot], outcome: 
     }
 }
 
-/// Samples glibc's footprint during a replay.
+/// Tracks the peak of glibc's footprint during a replay.
+///
+/// mallinfo2 walks glibc's free lists, far too slow to call after every op
+/// with 100k live blocks. `arena` only changes when the program break moves,
+/// which `sbrk(0)` reports cheaply, so mallinfo2 is called whenever the break
+/// moved, plus every 4096th allocating op for mmapped memory (`hblkhd`).
 pub struct FootprintProbe {
-    /// Sample after every `stride`-th allocating op.
-    pub stride: usize,
-    /// Peak seen.
+    last_brk: usize,
+    /// Peak seen, bytes.
     pub peak: usize,
 }
 
 impl FootprintProbe {
     /// Probe starting from the current footprint.
-    pub fn new(stride: usize) -> Self {
+    pub fn new() -> Self {
         FootprintProbe {
-            stride,
+            last_brk: brk(),
             peak: glibc_footprint(),
         }
     }
-    fn sample(&mut self) {
-        self.peak = self.peak.max(glibc_footprint());
+    #[inline]
+    fn sample(&mut self, i: usize) {
+        let b = brk();
+        if b != self.last_brk || i.is_multiple_of(4096) {
+            self.last_brk = b;
+            self.peak = self.peak.max(glibc_footprint());
+        }
     }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn brk() -> usize {
+    // SAFETY: sbrk(0) only reads the current program break.
+    unsafe { libc::sbrk(0) as usize }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn brk() -> usize {
+    0
 }
