@@ -167,26 +167,31 @@ fn out_of_memory_returns_none_and_changes_nothing() {
 }
 
 #[test]
-fn realloc_grows_in_place_and_moves_when_blocked() {
+fn realloc_policy_grows_in_place_moves_down_and_keeps_contents() {
     let mut buf = buffer(1 << 16);
     let mut h = heap_over(&mut buf);
     let l = layout(100, 8);
     let a = h.allocate(l).unwrap();
-    // SAFETY: `a` is a live 100-byte block; the writes stay inside the sizes requested.
+    // SAFETY: every pointer used is a live block of at least the size written or read.
     unsafe {
         a.as_ptr().write_bytes(0xAB, 100);
         let g = h.reallocate(a, l, 1000).unwrap();
-        assert_eq!(g, a, "free successor: grows in place");
+        assert_eq!(g, a, "free successor and nothing lower: grows in place");
         let b = h.allocate(l).unwrap();
         let m = h.reallocate(g, layout(1000, 8), 5000).unwrap();
-        assert_ne!(m, g, "successor used: moves");
+        assert!(m > b, "successor used, nothing lower: moves up");
         assert!(core::slice::from_raw_parts(m.as_ptr(), 100)
             .iter()
             .all(|&x| x == 0xAB));
-        let s = h.reallocate(m, layout(5000, 8), 10).unwrap();
-        assert_eq!(s, m, "shrinks in place");
+        let s = h.reallocate(m, layout(5000, 8), 500).unwrap();
+        assert_eq!(s, a, "a free block below fits: moves down");
+        assert!(core::slice::from_raw_parts(s.as_ptr(), 100)
+            .iter()
+            .all(|&x| x == 0xAB));
+        let t = h.reallocate(s, layout(500, 8), 200).unwrap();
+        assert_eq!(t, s, "nothing lower: shrinks in place");
         h.check_invariants().unwrap();
-        h.deallocate(s, layout(10, 8));
+        h.deallocate(t, layout(200, 8));
         h.deallocate(b, l);
     }
     assert_eq!(h.stats().free_blocks, 1);

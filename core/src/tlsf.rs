@@ -48,6 +48,17 @@ const FREE: u32 = 1;
 /// `size_flags` bit: the physically previous block is free (so `prev_size` leads to it without
 /// reading its header).
 const PREV_FREE: u32 = 2;
+/// How many blocks of the request's own class `allocate` tries before taking a block from a
+/// larger class.
+pub const SCAN_LIMIT: u32 = 16;
+/// How many blocks of the chosen class `allocate` compares to pick the lowest-addressed one.
+pub const LOW_FIRST: u32 = 8;
+/// Requests of at least this many bytes pick the lowest of [`LOW_FIRST`] blocks; smaller ones
+/// take the list's head, sparing the cache misses of walking a long list.
+pub const LOW_FIRST_BYTES: usize = 4096;
+/// Whether a freed block that lies above its list's head goes second rather than first, so
+/// that heads lean towards low addresses.
+const ADDR_BIAS: bool = true;
 /// `size_flags` holds the size in granules above the two flag bits.
 const SIZE_SHIFT: u32 = 2;
 
@@ -188,6 +199,19 @@ impl<S: MetaStore> Tlsf<S> {
         // SAFETY: 1. `b` is a block start becoming free; `head`, if not NIL, is a free block.
         unsafe {
             self.store.set_size_flags(b, (size << SIZE_SHIFT) | FREE);
+            if head != NIL && ADDR_BIAS && b > head {
+                let after = self.store.next_free(head);
+                self.store.set_next_free(b, after);
+                self.store.set_prev_free(b, head);
+                self.store.set_next_free(head, b);
+                if after != NIL {
+                    self.store.set_prev_free(after, b);
+                }
+                self.sl_bitmap[fl] |= 1 << sl;
+                self.fl_bitmap |= 1 << fl;
+                self.free_blocks += 1;
+                return;
+            }
             self.store.set_next_free(b, head);
             if head != NIL {
                 self.store.set_prev_free(head, b);
@@ -197,24 +221,6 @@ impl<S: MetaStore> Tlsf<S> {
         self.sl_bitmap[fl] |= 1 << sl;
         self.fl_bitmap |= 1 << fl;
         self.free_blocks += 1;
-    }
-
-    /// Removes the first block of non-empty list `(fl, sl)` and returns it with its flags.
-    ///
-    /// The new head's `prev_free` is left stale: a list head is recognised by `heads`, never by
-    /// its `prev_free`, which saves touching a second block on every allocation.
-    #[inline(always)]
-    fn pop(&mut self, fl: usize, sl: usize) -> (BlockId, u32) {
-        let b = self.heads[fl][sl];
-        // SAFETY: invariant 2: the list's bit is set (the caller found it with `find_class`), so
-        // `b` is a free block and its `next_free` is valid.
-        let (v, next) = unsafe { (self.store.size_flags(b), self.store.next_free(b)) };
-        self.heads[fl][sl] = next;
-        if next == NIL {
-            self.clear_bit(fl, sl);
-        }
-        self.free_blocks -= 1;
-        (b, v)
     }
 
     #[inline(always)]
@@ -234,15 +240,16 @@ impl<S: MetaStore> Tlsf<S> {
         let (fl, sl) = class_of(size);
         // SAFETY: `b` is free, so its `next_free` names a free block or NIL.
         let next = unsafe { self.store.next_free(b) };
-        // The list is non-empty (it holds `b`), so `heads[fl][sl]` is meaningful.
+        // The list is non-empty (it holds `b`), so `heads[fl][sl]` is meaningful. A head's
+        // `prev_free` is never read: it goes stale when the block before it is unlinked, which
+        // spares allocation a write into the next free block.
         if self.heads[fl][sl] == b {
             self.heads[fl][sl] = next;
             if next == NIL {
                 self.clear_bit(fl, sl);
             }
         } else {
-            // SAFETY: `b` is not its list's head, so its `prev_free` is its predecessor (see
-            // `pop`); both neighbours are free blocks of the same list.
+            // SAFETY: `b` is not its list's head, so its `prev_free` is its predecessor; both neighbours are free blocks of the same list.
             unsafe {
                 let prev = self.store.prev_free(b);
                 self.store.set_next_free(prev, next);
@@ -301,89 +308,133 @@ impl<S: MetaStore> Tlsf<S> {
     #[inline]
     pub fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
         let g = self.granules_for(layout.size())?;
-        if layout.align() > self.granule() {
-            return self.allocate_aligned(g, layout.align());
-        }
-        let (fl, sl) = class_at_least(g);
-        let (b, v) = match self.find_class(fl, sl) {
-            Some((fl, sl)) => self.pop(fl, sl),
-            None => self.take_exhaustive(g, layout.align())?,
+        let b = match self.candidate(g, layout.align()) {
+            Some(b) => b,
+            None => self.exhaustive_candidate(g, layout.align())?,
         };
-        // SAFETY: `b` was a free block (so its predecessor is used) of `size >= g` granules, and
-        // is now in no list.
-        Some(unsafe { self.finish_allocation(b, size_of_flags(v), g, 0) })
+        // SAFETY: `b` is a free block that holds `g` granules at `layout.align()`.
+        Some(unsafe { self.take(b, g, layout.align()) })
     }
 
-    /// [`allocate`](Self::allocate) for an alignment above the granule.
-    #[inline(never)]
-    fn allocate_aligned(&mut self, g: u32, align: usize) -> Option<NonNull<u8>> {
+    /// Picks, without unlinking it, the free block an allocation of `g` granules at `align`
+    /// would use, in O(1):
+    ///
+    /// 1. first fit among the first [`SCAN_LIMIT`] blocks of `g`'s own class, whose members may
+    ///    or may not fit (a bounded step towards best fit);
+    /// 2. else a block of the smallest non-empty class whose every member fits (good fit); for
+    ///    blocks of at least [`LOW_FIRST_BYTES`], the lowest-addressed of its first [`LOW_FIRST`].
+    ///
+    /// Both steps lean towards low addresses, which keeps the high-water mark of the region, and
+    /// with it the memory a workload needs, low. `None` means only
+    /// [`exhaustive_candidate`](Self::exhaustive_candidate) can still find a block.
+    #[inline(always)]
+    fn candidate(&self, g: u32, align: usize) -> Option<BlockId> {
         let shift = self.store.granule_shift();
-        let pad = ((align >> shift) - 1) as u32;
-        let found = g
-            .checked_add(pad)
-            .filter(|&s| s <= LOCAL_MASK / 2)
-            .and_then(|s| {
-                let (fl, sl) = class_at_least(s);
-                self.find_class(fl, sl)
-            });
-        let (b, v) = match found {
-            Some((fl, sl)) => self.pop(fl, sl),
-            None => self.take_exhaustive(g, align)?,
+        let pad = if align > 1 << shift {
+            (align >> shift) as u32 - 1
+        } else {
+            0
         };
-        let size = size_of_flags(v);
-        let front = self.front_pad(b, align);
-        if front == 0 {
-            // SAFETY: as in `allocate`.
-            return Some(unsafe { self.finish_allocation(b, size, g, 0) });
+        let search = g.checked_add(pad).filter(|&s| s <= LOCAL_MASK / 2)?;
+        let (fl, sl) = class_at_least(search);
+        let (ofl, osl) = class_of(g);
+        if (ofl, osl) != (fl, sl) && self.sl_bitmap[ofl] & (1 << osl) != 0 {
+            if let Some(b) = self.first_fit_in(ofl, osl, g, align, SCAN_LIMIT) {
+                return Some(b);
+            }
         }
-        // SAFETY: `b` is an unlisted block of `size >= front + g` granules (by the padded search,
-        // or checked by `take_exhaustive`) whose predecessor is used. Its first `front` granules
-        // become a free block, the rest is allocated with `PREV_FREE` set.
-        unsafe {
-            let rest = b + front;
-            self.make_free(b, front);
-            self.store.set_prev_size(rest, front);
-            self.store.set_prev_size(b + size, size - front);
-            Some(self.finish_allocation(rest, size - front, g, PREV_FREE))
+        let (fl, sl) = self.find_class(fl, sl)?;
+        let head = self.heads[fl][sl];
+        if (g as usize) << shift < LOW_FIRST_BYTES {
+            return Some(head);
         }
+        let (mut b, mut best, mut n) = (head, head, 0);
+        while b != NIL && n < LOW_FIRST {
+            best = best.min(b);
+            // SAFETY: `b` is in a free list, so it is a free block.
+            b = unsafe { self.store.next_free(b) };
+            n += 1;
+        }
+        Some(best)
+    }
+
+    /// The first of the first `limit` blocks of non-empty list `(fl, sl)` that holds `g`
+    /// granules at `align`.
+    #[inline(always)]
+    fn first_fit_in(
+        &self,
+        fl: usize,
+        sl: usize,
+        g: u32,
+        align: usize,
+        limit: u32,
+    ) -> Option<BlockId> {
+        let (mut b, mut n) = (self.heads[fl][sl], 0);
+        while b != NIL && n < limit {
+            // SAFETY: `b` is in a free list, so it is a free block.
+            let size = size_of_flags(unsafe { self.store.size_flags(b) });
+            if size >= g && size - g >= self.front_pad(b, align) {
+                return Some(b);
+            }
+            // SAFETY: as above.
+            b = unsafe { self.store.next_free(b) };
+            n += 1;
+        }
+        None
+    }
+
+    /// The slow path, for when [`candidate`](Self::candidate) finds nothing: scans every list
+    /// that may hold a block of `g` granules at `align`, so that allocation never fails while a
+    /// fitting block exists. Its cost is bounded by the free blocks of those classes, and it runs
+    /// only when the heap is nearly exhausted for this size.
+    #[cold]
+    fn exhaustive_candidate(&self, g: u32, align: usize) -> Option<BlockId> {
+        let (mut fl, mut sl) = class_of(g);
+        while let Some((f, s)) = self.find_class(fl, sl) {
+            if let Some(b) = self.first_fit_in(f, s, g, align, u32::MAX) {
+                return Some(b);
+            }
+            (fl, sl) = if s + 1 < SL { (f, s + 1) } else { (f + 1, 0) };
+        }
+        None
     }
 
     /// Granules from block `b`'s payload to the first payload position aligned to `align`.
     #[inline(always)]
     fn front_pad(&self, b: BlockId, align: usize) -> u32 {
+        if align <= self.granule() {
+            return 0;
+        }
         let addr = self.store.payload_addr(b);
         let aligned = (addr + align - 1) & !(align - 1);
         ((aligned - addr) >> self.store.granule_shift()) as u32
     }
 
-    /// The slow path of allocation, taken when no class is large enough for every member to fit:
-    /// scans the lists that may still hold a fitting block, unlinks the first such block and
-    /// returns it with its flags.
-    #[cold]
-    fn take_exhaustive(&mut self, g: u32, align: usize) -> Option<(BlockId, u32)> {
-        let (mut fl, mut sl) = class_of(g);
-        while let Some((f, s)) = self.find_class(fl, sl) {
-            let mut b = self.heads[f][s];
-            while b != NIL {
-                // SAFETY: `b` is in a free list, so it is a free block.
-                let v = unsafe { self.store.size_flags(b) };
-                let size = size_of_flags(v);
-                let front = if align > self.granule() {
-                    self.front_pad(b, align)
-                } else {
-                    0
-                };
-                if size >= g && size - g >= front {
-                    // SAFETY: `b` is a free block of `size` granules in its list.
-                    unsafe { self.unlink(b, size) };
-                    return Some((b, v));
-                }
-                // SAFETY: `b` is free.
-                b = unsafe { self.store.next_free(b) };
-            }
-            (fl, sl) = if s + 1 < SL { (f, s + 1) } else { (f + 1, 0) };
+    /// Allocates `g` granules at `align` from free block `b`: unlinks it, frees the granules in
+    /// front of the aligned position and those past `g`, and returns the payload.
+    ///
+    /// # Safety
+    /// `b` is a free block, in its list, of at least `front_pad(b, align) + g` granules.
+    #[inline(always)]
+    unsafe fn take(&mut self, b: BlockId, g: u32, align: usize) -> NonNull<u8> {
+        // SAFETY: `b` is a free block start, so its flags hold its size.
+        let size = size_of_flags(unsafe { self.store.size_flags(b) });
+        // SAFETY: `b` is a free block of `size` granules in its list.
+        unsafe { self.unlink(b, size) };
+        let front = self.front_pad(b, align);
+        if front == 0 {
+            // SAFETY: `b` was free (so its predecessor is used), holds `g`, and is unlisted.
+            return unsafe { self.finish_allocation(b, size, g, 0) };
         }
-        None
+        // SAFETY: the caller guarantees `size >= front + g`. The first `front` granules become a
+        // free block (predecessor used), the rest is allocated with `PREV_FREE` set.
+        unsafe {
+            let rest = b + front;
+            self.make_free(b, front);
+            self.store.set_prev_size(rest, front);
+            self.store.set_prev_size(b + size, size - front);
+            self.finish_allocation(rest, size - front, g, PREV_FREE)
+        }
     }
 
     /// Carves `g` granules from unlisted, formerly free block `b` of `size >= g` granules, frees
@@ -496,9 +547,17 @@ impl<S: MetaStore> Tlsf<S> {
 
     // ----- reallocation -----
 
-    /// Resizes the block at `ptr` to `new_size` bytes, keeping `layout.align()`, in place when
-    /// the block or its free successor has room, else by moving it. On failure returns `None`
-    /// and leaves the block as it was.
+    /// Resizes the block at `ptr` to `new_size` bytes, keeping `layout.align()`. On failure
+    /// returns `None` and leaves the block as it was.
+    ///
+    /// The policy keeps the region compact rather than always resizing in place, since blocks
+    /// that only ever grow in place spread over two to three times the memory they hold on a
+    /// realloc-heavy workload:
+    /// - if the block that `allocate` would pick for the new size lies at a lower address, the
+    ///   block moves there (shrinking or growing);
+    /// - else a shrinking block shrinks in place, and a growing one grows into a free successor
+    ///   when that has room;
+    /// - else it moves wherever `allocate` finds room.
     ///
     /// # Safety
     /// `ptr` was returned by this heap with `layout` (same alignment; size at most the block's)
@@ -516,6 +575,12 @@ impl<S: MetaStore> Tlsf<S> {
         // SAFETY: the caller's contract.
         let (b, v) = unsafe { self.used_block(ptr) };
         let (size, pf) = (size_of_flags(v), v & PREV_FREE);
+        let align = layout.align();
+        let lower = self.candidate(g, align).filter(|&c| c < b);
+        if let Some(c) = lower {
+            // SAFETY: `c` is a free block holding `g` granules at `align`; `ptr` is live.
+            return Some(unsafe { self.move_to(c, g, ptr, layout, new_size) });
+        }
         if g <= size {
             if g < size {
                 // SAFETY: `b` is a used block of `size > g` granules; the tail `b + g..b + size`
@@ -531,7 +596,6 @@ impl<S: MetaStore> Tlsf<S> {
             }
             return Some(ptr);
         }
-        // Grow into a free successor.
         // SAFETY: `b + size` is the next block or the sentinel.
         let nv = unsafe { self.store.size_flags(b + size) };
         if nv & FREE != 0 && size + size_of_flags(nv) >= g {
@@ -558,17 +622,37 @@ impl<S: MetaStore> Tlsf<S> {
             self.used_granules += (g - size) as usize;
             return Some(ptr);
         }
-        // Move.
-        let new_layout = Layout::from_size_align(new_size, layout.align()).ok()?;
-        let new = self.allocate(new_layout)?;
-        let keep = layout.size().min(new_size);
-        // SAFETY: `ptr` holds at least `layout.size()` bytes the caller owns, `new` at least
-        // `new_size`; they are distinct live blocks, so they do not overlap.
+        let c = match self.candidate(g, align) {
+            Some(c) => c,
+            None => self.exhaustive_candidate(g, align)?,
+        };
+        // SAFETY: `c` is a free block holding `g` granules at `align`; `ptr` is live.
+        Some(unsafe { self.move_to(c, g, ptr, layout, new_size) })
+    }
+
+    /// Moves live block `ptr` (allocated with `layout`) into free block `c` as a block of `g`
+    /// granules, copying `min(layout.size(), new_size)` bytes, and frees the old block.
+    ///
+    /// # Safety
+    /// `c` is a free block holding `g` granules at `layout.align()`, `g` granules hold
+    /// `new_size` bytes, and `ptr` is a live block of this heap allocated with `layout`.
+    unsafe fn move_to(
+        &mut self,
+        c: BlockId,
+        g: u32,
+        ptr: NonNull<u8>,
+        layout: Layout,
+        new_size: usize,
+    ) -> NonNull<u8> {
+        // SAFETY: the caller's contract for `c`.
+        let new = unsafe { self.take(c, g, layout.align()) };
+        // SAFETY: `ptr` holds at least `layout.size()` bytes, `new` at least `new_size`; they
+        // are distinct live blocks, so they do not overlap. Then `ptr` is freed once.
         unsafe {
-            core::ptr::copy_nonoverlapping(ptr.as_ptr(), new.as_ptr(), keep);
+            core::ptr::copy_nonoverlapping(ptr.as_ptr(), new.as_ptr(), layout.size().min(new_size));
             self.deallocate(ptr, layout);
         }
-        Some(new)
+        new
     }
 
     // ----- introspection -----
@@ -712,7 +796,7 @@ impl<S: MetaStore> Tlsf<S> {
             return fail("free block's class has its bitmap bit clear");
         }
         if self.heads[fl][sl] == b {
-            // A head's `prev_free` is stale by design (see `pop`).
+            // A head's `prev_free` is stale by design (see `unlink`).
         } else if !self.looks_like_block(prev) {
             return fail("prev_free names a non-block");
         // SAFETY: `prev` looks like a free block start (checked just above).
