@@ -1,0 +1,689 @@
+//! Shadow-model property tests for every [`RegionAllocator`] in xalloc-core.
+//!
+//! Random sequences of allocate / free / realloc run against an allocator while a model keeps what
+//! must stay true of it. After every operation the driver checks that:
+//!
+//! - every live block lies inside the region and is aligned as asked;
+//! - no two live blocks overlap (the model keeps a map of live address ranges);
+//! - every block keeps its contents: each block is filled with its own byte pattern, verified in
+//!   full when it is freed or reallocated (up to the smaller of the old and new size), and at its
+//!   first and last bytes for every live block after every operation, which catches an allocator
+//!   that writes metadata into a neighbour;
+//! - `check_invariants()` is `Ok`;
+//! - `stats()` agrees with the model (live block count, region size, and the
+//!   `largest_free_bytes` contract: an allocation with align <= 16 succeeds exactly when its size is
+//!   at most `largest_free_bytes`).
+//!
+//! At the end everything is freed; the region must then be one free block again: `live_blocks`
+//! is 0, the stats are those seen right after init, and an allocation of the whole
+//! `largest_free_bytes` seen right after init succeeds.
+//!
+//! Under Miri the case and operation counts are cut so that `cargo miri test` stays short.
+
+use std::alloc::Layout;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::ptr::NonNull;
+
+use proptest::prelude::*;
+use proptest::sample::Index;
+use proptest::test_runner::TestCaseError;
+use xalloc_core::{FirstFit, Heap, MetaEntry, OobHeap, RegionAllocator, Stats};
+
+/// Sizes of the property runs; much smaller under Miri.
+#[cfg(not(miri))]
+mod limits {
+    /// Cases per property.
+    pub const CASES: u32 = 128;
+    /// Most operations in one case.
+    pub const MAX_OPS: usize = 300;
+    /// Region size for the single-region properties.
+    pub const REGION: usize = 256 * 1024;
+    /// Upper end of the "large block" size class.
+    pub const BIG: usize = 16 * 1024;
+}
+#[cfg(miri)]
+mod limits {
+    pub const CASES: u32 = 4;
+    pub const MAX_OPS: usize = 40;
+    pub const REGION: usize = 64 * 1024;
+    pub const BIG: usize = 2 * 1024;
+}
+
+/// The largest alignment the tests ask for.
+const MAX_ALIGN: usize = 4096;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Allocate { size: usize, align: usize },
+    Free { index: Index },
+    Realloc { index: Index, new_size: usize },
+}
+
+fn align() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        8 => (0u32..=4).prop_map(|s| 1usize << s),
+        3 => (5u32..=8).prop_map(|s| 1usize << s),
+        1 => (9u32..=12).prop_map(|s| 1usize << s),
+    ]
+}
+
+fn size() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        12 => 1usize..=64,
+        6 => 65usize..=1024,
+        2 => 1025usize..=limits::BIG,
+        // Mostly larger than what is free: exercises the failure path.
+        1 => limits::BIG..=limits::REGION * 2,
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (size(), align()).prop_map(|(size, align)| Op::Allocate { size, align }),
+        3 => any::<Index>().prop_map(|index| Op::Free { index }),
+        2 => (any::<Index>(), size()).prop_map(|(index, new_size)| Op::Realloc { index, new_size }),
+    ]
+}
+
+fn ops(max: usize) -> impl Strategy<Value = Vec<Op>> {
+    prop::collection::vec(op(), 1..=max)
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: limits::CASES,
+        // No regression files in the source tree; a failure prints its shrunk input instead.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// A heap-allocated buffer to hand to an allocator as its region.
+struct Region {
+    /// Owns the bytes; never touched again after `start` is taken from it.
+    _buf: Vec<u64>,
+    start: *mut u8,
+    size: usize,
+}
+
+impl Region {
+    /// `size` bytes starting `offset` bytes after an `align`-aligned address.
+    fn new(size: usize, align: usize, offset: usize) -> Self {
+        let words = (size + align + offset).div_ceil(8) + 1;
+        let mut buf = vec![0u64; words];
+        let base = buf.as_mut_ptr().cast::<u8>();
+        let pad = (align - base.addr() % align) % align;
+        // `wrapping_add` keeps the provenance of `base`; the sum stays inside `buf` by the
+        // choice of `words` above.
+        let start = base.wrapping_add(pad + offset);
+        Region {
+            _buf: buf,
+            start,
+            size,
+        }
+    }
+
+    fn range(&self) -> Range<usize> {
+        self.start.addr()..self.start.addr() + self.size
+    }
+}
+
+/// What the driver may demand of an allocator's statistics.
+#[derive(Clone, Copy, Debug)]
+struct Expect {
+    /// `stats().live_blocks` is exact.
+    live_blocks: bool,
+    /// `largest_free_bytes` is exact: an allocation with align <= 16 succeeds iff its size is at
+    /// most `largest_free_bytes`.
+    largest_free: bool,
+    /// Once everything is freed, `stats()` equals what it was right after init.
+    restores_stats: bool,
+}
+
+const EXACT: Expect = Expect {
+    live_blocks: true,
+    largest_free: true,
+    restores_stats: true,
+};
+
+struct Live {
+    ptr: NonNull<u8>,
+    layout: Layout,
+    seed: u8,
+}
+
+fn pattern(seed: u8, i: usize) -> u8 {
+    seed.wrapping_add((i ^ (i >> 8) ^ (i >> 16)) as u8)
+}
+
+/// The shadow of one allocator: the blocks it handed out and what each must contain.
+struct Model {
+    region: Range<usize>,
+    blocks: Vec<Live>,
+    /// start address -> end address of every live block.
+    ranges: BTreeMap<usize, usize>,
+    next_seed: u8,
+}
+
+impl Model {
+    fn new(region: Range<usize>) -> Self {
+        Model {
+            region,
+            blocks: Vec::new(),
+            ranges: BTreeMap::new(),
+            next_seed: 1,
+        }
+    }
+
+    /// Checks that a block the allocator just returned is in the region, aligned and disjoint
+    /// from every live block, then records its range.
+    fn place(&mut self, ptr: NonNull<u8>, layout: Layout) -> Result<(), TestCaseError> {
+        let start = ptr.as_ptr().addr();
+        let end = start + layout.size();
+        prop_assert!(
+            self.region.start <= start && end <= self.region.end,
+            "block {start:#x}..{end:#x} ({layout:?}) outside region {:#x}..{:#x}",
+            self.region.start,
+            self.region.end
+        );
+        prop_assert!(
+            start & (layout.align() - 1) == 0,
+            "block at {start:#x} not aligned to {}",
+            layout.align()
+        );
+        if let Some((&s, &e)) = self.ranges.range(..end).next_back() {
+            prop_assert!(
+                e <= start,
+                "block {start:#x}..{end:#x} overlaps live block {s:#x}..{e:#x}"
+            );
+        }
+        self.ranges.insert(start, end);
+        Ok(())
+    }
+
+    fn unplace(&mut self, ptr: NonNull<u8>) {
+        self.ranges.remove(&ptr.as_ptr().addr());
+    }
+
+    fn take_seed(&mut self) -> u8 {
+        let seed = self.next_seed;
+        self.next_seed = self.next_seed.wrapping_add(37) | 1;
+        seed
+    }
+}
+
+/// Writes the block's pattern into bytes `from..to`.
+///
+/// # Safety
+/// `ptr..ptr + to` is a live block this test owns.
+unsafe fn fill(ptr: NonNull<u8>, from: usize, to: usize, seed: u8) {
+    for i in from..to {
+        // SAFETY: `i < to`, inside the block by the caller's guarantee.
+        unsafe { ptr.as_ptr().add(i).write(pattern(seed, i)) };
+    }
+}
+
+/// Checks bytes `from..to` of a block against its pattern.
+///
+/// # Safety
+/// `ptr..ptr + to` is a live block this test owns, filled up to `to`.
+unsafe fn verify(
+    ptr: NonNull<u8>,
+    from: usize,
+    to: usize,
+    seed: u8,
+    what: &str,
+) -> Result<(), TestCaseError> {
+    for i in from..to {
+        // SAFETY: `i < to`, inside the block by the caller's guarantee.
+        let got = unsafe { ptr.as_ptr().add(i).read() };
+        prop_assert_eq!(
+            got,
+            pattern(seed, i),
+            "{}: byte {} of the block at {:#x} changed",
+            what,
+            i,
+            ptr.as_ptr().addr()
+        );
+    }
+    Ok(())
+}
+
+/// Checks the first and last few bytes of every live block.
+fn verify_edges(model: &Model) -> Result<(), TestCaseError> {
+    const EDGE: usize = 16;
+    for b in &model.blocks {
+        let n = b.layout.size();
+        // SAFETY: the block is live and was filled in full when it was placed.
+        unsafe {
+            verify(b.ptr, 0, n.min(EDGE), b.seed, "live block head")?;
+            verify(b.ptr, n.saturating_sub(EDGE), n, b.seed, "live block tail")?;
+        }
+    }
+    Ok(())
+}
+
+fn check_state<A: RegionAllocator>(
+    a: &A,
+    model: &Model,
+    initial: &Stats,
+    expect: Expect,
+    step: usize,
+) -> Result<(), TestCaseError> {
+    if let Err(e) = a.check_invariants() {
+        return Err(TestCaseError::fail(format!(
+            "check_invariants failed after op {step}: {e:?}"
+        )));
+    }
+    let s = a.stats();
+    prop_assert_eq!(
+        s.region_bytes,
+        initial.region_bytes,
+        "region_bytes changed after op {}",
+        step
+    );
+    if expect.live_blocks {
+        prop_assert_eq!(
+            s.live_blocks,
+            model.blocks.len(),
+            "live_blocks wrong after op {}: {:?}",
+            step,
+            s
+        );
+    }
+    let live_bytes: usize = model.blocks.iter().map(|b| b.layout.size()).sum();
+    prop_assert!(
+        s.used_bytes >= live_bytes,
+        "used_bytes {} < {} bytes held by live blocks after op {}",
+        s.used_bytes,
+        live_bytes,
+        step
+    );
+    prop_assert!(
+        s.used_bytes + s.free_bytes <= s.region_bytes,
+        "used + free > region after op {}: {:?}",
+        step,
+        s
+    );
+    prop_assert!(
+        s.largest_free_bytes <= s.free_bytes,
+        "largest_free_bytes > free_bytes after op {}: {:?}",
+        step,
+        s
+    );
+    verify_edges(model)
+}
+
+/// Drives `a`, freshly initialised over `region`, through `ops`, checking it against a shadow
+/// model after every operation, then frees everything and checks the region is whole again.
+fn run<A: RegionAllocator>(
+    a: &mut A,
+    ops: &[Op],
+    region: Range<usize>,
+    expect: Expect,
+) -> Result<(), TestCaseError> {
+    let mut model = Model::new(region);
+    let initial = a.stats();
+    check_state(a, &model, &initial, expect, 0)?;
+
+    for (step, op) in ops.iter().enumerate() {
+        let step = step + 1;
+        match *op {
+            Op::Allocate { size, align } => {
+                let layout = Layout::from_size_align(size, align).unwrap();
+                let before = a.stats();
+                let got = a.allocate(layout);
+                if expect.largest_free && align <= 16 {
+                    prop_assert_eq!(
+                        got.is_some(),
+                        size <= before.largest_free_bytes,
+                        "op {}: allocate({:?}) with largest_free_bytes = {} returned {:?}",
+                        step,
+                        layout,
+                        before.largest_free_bytes,
+                        got
+                    );
+                }
+                if let Some(ptr) = got {
+                    model.place(ptr, layout)?;
+                    let seed = model.take_seed();
+                    // SAFETY: the block was just handed out for `layout`.
+                    unsafe { fill(ptr, 0, size, seed) };
+                    model.blocks.push(Live { ptr, layout, seed });
+                }
+            }
+            Op::Free { index } => {
+                if model.blocks.is_empty() {
+                    continue;
+                }
+                let b = model.blocks.swap_remove(index.index(model.blocks.len()));
+                // SAFETY: live block, filled in full.
+                unsafe { verify(b.ptr, 0, b.layout.size(), b.seed, "free")? };
+                model.unplace(b.ptr);
+                // SAFETY: allocated by `a` with this layout and not freed since.
+                unsafe { a.deallocate(b.ptr, b.layout) };
+            }
+            Op::Realloc { index, new_size } => {
+                if model.blocks.is_empty() {
+                    continue;
+                }
+                let i = index.index(model.blocks.len());
+                let (ptr, layout, seed) = {
+                    let b = &model.blocks[i];
+                    (b.ptr, b.layout, b.seed)
+                };
+                // SAFETY: allocated by `a` with this layout and not freed since.
+                match unsafe { a.reallocate(ptr, layout, new_size) } {
+                    Some(new) => {
+                        let new_layout = Layout::from_size_align(new_size, layout.align()).unwrap();
+                        let kept = layout.size().min(new_size);
+                        // SAFETY: `new` is live for `new_layout`; its first `kept` bytes were
+                        // copied from the old block, which was filled in full.
+                        unsafe { verify(new, 0, kept, seed, "realloc")? };
+                        model.unplace(ptr);
+                        model.place(new, new_layout)?;
+                        // SAFETY: `new` is live for `new_size` bytes.
+                        unsafe { fill(new, kept, new_size, seed) };
+                        model.blocks[i] = Live {
+                            ptr: new,
+                            layout: new_layout,
+                            seed,
+                        };
+                    }
+                    None => {
+                        // A failed realloc leaves the old block as it was.
+                        // SAFETY: the old block is still live and filled in full.
+                        unsafe { verify(ptr, 0, layout.size(), seed, "failed realloc")? };
+                    }
+                }
+            }
+        }
+        check_state(a, &model, &initial, expect, step)?;
+    }
+
+    // Free everything: the region must be one free block again.
+    for b in model.blocks.drain(..) {
+        // SAFETY: live block, filled in full.
+        unsafe { verify(b.ptr, 0, b.layout.size(), b.seed, "final free")? };
+        // SAFETY: allocated by `a` with this layout and not freed since.
+        unsafe { a.deallocate(b.ptr, b.layout) };
+    }
+    model.ranges.clear();
+    let end = ops.len() + 1;
+    check_state(a, &model, &initial, expect, end)?;
+    let s = a.stats();
+    if expect.live_blocks {
+        prop_assert_eq!(s.live_blocks, 0);
+    }
+    if expect.restores_stats {
+        prop_assert_eq!(
+            s,
+            initial,
+            "stats after freeing everything differ from after init"
+        );
+    }
+    if initial.largest_free_bytes > 0 {
+        let layout = Layout::from_size_align(initial.largest_free_bytes, 16).unwrap();
+        let Some(ptr) = a.allocate(layout) else {
+            return Err(TestCaseError::fail(format!(
+                "after freeing everything, allocate({layout:?}) of the whole initial \
+                 largest_free_bytes failed; stats now {s:?}"
+            )));
+        };
+        model.place(ptr, layout)?;
+        // SAFETY: the block was just handed out for `layout`.
+        unsafe { fill(ptr, 0, layout.size(), 0x5a) };
+        // SAFETY: just filled.
+        unsafe { verify(ptr, 0, layout.size(), 0x5a, "whole-region block")? };
+        // SAFETY: allocated by `a` with this layout and not freed since.
+        unsafe { a.deallocate(ptr, layout) };
+        model.unplace(ptr);
+        check_state(a, &model, &initial, expect, end + 1)?;
+    }
+    Ok(())
+}
+
+/// `FirstFit` counts its live blocks, but its `largest_free_bytes` is only an upper bound (all
+/// free bytes): the crate it wraps cannot tell the largest hole.
+fn first_fit_expect() -> Expect {
+    Expect {
+        largest_free: false,
+        ..EXACT
+    }
+}
+
+const GRANULES: [usize; 3] = [16, 64, 4096];
+
+fn oob_table(size: usize, granule: usize) -> Vec<MetaEntry> {
+    vec![MetaEntry::default(); OobHeap::table_entries(size, granule)]
+}
+
+/// Builds an `OobHeap` over `region` with a table of the size it asks for.
+fn oob_heap(region: &Region, granule: usize, table: &mut [MetaEntry]) -> OobHeap {
+    // SAFETY: 1. the region is a live buffer of `region.size` bytes used by nothing else;
+    // 2. the table holds `table_entries(size, granule)` entries and outlives the heap.
+    let heap = unsafe {
+        OobHeap::new(
+            region.start,
+            region.size,
+            granule,
+            table.as_mut_ptr(),
+            table.len(),
+        )
+    };
+    match heap {
+        Ok(h) => h,
+        Err(e) => panic!(
+            "OobHeap::new({} bytes, granule {granule}) failed: {e:?}",
+            region.size
+        ),
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn heap_in_band(ops in ops(limits::MAX_OPS)) {
+        let region = Region::new(limits::REGION, MAX_ALIGN, 0);
+        let mut heap = Heap::empty();
+        // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
+        unsafe { heap.init(region.start, region.size) };
+        run(&mut heap, &ops, region.range(), EXACT)?;
+    }
+
+    #[test]
+    fn oob_heap_granule_16(ops in ops(limits::MAX_OPS)) {
+        let region = Region::new(limits::REGION, MAX_ALIGN, 0);
+        let mut table = oob_table(region.size, 16);
+        let mut heap = oob_heap(&region, 16, &mut table);
+        run(&mut heap, &ops, region.range(), EXACT)?;
+    }
+
+    #[test]
+    fn oob_heap_granule_64(ops in ops(limits::MAX_OPS)) {
+        let region = Region::new(limits::REGION, MAX_ALIGN, 0);
+        let mut table = oob_table(region.size, 64);
+        let mut heap = oob_heap(&region, 64, &mut table);
+        run(&mut heap, &ops, region.range(), EXACT)?;
+    }
+
+    #[test]
+    fn oob_heap_granule_4096(ops in ops(limits::MAX_OPS)) {
+        // Page-sized granules: give it a bigger region so it holds more than a few blocks.
+        let region = Region::new(limits::REGION * 4, MAX_ALIGN, 0);
+        let mut table = oob_table(region.size, 4096);
+        let mut heap = oob_heap(&region, 4096, &mut table);
+        run(&mut heap, &ops, region.range(), EXACT)?;
+    }
+
+    #[test]
+    fn first_fit(ops in ops(limits::MAX_OPS)) {
+        let region = Region::new(limits::REGION, MAX_ALIGN, 0);
+        let mut heap = FirstFit::empty();
+        // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
+        unsafe { heap.init(region.start, region.size) };
+        run(&mut heap, &ops, region.range(), first_fit_expect())?;
+    }
+
+    /// Regions of many sizes, from too small to hold anything to 1 MiB, at unaligned starts.
+    #[test]
+    fn heap_region_sizes(
+        size in prop::sample::select(REGION_SIZES.to_vec()),
+        offset in 0usize..16,
+        ops in ops(limits::MAX_OPS / 4),
+    ) {
+        let region = Region::new(size, MAX_ALIGN, offset);
+        let mut heap = Heap::empty();
+        // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
+        unsafe { heap.init(region.start, region.size) };
+        run(&mut heap, &ops, region.range(), EXACT)?;
+    }
+
+    /// The same for the out-of-band heap, at every granule, with granule-aligned starts.
+    #[test]
+    fn oob_heap_region_sizes(
+        size in prop::sample::select(REGION_SIZES.to_vec()),
+        granule in prop::sample::select(GRANULES.to_vec()),
+        ops in ops(limits::MAX_OPS / 4),
+    ) {
+        let region = Region::new(size, MAX_ALIGN, 0);
+        let mut table = oob_table(region.size, granule);
+        // SAFETY: as in `oob_heap`.
+        let heap = unsafe {
+            OobHeap::new(region.start, region.size, granule, table.as_mut_ptr(), table.len())
+        };
+        match heap {
+            Ok(mut heap) => run(&mut heap, &ops, region.range(), EXACT)?,
+            // Refusing a region is fair only when it is too small to be worth managing.
+            Err(e) => prop_assert!(
+                size < 4 * granule.max(64),
+                "OobHeap::new refused {} bytes at granule {}: {:?}", size, granule, e
+            ),
+        }
+    }
+}
+
+/// Region sizes for the multi-size properties: empty, tiny, odd and large.
+#[cfg(not(miri))]
+const REGION_SIZES: [usize; 12] = [
+    0,
+    1,
+    15,
+    64,
+    100,
+    255,
+    4096,
+    4099,
+    12345,
+    65536 + 13,
+    300_000,
+    1 << 20,
+];
+#[cfg(miri)]
+const REGION_SIZES: [usize; 8] = [0, 1, 15, 64, 100, 255, 4099, 65536 + 13];
+
+/// A region too small to hold any block leaves a heap whose allocations all fail.
+#[test]
+fn tiny_regions_allocate_nothing() {
+    for size in [0usize, 1, 2, 7, 8, 15] {
+        let region = Region::new(size, 16, 0);
+        let mut heap = Heap::empty();
+        // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
+        unsafe { heap.init(region.start, region.size) };
+        assert_eq!(heap.allocate(Layout::from_size_align(1, 1).unwrap()), None);
+        assert!(heap.check_invariants().is_ok());
+        assert_eq!(heap.stats().live_blocks, 0);
+    }
+}
+
+/// An empty heap (never initialised) allocates nothing.
+#[test]
+fn empty_heap_allocates_nothing() {
+    let mut heap = Heap::empty();
+    assert_eq!(heap.allocate(Layout::from_size_align(8, 8).unwrap()), None);
+    assert!(heap.check_invariants().is_ok());
+}
+
+/// Right after init, `largest_free_bytes` is exact: that size succeeds, one granule more fails.
+#[test]
+fn largest_free_is_exact_after_init() {
+    for size in [4096usize, 4099, 65536 + 13, limits::REGION] {
+        let region = Region::new(size, 16, 0);
+        let mut heap = Heap::empty();
+        // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
+        unsafe { heap.init(region.start, region.size) };
+        let s = heap.stats();
+        assert!(s.largest_free_bytes > 0, "{size}-byte region: {s:?}");
+        assert!(s.largest_free_bytes <= size, "{size}-byte region: {s:?}");
+        assert_eq!(s.free_blocks, 1, "{size}-byte region: {s:?}");
+        assert_eq!(s.live_blocks, 0, "{size}-byte region: {s:?}");
+        let too_big = Layout::from_size_align(s.largest_free_bytes + 1, 16).unwrap();
+        assert_eq!(heap.allocate(too_big), None, "{size}-byte region: {s:?}");
+        let all = Layout::from_size_align(s.largest_free_bytes, 16).unwrap();
+        let p = heap.allocate(all).expect("whole largest_free_bytes");
+        assert_eq!(heap.stats().live_blocks, 1);
+        // SAFETY: allocated just above with `all`.
+        unsafe { heap.deallocate(p, all) };
+        assert_eq!(heap.stats(), s);
+    }
+}
+
+/// Allocate small blocks until the region is full, free every other one, fill the holes again,
+/// then free everything: the region is one block again.
+#[test]
+fn fill_drain_refill() {
+    fn exercise<A: RegionAllocator>(a: &mut A, name: &str) {
+        let initial = a.stats();
+        let layout = Layout::from_size_align(48, 16).unwrap();
+        let mut blocks = Vec::new();
+        while let Some(p) = a.allocate(layout) {
+            blocks.push(p);
+        }
+        assert!(
+            blocks.len() > 10,
+            "{name}: only {} blocks fit",
+            blocks.len()
+        );
+        assert!(a.check_invariants().is_ok(), "{name}: full");
+        let full = blocks.len();
+        let mut kept = Vec::new();
+        for (i, p) in blocks.drain(..).enumerate() {
+            if i % 2 == 0 {
+                // SAFETY: allocated above with `layout`, freed once.
+                unsafe { a.deallocate(p, layout) };
+            } else {
+                kept.push(p);
+            }
+        }
+        assert!(a.check_invariants().is_ok(), "{name}: holes");
+        let mut refilled = 0;
+        while let Some(p) = a.allocate(layout) {
+            kept.push(p);
+            refilled += 1;
+        }
+        assert_eq!(refilled, full.div_ceil(2), "{name}: holes refilled");
+        for p in kept {
+            // SAFETY: allocated above with `layout`, freed once.
+            unsafe { a.deallocate(p, layout) };
+        }
+        assert!(a.check_invariants().is_ok(), "{name}: drained");
+        assert_eq!(a.stats().live_blocks, 0, "{name}: drained");
+        assert_eq!(a.stats().largest_free_bytes, initial.largest_free_bytes);
+    }
+
+    let size = 64 * 1024;
+    let region = Region::new(size, MAX_ALIGN, 0);
+    let mut heap = Heap::empty();
+    // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
+    unsafe { heap.init(region.start, region.size) };
+    exercise(&mut heap, "Heap");
+
+    for granule in [16, 64] {
+        let region = Region::new(size, MAX_ALIGN, 0);
+        let mut table = oob_table(size, granule);
+        let mut heap = oob_heap(&region, granule, &mut table);
+        exercise(&mut heap, &format!("OobHeap granule {granule}"));
+    }
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs every check CI runs, in order, stopping at the first failure and naming the step.
+#
+#   scripts/test.sh
+#
+# Needs: stable Rust with clippy and rustfmt, the thumbv7em-none-eabihf target, and nightly with
+# miri (`.ci/run` installs all of them).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step_name=""
+on_exit() {
+    local rc=$?
+    if [[ $rc -ne 0 && -n "$step_name" ]]; then
+        echo >&2
+        echo "scripts/test.sh: FAILED at step: $step_name (exit $rc)" >&2
+    fi
+}
+trap on_exit EXIT
+
+step() {
+    step_name="$1"
+    shift
+    echo
+    echo "=== $step_name: $* ==="
+    "$@"
+}
+
+step "format" cargo fmt --all --check
+step "clippy" cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS=-Dwarnings step "docs" cargo doc --workspace --no-deps
+step "tests" cargo test --workspace
+step "no_std build" cargo build -p xalloc-core --target thumbv7em-none-eabihf
+MIRIFLAGS=-Zmiri-strict-provenance step "miri" cargo +nightly miri test -p xalloc-core
+if [[ -x scripts/bench.sh ]]; then
+    step "bench smoke" scripts/bench.sh --quick
+elif [[ -e scripts/bench.sh ]]; then
+    step "bench smoke" bash scripts/bench.sh --quick
+fi
+
+step_name=""
+echo
+echo "scripts/test.sh: all steps passed"
