@@ -48,88 +48,104 @@ pub const MAX_REGION_GRANULES: u32 = LOCAL_MASK;
 
 /// Storage of per-block metadata for [`crate::Tlsf`].
 ///
-/// Every accessor takes the id of a block that the caller knows to exist: a block start, or for
-/// `prev_size`/`set_prev_size` also a region's end sentinel. The store translates the id; it does
-/// not validate it, which is why the accessors are `unsafe`.
+/// The algorithm names a block by its [`BlockId`] in links and by a [`Ptr`](Self::Ptr), the
+/// store's direct handle to its metadata, while it works on it: `locate` turns an id into a
+/// handle once, and physical neighbours are reached from a handle by `forward`/`backward`
+/// without going through the id again. Accessors do not validate their handle, which is why
+/// they are `unsafe`.
 ///
 /// # Safety
 ///
-/// An implementation must guarantee that:
-/// 1. `payload(id)` for every valid block id returns a pointer, with provenance over the whole
-///    block, to `granule()`-aligned memory of `size * granule() - OVERHEAD` bytes that belong to
-///    the block alone (size as recorded in `size_flags`);
-/// 2. `block_of(payload(id)) == id` for every valid block id;
-/// 3. a value written through a setter is returned by the matching getter until it is written
+/// An implementation must guarantee that, for every valid block id `b` of an initialised
+/// region (a block start, or for the header fields also the region's end sentinel):
+/// 1. `payload(locate(b))` points, with provenance over the whole block, to `granule()`-aligned
+///    memory of `size * granule() - OVERHEAD` bytes that belong to the block alone (size as
+///    recorded in `size_flags`), and `payload_addr` is its address;
+/// 2. `block_of(payload(locate(b)))` returns `b` and a handle equal to `locate(b)`;
+/// 3. `forward(locate(b), n) == locate(b + n)` and `backward(locate(b), n) == locate(b - n)`
+///    whenever both ids lie in the same region;
+/// 4. a value written through a setter is returned by the matching getter until it is written
 ///    again, and writing one field of one block changes no other field of any block and no byte
 ///    of any *used* block's payload;
-/// 4. `OVERHEAD < granule()`, and `granule()` is a power of two of at least 8.
+/// 5. `OVERHEAD < granule()`, and `granule()` is a power of two of at least 8.
 pub unsafe trait MetaStore {
     /// Bytes of every block that its owner cannot use (the in-band header).
     const OVERHEAD: usize;
 
+    /// A direct handle to one block's metadata.
+    type Ptr: Copy + PartialEq;
+
     /// log2 of the granule size in bytes.
     fn granule_shift(&self) -> u32;
 
-    /// Reads `size_flags` of block `b`.
-    ///
-    /// # Safety
-    /// `b` is a block start or a region's sentinel.
-    unsafe fn size_flags(&self, b: BlockId) -> u32;
-    /// Writes `size_flags` of block `b`.
-    ///
-    /// # Safety
-    /// `b` is a block start or a region's sentinel.
-    unsafe fn set_size_flags(&mut self, b: BlockId, v: u32);
-    /// Reads `prev_size` of block `b`.
-    ///
-    /// # Safety
-    /// `b` is a block start or a region's sentinel.
-    unsafe fn prev_size(&self, b: BlockId) -> u32;
-    /// Writes `prev_size` of block `b`.
-    ///
-    /// # Safety
-    /// `b` is a block start or a region's sentinel.
-    unsafe fn set_prev_size(&mut self, b: BlockId, v: u32);
-    /// Reads `next_free` of block `b`.
-    ///
-    /// # Safety
-    /// `b` is a free block's start.
-    unsafe fn next_free(&self, b: BlockId) -> BlockId;
-    /// Writes `next_free` of block `b`.
-    ///
-    /// # Safety
-    /// `b` is the start of a block that is free or is being made free.
-    unsafe fn set_next_free(&mut self, b: BlockId, v: BlockId);
-    /// Reads `prev_free` of block `b`.
-    ///
-    /// # Safety
-    /// `b` is a free block's start.
-    unsafe fn prev_free(&self, b: BlockId) -> BlockId;
-    /// Writes `prev_free` of block `b`.
-    ///
-    /// # Safety
-    /// `b` is the start of a block that is free or is being made free.
-    unsafe fn set_prev_free(&mut self, b: BlockId, v: BlockId);
+    /// The handle of block `b` (no check that a block starts there).
+    fn locate(&self, b: BlockId) -> Self::Ptr;
+    /// The handle of the block `n` granules after `p`, in the same region.
+    fn forward(&self, p: Self::Ptr, n: u32) -> Self::Ptr;
+    /// The handle of the block `n` granules before `p`, in the same region.
+    fn backward(&self, p: Self::Ptr, n: u32) -> Self::Ptr;
 
-    /// Records that `b` stopped being a block start because it was merged into a neighbour.
-    /// Out of band this clears the entry, so that a stale id can be recognised as invalid.
+    /// Reads `size_flags`.
     ///
     /// # Safety
-    /// `b` was a block start and is now inside another block.
-    unsafe fn retire(&mut self, b: BlockId);
-
-    /// The address of block `b`'s payload, as an integer (for alignment arithmetic).
-    fn payload_addr(&self, b: BlockId) -> usize;
-
-    /// A pointer to block `b`'s payload.
+    /// `p` is the handle of a block start or a region's sentinel.
+    unsafe fn size_flags(&self, p: Self::Ptr) -> u32;
+    /// Writes `size_flags`.
     ///
     /// # Safety
-    /// `b` is a valid block id of an initialised region.
-    unsafe fn payload(&self, b: BlockId) -> NonNull<u8>;
+    /// As for [`size_flags`](Self::size_flags).
+    unsafe fn set_size_flags(&mut self, p: Self::Ptr, v: u32);
+    /// Reads `prev_size`.
+    ///
+    /// # Safety
+    /// As for [`size_flags`](Self::size_flags).
+    unsafe fn prev_size(&self, p: Self::Ptr) -> u32;
+    /// Writes `prev_size`.
+    ///
+    /// # Safety
+    /// As for [`size_flags`](Self::size_flags).
+    unsafe fn set_prev_size(&mut self, p: Self::Ptr, v: u32);
+    /// Reads `next_free`.
+    ///
+    /// # Safety
+    /// `p` is the handle of a free block.
+    unsafe fn next_free(&self, p: Self::Ptr) -> BlockId;
+    /// Writes `next_free`.
+    ///
+    /// # Safety
+    /// `p` is the handle of a block that is free or is being made free.
+    unsafe fn set_next_free(&mut self, p: Self::Ptr, v: BlockId);
+    /// Reads `prev_free`.
+    ///
+    /// # Safety
+    /// As for [`next_free`](Self::next_free).
+    unsafe fn prev_free(&self, p: Self::Ptr) -> BlockId;
+    /// Writes `prev_free`.
+    ///
+    /// # Safety
+    /// As for [`set_next_free`](Self::set_next_free).
+    unsafe fn set_prev_free(&mut self, p: Self::Ptr, v: BlockId);
 
-    /// The id of the block whose payload starts at `ptr`, or `None` if `ptr` is outside every
-    /// region or not on a granule boundary. It does not check that a block starts there.
-    fn block_of(&self, ptr: NonNull<u8>) -> Option<BlockId>;
+    /// Records that the block at `p` stopped being a block start because it was merged into a
+    /// neighbour. Out of band this clears the entry, so that a stale id is recognisably invalid.
+    ///
+    /// # Safety
+    /// `p` was a block start and is now inside another block.
+    unsafe fn retire(&mut self, p: Self::Ptr);
+
+    /// The address of the block's payload, as an integer (for alignment arithmetic).
+    fn payload_addr(&self, p: Self::Ptr) -> usize;
+
+    /// A pointer to the block's payload.
+    ///
+    /// # Safety
+    /// `p` is the handle of a valid block.
+    unsafe fn payload(&self, p: Self::Ptr) -> NonNull<u8>;
+
+    /// The id and handle of the block whose payload starts at `ptr`, or `None` if `ptr` is
+    /// outside every region or not on a granule boundary. It does not check that a block starts
+    /// there.
+    fn block_of(&self, ptr: NonNull<u8>) -> Option<(BlockId, Self::Ptr)>;
 }
 
 /// Metadata kept in band, beside the blocks: the embedded layout. Granule: 16 bytes.
@@ -198,34 +214,19 @@ impl InBand {
         self.count += 1;
         Some(((r as u32) << LOCAL_BITS, n))
     }
-
-    /// Pointer to the header of block `b` (8 bytes below its payload).
-    #[inline(always)]
-    fn header(&self, b: BlockId) -> *mut u32 {
-        let r = (b >> LOCAL_BITS) as usize;
-        let off = ((b & LOCAL_MASK) as usize) << IN_BAND_GRANULE_SHIFT;
-        self.bases[r]
-            .wrapping_add(off)
-            .wrapping_sub(IN_BAND_HEADER)
-            .cast::<u32>()
-    }
-
-    /// Pointer to the first word of block `b`'s payload.
-    #[inline(always)]
-    fn links(&self, b: BlockId) -> *mut u32 {
-        let r = (b >> LOCAL_BITS) as usize;
-        let off = ((b & LOCAL_MASK) as usize) << IN_BAND_GRANULE_SHIFT;
-        self.bases[r].wrapping_add(off).cast::<u32>()
-    }
 }
 
 // SAFETY: 1. `push_region` places block `b`'s payload at `base + 16 * local(b)`, derived from the
 // region's own pointer, with its header in the 8 bytes below and the next block's header 16 * size
-// bytes further, so the payload has `16 * size - 8` bytes of its own, 16-aligned.
-// 2. `block_of` inverts that arithmetic. 3. Each field is its own 4-byte word: two in the header,
-// two in a *free* block's payload. 4. OVERHEAD = 8 < 16.
+// bytes further, so the payload has `16 * size - 8` bytes of its own, 16-aligned; the handle is
+// that payload pointer. 2. `block_of` inverts `locate`. 3. Handles of one region are pointers into
+// it, 16 bytes per granule. 4. Each field is its own 4-byte word: two in the header, two in a
+// *free* block's payload. 5. OVERHEAD = 8 < 16.
 unsafe impl MetaStore for InBand {
     const OVERHEAD: usize = IN_BAND_HEADER;
+
+    /// The block's payload address (its header is the 8 bytes below).
+    type Ptr = *mut u8;
 
     #[inline(always)]
     fn granule_shift(&self) -> u32 {
@@ -233,65 +234,79 @@ unsafe impl MetaStore for InBand {
     }
 
     #[inline(always)]
-    unsafe fn size_flags(&self, b: BlockId) -> u32 {
-        // SAFETY: the caller guarantees `b` is a block start or sentinel, whose 8-byte header lies
-        // inside its region, 8-aligned; `size_flags` is its second word.
-        unsafe { self.header(b).add(1).read() }
+    fn locate(&self, b: BlockId) -> *mut u8 {
+        let r = (b >> LOCAL_BITS) as usize;
+        let off = ((b & LOCAL_MASK) as usize) << IN_BAND_GRANULE_SHIFT;
+        self.bases[r].wrapping_add(off)
     }
     #[inline(always)]
-    unsafe fn set_size_flags(&mut self, b: BlockId, v: u32) {
+    fn forward(&self, p: *mut u8, n: u32) -> *mut u8 {
+        p.wrapping_add((n as usize) << IN_BAND_GRANULE_SHIFT)
+    }
+    #[inline(always)]
+    fn backward(&self, p: *mut u8, n: u32) -> *mut u8 {
+        p.wrapping_sub((n as usize) << IN_BAND_GRANULE_SHIFT)
+    }
+
+    #[inline(always)]
+    unsafe fn size_flags(&self, p: *mut u8) -> u32 {
+        // SAFETY: the caller guarantees `p` is a block start or sentinel, whose 8-byte header
+        // lies inside its region just below `p`, 8-aligned; `size_flags` is its second word.
+        unsafe { p.wrapping_sub(4).cast::<u32>().read() }
+    }
+    #[inline(always)]
+    unsafe fn set_size_flags(&mut self, p: *mut u8, v: u32) {
         // SAFETY: as in `size_flags`.
-        unsafe { self.header(b).add(1).write(v) }
+        unsafe { p.wrapping_sub(4).cast::<u32>().write(v) }
     }
     #[inline(always)]
-    unsafe fn prev_size(&self, b: BlockId) -> u32 {
+    unsafe fn prev_size(&self, p: *mut u8) -> u32 {
         // SAFETY: as in `size_flags`; `prev_size` is the header's first word.
-        unsafe { self.header(b).read() }
+        unsafe { p.wrapping_sub(8).cast::<u32>().read() }
     }
     #[inline(always)]
-    unsafe fn set_prev_size(&mut self, b: BlockId, v: u32) {
+    unsafe fn set_prev_size(&mut self, p: *mut u8, v: u32) {
         // SAFETY: as in `prev_size`.
-        unsafe { self.header(b).write(v) }
+        unsafe { p.wrapping_sub(8).cast::<u32>().write(v) }
     }
     #[inline(always)]
-    unsafe fn next_free(&self, b: BlockId) -> BlockId {
-        // SAFETY: `b` is a free block; its payload holds at least 8 bytes (one granule minus the
-        // header), 16-aligned, and belongs to the allocator while the block is free.
-        unsafe { self.links(b).read() }
+    unsafe fn next_free(&self, p: *mut u8) -> BlockId {
+        // SAFETY: `p` is a free block's payload: at least 8 bytes (one granule minus the header),
+        // 16-aligned, owned by the allocator while the block is free.
+        unsafe { p.cast::<u32>().read() }
     }
     #[inline(always)]
-    unsafe fn set_next_free(&mut self, b: BlockId, v: BlockId) {
+    unsafe fn set_next_free(&mut self, p: *mut u8, v: BlockId) {
         // SAFETY: as in `next_free`.
-        unsafe { self.links(b).write(v) }
+        unsafe { p.cast::<u32>().write(v) }
     }
     #[inline(always)]
-    unsafe fn prev_free(&self, b: BlockId) -> BlockId {
-        // SAFETY: as in `next_free`; the second word of the payload.
-        unsafe { self.links(b).add(1).read() }
+    unsafe fn prev_free(&self, p: *mut u8) -> BlockId {
+        // SAFETY: as in `next_free`; the payload's second word.
+        unsafe { p.wrapping_add(4).cast::<u32>().read() }
     }
     #[inline(always)]
-    unsafe fn set_prev_free(&mut self, b: BlockId, v: BlockId) {
+    unsafe fn set_prev_free(&mut self, p: *mut u8, v: BlockId) {
         // SAFETY: as in `prev_free`.
-        unsafe { self.links(b).add(1).write(v) }
+        unsafe { p.wrapping_add(4).cast::<u32>().write(v) }
     }
 
     #[inline(always)]
-    unsafe fn retire(&mut self, _b: BlockId) {}
+    unsafe fn retire(&mut self, _p: *mut u8) {}
 
     #[inline(always)]
-    fn payload_addr(&self, b: BlockId) -> usize {
-        self.links(b).addr()
+    fn payload_addr(&self, p: *mut u8) -> usize {
+        p.addr()
     }
 
     #[inline(always)]
-    unsafe fn payload(&self, b: BlockId) -> NonNull<u8> {
-        // SAFETY: a valid block's payload lies inside a region whose start the caller of
-        // `init`/`add_region` guaranteed non-null, above that start.
-        unsafe { NonNull::new_unchecked(self.links(b).cast::<u8>()) }
+    unsafe fn payload(&self, p: *mut u8) -> NonNull<u8> {
+        // SAFETY: a valid block's payload lies inside a region, above its non-null start.
+        unsafe { NonNull::new_unchecked(p) }
     }
 
     #[inline(always)]
-    fn block_of(&self, ptr: NonNull<u8>) -> Option<BlockId> {
+    fn block_of(&self, ptr: NonNull<u8>) -> Option<(BlockId, *mut u8)> {
         let addr = ptr.as_ptr().addr();
         for r in 0..self.count {
             let off = addr.wrapping_sub(self.bases[r].addr());
@@ -299,7 +314,8 @@ unsafe impl MetaStore for InBand {
                 if off & ((1 << IN_BAND_GRANULE_SHIFT) - 1) != 0 {
                     return None;
                 }
-                return Some(((r as u32) << LOCAL_BITS) | (off >> IN_BAND_GRANULE_SHIFT) as u32);
+                let b = ((r as u32) << LOCAL_BITS) | (off >> IN_BAND_GRANULE_SHIFT) as u32;
+                return Some((b, self.bases[r].wrapping_add(off)));
             }
         }
         None
@@ -408,6 +424,7 @@ impl OutOfBand {
         self.base
     }
 
+    /// The table entry of block `b`.
     #[inline(always)]
     fn entry(&self, b: BlockId) -> *mut MetaEntry {
         self.table.wrapping_add(b as usize)
@@ -415,11 +432,15 @@ impl OutOfBand {
 }
 
 // SAFETY: 1. Block `b`'s payload is `base + granule * b` over `size` whole granules of the region,
-// derived from the region's pointer; nothing of it is used for metadata (OVERHEAD = 0).
-// 2. `block_of` inverts that. 3. Each field is its own word of `table[b]`, outside the region.
-// 4. `new` accepts only powers of two of at least 8.
+// derived from the region's pointer; nothing of it is used for metadata (OVERHEAD = 0). The handle
+// is `table + b`. 2. `block_of` inverts that. 3. Handles step by one entry per granule. 4. Each
+// field is its own word of `table[b]`, outside the region. 5. `new` accepts only powers of two of
+// at least 8.
 unsafe impl MetaStore for OutOfBand {
     const OVERHEAD: usize = 0;
+
+    /// The block's entry in the table.
+    type Ptr = *mut MetaEntry;
 
     #[inline(always)]
     fn granule_shift(&self) -> u32 {
@@ -427,70 +448,87 @@ unsafe impl MetaStore for OutOfBand {
     }
 
     #[inline(always)]
-    unsafe fn size_flags(&self, b: BlockId) -> u32 {
-        // SAFETY: `b <= len` for any block or sentinel, and the table holds `len + 1` entries.
-        unsafe { (*self.entry(b)).size_flags }
+    fn locate(&self, b: BlockId) -> *mut MetaEntry {
+        self.entry(b)
     }
     #[inline(always)]
-    unsafe fn set_size_flags(&mut self, b: BlockId, v: u32) {
-        // SAFETY: as in `size_flags`.
-        unsafe { (*self.entry(b)).size_flags = v }
+    fn forward(&self, p: *mut MetaEntry, n: u32) -> *mut MetaEntry {
+        p.wrapping_add(n as usize)
     }
     #[inline(always)]
-    unsafe fn prev_size(&self, b: BlockId) -> u32 {
-        // SAFETY: as in `size_flags`.
-        unsafe { (*self.entry(b)).prev_size }
-    }
-    #[inline(always)]
-    unsafe fn set_prev_size(&mut self, b: BlockId, v: u32) {
-        // SAFETY: as in `size_flags`.
-        unsafe { (*self.entry(b)).prev_size = v }
-    }
-    #[inline(always)]
-    unsafe fn next_free(&self, b: BlockId) -> BlockId {
-        // SAFETY: as in `size_flags`.
-        unsafe { (*self.entry(b)).next_free }
-    }
-    #[inline(always)]
-    unsafe fn set_next_free(&mut self, b: BlockId, v: BlockId) {
-        // SAFETY: as in `size_flags`.
-        unsafe { (*self.entry(b)).next_free = v }
-    }
-    #[inline(always)]
-    unsafe fn prev_free(&self, b: BlockId) -> BlockId {
-        // SAFETY: as in `size_flags`.
-        unsafe { (*self.entry(b)).prev_free }
-    }
-    #[inline(always)]
-    unsafe fn set_prev_free(&mut self, b: BlockId, v: BlockId) {
-        // SAFETY: as in `size_flags`.
-        unsafe { (*self.entry(b)).prev_free = v }
+    fn backward(&self, p: *mut MetaEntry, n: u32) -> *mut MetaEntry {
+        p.wrapping_sub(n as usize)
     }
 
     #[inline(always)]
-    unsafe fn retire(&mut self, b: BlockId) {
+    unsafe fn size_flags(&self, p: *mut MetaEntry) -> u32 {
+        // SAFETY: a block or sentinel handle is `table + b` with `b <= len`, and the table holds
+        // `len + 1` entries.
+        unsafe { (*p).size_flags }
+    }
+    #[inline(always)]
+    unsafe fn set_size_flags(&mut self, p: *mut MetaEntry, v: u32) {
         // SAFETY: as in `size_flags`.
-        unsafe { *self.entry(b) = MetaEntry::default() }
+        unsafe { (*p).size_flags = v }
+    }
+    #[inline(always)]
+    unsafe fn prev_size(&self, p: *mut MetaEntry) -> u32 {
+        // SAFETY: as in `size_flags`.
+        unsafe { (*p).prev_size }
+    }
+    #[inline(always)]
+    unsafe fn set_prev_size(&mut self, p: *mut MetaEntry, v: u32) {
+        // SAFETY: as in `size_flags`.
+        unsafe { (*p).prev_size = v }
+    }
+    #[inline(always)]
+    unsafe fn next_free(&self, p: *mut MetaEntry) -> BlockId {
+        // SAFETY: as in `size_flags`.
+        unsafe { (*p).next_free }
+    }
+    #[inline(always)]
+    unsafe fn set_next_free(&mut self, p: *mut MetaEntry, v: BlockId) {
+        // SAFETY: as in `size_flags`.
+        unsafe { (*p).next_free = v }
+    }
+    #[inline(always)]
+    unsafe fn prev_free(&self, p: *mut MetaEntry) -> BlockId {
+        // SAFETY: as in `size_flags`.
+        unsafe { (*p).prev_free }
+    }
+    #[inline(always)]
+    unsafe fn set_prev_free(&mut self, p: *mut MetaEntry, v: BlockId) {
+        // SAFETY: as in `size_flags`.
+        unsafe { (*p).prev_free = v }
     }
 
     #[inline(always)]
-    fn payload_addr(&self, b: BlockId) -> usize {
-        self.base.addr() + ((b as usize) << self.shift)
+    unsafe fn retire(&mut self, p: *mut MetaEntry) {
+        // SAFETY: as in `size_flags`.
+        unsafe { *p = MetaEntry::default() }
     }
 
     #[inline(always)]
-    unsafe fn payload(&self, b: BlockId) -> NonNull<u8> {
+    fn payload_addr(&self, p: *mut MetaEntry) -> usize {
+        let b = (p.addr() - self.table.addr()) / size_of::<MetaEntry>();
+        self.base.addr() + (b << self.shift)
+    }
+
+    #[inline(always)]
+    unsafe fn payload(&self, p: *mut MetaEntry) -> NonNull<u8> {
+        let b = (p.addr() - self.table.addr()) / size_of::<MetaEntry>();
         // SAFETY: `new` rejected a null start, and a block's payload lies at or above `base`,
         // inside the region.
-        unsafe { NonNull::new_unchecked(self.base.wrapping_add((b as usize) << self.shift)) }
+        unsafe { NonNull::new_unchecked(self.base.wrapping_add(b << self.shift)) }
     }
 
     #[inline(always)]
-    fn block_of(&self, ptr: NonNull<u8>) -> Option<BlockId> {
+    fn block_of(&self, ptr: NonNull<u8>) -> Option<(BlockId, *mut MetaEntry)> {
         let off = ptr.as_ptr().addr().wrapping_sub(self.base.addr());
         if off >= (self.len as usize) << self.shift || off & ((1 << self.shift) - 1) != 0 {
             return None;
         }
-        Some((off >> self.shift) as BlockId)
+        let b = (off >> self.shift) as BlockId;
+        Some((b, self.entry(b)))
     }
 }

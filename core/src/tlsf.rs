@@ -56,9 +56,6 @@ pub const LOW_FIRST: u32 = 8;
 /// Requests of at least this many bytes pick the lowest of [`LOW_FIRST`] blocks; smaller ones
 /// take the list's head, sparing the cache misses of walking a long list.
 pub const LOW_FIRST_BYTES: usize = 4096;
-/// Whether a freed block that lies above its list's head goes second rather than first, so
-/// that heads lean towards low addresses.
-const ADDR_BIAS: bool = true;
 /// `size_flags` holds the size in granules above the two flag bits.
 const SIZE_SHIFT: u32 = 2;
 
@@ -76,11 +73,28 @@ pub struct Tlsf<S> {
     /// Size in granules of each region, sentinel excluded; regions `0..regions`.
     region_len: [u32; MAX_REGIONS],
     regions: usize,
+    /// Granules of all regions, sentinels excluded.
+    total_granules: usize,
     used_granules: usize,
-    free_granules: usize,
     live: usize,
     free_blocks: usize,
 }
+
+/// A block being worked on: its id (for links) and the store's handle (for access).
+struct Blk<P> {
+    id: BlockId,
+    p: P,
+}
+
+impl<P: Copy> Clone for Blk<P> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<P: Copy> Copy for Blk<P> {}
+
+/// A size class: `(fl, sl)`, always `fl < FL` and `sl < SL`.
+type Class = (usize, usize);
 
 #[inline(always)]
 fn size_of_flags(v: u32) -> u32 {
@@ -92,22 +106,23 @@ fn msb(x: u32) -> u32 {
     31 - x.leading_zeros()
 }
 
-/// The class of a block of `size` granules (`size >= 1`).
+/// The class of a block of `size` granules (`1 <= size <= LOCAL_MASK`).
 #[inline(always)]
-fn class_of(size: u32) -> (usize, usize) {
+fn class_of(size: u32) -> Class {
     if size < SL as u32 {
         (0, size as usize)
     } else {
         let m = msb(size);
-        let fl = m - SLI + 1;
-        let sl = (size >> (m - SLI)) as usize - SL;
-        (fl as usize, sl)
+        let fl = (m - SLI + 1) as usize;
+        let sl = (size >> (m - SLI)) as usize & (SL - 1);
+        // `size <= LOCAL_MASK` bounds `fl`; `min` lets the compiler drop the bounds checks.
+        (fl.min(FL - 1), sl)
     }
 }
 
-/// The smallest class whose every block holds `size` granules.
+/// The smallest class whose every block holds `size` granules (`size <= LOCAL_MASK / 2`).
 #[inline(always)]
-fn class_at_least(size: u32) -> (usize, usize) {
+fn class_at_least(size: u32) -> Class {
     if size < SL as u32 {
         (0, size as usize)
     } else {
@@ -126,8 +141,8 @@ impl<S: MetaStore> Tlsf<S> {
             heads: [[0; SL]; FL],
             region_len: [0; MAX_REGIONS],
             regions: 0,
+            total_granules: 0,
             used_granules: 0,
-            free_granules: 0,
             live: 0,
             free_blocks: 0,
         }
@@ -148,6 +163,32 @@ impl<S: MetaStore> Tlsf<S> {
         1 << self.store.granule_shift()
     }
 
+    #[inline(always)]
+    fn blk(&self, id: BlockId) -> Blk<S::Ptr> {
+        Blk {
+            id,
+            p: self.store.locate(id),
+        }
+    }
+
+    /// The block `n` granules after `b` (same region).
+    #[inline(always)]
+    fn after(&self, b: Blk<S::Ptr>, n: u32) -> Blk<S::Ptr> {
+        Blk {
+            id: b.id + n,
+            p: self.store.forward(b.p, n),
+        }
+    }
+
+    /// The block `n` granules before `b` (same region).
+    #[inline(always)]
+    fn before(&self, b: Blk<S::Ptr>, n: u32) -> Blk<S::Ptr> {
+        Blk {
+            id: b.id - n,
+            p: self.store.backward(b.p, n),
+        }
+    }
+
     /// Lays out the first free block of a freshly registered region `first..first + n` and its
     /// sentinel.
     ///
@@ -157,15 +198,17 @@ impl<S: MetaStore> Tlsf<S> {
         let r = (first >> LOCAL_BITS) as usize;
         self.region_len[r] = n;
         self.regions = self.regions.max(r + 1);
+        self.total_granules += n as usize;
+        let b = self.blk(first);
+        let end = self.after(b, n);
         // SAFETY: 1. `first` is the region's first block start and `first + n` its sentinel,
         // both inside the region the store just registered.
         unsafe {
-            self.store.set_prev_size(first, 0);
-            self.store.set_prev_size(first + n, n);
-            self.store.set_size_flags(first + n, PREV_FREE);
-            self.make_free(first, n);
+            self.store.set_prev_size(b.p, 0);
+            self.store.set_prev_size(end.p, n);
+            self.store.set_size_flags(end.p, PREV_FREE);
+            self.make_free(b, n);
         }
-        self.free_granules += n as usize;
     }
 
     /// Granules a request of `size` bytes needs, or `None` if no region could ever hold it.
@@ -182,109 +225,112 @@ impl<S: MetaStore> Tlsf<S> {
 
     // ----- free lists -----
 
-    /// Marks `b` free with `size` granules and pushes it on its class's list. Its successor's
-    /// `prev_size` and `PREV_FREE` bit are the caller's business.
+    #[inline(always)]
+    fn has(&self, (fl, sl): Class) -> bool {
+        self.sl_bitmap[fl] & (1 << sl) != 0
+    }
+
+    /// Marks `b` free with `size` granules and puts it on its class's list: first, or second
+    /// when it lies above the head, so that heads lean towards low addresses (see
+    /// [`candidate`](Self::candidate)). Its successor's `prev_size` and `PREV_FREE` bit are the
+    /// caller's business.
     ///
     /// # Safety
     /// `b` is a block start of `size` granules that is in no list and whose physical
     /// predecessor is not free.
     #[inline(always)]
-    unsafe fn make_free(&mut self, b: BlockId, size: u32) {
-        let (fl, sl) = class_of(size);
-        let head = if self.sl_bitmap[fl] & (1 << sl) != 0 {
-            self.heads[fl][sl]
-        } else {
-            NIL
-        };
-        // SAFETY: 1. `b` is a block start becoming free; `head`, if not NIL, is a free block.
+    unsafe fn make_free(&mut self, b: Blk<S::Ptr>, size: u32) {
+        let c @ (fl, sl) = class_of(size);
+        self.free_blocks += 1;
+        // SAFETY: `b` is a block start becoming free.
+        unsafe { self.store.set_size_flags(b.p, (size << SIZE_SHIFT) | FREE) };
+        if !self.has(c) {
+            // SAFETY: as above.
+            unsafe { self.store.set_next_free(b.p, NIL) };
+            self.heads[fl][sl] = b.id;
+            self.sl_bitmap[fl] |= 1 << sl;
+            self.fl_bitmap |= 1 << fl;
+            return;
+        }
+        let head_id = self.heads[fl][sl];
+        let head = self.store.locate(head_id);
+        // SAFETY: the list is non-empty, so `head` is a free block; so is `after` if not NIL.
         unsafe {
-            self.store.set_size_flags(b, (size << SIZE_SHIFT) | FREE);
-            if head != NIL && ADDR_BIAS && b > head {
+            if b.id > head_id {
                 let after = self.store.next_free(head);
-                self.store.set_next_free(b, after);
-                self.store.set_prev_free(b, head);
-                self.store.set_next_free(head, b);
+                self.store.set_next_free(b.p, after);
+                self.store.set_prev_free(b.p, head_id);
+                self.store.set_next_free(head, b.id);
                 if after != NIL {
-                    self.store.set_prev_free(after, b);
+                    self.store.set_prev_free(self.store.locate(after), b.id);
                 }
-                self.sl_bitmap[fl] |= 1 << sl;
-                self.fl_bitmap |= 1 << fl;
-                self.free_blocks += 1;
-                return;
-            }
-            self.store.set_next_free(b, head);
-            if head != NIL {
-                self.store.set_prev_free(head, b);
+            } else {
+                self.store.set_next_free(b.p, head_id);
+                self.store.set_prev_free(head, b.id);
+                self.heads[fl][sl] = b.id;
             }
         }
-        self.heads[fl][sl] = b;
-        self.sl_bitmap[fl] |= 1 << sl;
-        self.fl_bitmap |= 1 << fl;
-        self.free_blocks += 1;
     }
 
     #[inline(always)]
-    fn clear_bit(&mut self, fl: usize, sl: usize) {
+    fn clear_bit(&mut self, (fl, sl): Class) {
         self.sl_bitmap[fl] &= !(1 << sl);
         if self.sl_bitmap[fl] == 0 {
             self.fl_bitmap &= !(1 << fl);
         }
     }
 
-    /// Unlinks free block `b` of `size` granules from its list (its flags are left as they are).
+    /// Unlinks free block `b` from the list of class `c` (its flags are left as they are).
     ///
     /// # Safety
-    /// `b` is a free block of `size` granules, in its class's list.
+    /// `b` is a free block in the list of class `c`.
     #[inline(always)]
-    unsafe fn unlink(&mut self, b: BlockId, size: u32) {
-        let (fl, sl) = class_of(size);
+    unsafe fn unlink(&mut self, b: Blk<S::Ptr>, c @ (fl, sl): Class) {
+        self.free_blocks -= 1;
         // SAFETY: `b` is free, so its `next_free` names a free block or NIL.
-        let next = unsafe { self.store.next_free(b) };
+        let next = unsafe { self.store.next_free(b.p) };
         // The list is non-empty (it holds `b`), so `heads[fl][sl]` is meaningful. A head's
         // `prev_free` is never read: it goes stale when the block before it is unlinked, which
         // spares allocation a write into the next free block.
-        if self.heads[fl][sl] == b {
+        if self.heads[fl][sl] == b.id {
             self.heads[fl][sl] = next;
             if next == NIL {
-                self.clear_bit(fl, sl);
+                self.clear_bit(c);
             }
         } else {
-            // SAFETY: `b` is not its list's head, so its `prev_free` is its predecessor; both neighbours are free blocks of the same list.
+            // SAFETY: `b` is not its list's head, so its `prev_free` is its predecessor; both
+            // neighbours are free blocks of the same list.
             unsafe {
-                let prev = self.store.prev_free(b);
-                self.store.set_next_free(prev, next);
+                let prev = self.store.prev_free(b.p);
+                self.store.set_next_free(self.store.locate(prev), next);
                 if next != NIL {
-                    self.store.set_prev_free(next, prev);
+                    self.store.set_prev_free(self.store.locate(next), prev);
                 }
             }
         }
-        self.free_blocks -= 1;
     }
 
-    /// Sets or clears block `b`'s `PREV_FREE` bit.
+    /// Sets or clears the `PREV_FREE` bit of block (or sentinel) `b`.
     ///
     /// # Safety
     /// `b` is a block start or a sentinel.
     #[inline(always)]
-    unsafe fn set_prev_free_bit(&mut self, b: BlockId, prev_free: bool) {
+    unsafe fn set_prev_free_bit(&mut self, b: Blk<S::Ptr>, prev_free: bool) {
         // SAFETY: the caller's contract.
         unsafe {
-            let v = self.store.size_flags(b);
+            let v = self.store.size_flags(b.p);
             let v = if prev_free {
                 v | PREV_FREE
             } else {
                 v & !PREV_FREE
             };
-            self.store.set_size_flags(b, v);
+            self.store.set_size_flags(b.p, v);
         }
     }
 
     /// The first non-empty class at or above `(fl, sl)`.
     #[inline(always)]
-    fn find_class(&self, fl: usize, sl: usize) -> Option<(usize, usize)> {
-        if fl >= FL {
-            return None;
-        }
+    fn find_class(&self, (fl, sl): Class) -> Option<Class> {
         let sl_map = self.sl_bitmap[fl] & (!0u32 << sl);
         if sl_map != 0 {
             return Some((fl, sl_map.trailing_zeros() as usize));
@@ -293,8 +339,8 @@ impl<S: MetaStore> Tlsf<S> {
         if fl_map == 0 {
             return None;
         }
-        let fl = fl_map.trailing_zeros() as usize;
-        Some((fl, self.sl_bitmap[fl].trailing_zeros() as usize))
+        let fl = (fl_map.trailing_zeros() as usize).min(FL - 1);
+        Some((fl, self.sl_bitmap[fl].trailing_zeros() as usize & (SL - 1)))
     }
 
     // ----- allocation -----
@@ -308,27 +354,29 @@ impl<S: MetaStore> Tlsf<S> {
     #[inline]
     pub fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
         let g = self.granules_for(layout.size())?;
-        let b = match self.candidate(g, layout.align()) {
-            Some(b) => b,
+        let (b, c) = match self.candidate(g, layout.align()) {
+            Some(found) => found,
             None => self.exhaustive_candidate(g, layout.align())?,
         };
-        // SAFETY: `b` is a free block that holds `g` granules at `layout.align()`.
-        Some(unsafe { self.take(b, g, layout.align()) })
+        // SAFETY: `b` is a free block of class `c` that holds `g` granules at `layout.align()`.
+        Some(unsafe { self.take(b, c, g, layout.align()) })
     }
 
     /// Picks, without unlinking it, the free block an allocation of `g` granules at `align`
-    /// would use, in O(1):
+    /// would use, and its class, in O(1):
     ///
     /// 1. first fit among the first [`SCAN_LIMIT`] blocks of `g`'s own class, whose members may
     ///    or may not fit (a bounded step towards best fit);
     /// 2. else a block of the smallest non-empty class whose every member fits (good fit); for
-    ///    blocks of at least [`LOW_FIRST_BYTES`], the lowest-addressed of its first [`LOW_FIRST`].
+    ///    requests of at least [`LOW_FIRST_BYTES`], the lowest-addressed of its first
+    ///    [`LOW_FIRST`] blocks, else its head.
     ///
-    /// Both steps lean towards low addresses, which keeps the high-water mark of the region, and
-    /// with it the memory a workload needs, low. `None` means only
+    /// Both steps, and the list order kept by [`make_free`](Self::make_free), lean towards low
+    /// addresses, which keeps the high-water mark of the region, and with it the memory a
+    /// workload needs, low. `None` means only
     /// [`exhaustive_candidate`](Self::exhaustive_candidate) can still find a block.
     #[inline(always)]
-    fn candidate(&self, g: u32, align: usize) -> Option<BlockId> {
+    fn candidate(&self, g: u32, align: usize) -> Option<(Blk<S::Ptr>, Class)> {
         let shift = self.store.granule_shift();
         let pad = if align > 1 << shift {
             (align >> shift) as u32 - 1
@@ -336,48 +384,42 @@ impl<S: MetaStore> Tlsf<S> {
             0
         };
         let search = g.checked_add(pad).filter(|&s| s <= LOCAL_MASK / 2)?;
-        let (fl, sl) = class_at_least(search);
-        let (ofl, osl) = class_of(g);
-        if (ofl, osl) != (fl, sl) && self.sl_bitmap[ofl] & (1 << osl) != 0 {
-            if let Some(b) = self.first_fit_in(ofl, osl, g, align, SCAN_LIMIT) {
-                return Some(b);
+        let good = class_at_least(search);
+        let own = class_of(g);
+        if own != good && self.has(own) {
+            if let Some(b) = self.first_fit_in(own, g, align, SCAN_LIMIT) {
+                return Some((b, own));
             }
         }
-        let (fl, sl) = self.find_class(fl, sl)?;
-        let head = self.heads[fl][sl];
-        if (g as usize) << shift < LOW_FIRST_BYTES {
-            return Some(head);
+        let c @ (fl, sl) = self.find_class(good)?;
+        let head = self.blk(self.heads[fl][sl]);
+        if ((g as usize) << shift) < LOW_FIRST_BYTES {
+            return Some((head, c));
         }
-        let (mut b, mut best, mut n) = (head, head, 0);
-        while b != NIL && n < LOW_FIRST {
-            best = best.min(b);
-            // SAFETY: `b` is in a free list, so it is a free block.
-            b = unsafe { self.store.next_free(b) };
+        let (mut best, mut id, mut n) = (head.id, head.id, 0);
+        while id != NIL && n < LOW_FIRST {
+            best = best.min(id);
+            // SAFETY: `id` is in a free list, so it is a free block.
+            id = unsafe { self.store.next_free(self.store.locate(id)) };
             n += 1;
         }
-        Some(best)
+        Some((self.blk(best), c))
     }
 
-    /// The first of the first `limit` blocks of non-empty list `(fl, sl)` that holds `g`
-    /// granules at `align`.
+    /// The first of the first `limit` blocks of non-empty list `c` that holds `g` granules at
+    /// `align`.
     #[inline(always)]
-    fn first_fit_in(
-        &self,
-        fl: usize,
-        sl: usize,
-        g: u32,
-        align: usize,
-        limit: u32,
-    ) -> Option<BlockId> {
-        let (mut b, mut n) = (self.heads[fl][sl], 0);
-        while b != NIL && n < limit {
+    fn first_fit_in(&self, c: Class, g: u32, align: usize, limit: u32) -> Option<Blk<S::Ptr>> {
+        let (mut id, mut n) = (self.heads[c.0][c.1], 0);
+        while id != NIL && n < limit {
+            let b = self.blk(id);
             // SAFETY: `b` is in a free list, so it is a free block.
-            let size = size_of_flags(unsafe { self.store.size_flags(b) });
+            let size = size_of_flags(unsafe { self.store.size_flags(b.p) });
             if size >= g && size - g >= self.front_pad(b, align) {
                 return Some(b);
             }
             // SAFETY: as above.
-            b = unsafe { self.store.next_free(b) };
+            id = unsafe { self.store.next_free(b.p) };
             n += 1;
         }
         None
@@ -388,39 +430,46 @@ impl<S: MetaStore> Tlsf<S> {
     /// fitting block exists. Its cost is bounded by the free blocks of those classes, and it runs
     /// only when the heap is nearly exhausted for this size.
     #[cold]
-    fn exhaustive_candidate(&self, g: u32, align: usize) -> Option<BlockId> {
-        let (mut fl, mut sl) = class_of(g);
-        while let Some((f, s)) = self.find_class(fl, sl) {
-            if let Some(b) = self.first_fit_in(f, s, g, align, u32::MAX) {
-                return Some(b);
+    fn exhaustive_candidate(&self, g: u32, align: usize) -> Option<(Blk<S::Ptr>, Class)> {
+        let mut from = class_of(g);
+        while let Some(c @ (fl, sl)) = self.find_class(from) {
+            if let Some(b) = self.first_fit_in(c, g, align, u32::MAX) {
+                return Some((b, c));
             }
-            (fl, sl) = if s + 1 < SL { (f, s + 1) } else { (f + 1, 0) };
+            if sl + 1 < SL {
+                from = (fl, sl + 1);
+            } else if fl + 1 < FL {
+                from = (fl + 1, 0);
+            } else {
+                break;
+            }
         }
         None
     }
 
     /// Granules from block `b`'s payload to the first payload position aligned to `align`.
     #[inline(always)]
-    fn front_pad(&self, b: BlockId, align: usize) -> u32 {
+    fn front_pad(&self, b: Blk<S::Ptr>, align: usize) -> u32 {
         if align <= self.granule() {
             return 0;
         }
-        let addr = self.store.payload_addr(b);
+        let addr = self.store.payload_addr(b.p);
         let aligned = (addr + align - 1) & !(align - 1);
         ((aligned - addr) >> self.store.granule_shift()) as u32
     }
 
-    /// Allocates `g` granules at `align` from free block `b`: unlinks it, frees the granules in
-    /// front of the aligned position and those past `g`, and returns the payload.
+    /// Allocates `g` granules at `align` from free block `b` of class `c`: unlinks it, frees the
+    /// granules in front of the aligned position and those past `g`, and returns the payload.
     ///
     /// # Safety
-    /// `b` is a free block, in its list, of at least `front_pad(b, align) + g` granules.
+    /// `b` is a free block in the list of class `c`, of at least `front_pad(b, align) + g`
+    /// granules.
     #[inline(always)]
-    unsafe fn take(&mut self, b: BlockId, g: u32, align: usize) -> NonNull<u8> {
+    unsafe fn take(&mut self, b: Blk<S::Ptr>, c: Class, g: u32, align: usize) -> NonNull<u8> {
         // SAFETY: `b` is a free block start, so its flags hold its size.
-        let size = size_of_flags(unsafe { self.store.size_flags(b) });
-        // SAFETY: `b` is a free block of `size` granules in its list.
-        unsafe { self.unlink(b, size) };
+        let size = size_of_flags(unsafe { self.store.size_flags(b.p) });
+        // SAFETY: `b` is a free block in the list of class `c`.
+        unsafe { self.unlink(b, c) };
         let front = self.front_pad(b, align);
         if front == 0 {
             // SAFETY: `b` was free (so its predecessor is used), holds `g`, and is unlisted.
@@ -429,10 +478,11 @@ impl<S: MetaStore> Tlsf<S> {
         // SAFETY: the caller guarantees `size >= front + g`. The first `front` granules become a
         // free block (predecessor used), the rest is allocated with `PREV_FREE` set.
         unsafe {
-            let rest = b + front;
+            let rest = self.after(b, front);
             self.make_free(b, front);
-            self.store.set_prev_size(rest, front);
-            self.store.set_prev_size(b + size, size - front);
+            self.store.set_prev_size(rest.p, front);
+            let end = self.after(b, size);
+            self.store.set_prev_size(end.p, size - front);
             self.finish_allocation(rest, size - front, g, PREV_FREE)
         }
     }
@@ -442,88 +492,90 @@ impl<S: MetaStore> Tlsf<S> {
     /// payload.
     ///
     /// # Safety
-    /// `b` is a block start of `size >= g` granules in no list, counted as free; its successor
-    /// is not free and has `PREV_FREE` set.
+    /// `b` is a block start of `size >= g` granules in no list; its successor is not free and
+    /// has `PREV_FREE` set.
     #[inline(always)]
     unsafe fn finish_allocation(
         &mut self,
-        b: BlockId,
+        b: Blk<S::Ptr>,
         size: u32,
         g: u32,
         prev_free: u32,
     ) -> NonNull<u8> {
+        let end = self.after(b, size);
         // SAFETY: 1. `b` is a block start; 2. `b + g` is inside the block when `size > g`; 3.
-        // `b + size` is the next block or the sentinel.
+        // `end` is the next block or the sentinel.
         unsafe {
             if size > g {
-                let rest = b + g;
-                self.store.set_prev_size(rest, g);
+                let rest = self.after(b, g);
+                self.store.set_prev_size(rest.p, g);
                 self.make_free(rest, size - g);
                 // The successor keeps `PREV_FREE`: its predecessor is still free.
-                self.store.set_prev_size(b + size, size - g);
+                self.store.set_prev_size(end.p, size - g);
             } else {
-                self.set_prev_free_bit(b + size, false);
+                self.set_prev_free_bit(end, false);
             }
-            self.store.set_size_flags(b, (g << SIZE_SHIFT) | prev_free);
+            self.store
+                .set_size_flags(b.p, (g << SIZE_SHIFT) | prev_free);
         }
-        self.free_granules -= g as usize;
         self.used_granules += g as usize;
         self.live += 1;
         // SAFETY: `b` is a valid block.
-        unsafe { self.store.payload(b) }
+        unsafe { self.store.payload(b.p) }
     }
 
     // ----- deallocation -----
 
-    /// Resolves `ptr` to the id and flags of the used block it starts, as the `# Safety`
-    /// contract of the public entry points guarantees.
+    /// Resolves `ptr` to the used block it starts and its flags, as the `# Safety` contract of
+    /// the public entry points guarantees.
     #[inline(always)]
-    unsafe fn used_block(&self, ptr: NonNull<u8>) -> (BlockId, u32) {
-        let b = self.store.block_of(ptr);
-        debug_assert!(b.is_some(), "pointer not from this heap");
+    unsafe fn used_block(&self, ptr: NonNull<u8>) -> (Blk<S::Ptr>, u32) {
+        let found = self.store.block_of(ptr);
+        debug_assert!(found.is_some(), "pointer not from this heap");
         // SAFETY: the caller passes a pointer this heap returned and did not free, so it lies in a
         // region, on a granule boundary.
-        let b = unsafe { b.unwrap_unchecked() };
-        // SAFETY: `b` is a used block start.
-        let v = unsafe { self.store.size_flags(b) };
+        let (id, p) = unsafe { found.unwrap_unchecked() };
+        // SAFETY: `p` is a used block start.
+        let v = unsafe { self.store.size_flags(p) };
         debug_assert!(
             v & FREE == 0 && size_of_flags(v) > 0,
             "double free or foreign pointer"
         );
-        (b, v)
+        (Blk { id, p }, v)
     }
 
     /// Returns block `b` of `size` granules, out of every list, to the free lists, merging it with
     /// free neighbours. `prev_free` is its `PREV_FREE` bit.
     ///
     /// # Safety
-    /// `b` is a block start of `size` granules in no list and not counted as free, and
+    /// `b` is a block start of `size` granules in no list and not counted as used, and
     /// `prev_free` tells truly whether its predecessor is free.
     #[inline(always)]
-    unsafe fn release(&mut self, mut b: BlockId, mut size: u32, prev_free: u32) {
-        self.free_granules += size as usize;
+    unsafe fn release(&mut self, mut b: Blk<S::Ptr>, mut size: u32, prev_free: u32) {
         // SAFETY: 1. `b + size` is the next block or the sentinel (never free); 2. when
         // `PREV_FREE` is set, `b - prev_size` is the free previous block; 3. free blocks are in
-        // their lists, so unlinking them is sound.
+        // the lists of their classes, so unlinking them is sound.
         unsafe {
-            let next = b + size;
-            let nv = self.store.size_flags(next);
+            let next = self.after(b, size);
+            let nv = self.store.size_flags(next.p);
             if nv & FREE != 0 {
                 let ns = size_of_flags(nv);
-                self.unlink(next, ns);
-                self.store.retire(next);
+                self.unlink(next, class_of(ns));
+                self.store.retire(next.p);
                 size += ns;
             }
             if prev_free != 0 {
-                let ps = self.store.prev_size(b);
-                self.unlink(b - ps, ps);
-                self.store.retire(b);
-                b -= ps;
+                let ps = self.store.prev_size(b.p);
+                let prev = self.before(b, ps);
+                self.unlink(prev, class_of(ps));
+                self.store.retire(b.p);
+                b = prev;
                 size += ps;
             }
             self.make_free(b, size);
-            self.store.set_prev_size(b + size, size);
-            self.set_prev_free_bit(b + size, true);
+            let end = self.after(b, size);
+            self.store.set_prev_size(end.p, size);
+            self.set_prev_free_bit(end, true);
         }
     }
 
@@ -541,7 +593,8 @@ impl<S: MetaStore> Tlsf<S> {
         let size = size_of_flags(v);
         self.used_granules -= size as usize;
         self.live -= 1;
-        // SAFETY: `b` is a used block: in no list, not counted as free; `v` holds its flags.
+        // SAFETY: `b` is a used block: in no list, no longer counted as used; `v` holds its
+        // flags.
         unsafe { self.release(b, size, v & PREV_FREE) };
     }
 
@@ -576,76 +629,82 @@ impl<S: MetaStore> Tlsf<S> {
         let (b, v) = unsafe { self.used_block(ptr) };
         let (size, pf) = (size_of_flags(v), v & PREV_FREE);
         let align = layout.align();
-        let lower = self.candidate(g, align).filter(|&c| c < b);
-        if let Some(c) = lower {
-            // SAFETY: `c` is a free block holding `g` granules at `align`; `ptr` is live.
-            return Some(unsafe { self.move_to(c, g, ptr, layout, new_size) });
+        let found = self.candidate(g, align);
+        if let Some((c, class)) = found.filter(|(c, _)| c.id < b.id) {
+            // SAFETY: `c` is a free block of class `class` holding `g` granules at `align`;
+            // `ptr` is live.
+            return Some(unsafe { self.move_to(c, class, g, ptr, layout, new_size) });
         }
         if g <= size {
             if g < size {
-                // SAFETY: `b` is a used block of `size > g` granules; the tail `b + g..b + size`
-                // becomes its own used block (predecessor used) and is released, merging with a
-                // free successor.
+                let tail = self.after(b, g);
+                // SAFETY: `b` is a used block of `size > g` granules; the tail becomes its own
+                // block (predecessor used), no longer counted as used, and is released, merging
+                // with a free successor.
                 unsafe {
-                    self.store.set_size_flags(b, (g << SIZE_SHIFT) | pf);
-                    self.store.set_prev_size(b + g, g);
-                    self.store.set_size_flags(b + g, (size - g) << SIZE_SHIFT);
+                    self.store.set_size_flags(b.p, (g << SIZE_SHIFT) | pf);
+                    self.store.set_prev_size(tail.p, g);
                     self.used_granules -= (size - g) as usize;
-                    self.release(b + g, size - g, 0);
+                    self.release(tail, size - g, 0);
                 }
             }
             return Some(ptr);
         }
-        // SAFETY: `b + size` is the next block or the sentinel.
-        let nv = unsafe { self.store.size_flags(b + size) };
+        let next = self.after(b, size);
+        // SAFETY: `next` is the next block or the sentinel.
+        let nv = unsafe { self.store.size_flags(next.p) };
         if nv & FREE != 0 && size + size_of_flags(nv) >= g {
             let ns = size_of_flags(nv);
             let total = size + ns;
-            // SAFETY: the successor is a free block of `ns` granules; merging it into `b` and
-            // splitting the excess off as a free block keeps invariants 3-5.
+            let end = self.after(b, total);
+            // SAFETY: `next` is a free block of `ns` granules; merging it into `b` and splitting
+            // the excess off as a free block keeps invariants 3-5.
             unsafe {
-                self.unlink(b + size, ns);
-                self.store.retire(b + size);
+                self.unlink(next, class_of(ns));
+                self.store.retire(next.p);
                 if total > g {
-                    let rest = b + g;
-                    self.store.set_prev_size(rest, g);
+                    let rest = self.after(b, g);
+                    self.store.set_prev_size(rest.p, g);
                     self.make_free(rest, total - g);
                     // The block after keeps `PREV_FREE`: its predecessor is still free.
-                    self.store.set_prev_size(b + total, total - g);
+                    self.store.set_prev_size(end.p, total - g);
                 } else {
-                    self.store.set_prev_size(b + total, total);
-                    self.set_prev_free_bit(b + total, false);
+                    self.store.set_prev_size(end.p, total);
+                    self.set_prev_free_bit(end, false);
                 }
-                self.store.set_size_flags(b, (g << SIZE_SHIFT) | pf);
+                self.store.set_size_flags(b.p, (g << SIZE_SHIFT) | pf);
             }
-            self.free_granules -= (g - size) as usize;
             self.used_granules += (g - size) as usize;
             return Some(ptr);
         }
-        let c = match self.candidate(g, align) {
-            Some(c) => c,
+        let (c, class) = match found {
+            Some(found) => found,
             None => self.exhaustive_candidate(g, align)?,
         };
-        // SAFETY: `c` is a free block holding `g` granules at `align`; `ptr` is live.
-        Some(unsafe { self.move_to(c, g, ptr, layout, new_size) })
+        // SAFETY: `c` is a free block of class `class` holding `g` granules at `align`; `ptr` is
+        // live.
+        Some(unsafe { self.move_to(c, class, g, ptr, layout, new_size) })
     }
 
-    /// Moves live block `ptr` (allocated with `layout`) into free block `c` as a block of `g`
-    /// granules, copying `min(layout.size(), new_size)` bytes, and frees the old block.
+    /// Moves live block `ptr` (allocated with `layout`) into free block `c` of class `class` as
+    /// a block of `g` granules, copying `min(layout.size(), new_size)` bytes, and frees the old
+    /// block.
     ///
     /// # Safety
-    /// `c` is a free block holding `g` granules at `layout.align()`, `g` granules hold
-    /// `new_size` bytes, and `ptr` is a live block of this heap allocated with `layout`.
+    /// `c` is a free block of class `class` holding `g` granules at `layout.align()`, `g`
+    /// granules hold `new_size` bytes, and `ptr` is a live block of this heap allocated with
+    /// `layout`.
     unsafe fn move_to(
         &mut self,
-        c: BlockId,
+        c: Blk<S::Ptr>,
+        class: Class,
         g: u32,
         ptr: NonNull<u8>,
         layout: Layout,
         new_size: usize,
     ) -> NonNull<u8> {
         // SAFETY: the caller's contract for `c`.
-        let new = unsafe { self.take(c, g, layout.align()) };
+        let new = unsafe { self.take(c, class, g, layout.align()) };
         // SAFETY: `ptr` holds at least `layout.size()` bytes, `new` at least `new_size`; they
         // are distinct live blocks, so they do not overlap. Then `ptr` is freed once.
         unsafe {
@@ -661,26 +720,23 @@ impl<S: MetaStore> Tlsf<S> {
     /// the list of the largest non-empty class.
     pub fn stats(&self) -> Stats {
         let gs = self.store.granule_shift();
-        let region: usize = self.region_len[..self.regions]
-            .iter()
-            .map(|&n| n as usize)
-            .sum();
         let mut largest = 0u32;
         if self.fl_bitmap != 0 {
             let fl = msb(self.fl_bitmap) as usize;
             let sl = msb(self.sl_bitmap[fl]) as usize;
-            let mut b = self.heads[fl][sl];
-            while b != NIL {
-                // SAFETY: `b` is in a free list, so it is a free block.
-                let (v, next) = unsafe { (self.store.size_flags(b), self.store.next_free(b)) };
+            let mut id = self.heads[fl][sl];
+            while id != NIL {
+                let p = self.store.locate(id);
+                // SAFETY: `id` is in a free list, so it is a free block.
+                let (v, next) = unsafe { (self.store.size_flags(p), self.store.next_free(p)) };
                 largest = largest.max(size_of_flags(v));
-                b = next;
+                id = next;
             }
         }
         Stats {
-            region_bytes: region << gs,
+            region_bytes: self.total_granules << gs,
             used_bytes: self.used_granules << gs,
-            free_bytes: self.free_granules << gs,
+            free_bytes: (self.total_granules - self.used_granules) << gs,
             largest_free_bytes: ((largest as usize) << gs).saturating_sub(S::OVERHEAD),
             live_blocks: self.live,
             free_blocks: self.free_blocks,
@@ -697,46 +753,48 @@ impl<S: MetaStore> Tlsf<S> {
         for r in 0..self.regions {
             let first = (r as u32) << LOCAL_BITS;
             let end = first + self.region_len[r];
-            let (mut b, mut prev_size, mut prev_free) = (first, 0u32, false);
-            while b < end {
-                // SAFETY: `b` is a block start: the first one, or the successor of one checked.
-                let (v, ps) = unsafe { (self.store.size_flags(b), self.store.prev_size(b)) };
+            let (mut id, mut prev_size, mut prev_free) = (first, 0u32, false);
+            while id < end {
+                let p = self.store.locate(id);
+                // SAFETY: `id` is a block start: the first one, or the successor of one checked.
+                let (v, ps) = unsafe { (self.store.size_flags(p), self.store.prev_size(p)) };
                 let size = size_of_flags(v);
-                if size == 0 || size > end - b {
-                    return fail("block size zero or past the region's end", b);
+                if size == 0 || size > end - id {
+                    return fail("block size zero or past the region's end", id);
                 }
                 if ps != prev_size {
-                    return fail("prev_size differs from the previous block's size", b);
+                    return fail("prev_size differs from the previous block's size", id);
                 }
                 if (v & PREV_FREE != 0) != prev_free {
-                    return fail("PREV_FREE bit differs from the previous block's state", b);
+                    return fail("PREV_FREE bit differs from the previous block's state", id);
                 }
                 let is_free = v & FREE != 0;
                 if is_free {
                     if prev_free {
-                        return fail("two adjacent free blocks", b);
+                        return fail("two adjacent free blocks", id);
                     }
                     free += size as usize;
                     free_blocks += 1;
-                    self.check_links(b, size)?;
+                    self.check_links(id, size)?;
                 } else {
                     used += size as usize;
                     live += 1;
                 }
                 (prev_size, prev_free) = (size, is_free);
-                b += size;
+                id += size;
             }
+            let p = self.store.locate(end);
             // SAFETY: `end` is the region's sentinel.
-            let (v, ps) = unsafe { (self.store.size_flags(end), self.store.prev_size(end)) };
+            let (v, ps) = unsafe { (self.store.size_flags(p), self.store.prev_size(p)) };
             let want = if prev_free { PREV_FREE } else { 0 };
-            if b != end || v != want || ps != prev_size {
+            if id != end || v != want || ps != prev_size {
                 return fail("region does not end in its sentinel", end);
             }
         }
-        if (used, free, live, free_blocks)
+        if (used, used + free, live, free_blocks)
             != (
                 self.used_granules,
-                self.free_granules,
+                self.total_granules,
                 self.live,
                 self.free_blocks,
             )
@@ -749,33 +807,34 @@ impl<S: MetaStore> Tlsf<S> {
                 return fail("fl_bitmap disagrees with sl_bitmap", NIL);
             }
             for sl in 0..SL {
-                if self.sl_bitmap[fl] >> sl & 1 == 0 {
+                if !self.has((fl, sl)) {
                     continue;
                 }
-                let (mut b, mut prev) = (self.heads[fl][sl], NIL);
-                if b == NIL {
+                let (mut id, mut prev) = (self.heads[fl][sl], NIL);
+                if id == NIL {
                     return fail("bitmap bit set for an empty list", NIL);
                 }
-                while b != NIL {
-                    if !self.looks_like_block(b) {
-                        return fail("free list links to a non-block", b);
+                while id != NIL {
+                    if !self.looks_like_block(id) {
+                        return fail("free list links to a non-block", id);
                     }
-                    // SAFETY: `b` is a block start (checked just above).
-                    let v = unsafe { self.store.size_flags(b) };
+                    let p = self.store.locate(id);
+                    // SAFETY: `id` looks like a block start (checked just above).
+                    let v = unsafe { self.store.size_flags(p) };
                     if v & FREE == 0 || class_of(size_of_flags(v)) != (fl, sl) {
-                        return fail("listed block is used or in the wrong class", b);
+                        return fail("listed block is used or in the wrong class", id);
                     }
-                    // SAFETY: `b` is a free block.
+                    // SAFETY: `id` is a free block.
                     let (next, back) =
-                        unsafe { (self.store.next_free(b), self.store.prev_free(b)) };
+                        unsafe { (self.store.next_free(p), self.store.prev_free(p)) };
                     if prev != NIL && back != prev {
-                        return fail("prev_free link broken", b);
+                        return fail("prev_free link broken", id);
                     }
                     listed += 1;
                     if listed > self.free_blocks {
-                        return fail("free list longer than the free block count (cycle?)", b);
+                        return fail("free list longer than the free block count (cycle?)", id);
                     }
-                    (prev, b) = (b, next);
+                    (prev, id) = (id, next);
                 }
             }
         }
@@ -785,22 +844,23 @@ impl<S: MetaStore> Tlsf<S> {
         Ok(())
     }
 
-    /// Checks that free block `b` of `size` granules, found by walking its region, is linked
+    /// Checks that free block `id` of `size` granules, found by walking its region, is linked
     /// both ways with its list neighbours (or heads its list).
-    fn check_links(&self, b: BlockId, size: u32) -> Result<(), InvariantError> {
-        let fail = |what: &'static str| Err(InvariantError { what, block: b });
-        // SAFETY: `b` is a free block (found free by the physical walk).
-        let (next, prev) = unsafe { (self.store.next_free(b), self.store.prev_free(b)) };
-        let (fl, sl) = class_of(size);
-        if self.sl_bitmap[fl] >> sl & 1 == 0 {
+    fn check_links(&self, id: BlockId, size: u32) -> Result<(), InvariantError> {
+        let fail = |what: &'static str| Err(InvariantError { what, block: id });
+        let p = self.store.locate(id);
+        // SAFETY: `id` is a free block (found free by the physical walk).
+        let (next, prev) = unsafe { (self.store.next_free(p), self.store.prev_free(p)) };
+        let c @ (fl, sl) = class_of(size);
+        if !self.has(c) {
             return fail("free block's class has its bitmap bit clear");
         }
-        if self.heads[fl][sl] == b {
+        if self.heads[fl][sl] == id {
             // A head's `prev_free` is stale by design (see `unlink`).
         } else if !self.looks_like_block(prev) {
             return fail("prev_free names a non-block");
         // SAFETY: `prev` looks like a free block start (checked just above).
-        } else if unsafe { self.store.next_free(prev) } != b {
+        } else if unsafe { self.store.next_free(self.store.locate(prev)) } != id {
             return fail("prev_free's next_free is not this block");
         }
         if next != NIL {
@@ -808,31 +868,33 @@ impl<S: MetaStore> Tlsf<S> {
                 return fail("next_free names a non-block");
             }
             // SAFETY: `next` looks like a free block start (checked just above).
-            if unsafe { self.store.prev_free(next) } != b {
+            if unsafe { self.store.prev_free(self.store.locate(next)) } != id {
                 return fail("next_free's prev_free is not this block");
             }
         }
         Ok(())
     }
 
-    /// Whether `b` is inside a region and its header agrees with its successor's: the O(1)
+    /// Whether `id` is inside a region and its header agrees with its successor's: the O(1)
     /// plausibility check used for ids found in free lists.
-    fn looks_like_block(&self, b: BlockId) -> bool {
-        let r = (b >> LOCAL_BITS) as usize;
-        if r >= self.regions || b & LOCAL_MASK >= self.region_len[r] {
+    fn looks_like_block(&self, id: BlockId) -> bool {
+        let r = (id >> LOCAL_BITS) as usize;
+        if r >= self.regions || id & LOCAL_MASK >= self.region_len[r] {
             return false;
         }
         let end = ((r as u32) << LOCAL_BITS) + self.region_len[r];
-        // SAFETY: `b` is inside region `r`; the store's accessors read metadata positions only
+        let p = self.store.locate(id);
+        // SAFETY: `id` is inside region `r`; the store's accessors read metadata positions only
         // (in band: the header below a granule boundary, inside the region; out of band: the
         // table), so reading them for an arbitrary granule is sound, if possibly meaningless.
-        let size = size_of_flags(unsafe { self.store.size_flags(b) });
-        // SAFETY: as above, `b + size <= end` is checked first.
-        size != 0 && size <= end - b && unsafe { self.store.prev_size(b + size) } == size
+        let size = size_of_flags(unsafe { self.store.size_flags(p) });
+        // SAFETY: as above, `id + size <= end` is checked first.
+        size != 0
+            && size <= end - id
+            && unsafe { self.store.prev_size(self.store.forward(p, size)) } == size
     }
 }
 
-// Reachable from `Tlsf` by construction only through the aliases; the init error type is shared.
 impl<S> Tlsf<S> {
     /// Number of regions added.
     pub fn region_count(&self) -> usize {
