@@ -256,7 +256,8 @@ impl<S: MetaStore> Tlsf<S> {
         let head = self.store.locate(head_id);
         // SAFETY: the list is non-empty, so `head` is a free block; so is `after` if not NIL.
         unsafe {
-            if b.id > head_id {
+            if b.id > head_id && ((size as usize) << self.store.granule_shift()) >= LOW_FIRST_BYTES
+            {
                 let after = self.store.next_free(head);
                 self.store.set_next_free(b.p, after);
                 self.store.set_prev_free(b.p, head_id);
@@ -354,12 +355,29 @@ impl<S: MetaStore> Tlsf<S> {
     #[inline]
     pub fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
         let g = self.granules_for(layout.size())?;
-        let (b, c) = match self.candidate(g, layout.align()) {
+        let shift = self.store.granule_shift();
+        if layout.align() <= 1 << shift && ((g as usize) << shift) < LOW_FIRST_BYTES {
+            // The common case, kept small: good fit, the list's head, no alignment padding.
+            if let Some(c @ (fl, sl)) = self.find_class(class_at_least(g)) {
+                let b = self.blk(self.heads[fl][sl]);
+                // SAFETY: invariant 2: `b` heads the non-empty list of class `c`, and every block
+                // of that class holds `g` granules; payloads are granule-aligned.
+                return Some(unsafe { self.take(b, c, g, 0) });
+            }
+        }
+        self.allocate_slow(g, layout.align())
+    }
+
+    /// [`allocate`](Self::allocate) for large or over-aligned requests, and for when no class
+    /// guarantees a fit.
+    #[inline(never)]
+    fn allocate_slow(&mut self, g: u32, align: usize) -> Option<NonNull<u8>> {
+        let (b, c) = match self.candidate(g, align) {
             Some(found) => found,
-            None => self.exhaustive_candidate(g, layout.align())?,
+            None => self.exhaustive_candidate(g, align)?,
         };
-        // SAFETY: `b` is a free block of class `c` that holds `g` granules at `layout.align()`.
-        Some(unsafe { self.take(b, c, g, layout.align()) })
+        // SAFETY: `b` is a free block of class `c` that holds `g` granules at `align`.
+        Some(unsafe { self.take(b, c, g, align) })
     }
 
     /// Picks, without unlinking it, the free block an allocation of `g` granules at `align`
@@ -386,14 +404,15 @@ impl<S: MetaStore> Tlsf<S> {
         let search = g.checked_add(pad).filter(|&s| s <= LOCAL_MASK / 2)?;
         let good = class_at_least(search);
         let own = class_of(g);
-        if own != good && self.has(own) {
+        let big = ((g as usize) << shift) >= LOW_FIRST_BYTES;
+        if big && own != good && self.has(own) {
             if let Some(b) = self.first_fit_in(own, g, align, SCAN_LIMIT) {
                 return Some((b, own));
             }
         }
         let c @ (fl, sl) = self.find_class(good)?;
         let head = self.blk(self.heads[fl][sl]);
-        if ((g as usize) << shift) < LOW_FIRST_BYTES {
+        if !big {
             return Some((head, c));
         }
         let (mut best, mut id, mut n) = (head.id, head.id, 0);
