@@ -53,9 +53,10 @@ const PREV_FREE: u32 = 2;
 pub const SCAN_LIMIT: u32 = 16;
 /// How many blocks of the chosen class `allocate` compares to pick the lowest-addressed one.
 pub const LOW_FIRST: u32 = 8;
-/// Requests of at least this many bytes pick the lowest of [`LOW_FIRST`] blocks; smaller ones
-/// take the list's head, sparing the cache misses of walking a long list.
-pub const LOW_FIRST_BYTES: usize = 4096;
+/// Blocks of at least this many bytes get the low-address heuristics (own-class first fit,
+/// lowest of [`LOW_FIRST`], second-place insertion); smaller ones take the short path (good fit,
+/// list head), sparing cache misses and unpredictable branches where they would buy little.
+pub const LOW_FIRST_BYTES: usize = 1024;
 /// `size_flags` holds the size in granules above the two flag bits.
 const SIZE_SHIFT: u32 = 2;
 
