@@ -355,24 +355,51 @@ impl<S: MetaStore> Tlsf<S> {
     /// O(1), except when the heap is nearly exhausted for this size (see the module docs).
     #[inline]
     pub fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
-        let g = self.granules_for(layout.size())?;
         let shift = self.store.granule_shift();
-        if layout.align() <= 1 << shift && ((g as usize) << shift) < LOW_FIRST_BYTES {
-            // The common case, kept small: good fit, the list's head, no alignment padding.
-            if let Some(c @ (fl, sl)) = self.find_class(class_at_least(g)) {
-                let b = self.blk(self.heads[fl][sl]);
-                // SAFETY: invariant 2: `b` heads the non-empty list of class `c`, and every block
-                // of that class holds `g` granules; payloads are granule-aligned.
-                return Some(unsafe { self.take(b, c, g, 0) });
+        if layout.size() < LOW_FIRST_BYTES && layout.align() <= LOW_FIRST_BYTES {
+            // The common case, kept short: good fit, the list's head. Size and alignment are
+            // small, so the arithmetic cannot overflow.
+            let g = ((layout.size() + S::OVERHEAD + (1 << shift) - 1) >> shift).max(1) as u32;
+            let pad = ((layout.align() >> shift) as u32).saturating_sub(1);
+            if let Some(c) = self.find_class(class_at_least(g + pad)) {
+                if pad == 0 {
+                    // SAFETY: invariant 2: list `c` is non-empty, and every block of class `c`
+                    // holds `g` granules.
+                    return Some(unsafe { self.pop_and_take(c, g) });
+                }
+                let b = self.blk(self.heads[c.0][c.1]);
+                // SAFETY: `b` heads list `c`, whose every block holds `g + pad` granules, enough
+                // for `g` at any alignment up to `granule << pad`.
+                return Some(unsafe { self.take(b, c, g, layout.align()) });
             }
         }
-        self.allocate_slow(g, layout.align())
+        self.allocate_slow(layout)
+    }
+
+    /// Takes `g` granules from the first block of non-empty list `c`.
+    ///
+    /// # Safety
+    /// List `c` is non-empty and every block of class `c` holds `g` granules.
+    #[inline(always)]
+    unsafe fn pop_and_take(&mut self, c @ (fl, sl): Class, g: u32) -> NonNull<u8> {
+        let b = self.blk(self.heads[fl][sl]);
+        // SAFETY: invariant 2: `b` heads the list, so it is a free block.
+        let (v, next) = unsafe { (self.store.size_flags(b.p), self.store.next_free(b.p)) };
+        self.heads[fl][sl] = next;
+        if next == NIL {
+            self.clear_bit(c);
+        }
+        self.free_blocks -= 1;
+        // SAFETY: `b` was free (so its predecessor is used), holds `g` granules, and is unlisted.
+        unsafe { self.finish_allocation(b, size_of_flags(v), g, 0) }
     }
 
     /// [`allocate`](Self::allocate) for large or over-aligned requests, and for when no class
     /// guarantees a fit.
     #[inline(never)]
-    fn allocate_slow(&mut self, g: u32, align: usize) -> Option<NonNull<u8>> {
+    fn allocate_slow(&mut self, layout: Layout) -> Option<NonNull<u8>> {
+        let g = self.granules_for(layout.size())?;
+        let align = layout.align();
         let (b, c) = match self.candidate(g, align) {
             Some(found) => found,
             None => self.exhaustive_candidate(g, align)?,
