@@ -22,13 +22,24 @@
 //!
 //! [`Tlsf::check_invariants`] verifies all six by walking every region and every list.
 //!
+//! # Placement
+//!
+//! A request below [`LOW_FIRST_BYTES`] takes the head of the smallest non-empty class whose
+//! every block fits (good fit): a bitmap search and a list pop. Larger requests, and the
+//! reallocation policy, lean towards low addresses, because the memory a workload needs is set
+//! by the highest address it ever uses: they first try up to [`SCAN_LIMIT`] blocks of the
+//! request's own class, then take the lowest of the first [`LOW_FIRST`] blocks of the good-fit
+//! class, and a freed block of that size that lies above its list's head is inserted second.
+//! [`Tlsf::reallocate`] moves a block down whenever a lower block fits.
+//!
 //! # Time complexity
 //!
-//! `allocate`, `deallocate` and in-place `reallocate` are O(1) for every alignment: a bitmap
+//! `allocate`, `deallocate` and in-place `reallocate` are O(1) for every alignment: the bitmap
 //! search finds a class whose every block fits (the request rounded up to the next class
-//! boundary, plus `align - granule` when the alignment exceeds the granule). Only when that finds
-//! nothing, i.e. the heap is nearly out of memory for that size, does `allocate` scan the lists of
-//! the classes below, so that it never reports out-of-memory while a block that fits exists.
+//! boundary, plus `align - granule` when the alignment exceeds the granule), and the scans above
+//! are bounded by constants. Only when that finds nothing, i.e. the heap is nearly out of memory
+//! for that size, does `allocate` scan the lists of the classes below, so that it never reports
+//! out-of-memory while a block that fits exists.
 
 use core::alloc::Layout;
 use core::ptr::NonNull;
@@ -50,9 +61,9 @@ const FREE: u32 = 1;
 const PREV_FREE: u32 = 2;
 /// How many blocks of the request's own class `allocate` tries before taking a block from a
 /// larger class.
-pub const SCAN_LIMIT: u32 = 16;
+pub const SCAN_LIMIT: u32 = 4;
 /// How many blocks of the chosen class `allocate` compares to pick the lowest-addressed one.
-pub const LOW_FIRST: u32 = 8;
+pub const LOW_FIRST: u32 = 4;
 /// Blocks of at least this many bytes get the low-address heuristics (own-class first fit,
 /// lowest of [`LOW_FIRST`], second-place insertion); smaller ones take the short path (good fit,
 /// list head), sparing cache misses and unpredictable branches where they would buy little.
