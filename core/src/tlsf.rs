@@ -567,26 +567,39 @@ impl<S: MetaStore> Tlsf<S> {
         g: u32,
         prev_free: u32,
     ) -> NonNull<u8> {
-        let end = self.after(b, size);
-        // SAFETY: 1. `b` is a block start; 2. `b + g` is inside the block when `size > g`; 3.
+        // SAFETY: the caller's contract.
+        unsafe { self.carve(b, size, g, prev_free) };
+        self.used_granules += g as usize;
+        self.live += 1;
+        // SAFETY: `b` is a valid block.
+        unsafe { self.store.payload(b.p) }
+    }
+
+    /// Makes block `b`, which spans `total` granules, a used block of `g <= total` granules
+    /// with `prev_free` as its `PREV_FREE` bit, and the granules past `g` a free block.
+    ///
+    /// # Safety
+    /// `b` is a block start spanning `total` granules, in no list; the block after them is not
+    /// free and has `PREV_FREE` set; `prev_free` tells truly whether `b`'s predecessor is free.
+    #[inline(always)]
+    unsafe fn carve(&mut self, b: Blk<S::Ptr>, total: u32, g: u32, prev_free: u32) {
+        let end = self.after(b, total);
+        // SAFETY: 1. `b` is a block start; 2. `b + g` is inside the span when `total > g`; 3.
         // `end` is the next block or the sentinel.
         unsafe {
-            if size > g {
+            if total > g {
                 let rest = self.after(b, g);
                 self.store.set_prev_size(rest.p, g);
-                self.make_free(rest, size - g);
-                // The successor keeps `PREV_FREE`: its predecessor is still free.
-                self.store.set_prev_size(end.p, size - g);
+                self.make_free(rest, total - g);
+                // `end` keeps `PREV_FREE`: its predecessor is still free.
+                self.store.set_prev_size(end.p, total - g);
             } else {
+                self.store.set_prev_size(end.p, total);
                 self.set_prev_free_bit(end, false);
             }
             self.store
                 .set_size_flags(b.p, (g << SIZE_SHIFT) | prev_free);
         }
-        self.used_granules += g as usize;
-        self.live += 1;
-        // SAFETY: `b` is a valid block.
-        unsafe { self.store.payload(b.p) }
     }
 
     // ----- deallocation -----
@@ -720,24 +733,12 @@ impl<S: MetaStore> Tlsf<S> {
         let nv = unsafe { self.store.size_flags(next.p) };
         if nv & FREE != 0 && size + size_of_flags(nv) >= g {
             let ns = size_of_flags(nv);
-            let total = size + ns;
-            let end = self.after(b, total);
-            // SAFETY: `next` is a free block of `ns` granules; merging it into `b` and splitting
-            // the excess off as a free block keeps invariants 3-5.
+            // SAFETY: `next` is a free block of `ns` granules; merged into `b`, the span's
+            // successor has `PREV_FREE` set, and `b`'s own predecessor state is `pf`.
             unsafe {
                 self.unlink(next, class_of(ns));
                 self.store.retire(next.p);
-                if total > g {
-                    let rest = self.after(b, g);
-                    self.store.set_prev_size(rest.p, g);
-                    self.make_free(rest, total - g);
-                    // The block after keeps `PREV_FREE`: its predecessor is still free.
-                    self.store.set_prev_size(end.p, total - g);
-                } else {
-                    self.store.set_prev_size(end.p, total);
-                    self.set_prev_free_bit(end, false);
-                }
-                self.store.set_size_flags(b.p, (g << SIZE_SHIFT) | pf);
+                self.carve(b, size + ns, g, pf);
             }
             self.used_granules += (g - size) as usize;
             return Some(ptr);
