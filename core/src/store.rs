@@ -67,7 +67,9 @@ pub const MAX_REGION_GRANULES: u32 = LOCAL_MASK;
 /// 4. a value written through a setter is returned by the matching getter until it is written
 ///    again, and writing one field of one block changes no other field of any block and no byte
 ///    of any *used* block's payload;
-/// 5. `OVERHEAD < granule()`, and `granule()` is a power of two of at least 8.
+/// 5. `OVERHEAD < granule()`, and `granule()` is a power of two of at least 8;
+/// 6. `owner_handle(locate(b), owner)`, where `owner` is the payload pointer the heap handed out
+///    for `b`, is a handle to the same block that the free-list accessors may use.
 pub unsafe trait MetaStore {
     /// Bytes of every block that its owner cannot use (the in-band header).
     const OVERHEAD: usize;
@@ -80,6 +82,14 @@ pub unsafe trait MetaStore {
 
     /// The handle of block `b` (no check that a block starts there).
     fn locate(&self, b: BlockId) -> Self::Ptr;
+
+    /// A handle to block `p` for writing its free-list links, derived from `owner`, the payload
+    /// pointer that the block's owner hands back when freeing it.
+    ///
+    /// Links kept in band are written into the freed payload. The owner's pointer may still be
+    /// protected by the aliasing model while its block is freed (a `Box` passed by value, for
+    /// instance), so those writes must go through it rather than through the region's pointer.
+    fn owner_handle(&self, p: Self::Ptr, owner: NonNull<u8>) -> Self::Ptr;
     /// The handle of the block `n` granules after `p`, in the same region.
     fn forward(&self, p: Self::Ptr, n: u32) -> Self::Ptr;
     /// The handle of the block `n` granules before `p`, in the same region.
@@ -221,7 +231,8 @@ impl InBand {
 // bytes further, so the payload has `16 * size - 8` bytes of its own, 16-aligned; the handle is
 // that payload pointer. 2. `block_of` inverts `locate`. 3. Handles of one region are pointers into
 // it, 16 bytes per granule. 4. Each field is its own 4-byte word: two in the header, two in a
-// *free* block's payload. 5. OVERHEAD = 8 < 16.
+// *free* block's payload. 5. OVERHEAD = 8 < 16. 6. The owner's payload pointer has the address of
+// `locate(b)` and provenance over the payload, where the links are.
 unsafe impl MetaStore for InBand {
     const OVERHEAD: usize = IN_BAND_HEADER;
 
@@ -238,6 +249,10 @@ unsafe impl MetaStore for InBand {
         let r = (b >> LOCAL_BITS) as usize;
         let off = ((b & LOCAL_MASK) as usize) << IN_BAND_GRANULE_SHIFT;
         self.bases[r].wrapping_add(off)
+    }
+    #[inline(always)]
+    fn owner_handle(&self, _p: *mut u8, owner: NonNull<u8>) -> *mut u8 {
+        owner.as_ptr()
     }
     #[inline(always)]
     fn forward(&self, p: *mut u8, n: u32) -> *mut u8 {
@@ -431,7 +446,8 @@ impl OutOfBand {
     }
 }
 
-// SAFETY: 1. Block `b`'s payload is `base + granule * b` over `size` whole granules of the region,
+// SAFETY: 6. `owner_handle` returns the table handle itself: links live in the table.
+// 1. Block `b`'s payload is `base + granule * b` over `size` whole granules of the region,
 // derived from the region's pointer; nothing of it is used for metadata (OVERHEAD = 0). The handle
 // is `table + b`. 2. `block_of` inverts that. 3. Handles step by one entry per granule. 4. Each
 // field is its own word of `table[b]`, outside the region. 5. `new` accepts only powers of two of
@@ -450,6 +466,10 @@ unsafe impl MetaStore for OutOfBand {
     #[inline(always)]
     fn locate(&self, b: BlockId) -> *mut MetaEntry {
         self.entry(b)
+    }
+    #[inline(always)]
+    fn owner_handle(&self, p: *mut MetaEntry, _owner: NonNull<u8>) -> *mut MetaEntry {
+        p
     }
     #[inline(always)]
     fn forward(&self, p: *mut MetaEntry, n: u32) -> *mut MetaEntry {

@@ -259,13 +259,24 @@ impl<S: MetaStore> Tlsf<S> {
     /// predecessor is not free.
     #[inline(always)]
     unsafe fn make_free(&mut self, b: Blk<S::Ptr>, size: u32) {
+        // SAFETY: forwarded; `b.p` is a handle to `b`.
+        unsafe { self.make_free_via(b, size, b.p) }
+    }
+
+    /// [`make_free`](Self::make_free), writing `b`'s own links through handle `links` (see
+    /// [`MetaStore::owner_handle`]).
+    ///
+    /// # Safety
+    /// As for `make_free`, and `links` is `b.p` or `owner_handle(b.p, _)` for `b`'s owner.
+    #[inline(always)]
+    unsafe fn make_free_via(&mut self, b: Blk<S::Ptr>, size: u32, links: S::Ptr) {
         let c @ (fl, sl) = class_of(size);
         self.free_blocks += 1;
         // SAFETY: `b` is a block start becoming free.
         unsafe { self.store.set_size_flags(b.p, (size << SIZE_SHIFT) | FREE) };
         if !self.has(c) {
             // SAFETY: as above.
-            unsafe { self.store.set_next_free(b.p, NIL) };
+            unsafe { self.store.set_next_free(links, NIL) };
             self.heads[fl][sl] = b.id;
             self.sl_bitmap[fl] |= 1 << sl;
             self.fl_bitmap |= 1 << fl;
@@ -278,14 +289,14 @@ impl<S: MetaStore> Tlsf<S> {
             if b.id > head_id && ((size as usize) << self.store.granule_shift()) >= LOW_FIRST_BYTES
             {
                 let after = self.store.next_free(head);
-                self.store.set_next_free(b.p, after);
-                self.store.set_prev_free(b.p, head_id);
+                self.store.set_next_free(links, after);
+                self.store.set_prev_free(links, head_id);
                 self.store.set_next_free(head, b.id);
                 if after != NIL {
                     self.store.set_prev_free(self.store.locate(after), b.id);
                 }
             } else {
-                self.store.set_next_free(b.p, head_id);
+                self.store.set_next_free(links, head_id);
                 self.store.set_prev_free(head, b.id);
                 self.heads[fl][sl] = b.id;
             }
@@ -623,13 +634,16 @@ impl<S: MetaStore> Tlsf<S> {
     }
 
     /// Returns block `b` of `size` granules, out of every list, to the free lists, merging it with
-    /// free neighbours. `prev_free` is its `PREV_FREE` bit.
+    /// free neighbours. `prev_free` is its `PREV_FREE` bit; `links` is the handle through which
+    /// `b`'s own links are written if it stays a block start.
     ///
     /// # Safety
-    /// `b` is a block start of `size` granules in no list and not counted as used, and
-    /// `prev_free` tells truly whether its predecessor is free.
+    /// `b` is a block start of `size` granules in no list and not counted as used,
+    /// `prev_free` tells truly whether its predecessor is free, and `links` is `b.p` or
+    /// `owner_handle(b.p, _)` for `b`'s owner.
     #[inline(always)]
-    unsafe fn release(&mut self, mut b: Blk<S::Ptr>, mut size: u32, prev_free: u32) {
+    unsafe fn release(&mut self, mut b: Blk<S::Ptr>, mut size: u32, prev_free: u32, links: S::Ptr) {
+        let mut links = links;
         // SAFETY: 1. `b + size` is the next block or the sentinel (never free); 2. when
         // `PREV_FREE` is set, `b - prev_size` is the free previous block; 3. free blocks are in
         // the lists of their classes, so unlinking them is sound.
@@ -648,9 +662,10 @@ impl<S: MetaStore> Tlsf<S> {
                 self.unlink(prev, class_of(ps));
                 self.store.retire(b.p);
                 b = prev;
+                links = prev.p;
                 size += ps;
             }
-            self.make_free(b, size);
+            self.make_free_via(b, size, links);
             let end = self.after(b, size);
             self.store.set_prev_size(end.p, size);
             self.set_prev_free_bit(end, true);
@@ -671,9 +686,10 @@ impl<S: MetaStore> Tlsf<S> {
         let size = size_of_flags(v);
         self.used_granules -= size as usize;
         self.live -= 1;
+        let links = self.store.owner_handle(b.p, ptr);
         // SAFETY: `b` is a used block: in no list, no longer counted as used; `v` holds its
-        // flags.
-        unsafe { self.release(b, size, v & PREV_FREE) };
+        // flags; `links` comes from its owner's pointer.
+        unsafe { self.release(b, size, v & PREV_FREE, links) };
     }
 
     // ----- reallocation -----
@@ -723,7 +739,7 @@ impl<S: MetaStore> Tlsf<S> {
                     self.store.set_size_flags(b.p, (g << SIZE_SHIFT) | pf);
                     self.store.set_prev_size(tail.p, g);
                     self.used_granules -= (size - g) as usize;
-                    self.release(tail, size - g, 0);
+                    self.release(tail, size - g, 0, tail.p);
                 }
             }
             return Some(ptr);
