@@ -907,10 +907,14 @@ impl<S: MetaStore> Tlsf<S> {
                         return fail("listed block is used or in the wrong class", id);
                     }
                     // SAFETY: `id` is a free block.
-                    let (next, back) =
-                        unsafe { (self.store.next_free(p), self.store.prev_free(p)) };
-                    if prev != NIL && back != prev {
-                        return fail("prev_free link broken", id);
+                    let next = unsafe { self.store.next_free(p) };
+                    // A head's `prev_free` may never have been written, so it is not read.
+                    if prev != NIL {
+                        // SAFETY: `id` is a free block that is not its list's head.
+                        let back = unsafe { self.store.prev_free(p) };
+                        if back != prev {
+                            return fail("prev_free link broken", id);
+                        }
                     }
                     listed += 1;
                     if listed > self.free_blocks {
@@ -932,18 +936,22 @@ impl<S: MetaStore> Tlsf<S> {
         let fail = |what: &'static str| Err(InvariantError { what, block: id });
         let p = self.store.locate(id);
         // SAFETY: `id` is a free block (found free by the physical walk).
-        let (next, prev) = unsafe { (self.store.next_free(p), self.store.prev_free(p)) };
+        let next = unsafe { self.store.next_free(p) };
         let c @ (fl, sl) = class_of(size);
         if !self.has(c) {
             return fail("free block's class has its bitmap bit clear");
         }
-        if self.heads[fl][sl] == id {
-            // A head's `prev_free` is stale by design (see `unlink`).
-        } else if !self.looks_like_block(prev) {
-            return fail("prev_free names a non-block");
-        // SAFETY: `prev` looks like a free block start (checked just above).
-        } else if unsafe { self.store.next_free(self.store.locate(prev)) } != id {
-            return fail("prev_free's next_free is not this block");
+        // A head's `prev_free` is stale or unwritten by design (see `unlink`): not read.
+        if self.heads[fl][sl] != id {
+            // SAFETY: `id` is a free block that is not a head, so its `prev_free` is written.
+            let prev = unsafe { self.store.prev_free(p) };
+            if !self.looks_like_block(prev) {
+                return fail("prev_free names a non-block");
+            }
+            // SAFETY: `prev` looks like a free block start (checked just above).
+            if unsafe { self.store.next_free(self.store.locate(prev)) } != id {
+                return fail("prev_free's next_free is not this block");
+            }
         }
         if next != NIL {
             if !self.looks_like_block(next) {
