@@ -675,15 +675,25 @@ impl<S: MetaStore> Tlsf<S> {
     /// Frees the block at `ptr`.
     ///
     /// # Safety
-    /// `ptr` was returned by this heap's `allocate` or `reallocate` and not freed since.
+    /// `ptr` was returned by this heap's `allocate` or `reallocate` and not freed since, and
+    /// `layout` has the size it was allocated or last reallocated with (its alignment is not
+    /// used).
     ///
     /// # Time complexity
     /// O(1).
     #[inline]
-    pub unsafe fn deallocate(&mut self, ptr: NonNull<u8>, _layout: Layout) {
+    pub unsafe fn deallocate(&mut self, ptr: NonNull<u8>, layout: Layout) {
         // SAFETY: the caller's contract.
         let (b, v) = unsafe { self.used_block(ptr) };
-        let size = size_of_flags(v);
+        // A used block has exactly the granules its layout needs (allocation and reallocation
+        // split off every spare granule), so the size comes from the layout, which lets the
+        // load of the next block's header start without waiting for this one's.
+        let size = self.granules_for(layout.size()).unwrap_or(0);
+        debug_assert_eq!(
+            size,
+            size_of_flags(v),
+            "layout differs from the allocation's"
+        );
         self.used_granules -= size as usize;
         self.live -= 1;
         let links = self.store.owner_handle(b.p, ptr);
