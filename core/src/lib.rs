@@ -112,6 +112,33 @@ impl fmt::Display for InitError {
 
 impl core::error::Error for InitError {}
 
+/// Why [`OobHeap::deallocate_at`] refused an offset. The heap is unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FreeError {
+    /// The offset lies outside the region.
+    OutOfRange,
+    /// The offset is not a multiple of the granule.
+    Misaligned,
+    /// No block starts at the offset (it lies inside a block).
+    NotABlockStart,
+    /// The block at the offset is free (a double free, or never allocated).
+    AlreadyFree,
+}
+
+impl fmt::Display for FreeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::OutOfRange => "offset outside the region",
+            Self::Misaligned => "offset not on a granule boundary",
+            Self::NotABlockStart => "no block starts at this offset",
+            Self::AlreadyFree => "block already free",
+        })
+    }
+}
+
+impl core::error::Error for FreeError {}
+
 /// A broken heap invariant, found by `check_invariants`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InvariantError {

@@ -425,6 +425,13 @@ impl OutOfBand {
                 needed: n as usize + 1,
             });
         }
+        // Every entry starts zeroed and only block starts are ever written non-zero (entries of
+        // merged blocks are cleared by `retire`), so a non-zero entry identifies a block start:
+        // what lets the heap check offsets it did not hand out.
+        for i in 0..=n as usize {
+            // SAFETY: `i <= n < table_len`, and the caller gives the table to the store.
+            unsafe { table.add(i).write(MetaEntry::default()) };
+        }
         let store = Self {
             base: start.wrapping_add(base - addr),
             table,

@@ -376,3 +376,57 @@ fn random_stress_keeps_invariants() {
     h.check_invariants().unwrap();
     assert_eq!(h.stats().free_blocks, 1);
 }
+
+#[test]
+fn out_of_band_checked_free_refuses_bad_offsets_and_changes_nothing() {
+    let granule = 64;
+    let size = 256 * granule;
+    let mut region = vec![0u8; size + granule];
+    // A table full of garbage: `new` must not trust it.
+    let mut table = vec![MetaEntry::default(); OobHeap::table_entries(size + granule, granule)];
+    // SAFETY: the table's bytes are plain integers; any pattern is a valid `MetaEntry`.
+    unsafe { core::ptr::write_bytes(table.as_mut_ptr(), 0xA5, table.len()) };
+    // SAFETY: region and table outlive the heap and are used by nothing else.
+    let mut h = unsafe {
+        OobHeap::new(
+            region.as_mut_ptr(),
+            size + granule,
+            granule,
+            table.as_mut_ptr(),
+            table.len(),
+        )
+    }
+    .unwrap();
+    let a = h.allocate(layout(3 * granule, 8)).unwrap();
+    let b = h.allocate(layout(100, 8)).unwrap();
+    let (oa, ob) = (h.offset_of(a), h.offset_of(b));
+    assert_eq!(h.block_size_at(oa), Some(3 * granule));
+    assert_eq!(h.block_size_at(ob), Some(2 * granule));
+    let before = h.stats();
+    let free_tail = ob + 2 * granule;
+    for (offset, want) in [
+        (oa + granule, FreeError::NotABlockStart),
+        (oa + 1, FreeError::Misaligned),
+        (free_tail, FreeError::AlreadyFree),
+        (free_tail + granule, FreeError::NotABlockStart),
+        (h.stats().region_bytes, FreeError::OutOfRange),
+        (usize::MAX & !(granule - 1), FreeError::OutOfRange),
+    ] {
+        assert_eq!(h.deallocate_at(offset), Err(want), "offset {offset:#x}");
+        assert_eq!(h.stats(), before);
+        h.check_invariants().unwrap();
+    }
+    assert_eq!(h.deallocate_at(oa), Ok(3 * granule));
+    assert_eq!(
+        h.deallocate_at(oa),
+        Err(FreeError::AlreadyFree),
+        "double free"
+    );
+    assert_eq!(h.block_size_at(oa), None);
+    assert_eq!(h.deallocate_at(ob), Ok(2 * granule));
+    // After merging, the old start of `b` lies inside the one free block.
+    assert_eq!(h.deallocate_at(ob), Err(FreeError::NotABlockStart));
+    let s = h.stats();
+    assert_eq!((s.live_blocks, s.free_blocks, s.used_bytes), (0, 1, 0));
+    h.check_invariants().unwrap();
+}

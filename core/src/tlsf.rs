@@ -46,8 +46,8 @@
 use core::alloc::Layout;
 use core::ptr::NonNull;
 
-use crate::store::{BlockId, MetaStore, LOCAL_BITS, LOCAL_MASK, MAX_REGIONS, NIL};
-use crate::{InvariantError, Stats};
+use crate::store::{BlockId, MetaStore, OutOfBand, LOCAL_BITS, LOCAL_MASK, MAX_REGIONS, NIL};
+use crate::{FreeError, InvariantError, Stats};
 
 /// log2 of the number of second-level classes per power of two.
 ///
@@ -992,6 +992,55 @@ impl<S: MetaStore> Tlsf<S> {
         size != 0
             && size <= end - id
             && unsafe { self.store.prev_size(self.store.forward(p, size)) } == size
+    }
+}
+
+impl Tlsf<OutOfBand> {
+    /// The size in bytes of the used block whose payload starts `offset` bytes into the region,
+    /// or `None` if no used block starts there. O(1).
+    pub fn block_size_at(&self, offset: usize) -> Option<usize> {
+        self.used_block_at(offset)
+            .ok()
+            .map(|(_, v)| (size_of_flags(v) as usize) << self.store.granule_shift())
+    }
+
+    /// Frees the used block whose payload starts `offset` bytes into the region and returns its
+    /// size in bytes, after checking that one does: the entry point for offsets that come from
+    /// untrusted parties. A refused offset changes nothing. O(1).
+    pub fn deallocate_at(&mut self, offset: usize) -> Result<usize, FreeError> {
+        let (b, v) = self.used_block_at(offset)?;
+        let size = size_of_flags(v);
+        self.used_granules -= size as usize;
+        self.live -= 1;
+        // SAFETY: `b` is a used block start (checked against its table entry, which is non-zero
+        // only at block starts); its links live in the table, so `b.p` serves for them.
+        unsafe { self.release(b, size, v & PREV_FREE, b.p) };
+        Ok((size as usize) << self.store.granule_shift())
+    }
+
+    /// The used block starting at `offset`, checked.
+    fn used_block_at(
+        &self,
+        offset: usize,
+    ) -> Result<(Blk<<OutOfBand as MetaStore>::Ptr>, u32), FreeError> {
+        let shift = self.store.granule_shift();
+        if offset & ((1 << shift) - 1) != 0 {
+            return Err(FreeError::Misaligned);
+        }
+        let id = offset >> shift;
+        if self.regions == 0 || id >= self.region_len[0] as usize {
+            return Err(FreeError::OutOfRange);
+        }
+        let b = self.blk(id as BlockId);
+        // SAFETY: `id < len`, inside the table; entries that are not block starts read zero.
+        let v = unsafe { self.store.size_flags(b.p) };
+        if size_of_flags(v) == 0 {
+            return Err(FreeError::NotABlockStart);
+        }
+        if v & FREE != 0 {
+            return Err(FreeError::AlreadyFree);
+        }
+        Ok((b, v))
     }
 }
 

@@ -1,0 +1,91 @@
+//! Property test of `OobHeap::deallocate_at`, the free that checks offsets it did not hand out:
+//! for any sequence of allocations and frees at arbitrary offsets, a free succeeds exactly when a
+//! live block starts at the offset and returns that block's size, and a refused free changes
+//! nothing.
+
+use std::alloc::Layout;
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use xalloc_core::{FreeError, MetaEntry, OobHeap};
+
+const GRANULE: usize = 64;
+#[cfg(not(miri))]
+const CASES: u32 = 256;
+#[cfg(miri)]
+const CASES: u32 = 3;
+#[cfg(not(miri))]
+const MAX_OPS: usize = 300;
+#[cfg(miri)]
+const MAX_OPS: usize = 30;
+const GRANULES: usize = 256;
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// Allocate this many bytes.
+    Allocate(usize),
+    /// Free at the start of the live block with this index (modulo the live count).
+    FreeLive(usize),
+    /// Free at an arbitrary offset, usually not a live block's start.
+    FreeAt(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (1..8 * GRANULE).prop_map(Op::Allocate),
+        2 => any::<usize>().prop_map(Op::FreeLive),
+        2 => (0..(GRANULES + 4) * GRANULE).prop_map(Op::FreeAt),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: CASES, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn checked_free_accepts_exactly_live_block_starts(ops in prop::collection::vec(op(), 1..MAX_OPS)) {
+        let size = GRANULES * GRANULE;
+        let mut region = vec![0u8; size];
+        let mut table = vec![MetaEntry::default(); OobHeap::table_entries(size, GRANULE)];
+        // SAFETY: region and table outlive the heap and are used by nothing else. The region is
+        // a Vec<u8>, so `new` may align its start up and lose a granule; offsets are taken from
+        // the heap itself.
+        let mut heap = unsafe {
+            OobHeap::new(region.as_mut_ptr(), size, GRANULE, table.as_mut_ptr(), table.len())
+        }
+        .unwrap();
+        // Live blocks: offset -> size in bytes (whole granules).
+        let mut live: BTreeMap<usize, usize> = BTreeMap::new();
+        for op in ops {
+            match op {
+                Op::Allocate(n) => {
+                    if let Some(p) = heap.allocate(Layout::from_size_align(n, 8).unwrap()) {
+                        let off = heap.offset_of(p);
+                        prop_assert!(live.insert(off, n.div_ceil(GRANULE) * GRANULE).is_none());
+                    }
+                }
+                Op::FreeLive(i) if !live.is_empty() => {
+                    let (&off, &bytes) = live.iter().nth(i % live.len()).unwrap();
+                    prop_assert_eq!(heap.deallocate_at(off), Ok(bytes));
+                    live.remove(&off);
+                }
+                Op::FreeLive(_) => {}
+                Op::FreeAt(off) => {
+                    let before = heap.stats();
+                    match heap.deallocate_at(off) {
+                        Ok(bytes) => prop_assert_eq!(live.remove(&off), Some(bytes)),
+                        Err(e) => {
+                            prop_assert!(!live.contains_key(&off), "refused a live block: {e}");
+                            prop_assert_eq!(heap.stats(), before);
+                            if off % GRANULE != 0 {
+                                prop_assert_eq!(e, FreeError::Misaligned);
+                            }
+                        }
+                    }
+                }
+            }
+            heap.check_invariants().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(heap.stats().live_blocks, live.len());
+            prop_assert_eq!(heap.stats().used_bytes, live.values().sum::<usize>());
+        }
+    }
+}
