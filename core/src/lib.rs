@@ -9,7 +9,8 @@
 //!   - [`Heap`] = `Tlsf<InBand>`: 8-byte headers beside the blocks, 16-byte minimum block, up to
 //!     [`MAX_REGIONS`](store::MAX_REGIONS) regions. The embedded heap.
 //!   - [`OobHeap`] = `Tlsf<OutOfBand>`: metadata in a separate table, nothing written inside the
-//!     region. The daemon's shared arena.
+//!     region, and a checked free by offset ([`OobHeap::deallocate_at`]) for offsets that come
+//!     from untrusted parties. The daemon's shared arena.
 //! - [`LockedHeap`]: a [`Heap`] behind a spin lock, usable as `#[global_allocator]`.
 //! - [`FirstFit`]: the `linked_list_allocator` crate's heap behind the same [`RegionAllocator`]
 //!   trait, kept as the reference baseline.
