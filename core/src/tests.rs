@@ -276,7 +276,10 @@ fn out_of_band_writes_nothing_into_the_region() {
 #[test]
 fn out_of_band_rejects_bad_parameters() {
     let mut region = vec![0u8; 4096];
-    let mut table = vec![MetaEntry::default(); 4];
+    // Enough for 4096 bytes in 1024-byte granules whatever the region's alignment; far too few
+    // for 64-byte granules.
+    let mut table = vec![MetaEntry::default(); OobHeap::table_entries(4096, 1024)];
+    assert_eq!(table.len(), 5);
     let (r, t) = (region.as_mut_ptr(), table.as_mut_ptr());
     // SAFETY: region and table outlive every heap built here.
     unsafe {
@@ -300,7 +303,7 @@ fn out_of_band_rejects_bad_parameters() {
             OobHeap::new(r, 4096, 1024, core::ptr::null_mut(), 4).err(),
             Some(InitError::BadTable)
         );
-        assert!(OobHeap::new(r, 4096, 1024, t, 4).is_ok());
+        assert!(OobHeap::new(r, 4096, 1024, t, 5).is_ok());
     }
 }
 
@@ -428,5 +431,26 @@ fn out_of_band_checked_free_refuses_bad_offsets_and_changes_nothing() {
     assert_eq!(h.deallocate_at(ob), Err(FreeError::NotABlockStart));
     let s = h.stats();
     assert_eq!((s.live_blocks, s.free_blocks, s.used_bytes), (0, 1, 0));
+    h.check_invariants().unwrap();
+}
+
+#[test]
+fn realloc_does_not_copy_large_blocks_down() {
+    let mut buf = buffer(4 << 20);
+    let mut h = heap_over(&mut buf);
+    let (la, lb) = (layout(400 << 10, 8), layout(300 << 10, 8));
+    let a = h.allocate(la).unwrap();
+    let b = h.allocate(lb).unwrap();
+    // SAFETY: `a` and `b` are live blocks of this heap with these layouts.
+    unsafe {
+        h.deallocate(a, la);
+        // A lower free block would hold the grown `b`, but moving it would copy 300 KiB.
+        let g = h.reallocate(b, lb, 310 << 10).unwrap();
+        assert_eq!(g, b, "grows in place");
+        // Shrunk to 100 KiB, only 100 KiB are copied: it moves down into the hole.
+        let s = h.reallocate(g, layout(310 << 10, 8), 100 << 10).unwrap();
+        assert_eq!(s, a, "moves down");
+        h.deallocate(s, layout(100 << 10, 8));
+    }
     h.check_invariants().unwrap();
 }

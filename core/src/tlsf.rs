@@ -64,6 +64,10 @@ const FREE: u32 = 1;
 /// `size_flags` bit: the physically previous block is free (so `prev_size` leads to it without
 /// reading its header).
 const PREV_FREE: u32 = 2;
+/// Reallocation moves a block down to a lower free block only when that copies at most this
+/// many bytes: beyond it the copy costs more than the compaction is worth (a few MiB buffer in
+/// the shared arena, say), and the block is resized in place when it can be.
+pub const MOVE_DOWN_MAX_BYTES: usize = 256 * 1024;
 /// How many blocks of the request's own class `allocate` tries before taking a block from a
 /// larger class.
 pub const SCAN_LIMIT: u32 = 4;
@@ -711,7 +715,8 @@ impl<S: MetaStore> Tlsf<S> {
     /// that only ever grow in place spread over two to three times the memory they hold on a
     /// realloc-heavy workload:
     /// - if the block that `allocate` would pick for the new size lies at a lower address, the
-    ///   block moves there (shrinking or growing);
+    ///   block moves there (shrinking or growing), unless that means copying more than
+    ///   [`MOVE_DOWN_MAX_BYTES`];
     /// - else a shrinking block shrinks in place, and a growing one grows into a free successor
     ///   when that has room;
     /// - else it moves wherever `allocate` finds room.
@@ -734,7 +739,10 @@ impl<S: MetaStore> Tlsf<S> {
         let (size, pf) = (size_of_flags(v), v & PREV_FREE);
         let align = layout.align();
         let found = self.candidate(g, align);
-        if let Some((c, class)) = found.filter(|(c, _)| c.id < b.id) {
+        let copy_bytes = (size.min(g) as usize) << self.store.granule_shift();
+        if let Some((c, class)) =
+            found.filter(|(c, _)| c.id < b.id && copy_bytes <= MOVE_DOWN_MAX_BYTES)
+        {
             // SAFETY: `c` is a free block of class `class` holding `g` granules at `align`;
             // `ptr` is live.
             return Some(unsafe { self.move_to(c, class, g, ptr, layout, new_size) });
