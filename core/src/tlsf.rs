@@ -15,14 +15,20 @@
 //! 1. Bit `fl` of `fl_bitmap` is set iff `sl_bitmap[fl] != 0`.
 //! 2. Bit `sl` of `sl_bitmap[fl]` is set iff list `(fl, sl)` is non-empty, and then
 //!    `heads[fl][sl]` is its first block. When the bit is clear, `heads[fl][sl]` is meaningless.
+//!    Every listed block but the head has its predecessor in `prev_free`; a head's `prev_free`
+//!    is stale or unwritten and never read.
 //! 3. Every free block is in exactly the list of its size class; every block in a list is free.
 //! 4. No two free blocks are physically adjacent (coalescing is immediate).
 //! 5. The blocks of a region tile it from id `r << LOCAL_BITS` to its sentinel, each block's
-//!    `prev_size` is the size of the block before it (0 for the first), and the sentinel has size 0
-//!    and is never free.
-//! 6. `used`, `free`, `live` and `free_blocks` equal the sums over all blocks.
+//!    `prev_size` is the size of the block before it (0 for the first), its `PREV_FREE` bit says
+//!    whether that block is free, and the sentinel has size 0 and is never free.
+//! 6. `used_granules`, `live` and `free_blocks` equal the sums over all blocks, and used plus
+//!    free granules equal `total_granules`.
+//! 7. A used block has exactly the granules its layout's size needs (every spare granule is
+//!    split off), which is why `deallocate` can take the size from the layout.
 //!
-//! [`Tlsf::check_invariants`] verifies all six by walking every region and every list.
+//! [`Tlsf::check_invariants`] verifies 1 to 6 by walking every region and every list; debug
+//! builds assert 7 on every free.
 //!
 //! # Placement
 //!
@@ -32,7 +38,8 @@
 //! by the highest address it ever uses: they first try up to [`SCAN_LIMIT`] blocks of the
 //! request's own class, then take the lowest of the first [`LOW_FIRST`] blocks of the good-fit
 //! class, and a freed block of that size that lies above its list's head is inserted second.
-//! [`Tlsf::reallocate`] moves a block down whenever a lower block fits.
+//! [`Tlsf::reallocate`] moves a block down whenever a lower block fits and the copy is at most
+//! [`MOVE_DOWN_MAX_BYTES`].
 //!
 //! # Time complexity
 //!
