@@ -42,11 +42,8 @@ MIRIFLAGS=-Zmiri-strict-provenance step "miri (doc tests)" \
     cargo +nightly miri test -p xalloc-core --doc
 MIRIFLAGS="-Zmiri-strict-provenance -Zmiri-tree-borrows" step "miri (tree borrows, global allocator)" \
     cargo +nightly miri test -p xalloc-core --test global_alloc
-if [[ -x scripts/bench.sh ]]; then
-    step "bench smoke" scripts/bench.sh --quick
-elif [[ -e scripts/bench.sh ]]; then
-    step "bench smoke" bash scripts/bench.sh --quick
-fi
+step "bench smoke" bash scripts/bench.sh --quick
+step "bench smoke (region over seeds)" bash scripts/bench.sh --quick --region-seeds 2
 
 step_name=""
 echo

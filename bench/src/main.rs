@@ -44,6 +44,8 @@ struct Config {
     /// Wall-time budget of the warm-up replay; an allocator that cannot
     /// finish the stream in it runs a prefix in all later passes.
     cap_budget: Duration,
+    /// With N > 0: only measure region/peak-live, over N seeds per workload.
+    region_seeds: u64,
 }
 
 const USAGE: &str = "\
@@ -56,6 +58,8 @@ usage: xalloc-bench [--quick] [--workload NAME]... [--only ALLOC]... [--reps N]
                    or comma-separated): xalloc, talc, rlsf, dlmalloc, buddy,
                    linked_list, glibc
   --reps N         throughput repetitions, median reported (default 5, quick 3)
+  --region-seeds N measure only region/peak-live, on N streams of other seeds
+                   per workload (the usual one first), and report mean, min, max
 ";
 
 fn parse_args() -> Result<Config, String> {
@@ -65,6 +69,7 @@ fn parse_args() -> Result<Config, String> {
         workloads: Vec::new(),
         only: Vec::new(),
         cap_budget: Duration::ZERO,
+        region_seeds: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -101,6 +106,13 @@ fn parse_args() -> Result<Config, String> {
                     .filter(|&r| r > 0)
                     .ok_or("--reps needs a positive integer")?
             }
+            "--region-seeds" => {
+                cfg.region_seeds = value("--region-seeds")?
+                    .parse()
+                    .ok()
+                    .filter(|&r| r > 0)
+                    .ok_or("--region-seeds needs a positive integer")?
+            }
             "--help" | "-h" => {
                 print!("{USAGE}");
                 std::process::exit(0);
@@ -116,18 +128,46 @@ fn parse_args() -> Result<Config, String> {
 }
 
 fn build_workload(name: &str, quick: bool) -> Workload {
+    build_workload_seeded(name, quick, 0)
+}
+
+/// The workload `name` generated with its usual seed moved by `variant` (0: the usual stream).
+fn build_workload_seeded(name: &str, quick: bool, variant: u64) -> Workload {
     let q = |full: usize, small: usize| if quick { small } else { full };
+    let seed = |base: u64| base + 1000 * variant;
     let mut wl = match name {
-        "random-1k" => {
-            workload::random_mix(name_of(name), 1, 1_000, q(1_000_000, 50_000), 16, 4096)
-        }
-        "random-100k" => {
-            workload::random_mix(name_of(name), 2, 100_000, q(1_000_000, 120_000), 16, 4096)
-        }
-        "large" => workload::random_mix(name_of(name), 3, 100, q(200_000, 10_000), 4096, 1 << 20),
-        "realloc" => {
-            workload::realloc_walk(name_of(name), 4, 1_000, q(1_000_000, 50_000), 16, 64 << 10)
-        }
+        "random-1k" => workload::random_mix(
+            name_of(name),
+            seed(1),
+            1_000,
+            q(1_000_000, 50_000),
+            16,
+            4096,
+        ),
+        "random-100k" => workload::random_mix(
+            name_of(name),
+            seed(2),
+            100_000,
+            q(1_000_000, 120_000),
+            16,
+            4096,
+        ),
+        "large" => workload::random_mix(
+            name_of(name),
+            seed(3),
+            100,
+            q(200_000, 10_000),
+            4096,
+            1 << 20,
+        ),
+        "realloc" => workload::realloc_walk(
+            name_of(name),
+            seed(4),
+            1_000,
+            q(1_000_000, 50_000),
+            16,
+            64 << 10,
+        ),
         _ => unreachable!("validated in parse_args"),
     };
     wl.region = if name == "random-100k" {
@@ -200,6 +240,9 @@ trait Contender {
     fn rep(&mut self, ctx: &mut Ctx, wl: &Workload, r: usize) -> Result<(), String>;
     /// Latency pass and region search; consumes the collected samples.
     fn finish(&mut self, ctx: &mut Ctx, wl: &Workload) -> Result<Row, String>;
+    /// Region search alone, after `prepare`: `None` for an allocator that is not region-based
+    /// or was time-capped (a prefix would not be the same stream).
+    fn region_only(&mut self, ctx: &mut Ctx, wl: &Workload) -> Option<f64>;
 }
 
 struct Contest<A: BenchAlloc> {
@@ -289,6 +332,10 @@ impl<A: BenchAlloc> Contender for Contest<A> {
         Ok(())
     }
 
+    fn region_only(&mut self, ctx: &mut Ctx, wl: &Workload) -> Option<f64> {
+        self.region_ratio_full(ctx, wl)
+    }
+
     fn finish(&mut self, ctx: &mut Ctx, wl: &Workload) -> Result<Row, String> {
         let n = self.n;
         let ops = &wl.ops[..n];
@@ -327,29 +374,7 @@ impl<A: BenchAlloc> Contender for Contest<A> {
         // Memory efficiency.
         let peak = peak_live(ops, wl.slots);
         if A::REGION_BASED {
-            // Geometric bisection between `peak` (assumed to fail: no
-            // allocator here is overhead-free) and the full region (known to
-            // pass).
-            let (mut lo, mut hi) = (peak, wl.region);
-            while hi as f64 > lo as f64 * (1.0 + SEARCH_PRECISION) {
-                let mid = ((lo as f64 * hi as f64).sqrt() as usize).div_ceil(16) * 16;
-                if mid <= lo || mid >= hi {
-                    break;
-                }
-                let (out, _) = replay(
-                    &mut *self.a,
-                    &mut ctx.arena,
-                    mid,
-                    ops,
-                    wl.slots,
-                    Mode::Plain,
-                );
-                match out {
-                    Outcome::Done => hi = mid,
-                    _ => lo = mid,
-                }
-            }
-            row.region_ratio = Some(hi as f64 / peak as f64);
+            row.region_ratio = Some(region_search(&mut *self.a, ctx, wl, ops, peak));
         } else {
             // A fresh process, so the heap left behind by earlier passes
             // (e.g. chunks parked in tcache pinning the top) cannot inflate
@@ -369,6 +394,41 @@ impl<A: BenchAlloc> Contender for Contest<A> {
 
 /// Latency passes per allocator and workload; each op's latency is its minimum over them.
 const LATENCY_PASSES: usize = 3;
+
+impl<A: BenchAlloc> Contest<A> {
+    fn region_ratio_full(&mut self, ctx: &mut Ctx, wl: &Workload) -> Option<f64> {
+        if !A::REGION_BASED || self.n < wl.ops.len() {
+            return None;
+        }
+        let peak = peak_live(&wl.ops, wl.slots);
+        Some(region_search(&mut *self.a, ctx, wl, &wl.ops, peak))
+    }
+}
+
+/// The smallest region (to [`SEARCH_PRECISION`]) on which `ops` run through `a` without an
+/// allocation failure, divided by `peak`: a geometric bisection between `peak` (assumed to
+/// fail: no allocator here is overhead-free) and the workload's full region (known to pass).
+fn region_search<A: BenchAlloc>(
+    a: &mut A,
+    ctx: &mut Ctx,
+    wl: &Workload,
+    ops: &[workload::Op],
+    peak: usize,
+) -> f64 {
+    let (mut lo, mut hi) = (peak, wl.region);
+    while hi as f64 > lo as f64 * (1.0 + SEARCH_PRECISION) {
+        let mid = ((lo as f64 * hi as f64).sqrt() as usize).div_ceil(16) * 16;
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        let (out, _) = replay(a, &mut ctx.arena, mid, ops, wl.slots, Mode::Plain);
+        match out {
+            Outcome::Done => hi = mid,
+            _ => lo = mid,
+        }
+    }
+    hi as f64 / peak as f64
+}
 
 const CHILD_FLAG: &str = "--glibc-footprint-child";
 
@@ -429,6 +489,51 @@ fn glibc_footprint_child(args: &[String]) -> ! {
 }
 
 type MakeFn = fn() -> Box<dyn Contender>;
+
+/// `--region-seeds N`: region/peak-live of every region-based allocator on N streams per
+/// workload (the usual seed first), as mean, min and max. One seed's ratio moves by about 1 %
+/// with small changes of policy, so comparisons within that much need several seeds. Returns
+/// false if an allocator failed a stream (out of memory on the full region, or a correctness
+/// check).
+fn region_seeds_report(ctx: &mut Ctx, names: &[&str], allocators: &[(&str, MakeFn)]) -> bool {
+    let seeds = ctx.cfg.region_seeds;
+    let mut failed = false;
+    println!(
+        "Region/peak-live over {seeds} streams per workload (seed variants 0..{seeds}); \
+         allocators that are not region-based, or too slow to finish a stream in the warm-up \
+         budget, are left out.\n"
+    );
+    for name in names {
+        let t = Instant::now();
+        let mut ratios: Vec<(&str, Vec<f64>)> =
+            allocators.iter().map(|(n, _)| (*n, Vec::new())).collect();
+        for v in 0..seeds {
+            let wl = build_workload_seeded(name, ctx.cfg.quick, v);
+            for ((_, make), (_, rs)) in allocators.iter().zip(ratios.iter_mut()) {
+                let mut c = make();
+                match guarded(|| c.prepare(ctx, &wl)) {
+                    Ok(()) => rs.extend(c.region_only(ctx, &wl)),
+                    Err(e) => {
+                        eprintln!("[{name}, seed variant {v}] {}: FAILED: {e}", c.name());
+                        failed = true;
+                    }
+                }
+            }
+        }
+        println!("## {name}\n");
+        println!("| allocator | mean | min | max | streams |");
+        println!("|---|---:|---:|---:|---:|");
+        for (n, rs) in ratios.iter().filter(|(_, rs)| !rs.is_empty()) {
+            let mean = rs.iter().sum::<f64>() / rs.len() as f64;
+            let min = rs.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = rs.iter().copied().fold(0.0, f64::max);
+            println!("| {n} | {mean:.3} | {min:.3} | {max:.3} | {} |", rs.len());
+        }
+        println!();
+        eprintln!("[{name}] done in {:.1} s", t.elapsed().as_secs_f64());
+    }
+    !failed
+}
 
 /// In report order: xalloc first.
 const ALLOCATORS: &[(&str, MakeFn)] = &[
@@ -652,6 +757,11 @@ fn main() {
         lat: vec![0u64; max_ops],
         cfg,
     };
+    if ctx.cfg.region_seeds > 0 {
+        let ok = region_seeds_report(&mut ctx, &names, &allocators);
+        println!("Total wall time: {:.1} s", started.elapsed().as_secs_f64());
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     let mut any_failed = false;
     for name in names {
         let t = Instant::now();
