@@ -454,3 +454,11 @@ fn realloc_does_not_copy_large_blocks_down() {
     }
     h.check_invariants().unwrap();
 }
+
+#[test]
+fn heap_state_stays_small() {
+    // The README promises about 6.6 KiB of state per heap (list heads and bitmaps); a firmware
+    // author budgets RAM by it.
+    let size = core::mem::size_of::<Heap>();
+    assert!((6_400..7_000).contains(&size), "size_of::<Heap>() = {size}");
+}
