@@ -42,6 +42,10 @@ MIRIFLAGS=-Zmiri-strict-provenance step "miri (doc tests)" \
     cargo +nightly miri test -p xalloc-core --doc
 MIRIFLAGS="-Zmiri-strict-provenance -Zmiri-tree-borrows" step "miri (tree borrows, global allocator)" \
     cargo +nightly miri test -p xalloc-core --test global_alloc
+# The slot protocol under loom, in its own target directory so that the --cfg loom build does
+# not evict the normal one.
+RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=target/loom step "loom" \
+    cargo test -p xalloc-core --test loom_wire --release
 step "bench smoke" bash scripts/bench.sh --quick
 step "bench smoke (region over seeds)" bash scripts/bench.sh --quick --region-seeds 2
 

@@ -14,6 +14,9 @@
 //! - [`LockedHeap`]: a [`Heap`] behind a spin lock, usable as `#[global_allocator]`.
 //! - [`FirstFit`]: the `linked_list_allocator` crate's heap behind the same [`RegionAllocator`]
 //!   trait, kept as the reference baseline.
+//! - `wire` (on targets with 64-bit atomics): the layout of the daemon's shared-memory segments
+//!   and the slot protocol, as plain data, so that the daemon and its clients share one
+//!   definition.
 //!
 //! Every link the algorithm stores is a granule index from the start of its region, never an
 //! address, so a region can be mapped at a different address in each process that uses it.
@@ -36,7 +39,10 @@
 pub mod first_fit;
 pub mod locked;
 pub mod store;
+pub mod sync;
 pub mod tlsf;
+#[cfg(target_has_atomic = "64")]
+pub mod wire;
 
 use core::alloc::Layout;
 use core::fmt;

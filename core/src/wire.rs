@@ -1,0 +1,770 @@
+//! The layout of xallocd's shared-memory segments and the slot protocol between the daemon and
+//! its clients: plain `#[repr(C)]` data and atomics, no OS calls, so that the daemon and the
+//! client cannot disagree about it and the protocol can be model-checked (`--cfg loom`).
+//!
+//! # Segments
+//!
+//! | segment | writers | layout |
+//! | --- | --- | --- |
+//! | `/NAME.request` | clients and daemon | [`SegmentHeader`], [`Doorbell`], `slot_count` × [`RequestSlot`] |
+//! | `/NAME.response` | daemon only (clients map it read-only) | [`SegmentHeader`], `slot_count` × [`ResponseSlot`] |
+//! | `/NAME.arena` | clients (their blocks) | [`SegmentHeader`] in the first [`ARENA_DATA_OFFSET`] bytes, then the data |
+//!
+//! Every part is 64-byte aligned and 64 bytes long, so two slots never share a cache line. The
+//! daemon writes each header before the segment is announced; everyone who attaches checks it
+//! with [`SegmentHeader::check`]. The daemon never trusts the request segment's header after
+//! creation, since clients can write it.
+//!
+//! # A request's life
+//!
+//! A client *owns* a slot after claiming it ([`RequestSlot::try_claim`]: `owner` from 0 to its
+//! client id). Then, per request:
+//!
+//! 1. the client writes the fields, bumps `seq` and sets `state` to [`PENDING`]
+//!    ([`RequestSlot::submit`]), then rings the [`Doorbell`] and wakes the daemon's futex if the
+//!    daemon said it sleeps;
+//! 2. the daemon sees [`PENDING`], snapshots the request and sets `state` back to [`IDLE`]
+//!    ([`RequestSlot::take`]): from then on the slot is the client's again, and a client that
+//!    scribbles on it can only change what it asks next;
+//! 3. the daemon validates and executes the snapshot, publishes the answer under the request's
+//!    `seq` ([`ResponseSlot::publish`]) and wakes the client's futex if the client said it
+//!    sleeps ([`RequestSlot::waiting`]);
+//! 4. the client sees its `seq` in the response ([`ResponseSlot::read`]) and reads the answer.
+//!
+//! Both sleeps use the same handshake: the sleeper announces itself, issues a `SeqCst` fence and
+//! checks once more for work; the waker publishes its work, issues a `SeqCst` fence and loads the
+//! announcement. Between two `SeqCst` fences one side always sees the other's store, so no
+//! wake-up is lost (`core/tests/loom_wire.rs` model-checks this with loom, which models fences
+//! exactly but treats `SeqCst` loads and stores as acquire/release).
+//!
+//! Every field is an atomic, so a client writing concurrently with the daemon's read is not a
+//! data race in the daemon: it sees some value, which it validates like any other.
+
+use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
+
+/// Version of this layout. Bumped on any incompatible change.
+pub const VERSION: u32 = 1;
+
+/// Magic numbers at the start of each segment (ASCII `XALLOC` and a kind letter).
+pub const MAGIC: [u64; 3] = [
+    u64::from_le_bytes(*b"XALLOCQ\x01"),
+    u64::from_le_bytes(*b"XALLOCR\x01"),
+    u64::from_le_bytes(*b"XALLOCA\x01"),
+];
+
+/// Where the arena's data starts: its header takes the first page.
+pub const ARENA_DATA_OFFSET: usize = 4096;
+
+/// Which segment a header describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum SegmentKind {
+    /// `/NAME.request`.
+    Request = 0,
+    /// `/NAME.response`.
+    Response = 1,
+    /// `/NAME.arena`.
+    Arena = 2,
+}
+
+/// The first 64 bytes of every segment. Written once by the daemon before it announces the
+/// segment; read by attachers with [`SegmentHeader::load`] and checked with
+/// [`SegmentHeader::check`].
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// [`MAGIC`]`[kind]`.
+    pub magic: u64,
+    /// [`VERSION`].
+    pub version: u32,
+    /// [`SegmentKind`] as `u32`.
+    pub kind: u32,
+    /// Size of this header (64).
+    pub header_size: u32,
+    /// Size of one slot (64), 0 for the arena.
+    pub slot_size: u32,
+    /// Number of slots in the request and response segments.
+    pub slot_count: u32,
+    /// Allocation granule of the arena, in bytes.
+    pub granule: u32,
+    /// Total length of the arena segment, in bytes.
+    pub arena_len: u64,
+    /// Identifies one daemon instance: a client that finds it changed knows its blocks are gone.
+    pub generation: u64,
+    /// The daemon's process id.
+    pub daemon_pid: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
+/// Why a segment cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayoutError {
+    /// The magic number is not ours: not an xalloc segment, or another kind.
+    BadMagic,
+    /// Made by an incompatible version of xalloc.
+    BadVersion(u32),
+    /// Header or slot size differ from this build's.
+    BadSizes,
+    /// The segment is shorter than its header says it must be.
+    TooShort {
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes there.
+        actual: usize,
+    },
+}
+
+impl core::fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::BadMagic => f.write_str("not an xalloc segment of the expected kind"),
+            Self::BadVersion(v) => write!(f, "segment layout version {v}, expected {VERSION}"),
+            Self::BadSizes => f.write_str("segment header or slot size differ from this build's"),
+            Self::TooShort { needed, actual } => {
+                write!(f, "segment is {actual} bytes, its header needs {needed}")
+            }
+        }
+    }
+}
+
+impl core::error::Error for LayoutError {}
+
+impl SegmentHeader {
+    /// The header of a segment of `kind` with `slot_count` slots for an arena of `arena_len`
+    /// bytes in granules of `granule`.
+    pub const fn new(
+        kind: SegmentKind,
+        slot_count: u32,
+        granule: u32,
+        arena_len: u64,
+        generation: u64,
+        daemon_pid: u32,
+    ) -> Self {
+        Self {
+            magic: MAGIC[kind as usize],
+            version: VERSION,
+            kind: kind as u32,
+            header_size: size_of::<Self>() as u32,
+            slot_size: match kind {
+                SegmentKind::Request => size_of::<RequestSlot>() as u32,
+                SegmentKind::Response => size_of::<ResponseSlot>() as u32,
+                SegmentKind::Arena => 0,
+            },
+            slot_count,
+            granule,
+            arena_len,
+            generation,
+            daemon_pid,
+            reserved: 0,
+        }
+    }
+
+    /// Reads a header from shared memory that other processes may be writing.
+    ///
+    /// # Safety
+    /// `p` is valid for reads of a `SegmentHeader` and aligned.
+    pub unsafe fn load(p: *const Self) -> Self {
+        // SAFETY: the caller's contract; a volatile read takes whatever bytes are there, and
+        // every bit pattern is a valid `SegmentHeader` (integers only).
+        unsafe { p.read_volatile() }
+    }
+
+    /// Checks that this header describes a segment of `kind`, of this build's layout, that fits
+    /// in `segment_len` bytes.
+    pub fn check(&self, kind: SegmentKind, segment_len: usize) -> Result<(), LayoutError> {
+        if self.magic != MAGIC[kind as usize] || self.kind != kind as u32 {
+            return Err(LayoutError::BadMagic);
+        }
+        if self.version != VERSION {
+            return Err(LayoutError::BadVersion(self.version));
+        }
+        if *self
+            != Self::new(
+                kind,
+                self.slot_count,
+                self.granule,
+                self.arena_len,
+                self.generation,
+                self.daemon_pid,
+            )
+        {
+            return Err(LayoutError::BadSizes);
+        }
+        let needed = match kind {
+            SegmentKind::Request => request_segment_len(self.slot_count),
+            SegmentKind::Response => response_segment_len(self.slot_count),
+            SegmentKind::Arena => usize::try_from(self.arena_len).unwrap_or(usize::MAX),
+        };
+        if segment_len < needed {
+            return Err(LayoutError::TooShort {
+                needed,
+                actual: segment_len,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The daemon's wake-up word, right after the request segment's header.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct Doorbell {
+    /// Bumped by a client after it submits a request; the daemon futex-waits on it.
+    pub rings: AtomicU32,
+    /// 1 while the daemon is asleep (or about to be) on `rings`: only then does a client make
+    /// the wake-up system call.
+    pub sleeping: AtomicU32,
+}
+
+impl Doorbell {
+    /// A silent doorbell (all zero, as in a fresh segment).
+    pub fn new() -> Self {
+        Self {
+            rings: AtomicU32::new(0),
+            sleeping: AtomicU32::new(0),
+        }
+    }
+
+    /// Client side, after [`RequestSlot::submit`]: returns whether the daemon must be woken
+    /// (a futex wake on `rings`).
+    pub fn ring(&self) -> bool {
+        self.rings.fetch_add(1, Ordering::Release);
+        fence(Ordering::SeqCst);
+        self.sleeping.load(Ordering::Relaxed) != 0
+    }
+
+    /// Daemon side, before sleeping: announces the sleep and returns the value of `rings` to
+    /// wait on. The daemon must then scan the slots once more and sleep only if none is
+    /// pending; [`Doorbell::woke`] ends the sleep.
+    pub fn prepare_sleep(&self) -> u32 {
+        self.sleeping.store(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        self.rings.load(Ordering::Acquire)
+    }
+
+    /// Daemon side, after sleeping or deciding not to.
+    pub fn woke(&self) {
+        self.sleeping.store(0, Ordering::Relaxed);
+    }
+}
+
+/// A slot's `state`: no request in it.
+pub const IDLE: u32 = 0;
+/// A slot's `state`: a request waits for the daemon.
+pub const PENDING: u32 = 1;
+
+/// What a request asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Op {
+    /// Registers the slot's owner as a client.
+    Hello = 1,
+    /// The client leaves: the daemon frees its blocks and its slots.
+    Goodbye = 2,
+    /// Allocate `size` bytes at `align` (`flags`: [`FLAG_ZEROED`] asks for zeroed memory).
+    Allocate = 3,
+    /// Free the block at `offset`.
+    Free = 4,
+    /// Resize the block at `offset` to `size` bytes, in place only.
+    Reallocate = 5,
+}
+
+impl Op {
+    /// The operation with this code, if any.
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Hello,
+            2 => Self::Goodbye,
+            3 => Self::Allocate,
+            4 => Self::Free,
+            5 => Self::Reallocate,
+            _ => return None,
+        })
+    }
+}
+
+/// Request and response flag: the memory is (asked to be, or known to be) zeroed.
+pub const FLAG_ZEROED: u32 = 1;
+
+/// The answer's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Status {
+    /// Done.
+    Ok = 0,
+    /// No block of that size is free.
+    OutOfMemory = 1,
+    /// The size is zero or larger than the arena.
+    BadSize = 2,
+    /// The alignment is not a power of two, or larger than the daemon serves.
+    BadAlign = 3,
+    /// The offset is out of range, misaligned, or not the start of a block.
+    BadOffset = 4,
+    /// The block is already free.
+    AlreadyFree = 5,
+    /// The block belongs to another client.
+    NotOwner = 6,
+    /// The slot's owner has not said hello, or the slot is not owned.
+    BadSlot = 7,
+    /// The operation code is unknown.
+    UnknownOp = 8,
+    /// The block cannot be resized in place.
+    NotInPlace = 9,
+    /// The daemon is shutting down.
+    ShuttingDown = 10,
+}
+
+impl Status {
+    /// The status with this code; unknown codes read as `None`.
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            0 => Self::Ok,
+            1 => Self::OutOfMemory,
+            2 => Self::BadSize,
+            3 => Self::BadAlign,
+            4 => Self::BadOffset,
+            5 => Self::AlreadyFree,
+            6 => Self::NotOwner,
+            7 => Self::BadSlot,
+            8 => Self::UnknownOp,
+            9 => Self::NotInPlace,
+            10 => Self::ShuttingDown,
+            _ => return None,
+        })
+    }
+}
+
+/// A request as the daemon took it: plain values, to be validated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Request {
+    /// The slot's owner when the request was taken.
+    pub owner: u32,
+    /// Sequence number the answer must carry.
+    pub seq: u32,
+    /// [`Op`] code, unchecked.
+    pub op: u32,
+    /// Flags, unchecked.
+    pub flags: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Alignment in bytes.
+    pub align: u64,
+    /// Offset of a block in the arena's data.
+    pub offset: u64,
+}
+
+/// One client's request slot in the request segment.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct RequestSlot {
+    /// Client id (process id) of the owner; 0 when the slot is free.
+    pub owner: AtomicU32,
+    /// [`IDLE`] or [`PENDING`].
+    pub state: AtomicU32,
+    /// Sequence number of the latest request, bumped by the owner.
+    pub seq: AtomicU32,
+    /// 1 while the owner is asleep (or about to be) waiting for the answer.
+    pub waiting: AtomicU32,
+    /// [`Op`] code.
+    pub op: AtomicU32,
+    /// Request flags.
+    pub flags: AtomicU32,
+    /// Size in bytes.
+    pub size: AtomicU64,
+    /// Alignment in bytes.
+    pub align: AtomicU64,
+    /// Offset of a block in the arena's data.
+    pub offset: AtomicU64,
+}
+
+impl RequestSlot {
+    /// A free slot (all zero, as in a fresh segment).
+    pub fn new() -> Self {
+        Self {
+            owner: AtomicU32::new(0),
+            state: AtomicU32::new(IDLE),
+            seq: AtomicU32::new(0),
+            waiting: AtomicU32::new(0),
+            op: AtomicU32::new(0),
+            flags: AtomicU32::new(0),
+            size: AtomicU64::new(0),
+            align: AtomicU64::new(0),
+            offset: AtomicU64::new(0),
+        }
+    }
+
+    /// Client side: takes the slot for `client` (non-zero) if it is free.
+    pub fn try_claim(&self, client: u32) -> bool {
+        client != 0
+            && self
+                .owner
+                .compare_exchange(0, client, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Client or daemon side: frees the slot if `client` owns it.
+    pub fn release(&self, client: u32) -> bool {
+        self.state.store(IDLE, Ordering::Relaxed);
+        self.owner
+            .compare_exchange(client, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Client side, on an owned idle slot: writes a request and marks it pending. Returns the
+    /// sequence number its answer will carry. Ring the [`Doorbell`] next.
+    pub fn submit(&self, op: Op, flags: u32, size: u64, align: u64, offset: u64) -> u32 {
+        self.op.store(op as u32, Ordering::Relaxed);
+        self.flags.store(flags, Ordering::Relaxed);
+        self.size.store(size, Ordering::Relaxed);
+        self.align.store(align, Ordering::Relaxed);
+        self.offset.store(offset, Ordering::Relaxed);
+        let seq = self.seq.load(Ordering::Relaxed).wrapping_add(1);
+        self.seq.store(seq, Ordering::Relaxed);
+        // Publishes the fields above; `Doorbell::ring` supplies the fence of the handshake.
+        self.state.store(PENDING, Ordering::Release);
+        seq
+    }
+
+    /// Daemon side: if a request is pending, snapshots it and marks the slot idle again.
+    pub fn take(&self) -> Option<Request> {
+        if self.state.load(Ordering::Acquire) != PENDING {
+            return None;
+        }
+        let req = Request {
+            owner: self.owner.load(Ordering::Relaxed),
+            seq: self.seq.load(Ordering::Relaxed),
+            op: self.op.load(Ordering::Relaxed),
+            flags: self.flags.load(Ordering::Relaxed),
+            size: self.size.load(Ordering::Relaxed),
+            align: self.align.load(Ordering::Relaxed),
+            offset: self.offset.load(Ordering::Relaxed),
+        };
+        // Before the answer is published, so that the owner's next `submit` is never
+        // overwritten.
+        self.state.store(IDLE, Ordering::Relaxed);
+        Some(req)
+    }
+
+    /// Client side, before sleeping on the answer: announces the sleep. The client must then
+    /// check [`ResponseSlot::read`] once more and sleep (futex wait on the response's `seq`)
+    /// only if the answer is not there; [`RequestSlot::woke`] ends the sleep.
+    pub fn prepare_sleep(&self) {
+        self.waiting.store(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Client side, after sleeping or deciding not to.
+    pub fn woke(&self) {
+        self.waiting.store(0, Ordering::Relaxed);
+    }
+}
+
+/// An answer as the client read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Response {
+    /// Status code (see [`Status::from_u32`]).
+    pub status: u32,
+    /// Flags ([`FLAG_ZEROED`]: the block's memory is known to be zero).
+    pub flags: u32,
+    /// Offset of the block in the arena's data.
+    pub offset: u64,
+    /// Size of the block in bytes (whole granules).
+    pub size: u64,
+}
+
+/// The daemon's answer for one slot, in the response segment.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct ResponseSlot {
+    /// Sequence number of the request answered; the owner futex-waits on it.
+    pub seq: AtomicU32,
+    /// [`Status`] code.
+    pub status: AtomicU32,
+    /// Response flags.
+    pub flags: AtomicU32,
+    /// Zero.
+    pub reserved: AtomicU32,
+    /// Offset of the block in the arena's data.
+    pub offset: AtomicU64,
+    /// Size of the block in bytes.
+    pub size: AtomicU64,
+}
+
+impl ResponseSlot {
+    /// An empty answer slot (all zero, as in a fresh segment).
+    pub fn new() -> Self {
+        Self {
+            seq: AtomicU32::new(0),
+            status: AtomicU32::new(0),
+            flags: AtomicU32::new(0),
+            reserved: AtomicU32::new(0),
+            offset: AtomicU64::new(0),
+            size: AtomicU64::new(0),
+        }
+    }
+
+    /// Daemon side: publishes the answer to request `seq` of `slot`, and returns whether the
+    /// owner must be woken (a futex wake on `seq`).
+    pub fn publish(&self, slot: &RequestSlot, seq: u32, resp: Response) -> bool {
+        self.status.store(resp.status, Ordering::Relaxed);
+        self.flags.store(resp.flags, Ordering::Relaxed);
+        self.offset.store(resp.offset, Ordering::Relaxed);
+        self.size.store(resp.size, Ordering::Relaxed);
+        // Publishes the fields above, then the handshake's fence.
+        self.seq.store(seq, Ordering::Release);
+        fence(Ordering::SeqCst);
+        slot.waiting.load(Ordering::Relaxed) != 0
+    }
+
+    /// Client side: the answer to request `seq`, if it has been published.
+    pub fn read(&self, seq: u32) -> Option<Response> {
+        if self.seq.load(Ordering::Acquire) != seq {
+            return None;
+        }
+        Some(Response {
+            status: self.status.load(Ordering::Relaxed),
+            flags: self.flags.load(Ordering::Relaxed),
+            offset: self.offset.load(Ordering::Relaxed),
+            size: self.size.load(Ordering::Relaxed),
+        })
+    }
+}
+
+impl Default for Doorbell {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+impl Default for RequestSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+impl Default for ResponseSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Types that live in memory shared with other processes, which may write any bytes into it.
+///
+/// # Safety
+/// An implementor
+/// 1. is `#[repr(C)]` with a layout fixed by [`VERSION`];
+/// 2. holds no pointer or reference, only integers and atomics, so that it means the same at
+///    every address it is mapped to;
+/// 3. is valid for every bit pattern, all zeros included (a fresh segment);
+/// 4. has no `Drop`, since no process owns it alone.
+pub unsafe trait SharedPlain: Sized {}
+
+// SAFETY: 1. `#[repr(C)]`; 2-4. integers only, no `Drop`.
+unsafe impl SharedPlain for SegmentHeader {}
+// SAFETY: 1. `#[repr(C)]`; 2-4. atomics of plain integers only, no `Drop`.
+unsafe impl SharedPlain for Doorbell {}
+// SAFETY: as for `Doorbell`.
+unsafe impl SharedPlain for RequestSlot {}
+// SAFETY: as for `Doorbell`.
+unsafe impl SharedPlain for ResponseSlot {}
+
+/// Bytes of a request segment with `slots` slots.
+pub const fn request_segment_len(slots: u32) -> usize {
+    size_of::<SegmentHeader>() + size_of::<Doorbell>() + slots as usize * size_of::<RequestSlot>()
+}
+
+/// Bytes of a response segment with `slots` slots.
+pub const fn response_segment_len(slots: u32) -> usize {
+    size_of::<SegmentHeader>() + slots as usize * size_of::<ResponseSlot>()
+}
+
+/// Offset of the [`Doorbell`] in the request segment.
+pub const DOORBELL_OFFSET: usize = size_of::<SegmentHeader>();
+
+/// Offset of request slot `i` in the request segment.
+pub const fn request_slot_offset(i: u32) -> usize {
+    DOORBELL_OFFSET + size_of::<Doorbell>() + i as usize * size_of::<RequestSlot>()
+}
+
+/// Offset of response slot `i` in the response segment.
+pub const fn response_slot_offset(i: u32) -> usize {
+    size_of::<SegmentHeader>() + i as usize * size_of::<ResponseSlot>()
+}
+
+// The layout is part of the protocol: any change here must bump `VERSION`.
+#[cfg(not(loom))]
+const _: () = {
+    assert!(size_of::<SegmentHeader>() == 64 && align_of::<SegmentHeader>() == 64);
+    assert!(size_of::<Doorbell>() == 64 && align_of::<Doorbell>() == 64);
+    assert!(size_of::<RequestSlot>() == 64 && align_of::<RequestSlot>() == 64);
+    assert!(size_of::<ResponseSlot>() == 64 && align_of::<ResponseSlot>() == 64);
+    assert!(ARENA_DATA_OFFSET >= size_of::<SegmentHeader>());
+};
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use std::sync::Arc;
+    use std::thread;
+
+    #[test]
+    fn header_round_trips_and_rejects_what_is_not_ours() {
+        let h = SegmentHeader::new(SegmentKind::Request, 8, 4096, 1 << 30, 7, 42);
+        let len = request_segment_len(8);
+        assert_eq!(len, 64 + 64 + 8 * 64);
+        // SAFETY: `h` is a valid, aligned header.
+        let copy = unsafe { SegmentHeader::load(&h) };
+        assert_eq!(copy, h);
+        assert_eq!(h.check(SegmentKind::Request, len), Ok(()));
+        assert_eq!(
+            h.check(SegmentKind::Response, len),
+            Err(LayoutError::BadMagic)
+        );
+        assert_eq!(
+            h.check(SegmentKind::Request, len - 1),
+            Err(LayoutError::TooShort {
+                needed: len,
+                actual: len - 1
+            })
+        );
+        let mut old = h;
+        old.version = 0;
+        assert_eq!(
+            old.check(SegmentKind::Request, len),
+            Err(LayoutError::BadVersion(0))
+        );
+        let mut odd = h;
+        odd.slot_size = 32;
+        assert_eq!(
+            odd.check(SegmentKind::Request, len),
+            Err(LayoutError::BadSizes)
+        );
+        let arena = SegmentHeader::new(SegmentKind::Arena, 8, 4096, 1 << 20, 7, 42);
+        assert_eq!(arena.check(SegmentKind::Arena, 1 << 20), Ok(()));
+        assert!(arena.check(SegmentKind::Arena, (1 << 20) - 1).is_err());
+    }
+
+    #[test]
+    fn codes_round_trip() {
+        for op in [
+            Op::Hello,
+            Op::Goodbye,
+            Op::Allocate,
+            Op::Free,
+            Op::Reallocate,
+        ] {
+            assert_eq!(Op::from_u32(op as u32), Some(op));
+        }
+        assert_eq!(Op::from_u32(0), None);
+        assert_eq!(Op::from_u32(6), None);
+        for v in 0..=10 {
+            assert_eq!(Status::from_u32(v).map(|s| s as u32), Some(v));
+        }
+        assert_eq!(Status::from_u32(11), None);
+    }
+
+    #[test]
+    fn offsets_follow_the_documented_layout() {
+        assert_eq!(DOORBELL_OFFSET, 64);
+        assert_eq!(request_slot_offset(0), 128);
+        assert_eq!(request_slot_offset(3), 128 + 3 * 64);
+        assert_eq!(response_slot_offset(0), 64);
+        assert_eq!(response_segment_len(4), 64 + 4 * 64);
+    }
+
+    #[test]
+    fn one_request_cycle() {
+        let (slot, resp, bell) = (RequestSlot::new(), ResponseSlot::new(), Doorbell::new());
+        assert!(!slot.try_claim(0), "client id 0 means free");
+        assert!(slot.try_claim(7));
+        assert!(!slot.try_claim(8), "already owned");
+        assert!(slot.take().is_none(), "nothing pending");
+        let seq = slot.submit(Op::Allocate, FLAG_ZEROED, 4096, 64, 0);
+        assert!(!bell.ring(), "the daemon is awake");
+        assert!(resp.read(seq).is_none());
+        let req = slot.take().unwrap();
+        assert_eq!(
+            req,
+            Request {
+                owner: 7,
+                seq,
+                op: Op::Allocate as u32,
+                flags: FLAG_ZEROED,
+                size: 4096,
+                align: 64,
+                offset: 0
+            }
+        );
+        assert!(slot.take().is_none(), "taken once");
+        let answer = Response {
+            status: Status::Ok as u32,
+            flags: FLAG_ZEROED,
+            offset: 8192,
+            size: 4096,
+        };
+        slot.prepare_sleep();
+        assert!(
+            resp.publish(&slot, req.seq, answer),
+            "the client said it sleeps"
+        );
+        slot.woke();
+        assert_eq!(resp.read(seq), Some(answer));
+        assert!(resp.read(seq + 1).is_none());
+        let seen = bell.prepare_sleep();
+        assert!(bell.ring(), "the daemon said it sleeps");
+        assert_ne!(
+            bell.rings.load(Ordering::SeqCst),
+            seen,
+            "a ring changes the futex word"
+        );
+        bell.woke();
+        assert!(!slot.release(8), "only the owner releases");
+        assert!(slot.release(7));
+        assert!(slot.try_claim(8));
+    }
+
+    /// A client thread and a daemon thread over one slot, spinning instead of sleeping: every
+    /// answer matches its request, none is lost or read twice.
+    #[test]
+    fn client_and_daemon_threads_agree() {
+        let n: u32 = if cfg!(miri) { 50 } else { 20_000 };
+        let shared = Arc::new((RequestSlot::new(), ResponseSlot::new(), Doorbell::new()));
+        assert!(shared.0.try_claim(1));
+        let daemon = {
+            let shared = Arc::clone(&shared);
+            thread::spawn(move || {
+                let (slot, resp, _) = &*shared;
+                let mut served = 0;
+                while served < n {
+                    match slot.take() {
+                        Some(req) => {
+                            let answer = Response {
+                                status: Status::Ok as u32,
+                                flags: 0,
+                                offset: req.size * 2,
+                                size: req.size,
+                            };
+                            resp.publish(slot, req.seq, answer);
+                            served += 1;
+                        }
+                        None => thread::yield_now(),
+                    }
+                }
+            })
+        };
+        let (slot, resp, bell) = &*shared;
+        for i in 1..=u64::from(n) {
+            let seq = slot.submit(Op::Allocate, 0, i, 16, 0);
+            bell.ring();
+            let answer = loop {
+                if let Some(a) = resp.read(seq) {
+                    break a;
+                }
+                thread::yield_now();
+            };
+            assert_eq!((answer.size, answer.offset), (i, 2 * i), "request {i}");
+        }
+        daemon.join().unwrap();
+    }
+}
