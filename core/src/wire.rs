@@ -403,8 +403,20 @@ impl RequestSlot {
                 .is_ok()
     }
 
-    /// Client or daemon side: frees the slot if `client` owns it.
+    /// Client side: frees the slot if `client` owns it. The owner calls it with no request in
+    /// flight, so the slot is idle; anyone else's call changes nothing.
     pub fn release(&self, client: u32) -> bool {
+        self.owner
+            .compare_exchange(client, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Daemon side: frees the slot of `client`, which has died (it cannot race with this), and
+    /// drops any request it left pending.
+    pub fn reclaim(&self, client: u32) -> bool {
+        if self.owner.load(Ordering::Acquire) != client {
+            return false;
+        }
         self.state.store(IDLE, Ordering::Relaxed);
         self.owner
             .compare_exchange(client, 0, Ordering::AcqRel, Ordering::Relaxed)
@@ -722,6 +734,16 @@ mod tests {
         assert!(!slot.release(8), "only the owner releases");
         assert!(slot.release(7));
         assert!(slot.try_claim(8));
+        // A client that died with a request pending: the daemon reclaims the slot.
+        slot.submit(Op::Free, 0, 0, 0, 4096);
+        assert!(!slot.reclaim(9), "not the owner");
+        assert_eq!(slot.state.load(Ordering::SeqCst), PENDING, "untouched");
+        assert!(slot.reclaim(8));
+        assert!(
+            slot.take().is_none(),
+            "the dead client's request is dropped"
+        );
+        assert!(slot.try_claim(9));
     }
 
     /// A client thread and a daemon thread over one slot, spinning instead of sleeping: every
