@@ -20,6 +20,22 @@ fn heap_over(buf: &mut [u128]) -> Heap {
     h
 }
 
+/// An out-of-band heap over all of `region`, with `table` for its metadata.
+fn oob_over(region: &mut [u8], table: &mut [MetaEntry], granule: usize) -> OobHeap {
+    // SAFETY: in every test the region and the table outlive the heap and are used by nothing
+    // else while it lives (the region's bytes are read only after the last heap call).
+    unsafe {
+        OobHeap::new(
+            region.as_mut_ptr(),
+            region.len(),
+            granule,
+            table.as_mut_ptr(),
+            table.len(),
+        )
+    }
+    .unwrap()
+}
+
 fn layout(size: usize, align: usize) -> Layout {
     Layout::from_size_align(size, align).unwrap()
 }
@@ -236,17 +252,7 @@ fn out_of_band_writes_nothing_into_the_region() {
         let size = 64 * granule;
         let mut region = vec![0xEEu8; size + granule];
         let mut table = vec![MetaEntry::default(); OobHeap::table_entries(size + granule, granule)];
-        // SAFETY: region and table outlive the heap and are used by nothing else.
-        let mut h = unsafe {
-            OobHeap::new(
-                region.as_mut_ptr(),
-                size + granule,
-                granule,
-                table.as_mut_ptr(),
-                table.len(),
-            )
-        }
-        .unwrap();
+        let mut h = oob_over(&mut region, &mut table, granule);
         let mut live = Vec::new();
         for i in 1..40 {
             let l = layout(i * 37 % (3 * granule) + 1, 8);
@@ -389,17 +395,7 @@ fn out_of_band_checked_free_refuses_bad_offsets_and_changes_nothing() {
     let mut table = vec![MetaEntry::default(); OobHeap::table_entries(size + granule, granule)];
     // SAFETY: the table's bytes are plain integers; any pattern is a valid `MetaEntry`.
     unsafe { core::ptr::write_bytes(table.as_mut_ptr(), 0xA5, table.len()) };
-    // SAFETY: region and table outlive the heap and are used by nothing else.
-    let mut h = unsafe {
-        OobHeap::new(
-            region.as_mut_ptr(),
-            size + granule,
-            granule,
-            table.as_mut_ptr(),
-            table.len(),
-        )
-    }
-    .unwrap();
+    let mut h = oob_over(&mut region, &mut table, granule);
     let a = h.allocate(layout(3 * granule, 8)).unwrap();
     let b = h.allocate(layout(100, 8)).unwrap();
     let (oa, ob) = (h.offset_of(a), h.offset_of(b));
