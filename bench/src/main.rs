@@ -62,6 +62,14 @@ usage: xalloc-bench [--quick] [--workload NAME]... [--only ALLOC]... [--reps N]
                    per workload (the usual one first), and report mean, min, max
 ";
 
+/// `v` as a positive integer, or an error naming `flag`.
+fn positive(v: String, flag: &str) -> Result<u64, String> {
+    v.parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or(format!("{flag} needs a positive integer, not {v:?}"))
+}
+
 fn parse_args() -> Result<Config, String> {
     let mut cfg = Config {
         quick: false,
@@ -99,19 +107,9 @@ fn parse_args() -> Result<Config, String> {
                     .filter(|w| !w.is_empty())
                     .map(str::to_lowercase),
             ),
-            "--reps" => {
-                cfg.reps = value("--reps")?
-                    .parse()
-                    .ok()
-                    .filter(|&r| r > 0)
-                    .ok_or("--reps needs a positive integer")?
-            }
+            "--reps" => cfg.reps = positive(value("--reps")?, "--reps")? as usize,
             "--region-seeds" => {
-                cfg.region_seeds = value("--region-seeds")?
-                    .parse()
-                    .ok()
-                    .filter(|&r| r > 0)
-                    .ok_or("--region-seeds needs a positive integer")?
+                cfg.region_seeds = positive(value("--region-seeds")?, "--region-seeds")?
             }
             "--help" | "-h" => {
                 print!("{USAGE}");

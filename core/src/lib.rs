@@ -265,17 +265,7 @@ impl Tlsf<InBand> {
     /// # Safety
     /// As for [`init`](Self::init), and the region overlaps no region the heap already has.
     pub unsafe fn add_region(&mut self, start: *mut u8, size: usize) -> Result<(), InitError> {
-        if start.is_null() {
-            return Err(InitError::TooSmall);
-        }
-        if self.region_count() == store::MAX_REGIONS {
-            return Err(InitError::TooManyRegions);
-        }
-        start.addr().checked_add(size).ok_or(InitError::Overflow)?;
-        let (first, n) = self
-            .store_mut()
-            .push_region(start, size)
-            .ok_or(InitError::TooSmall)?;
+        let (first, n) = self.store_mut().push_region(start, size)?;
         // SAFETY: the store registered region `first >> LOCAL_BITS` with `n` granules just now.
         unsafe { self.adopt_region(first, n) };
         Ok(())

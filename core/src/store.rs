@@ -196,33 +196,41 @@ impl InBand {
 
     /// Places a region of `size` bytes at `start` in the in-band layout and records it.
     ///
-    /// Returns the id of its first block and its size in granules (sentinel excluded), or `None`
-    /// if it holds less than one block or all [`MAX_REGIONS`] regions are taken. Regions larger
-    /// than [`MAX_REGION_GRANULES`] granules are used up to that size.
-    pub(crate) fn push_region(&mut self, start: *mut u8, size: usize) -> Option<(BlockId, u32)> {
+    /// Returns the id of its first block and its size in granules (sentinel excluded), or why
+    /// the region cannot be used (null or too small for a block, past the end of the address
+    /// space, all [`MAX_REGIONS`] regions taken). Regions larger than [`MAX_REGION_GRANULES`]
+    /// granules are used up to that size.
+    pub(crate) fn push_region(
+        &mut self,
+        start: *mut u8,
+        size: usize,
+    ) -> Result<(BlockId, u32), crate::InitError> {
+        use crate::InitError;
         if self.count == MAX_REGIONS {
-            return None;
+            return Err(InitError::TooManyRegions);
+        }
+        if start.is_null() {
+            return Err(InitError::TooSmall);
         }
         let addr = start.addr();
-        let end = addr.checked_add(size)?;
+        let end = addr.checked_add(size).ok_or(InitError::Overflow)?;
         // The first payload is the first 16-aligned address with room for a header below it.
         let base = addr
-            .checked_add(IN_BAND_HEADER)?
-            .checked_next_multiple_of(16)?;
-        if base > end {
-            return None;
-        }
+            .checked_add(IN_BAND_HEADER)
+            .and_then(|a| a.checked_next_multiple_of(16))
+            .filter(|&b| b <= end)
+            .ok_or(InitError::TooSmall)?;
         // Blocks fill [base - 8, base + 16n - 8); the sentinel header takes [base + 16n - 8, base + 16n).
         let n =
             ((end - base) >> IN_BAND_GRANULE_SHIFT).min(MAX_REGION_GRANULES as usize - 1) as u32;
         if n == 0 {
-            return None;
+            return Err(InitError::TooSmall);
         }
         let r = self.count;
         self.bases[r] = start.wrapping_add(base - addr);
         self.lens[r] = n;
         self.count += 1;
-        Some(((r as u32) << LOCAL_BITS, n))
+        Ok(((r as u32) << LOCAL_BITS, n))
     }
 }
 

@@ -471,11 +471,13 @@ impl<S: MetaStore> Tlsf<S> {
         };
         let search = g.checked_add(pad).filter(|&s| s <= LOCAL_MASK / 2)?;
         let good = class_at_least(search);
-        let own = class_of(g);
         let big = ((g as usize) << shift) >= LOW_FIRST_BYTES;
-        if big && own != good && self.has(own) {
-            if let Some(b) = self.first_fit_in(own, g, align, SCAN_LIMIT) {
-                return Some((b, own));
+        if big {
+            let own = class_of(g);
+            if own != good && self.has(own) {
+                if let Some(b) = self.first_fit_in(own, g, align, SCAN_LIMIT) {
+                    return Some((b, own));
+                }
             }
         }
         let c @ (fl, sl) = self.find_class(good)?;
