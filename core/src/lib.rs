@@ -17,6 +17,8 @@
 //! - `wire` (on targets with 64-bit atomics): the layout of the daemon's shared-memory segments
 //!   and the slot protocol, as plain data, so that the daemon and its clients share one
 //!   definition.
+//! - `os` (feature `os`, Linux): the system calls both sides of that protocol need (shared
+//!   memory, futexes, pidfds), kept thin and out of the default, OS-free build.
 //!
 //! Every link the algorithm stores is a granule index from the start of its region, never an
 //! address, so a region can be mapped at a different address in each process that uses it.
@@ -38,6 +40,8 @@
 
 pub mod first_fit;
 pub mod locked;
+#[cfg(feature = "os")]
+pub mod os;
 pub mod store;
 pub mod sync;
 pub mod tlsf;
@@ -145,6 +149,30 @@ impl fmt::Display for FreeError {
 }
 
 impl core::error::Error for FreeError {}
+
+/// Why [`OobHeap::resize_at`] refused. The heap is unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ResizeError {
+    /// No used block starts at the offset.
+    Block(FreeError),
+    /// The new size is zero or larger than a block can be.
+    BadSize,
+    /// The successor is not free or too small: the block cannot grow in place.
+    NoRoom,
+}
+
+impl fmt::Display for ResizeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Block(e) => e.fmt(f),
+            Self::BadSize => f.write_str("new size is zero or too large"),
+            Self::NoRoom => f.write_str("no room to grow the block in place"),
+        }
+    }
+}
+
+impl core::error::Error for ResizeError {}
 
 /// A broken heap invariant, found by `check_invariants`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

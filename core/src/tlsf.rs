@@ -54,7 +54,7 @@ use core::alloc::Layout;
 use core::ptr::NonNull;
 
 use crate::store::{BlockId, MetaStore, OutOfBand, LOCAL_BITS, LOCAL_MASK, MAX_REGIONS, NIL};
-use crate::{FreeError, InvariantError, Stats};
+use crate::{FreeError, InvariantError, ResizeError, Stats};
 
 /// log2 of the number of second-level classes per power of two.
 ///
@@ -745,7 +745,7 @@ impl<S: MetaStore> Tlsf<S> {
         let g = self.granules_for(new_size)?;
         // SAFETY: the caller's contract.
         let (b, v) = unsafe { self.used_block(ptr) };
-        let (size, pf) = (size_of_flags(v), v & PREV_FREE);
+        let size = size_of_flags(v);
         let align = layout.align();
         let found = self.candidate(g, align);
         let copy_bytes = (size.min(g) as usize) << self.store.granule_shift();
@@ -756,6 +756,26 @@ impl<S: MetaStore> Tlsf<S> {
             // `ptr` is live.
             return Some(unsafe { self.move_to(c, class, g, ptr, layout, new_size) });
         }
+        // SAFETY: `b` is the used block behind `ptr`, `v` its flags.
+        if unsafe { self.resize_in_place(b, v, g) } {
+            return Some(ptr);
+        }
+        let (c, class) = match found {
+            Some(found) => found,
+            None => self.exhaustive_candidate(g, align)?,
+        };
+        // SAFETY: `c` is a free block of class `class` holding `g` granules at `align`; `ptr` is
+        // live.
+        Some(unsafe { self.move_to(c, class, g, ptr, layout, new_size) })
+    }
+
+    /// Resizes used block `b` (flags `v`) to `g` granules without moving it: shrinks it (the
+    /// tail is freed), or grows it into a free successor with room. Returns whether it did.
+    ///
+    /// # Safety
+    /// `b` is a used block and `v` its current `size_flags`.
+    unsafe fn resize_in_place(&mut self, b: Blk<S::Ptr>, v: u32, g: u32) -> bool {
+        let (size, pf) = (size_of_flags(v), v & PREV_FREE);
         if g <= size {
             if g < size {
                 let tail = self.after(b, g);
@@ -769,7 +789,7 @@ impl<S: MetaStore> Tlsf<S> {
                     self.release(tail, size - g, 0, tail.p);
                 }
             }
-            return Some(ptr);
+            return true;
         }
         let next = self.after(b, size);
         // SAFETY: `next` is the next block or the sentinel.
@@ -784,15 +804,9 @@ impl<S: MetaStore> Tlsf<S> {
                 self.carve(b, size + ns, g, pf);
             }
             self.used_granules += (g - size) as usize;
-            return Some(ptr);
+            return true;
         }
-        let (c, class) = match found {
-            Some(found) => found,
-            None => self.exhaustive_candidate(g, align)?,
-        };
-        // SAFETY: `c` is a free block of class `class` holding `g` granules at `align`; `ptr` is
-        // live.
-        Some(unsafe { self.move_to(c, class, g, ptr, layout, new_size) })
+        false
     }
 
     /// Moves live block `ptr` (allocated with `layout`) into free block `c` of class `class` as
@@ -1033,6 +1047,24 @@ impl Tlsf<OutOfBand> {
         // only at block starts); its links live in the table, so `b.p` serves for them.
         unsafe { self.release(b, size, v & PREV_FREE, b.p) };
         Ok((size as usize) << self.store.granule_shift())
+    }
+
+    /// Resizes in place the used block whose payload starts `offset` bytes into the region so
+    /// that it holds `new_size` bytes: shrinks it, or grows it into a free successor. Returns
+    /// the block's new size in bytes. Checks the offset like [`Tlsf::deallocate_at`]; a refused
+    /// request changes nothing. O(1).
+    pub fn resize_at(&mut self, offset: usize, new_size: usize) -> Result<usize, ResizeError> {
+        let (b, v) = self.used_block_at(offset).map_err(ResizeError::Block)?;
+        let g = match self.granules_for(new_size) {
+            Some(g) if new_size != 0 => g,
+            _ => return Err(ResizeError::BadSize),
+        };
+        // SAFETY: `b` is a used block start, `v` its flags (just read).
+        if unsafe { self.resize_in_place(b, v, g) } {
+            Ok((g as usize) << self.store.granule_shift())
+        } else {
+            Err(ResizeError::NoRoom)
+        }
     }
 
     /// The used block starting at `offset`, checked.

@@ -7,7 +7,7 @@
 //! | segment | writers | layout |
 //! | --- | --- | --- |
 //! | `/NAME.request` | clients and daemon | [`SegmentHeader`], [`Doorbell`], `slot_count` × [`RequestSlot`] |
-//! | `/NAME.response` | daemon only (clients map it read-only) | [`SegmentHeader`], `slot_count` × [`ResponseSlot`] |
+//! | `/NAME.response` | daemon only (clients map it read-only) | [`SegmentHeader`], [`DaemonStats`], `slot_count` × [`ResponseSlot`] |
 //! | `/NAME.arena` | clients (their blocks) | [`SegmentHeader`] in the first [`ARENA_DATA_OFFSET`] bytes, then the data |
 //!
 //! Every part is 64-byte aligned and 64 bytes long, so two slots never share a cache line. The
@@ -215,6 +215,9 @@ pub struct Doorbell {
     /// 1 while the daemon is asleep (or about to be) on `rings`: only then does a client make
     /// the wake-up system call.
     pub sleeping: AtomicU32,
+    /// One more than the highest slot index ever claimed: the daemon scans slots below it only.
+    /// Raised by a client ([`Doorbell::note_claim`]) before its first request in a slot.
+    pub slots_hi: AtomicU32,
 }
 
 impl Doorbell {
@@ -223,7 +226,15 @@ impl Doorbell {
         Self {
             rings: AtomicU32::new(0),
             sleeping: AtomicU32::new(0),
+            slots_hi: AtomicU32::new(0),
         }
+    }
+
+    /// Client side, after claiming slot `index` and before submitting in it: makes sure the
+    /// daemon scans that far.
+    pub fn note_claim(&self, index: u32) {
+        self.slots_hi
+            .fetch_max(index.saturating_add(1), Ordering::Release);
     }
 
     /// Client side, after [`RequestSlot::submit`]: returns whether the daemon must be woken
@@ -258,9 +269,11 @@ pub const PENDING: u32 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Op {
-    /// Registers the slot's owner as a client.
+    /// Registers the slot for its owner (a process id): the daemon starts watching that
+    /// process and accepts requests from the slot. Needed after every claim.
     Hello = 1,
-    /// The client leaves: the daemon frees its blocks and its slots.
+    /// The owner is done with the slot: the daemon frees the slot. Blocks belong to the
+    /// process, not the slot, and stay allocated until freed or until the process exits.
     Goodbye = 2,
     /// Allocate `size` bytes at `align` (`flags`: [`FLAG_ZEROED`] asks for zeroed memory).
     Allocate = 3,
@@ -313,6 +326,8 @@ pub enum Status {
     NotInPlace = 9,
     /// The daemon is shutting down.
     ShuttingDown = 10,
+    /// The request sets flag bits its operation does not define.
+    BadFlags = 11,
 }
 
 impl Status {
@@ -330,6 +345,7 @@ impl Status {
             8 => Self::UnknownOp,
             9 => Self::NotInPlace,
             10 => Self::ShuttingDown,
+            11 => Self::BadFlags,
             _ => return None,
         })
     }
@@ -543,6 +559,146 @@ impl ResponseSlot {
     }
 }
 
+/// The daemon's counters, right after the response segment's header: what `xallocd status`
+/// shows, readable by anyone who can map the response segment, without a request.
+///
+/// Written by the daemon only, under a sequence lock: [`DaemonStats::store`] makes `seq` odd,
+/// writes, and makes it even again; [`DaemonStats::load`] retries until it reads the same even
+/// `seq` before and after the fields.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct DaemonStats {
+    /// Sequence lock: odd while the daemon writes.
+    pub seq: AtomicU64,
+    /// The fields, in [`StatsSnapshot`] order.
+    pub fields: [AtomicU64; STATS_FIELDS],
+}
+
+/// Number of counters in [`DaemonStats`].
+pub const STATS_FIELDS: usize = 13;
+
+/// [`StatsSnapshot::state`]: serving requests.
+pub const STATE_RUNNING: u64 = 1;
+/// [`StatsSnapshot::state`]: shutting down; new requests get [`Status::ShuttingDown`].
+pub const STATE_STOPPING: u64 = 2;
+
+/// One consistent reading of [`DaemonStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// [`STATE_RUNNING`] or [`STATE_STOPPING`] (0 before the daemon first writes).
+    pub state: u64,
+    /// The daemon's process id.
+    pub pid: u64,
+    /// Bytes of arena data under management.
+    pub arena_bytes: u64,
+    /// Bytes in allocated blocks.
+    pub used_bytes: u64,
+    /// Bytes in free blocks.
+    pub free_bytes: u64,
+    /// The largest block that can be allocated now.
+    pub largest_free_bytes: u64,
+    /// Allocated blocks.
+    pub live_blocks: u64,
+    /// Client processes registered.
+    pub clients: u64,
+    /// Slots registered.
+    pub slots: u64,
+    /// Requests answered since start.
+    pub requests: u64,
+    /// Requests answered with an error status since start.
+    pub errors: u64,
+    /// Bytes of the arena reserved in `/dev/shm` (backed by pages).
+    pub reserved_bytes: u64,
+    /// Unix time (seconds) when the daemon started.
+    pub started_unix: u64,
+}
+
+impl StatsSnapshot {
+    fn to_array(self) -> [u64; STATS_FIELDS] {
+        [
+            self.state,
+            self.pid,
+            self.arena_bytes,
+            self.used_bytes,
+            self.free_bytes,
+            self.largest_free_bytes,
+            self.live_blocks,
+            self.clients,
+            self.slots,
+            self.requests,
+            self.errors,
+            self.reserved_bytes,
+            self.started_unix,
+        ]
+    }
+
+    fn from_array(a: [u64; STATS_FIELDS]) -> Self {
+        let [state, pid, arena_bytes, used_bytes, free_bytes, largest_free_bytes, live_blocks, clients, slots, requests, errors, reserved_bytes, started_unix] =
+            a;
+        Self {
+            state,
+            pid,
+            arena_bytes,
+            used_bytes,
+            free_bytes,
+            largest_free_bytes,
+            live_blocks,
+            clients,
+            slots,
+            requests,
+            errors,
+            reserved_bytes,
+            started_unix,
+        }
+    }
+}
+
+impl DaemonStats {
+    /// Daemon side (the only writer): publishes `s`.
+    pub fn store(&self, s: &StatsSnapshot) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq.wrapping_add(1) | 1, Ordering::Relaxed);
+        // Orders the odd `seq` before the field stores (the writer half of a sequence lock).
+        fence(Ordering::Release);
+        for (f, v) in self.fields.iter().zip(s.to_array()) {
+            f.store(v, Ordering::Relaxed);
+        }
+        self.seq
+            .store((seq.wrapping_add(1) | 1).wrapping_add(1), Ordering::Release);
+    }
+
+    /// Reader side: one consistent snapshot, or `None` if the daemon was writing on each of
+    /// `tries` attempts.
+    pub fn load(&self, tries: u32) -> Option<StatsSnapshot> {
+        for _ in 0..tries {
+            let before = self.seq.load(Ordering::Acquire);
+            if before & 1 != 0 {
+                core::hint::spin_loop();
+                continue;
+            }
+            let mut a = [0u64; STATS_FIELDS];
+            for (v, f) in a.iter_mut().zip(&self.fields) {
+                *v = f.load(Ordering::Relaxed);
+            }
+            // Orders the field loads before the second `seq` load (the reader half).
+            fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) == before {
+                return Some(StatsSnapshot::from_array(a));
+            }
+        }
+        None
+    }
+}
+
+impl Default for DaemonStats {
+    fn default() -> Self {
+        Self {
+            seq: AtomicU64::new(0),
+            fields: core::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
 impl Default for Doorbell {
     fn default() -> Self {
         Self::new()
@@ -578,6 +734,8 @@ unsafe impl SharedPlain for Doorbell {}
 unsafe impl SharedPlain for RequestSlot {}
 // SAFETY: as for `Doorbell`.
 unsafe impl SharedPlain for ResponseSlot {}
+// SAFETY: as for `Doorbell`.
+unsafe impl SharedPlain for DaemonStats {}
 
 /// Bytes of a request segment with `slots` slots.
 pub const fn request_segment_len(slots: u32) -> usize {
@@ -586,8 +744,11 @@ pub const fn request_segment_len(slots: u32) -> usize {
 
 /// Bytes of a response segment with `slots` slots.
 pub const fn response_segment_len(slots: u32) -> usize {
-    size_of::<SegmentHeader>() + slots as usize * size_of::<ResponseSlot>()
+    STATS_OFFSET + size_of::<DaemonStats>() + slots as usize * size_of::<ResponseSlot>()
 }
+
+/// Offset of the [`DaemonStats`] in the response segment.
+pub const STATS_OFFSET: usize = size_of::<SegmentHeader>();
 
 /// Offset of the [`Doorbell`] in the request segment.
 pub const DOORBELL_OFFSET: usize = size_of::<SegmentHeader>();
@@ -599,8 +760,11 @@ pub const fn request_slot_offset(i: u32) -> usize {
 
 /// Offset of response slot `i` in the response segment.
 pub const fn response_slot_offset(i: u32) -> usize {
-    size_of::<SegmentHeader>() + i as usize * size_of::<ResponseSlot>()
+    STATS_OFFSET + size_of::<DaemonStats>() + i as usize * size_of::<ResponseSlot>()
 }
+
+/// The most slots a segment may have (the daemon's `--slots` limit).
+pub const MAX_SLOTS: u32 = 4096;
 
 // The layout is part of the protocol: any change here must bump `VERSION`.
 #[cfg(not(loom))]
@@ -609,6 +773,7 @@ const _: () = {
     assert!(size_of::<Doorbell>() == 64 && align_of::<Doorbell>() == 64);
     assert!(size_of::<RequestSlot>() == 64 && align_of::<RequestSlot>() == 64);
     assert!(size_of::<ResponseSlot>() == 64 && align_of::<ResponseSlot>() == 64);
+    assert!(size_of::<DaemonStats>() == 128 && align_of::<DaemonStats>() == 64);
     assert!(ARENA_DATA_OFFSET >= size_of::<SegmentHeader>());
 };
 
@@ -681,8 +846,8 @@ mod tests {
         assert_eq!(DOORBELL_OFFSET, 64);
         assert_eq!(request_slot_offset(0), 128);
         assert_eq!(request_slot_offset(3), 128 + 3 * 64);
-        assert_eq!(response_slot_offset(0), 64);
-        assert_eq!(response_segment_len(4), 64 + 4 * 64);
+        assert_eq!(response_slot_offset(0), 64 + 128);
+        assert_eq!(response_segment_len(4), 64 + 128 + 4 * 64);
     }
 
     #[test]

@@ -1,0 +1,456 @@
+//! The thin OS layer that the daemon and its clients share (feature `os`, Linux only): POSIX
+//! shared memory, mappings, futexes, pidfds and the few process queries the protocol needs.
+//!
+//! Every system call of the shared-memory protocol goes through this module, so the rest of the
+//! code (the [`wire`](crate::wire) layout, the allocator) stays OS-free and model-checkable.
+//! Nothing here allocates, formats or panics: a client calls it from inside a global
+//! allocator. Errors are the raw `errno` ([`Errno`]); callers map them to their own error enums
+//! where the failure is decided.
+//!
+//! Descriptors are owned by [`Fd`] and mappings by [`Mapping`]; both release their resource on
+//! drop, ignoring errors (nothing useful can be done about a failed `close` or `munmap`).
+
+use core::ffi::CStr;
+use core::fmt;
+use core::ptr::NonNull;
+use core::sync::atomic::AtomicU32;
+use core::time::Duration;
+
+cfg_if::cfg_if! {
+    if #[cfg(target_os = "linux")] {
+        use libc::{c_int, c_void};
+    } else {
+        compile_error!("the `os` feature of xalloc-core supports Linux only");
+    }
+}
+
+/// An `errno` value from a failed system call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    /// The calling thread's current `errno`.
+    pub fn last() -> Self {
+        // SAFETY: `__errno_location` returns a valid pointer to this thread's errno.
+        Self(unsafe { *libc::__errno_location() })
+    }
+}
+
+impl fmt::Display for Errno {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = [0u8; 128];
+        // SAFETY: `buf` is writable for its length; the XSI `strerror_r` writes a NUL-terminated
+        // string of at most that length, or returns an error and leaves it unspecified.
+        let rc = unsafe { libc::strerror_r(self.0, buf.as_mut_ptr().cast(), buf.len()) };
+        let text = if rc == 0 {
+            CStr::from_bytes_until_nul(&buf)
+                .ok()
+                .and_then(|s| s.to_str().ok())
+        } else {
+            None
+        };
+        match text {
+            Some(t) => write!(f, "{t} (errno {})", self.0),
+            None => write!(f, "errno {}", self.0),
+        }
+    }
+}
+
+impl core::error::Error for Errno {}
+
+/// Turns a `-1` return into the current `errno`.
+fn check(rc: c_int) -> Result<c_int, Errno> {
+    if rc == -1 {
+        Err(Errno::last())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// An owned file descriptor, closed on drop.
+#[derive(Debug)]
+pub struct Fd(c_int);
+
+impl Fd {
+    /// Takes ownership of `fd`.
+    ///
+    /// # Safety
+    /// `fd` is an open descriptor that nothing else closes.
+    pub unsafe fn from_raw(fd: c_int) -> Self {
+        Self(fd)
+    }
+
+    /// The raw descriptor, still owned by `self`.
+    pub fn raw(&self) -> c_int {
+        self.0
+    }
+
+    /// Gives up ownership: the caller closes the descriptor.
+    pub fn into_raw(self) -> c_int {
+        let fd = self.0;
+        core::mem::forget(self);
+        fd
+    }
+}
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: `self` owns the descriptor and closes it once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// What `fstat` says about a shared-memory object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Length in bytes.
+    pub len: u64,
+    /// Owner's user id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Permission bits (`0o777` mask).
+    pub mode: u32,
+}
+
+/// Creates the shared-memory object `name` (`/NAME`, as for `shm_open`) with `mode`, exclusively
+/// (`O_CREAT | O_EXCL`: fails with `EEXIST` if it exists), sized to `len` bytes of zeros.
+///
+/// The mode is set with `fchmod` after creation, so the process umask does not narrow it. On
+/// failure after creation the object is unlinked again.
+pub fn shm_create(name: &CStr, len: u64, mode: u32) -> Result<Fd, Errno> {
+    let len = libc::off_t::try_from(len).map_err(|_| Errno(libc::EFBIG))?;
+    // SAFETY: `name` is NUL-terminated.
+    let fd = check(unsafe {
+        libc::shm_open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+            mode as libc::mode_t,
+        )
+    })?;
+    // SAFETY: `fd` was just opened and is owned here.
+    let fd = unsafe { Fd::from_raw(fd) };
+    // SAFETY: plain calls on an owned descriptor.
+    let sized = check(unsafe { libc::fchmod(fd.raw(), mode as libc::mode_t) })
+        .and_then(|_| check(unsafe { libc::ftruncate(fd.raw(), len) }));
+    match sized {
+        Ok(_) => Ok(fd),
+        Err(e) => {
+            shm_unlink(name).ok();
+            Err(e)
+        }
+    }
+}
+
+/// Opens the existing shared-memory object `name`, read-write or read-only.
+pub fn shm_open(name: &CStr, writable: bool) -> Result<Fd, Errno> {
+    let flags = if writable {
+        libc::O_RDWR
+    } else {
+        libc::O_RDONLY
+    } | libc::O_CLOEXEC;
+    // SAFETY: `name` is NUL-terminated; no `O_CREAT`, so the mode is unused.
+    let fd = check(unsafe { libc::shm_open(name.as_ptr(), flags, 0) })?;
+    // SAFETY: `fd` was just opened and is owned here.
+    Ok(unsafe { Fd::from_raw(fd) })
+}
+
+/// Removes the name `name`; mappings and descriptors of the object stay valid.
+pub fn shm_unlink(name: &CStr) -> Result<(), Errno> {
+    // SAFETY: `name` is NUL-terminated.
+    check(unsafe { libc::shm_unlink(name.as_ptr()) }).map(drop)
+}
+
+/// Size, owner and mode of the object behind `fd`.
+pub fn fstat(fd: &Fd) -> Result<ObjectInfo, Errno> {
+    // SAFETY: all-zero is a valid `stat`; `fstat` fills it for an open descriptor.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: `st` is writable; `fd` is open.
+    check(unsafe { libc::fstat(fd.raw(), &mut st) })?;
+    Ok(ObjectInfo {
+        len: st.st_size as u64,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        mode: st.st_mode & 0o777,
+    })
+}
+
+/// Reserves the pages behind bytes `[offset, offset + len)` of the object (`fallocate`), so that
+/// touching them later cannot fail. On a full `/dev/shm` this fails with `ENOSPC`, where a
+/// store into an unreserved page would raise `SIGBUS`.
+pub fn reserve(fd: &Fd, offset: u64, len: u64) -> Result<(), Errno> {
+    let off = libc::off_t::try_from(offset).map_err(|_| Errno(libc::EFBIG))?;
+    let len = libc::off_t::try_from(len).map_err(|_| Errno(libc::EFBIG))?;
+    loop {
+        // SAFETY: plain call on an open descriptor.
+        match check(unsafe { libc::fallocate(fd.raw(), 0, off, len) }) {
+            Err(Errno(libc::EINTR)) => continue,
+            r => return r.map(drop),
+        }
+    }
+}
+
+/// A shared mapping of a whole object, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a mapping is plain memory; what is stored in it is shared through atomics or through
+// the protocol's ownership rules, which the users of `as_ptr` answer for.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` only hands out the address.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` from offset 0, shared, read-write or read-only.
+    pub fn new(fd: &Fd, len: usize, writable: bool) -> Result<Self, Errno> {
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh mapping chosen by the kernel; it aliases nothing of ours.
+        let p = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.raw(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        Ok(Self {
+            ptr: NonNull::new(p.cast()).ok_or(Errno(libc::ENOMEM))?,
+            len,
+        })
+    }
+
+    /// The first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never: `mmap` refuses length 0).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether `addr` lies inside the mapping.
+    pub fn contains(&self, addr: usize) -> bool {
+        addr.wrapping_sub(self.ptr.as_ptr().addr()) < self.len
+    }
+
+    /// A `T` at byte `offset`.
+    ///
+    /// # Safety
+    /// `offset + size_of::<T>() <= len`, and `offset` is a multiple of `align_of::<T>()` (the
+    /// mapping is page-aligned).
+    pub unsafe fn at<T: crate::wire::SharedPlain>(&self, offset: usize) -> &T {
+        debug_assert!(
+            offset + size_of::<T>() <= self.len && offset.is_multiple_of(align_of::<T>())
+        );
+        // SAFETY: in bounds and aligned (the caller's contract); `SharedPlain` types are valid
+        // for every bit pattern and hold only atomics or plain integers, so a shared reference
+        // to memory that other processes change is sound; the reference lives no longer than
+        // the mapping.
+        unsafe { &*self.ptr.as_ptr().add(offset).cast::<T>() }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `self` owns the mapping; nothing refers to it once `self` is gone (`at`
+        // borrows `self`).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len) };
+    }
+}
+
+/// What ended a [`futex_wait`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// Woken, or the word already differed from the expected value, or a signal interrupted
+    /// the wait: look again.
+    Woken,
+    /// The timeout passed.
+    TimedOut,
+}
+
+/// Sleeps while `*word == expected`, at most `timeout` (forever if `None`). The word may be in
+/// a shared mapping, read-only included: the futex is keyed by the object, not the address, so
+/// [`futex_wake`] from another process reaches it.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> Wake {
+    let ts = timeout.map(|d| libc::timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(core::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a valid, aligned u32 for the duration of the call; the timeout pointer
+    // is null or points at `ts`, alive until the call returns. FUTEX_WAIT (not PRIVATE) works
+    // across processes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            ts_ptr,
+            core::ptr::null::<u32>(),
+            0u32,
+        )
+    };
+    if rc == -1 && Errno::last().0 == libc::ETIMEDOUT {
+        Wake::TimedOut
+    } else {
+        Wake::Woken
+    }
+}
+
+/// Wakes up to `n` waiters on `word` (in any process); returns how many were woken.
+pub fn futex_wake(word: &AtomicU32, n: u32) -> usize {
+    // SAFETY: FUTEX_WAKE reads nothing through the pointer; it only keys the wait queue.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            n.min(i32::MAX as u32),
+            core::ptr::null::<libc::timespec>(),
+            core::ptr::null::<u32>(),
+            0u32,
+        )
+    };
+    usize::try_from(rc).unwrap_or(0)
+}
+
+/// A pidfd for process `pid`: readable once the process has exited. Fails with `ESRCH` if no
+/// such process exists.
+pub fn pidfd_open(pid: u32) -> Result<Fd, Errno> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| Errno(libc::ESRCH))?;
+    // SAFETY: plain system call with integer arguments.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
+    if rc < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: a fresh descriptor owned here.
+    Ok(unsafe { Fd::from_raw(rc as c_int) })
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd is readable).
+pub fn pidfd_exited(pidfd: &Fd) -> bool {
+    let mut p = libc::pollfd {
+        fd: pidfd.raw(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd; a zero timeout never blocks.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    rc == 1 && p.revents & libc::POLLIN != 0
+}
+
+/// Whether a process with id `pid` exists (it may belong to another user).
+pub fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks existence and permission.
+    pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || Errno::last().0 == libc::EPERM)
+}
+
+/// This process's id.
+pub fn pid() -> u32 {
+    // SAFETY: always succeeds.
+    unsafe { libc::getpid() as u32 }
+}
+
+/// The effective user id.
+pub fn euid() -> u32 {
+    // SAFETY: always succeeds.
+    unsafe { libc::geteuid() }
+}
+
+/// CPUs online now (at least 1).
+pub fn online_cpus() -> usize {
+    // SAFETY: plain query.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
+}
+
+/// Gives the CPU to another runnable thread, if any.
+pub fn yield_now() {
+    // SAFETY: always safe.
+    unsafe { libc::sched_yield() };
+}
+
+/// A shared-memory name `/NAME.KIND` built without allocating: a NUL-terminated buffer.
+#[derive(Clone, Copy)]
+pub struct ShmName {
+    buf: [u8; ShmName::CAP],
+    len: usize,
+}
+
+impl ShmName {
+    /// Bytes a name may take, NUL included (`NAME_MAX` of `/dev/shm` is 255).
+    pub const CAP: usize = 256;
+
+    /// `/{instance}.{kind}`, or `None` if `instance` is empty, too long, or holds a `/` or NUL.
+    pub fn new(instance: &str, kind: &str) -> Option<Self> {
+        let (i, k) = (instance.as_bytes(), kind.as_bytes());
+        let bad = |s: &[u8]| s.iter().any(|&c| c == b'/' || c == 0);
+        if i.is_empty() || bad(i) || bad(k) || 1 + i.len() + 1 + k.len() + 1 > Self::CAP {
+            return None;
+        }
+        let mut buf = [0u8; Self::CAP];
+        buf[0] = b'/';
+        buf[1..1 + i.len()].copy_from_slice(i);
+        buf[1 + i.len()] = b'.';
+        buf[2 + i.len()..2 + i.len() + k.len()].copy_from_slice(k);
+        Some(Self {
+            buf,
+            len: 2 + i.len() + k.len(),
+        })
+    }
+
+    /// The name as a C string.
+    pub fn as_cstr(&self) -> &CStr {
+        // The buffer holds no NUL before `len` (checked in `new`) and a NUL at `len`.
+        CStr::from_bytes_with_nul(&self.buf[..=self.len]).unwrap_or(c"/")
+    }
+
+    /// The name as text (`/NAME.KIND`).
+    pub fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("/")
+    }
+}
+
+impl PartialEq for ShmName {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for ShmName {}
+
+impl fmt::Display for ShmName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for ShmName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}

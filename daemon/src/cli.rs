@@ -1,0 +1,179 @@
+//! Command line of `xallocd`: the flags named in the design's contract table, and sizes written
+//! as `4096`, `64K`, `256M` or `1G`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The default arena size, in the syntax `--arena-size` takes.
+pub const DEFAULT_ARENA_SIZE: &str = "256M";
+
+/// Default number of request slots (one per client thread that talks to the daemon at once).
+pub const DEFAULT_SLOTS: u32 = 256;
+
+/// xallocd: the xalloc daemon. Hosts a shared-memory arena and serves allocation requests from
+/// other processes through the segments /NAME.request, /NAME.response and /NAME.arena.
+#[derive(Debug, Parser)]
+#[command(name = "xallocd", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a daemon: detach, create the segments, serve until `xallocd stop` (or SIGTERM).
+    ///
+    /// Returns once the daemon serves requests (exit 0), or exits non-zero with the reason.
+    Start(StartArgs),
+    /// Stop a daemon: send SIGTERM and wait until it has exited and its segments are gone.
+    Stop(StopArgs),
+    /// Print a daemon's statistics, read from its response segment.
+    Status(StatusArgs),
+}
+
+/// The instance a command addresses.
+#[derive(Debug, Args, Clone)]
+pub struct Instance {
+    /// Instance name: the segments are /dev/shm/NAME.{request,response,arena}.
+    #[arg(long, env = "XALLOC_NAME", default_value = "xalloc", value_parser = parse_name)]
+    pub name: String,
+
+    /// Pidfile, locked for the daemon's life. Default: /run/xalloc/NAME.pid for root,
+    /// else $XDG_RUNTIME_DIR/xalloc/NAME.pid, else /tmp/xalloc-UID/NAME.pid.
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
+}
+
+/// `xallocd start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub instance: Instance,
+
+    /// Bytes of shared arena (4096, 64K, 256M, 1G).
+    #[arg(long, value_name = "SIZE", default_value = DEFAULT_ARENA_SIZE, value_parser = parse_size)]
+    pub arena_size: u64,
+
+    /// Request slots: how many client threads can talk to the daemon at once.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_SLOTS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(xalloc_core::wire::MAX_SLOTS)))]
+    pub slots: u32,
+
+    /// Stay attached to the terminal (for systemd Type=notify: readiness goes to
+    /// $NOTIFY_SOCKET).
+    #[arg(long)]
+    pub foreground: bool,
+
+    /// Syslog socket to log to.
+    #[arg(long, value_name = "PATH", default_value = "/dev/log")]
+    pub syslog_socket: PathBuf,
+
+    /// Also log to this file whenever the syslog socket does not answer.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// Let members of GROUP use the daemon: request and arena segments 0660, response 0640
+    /// (default: owner only, 0600).
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+}
+
+/// `xallocd stop`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub instance: Instance,
+
+    /// Seconds to wait for the daemon to exit.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub timeout: u64,
+}
+
+/// `xallocd status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub instance: Instance,
+
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses a size: digits, optionally followed by K, M, G or T (powers of 1024; a trailing `B`
+/// or `iB` is accepted too).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let upper = t.to_ascii_uppercase();
+    let body = upper
+        .strip_suffix("IB")
+        .or_else(|| upper.strip_suffix('B'))
+        .unwrap_or(&upper);
+    let (digits, shift) = match body.chars().last() {
+        Some('K') => (&body[..body.len() - 1], 10),
+        Some('M') => (&body[..body.len() - 1], 20),
+        Some('G') => (&body[..body.len() - 1], 30),
+        Some('T') => (&body[..body.len() - 1], 40),
+        _ => (body, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size; write e.g. 4096, 64K, 256M or 1G"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// Checks an instance name: it becomes part of file names in /dev/shm.
+pub fn parse_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 200
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && !s.starts_with('.');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "`{s}` is not a valid instance name: use 1-200 letters, digits, '-', '_' or '.', \
+             not starting with '.'"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2gib"), Ok(2 << 30));
+        assert_eq!(parse_size("8MB"), Ok(8 << 20));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(parse_name("xalloc").is_ok());
+        assert!(parse_name("test-1.a_b").is_ok());
+        for bad in ["", "a/b", ".hidden", "sp ace", "x\0y"] {
+            assert!(parse_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

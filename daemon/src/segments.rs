@@ -1,0 +1,326 @@
+//! The daemon's three shared-memory objects: creation, headers, and removal.
+//!
+//! Each is created with `O_CREAT | O_EXCL` and an explicit mode, sized, given its header, and
+//! only then announced (the request header last, since clients open it first). Objects that
+//! already exist are inspected first: ours, from a daemon that is no longer running, are
+//! removed (the caller checked the pidfile: no live daemon of this name holds it); anything
+//! else (another owner, a wrong size or magic) is refused with a message that names the object
+//! and says how to remove it.
+
+use std::ffi::CString;
+use std::fmt;
+use std::sync::Arc;
+
+use xalloc_core::os::{self, Errno, Fd, Mapping, ShmName};
+use xalloc_core::wire::{
+    self, DaemonStats, SegmentHeader, SegmentKind, ARENA_DATA_OFFSET, STATS_OFFSET,
+};
+
+/// Mode bits and group of the segments.
+#[derive(Clone, Copy, Debug)]
+pub struct Access {
+    /// Group that may use the daemon (`--group`), if any.
+    pub gid: Option<u32>,
+}
+
+impl Access {
+    fn mode(&self, kind: SegmentKind) -> u32 {
+        match (self.gid, kind) {
+            (None, _) => 0o600,
+            (Some(_), SegmentKind::Response) => 0o640,
+            (Some(_), _) => 0o660,
+        }
+    }
+}
+
+/// Why the segments could not be made.
+#[derive(Debug)]
+pub enum SegmentError {
+    /// An object of ours exists and cannot be replaced.
+    Squatted {
+        /// The object.
+        name: ShmName,
+        /// Why it is not ours or not reusable.
+        why: String,
+    },
+    /// A system call failed.
+    Os {
+        /// The object.
+        name: ShmName,
+        /// The call.
+        call: &'static str,
+        /// Its error.
+        errno: Errno,
+    },
+}
+
+impl fmt::Display for SegmentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Squatted { name, why } => write!(
+                f,
+                "/dev/shm{name} exists and is not a leftover of this user's xallocd ({why}); \
+                 remove it (`rm /dev/shm{name}`, as its owner or root) or pick another --name"
+            ),
+            Self::Os { name, call, errno } => {
+                if errno.0 == libc::ENOSPC {
+                    write!(f, "{call} /dev/shm{name}: {errno}: /dev/shm is full")
+                } else {
+                    write!(f, "{call} /dev/shm{name}: {errno}")
+                }
+            }
+        }
+    }
+}
+
+/// The names of an instance's three objects.
+#[derive(Clone, Copy, Debug)]
+pub struct Names {
+    /// `/NAME.request`.
+    pub request: ShmName,
+    /// `/NAME.response`.
+    pub response: ShmName,
+    /// `/NAME.arena`.
+    pub arena: ShmName,
+}
+
+impl Names {
+    /// The names for instance `name`.
+    pub fn new(name: &str) -> Option<Self> {
+        Some(Self {
+            request: ShmName::new(name, "request")?,
+            response: ShmName::new(name, "response")?,
+            arena: ShmName::new(name, "arena")?,
+        })
+    }
+
+    fn all(&self) -> [(ShmName, SegmentKind); 3] {
+        [
+            (self.request, SegmentKind::Request),
+            (self.response, SegmentKind::Response),
+            (self.arena, SegmentKind::Arena),
+        ]
+    }
+
+    /// Removes all three names (mappings stay valid); missing ones are fine.
+    pub fn unlink_all(&self) {
+        for (n, _) in self.all() {
+            let _ = os::shm_unlink(n.as_cstr());
+        }
+    }
+
+    /// Whether any of the three exists.
+    pub fn any_exists(&self) -> bool {
+        self.all()
+            .iter()
+            .any(|(n, _)| std::path::Path::new(&format!("/dev/shm{n}")).exists())
+    }
+}
+
+/// The created segments, mapped in the daemon.
+#[derive(Debug)]
+pub struct Segments {
+    /// `/NAME.request`, read-write (shared with the watcher thread, which rings its doorbell).
+    pub request: Arc<Mapping>,
+    /// `/NAME.response`, read-write (only the daemon writes it).
+    pub response: Mapping,
+    /// `/NAME.arena`, read-write: its header page, then the data.
+    pub arena: Mapping,
+    /// The arena's descriptor, for reserving pages.
+    pub arena_fd: Fd,
+    /// Bytes of arena data.
+    pub arena_bytes: u64,
+    /// Request slots.
+    pub slots: u32,
+}
+
+/// Checks existing objects of `names` and removes those that are leftovers of a dead daemon of
+/// this user; refuses anything else.
+pub fn clear_leftovers(names: &Names) -> Result<Vec<ShmName>, SegmentError> {
+    let mut removed = Vec::new();
+    for (name, kind) in names.all() {
+        let fd = match os::shm_open(name.as_cstr(), false) {
+            Ok(fd) => fd,
+            Err(Errno(libc::ENOENT)) => continue,
+            Err(Errno(libc::EACCES)) => {
+                return Err(SegmentError::Squatted {
+                    name,
+                    why: "owned by another user".into(),
+                })
+            }
+            Err(errno) => {
+                return Err(SegmentError::Os {
+                    name,
+                    call: "shm_open",
+                    errno,
+                })
+            }
+        };
+        let info = os::fstat(&fd).map_err(|errno| SegmentError::Os {
+            name,
+            call: "fstat",
+            errno,
+        })?;
+        if info.uid != os::euid() {
+            return Err(SegmentError::Squatted {
+                name,
+                why: format!("owned by uid {}", info.uid),
+            });
+        }
+        let len = usize::try_from(info.len).unwrap_or(usize::MAX);
+        if len < size_of::<SegmentHeader>() {
+            return Err(SegmentError::Squatted {
+                name,
+                why: format!("{len} bytes, too short for an xalloc segment"),
+            });
+        }
+        let map = Mapping::new(&fd, size_of::<SegmentHeader>(), false).map_err(|errno| {
+            SegmentError::Os {
+                name,
+                call: "mmap",
+                errno,
+            }
+        })?;
+        // SAFETY: the mapping holds one header at offset 0, page-aligned.
+        let header = unsafe { SegmentHeader::load(map.as_ptr().cast()) };
+        if let Err(e) = header.check(kind, len) {
+            return Err(SegmentError::Squatted {
+                name,
+                why: e.to_string(),
+            });
+        }
+        if os::process_exists(header.daemon_pid) && header.daemon_pid != os::pid() {
+            // The pidfile is free, yet the daemon that made these still runs: it was started
+            // with another pidfile. Two daemons must not share a name.
+            return Err(SegmentError::Squatted {
+                name,
+                why: format!(
+                    "in use by xallocd pid {} (started with another --pidfile?)",
+                    header.daemon_pid
+                ),
+            });
+        }
+        os::shm_unlink(name.as_cstr()).map_err(|errno| SegmentError::Os {
+            name,
+            call: "shm_unlink",
+            errno,
+        })?;
+        removed.push(name);
+    }
+    Ok(removed)
+}
+
+/// Creates the three objects for `slots` slots and `arena_bytes` of data, writes their headers
+/// (the request segment's last), and maps them. On failure nothing is left behind.
+pub fn create(
+    names: Names,
+    slots: u32,
+    arena_bytes: u64,
+    granule: u32,
+    access: Access,
+    generation: u64,
+) -> Result<Segments, SegmentError> {
+    let result = create_inner(names, slots, arena_bytes, granule, access, generation);
+    if result.is_err() {
+        names.unlink_all();
+    }
+    result
+}
+
+fn create_inner(
+    names: Names,
+    slots: u32,
+    arena_bytes: u64,
+    granule: u32,
+    access: Access,
+    generation: u64,
+) -> Result<Segments, SegmentError> {
+    let pid = os::pid();
+    let header = |kind| SegmentHeader::new(kind, slots, granule, arena_bytes, generation, pid);
+    let open = |name: ShmName, kind: SegmentKind, len: u64| {
+        let os_err = |call, errno| SegmentError::Os { name, call, errno };
+        let fd = os::shm_create(name.as_cstr(), len, access.mode(kind)).map_err(|e| match e {
+            Errno(libc::EEXIST) => SegmentError::Squatted {
+                name,
+                why: "created by someone else while starting".into(),
+            },
+            e => os_err("shm_open", e),
+        })?;
+        if let Some(gid) = access.gid {
+            // SAFETY: plain call on an open descriptor; -1 keeps the owner.
+            if unsafe { libc::fchown(fd.raw(), u32::MAX, gid) } != 0 {
+                return Err(os_err("fchown", Errno::last()));
+            }
+        }
+        let len = usize::try_from(len).map_err(|_| os_err("mmap", Errno(libc::EFBIG)))?;
+        let map = Mapping::new(&fd, len, true).map_err(|e| os_err("mmap", e))?;
+        Ok((fd, map))
+    };
+    let arena_len = arena_bytes + ARENA_DATA_OFFSET as u64;
+    let (arena_fd, arena) = open(names.arena, SegmentKind::Arena, arena_len)?;
+    // The header page is reserved at once; data pages as blocks are handed out.
+    os::reserve(&arena_fd, 0, ARENA_DATA_OFFSET as u64).map_err(|errno| SegmentError::Os {
+        name: names.arena,
+        call: "fallocate",
+        errno,
+    })?;
+    let (_, response) = open(
+        names.response,
+        SegmentKind::Response,
+        wire::response_segment_len(slots) as u64,
+    )?;
+    let (_, request) = open(
+        names.request,
+        SegmentKind::Request,
+        wire::request_segment_len(slots) as u64,
+    )?;
+    // SAFETY: each mapping is at least a header long and page-aligned; the objects are new
+    // (O_EXCL), so no one else writes them yet.
+    unsafe {
+        arena
+            .as_ptr()
+            .cast::<SegmentHeader>()
+            .write_volatile(header(SegmentKind::Arena));
+        response
+            .as_ptr()
+            .cast::<SegmentHeader>()
+            .write_volatile(header(SegmentKind::Response));
+        request
+            .as_ptr()
+            .cast::<SegmentHeader>()
+            .write_volatile(header(SegmentKind::Request));
+    }
+    Ok(Segments {
+        request: Arc::new(request),
+        response,
+        arena,
+        arena_fd,
+        arena_bytes,
+        slots,
+    })
+}
+
+impl Segments {
+    /// The daemon's statistics block in the response segment.
+    pub fn stats(&self) -> &DaemonStats {
+        // SAFETY: the response segment is `response_segment_len` long, which covers the stats
+        // block at its 64-aligned offset.
+        unsafe { self.response.at(STATS_OFFSET) }
+    }
+}
+
+/// Resolves a group name or number to a gid.
+pub fn group_id(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let c = CString::new(group).map_err(|_| format!("bad group name {group:?}"))?;
+    // SAFETY: `c` is NUL-terminated; getgrnam returns null or a pointer to static storage,
+    // read at once (the daemon is single-threaded at this point).
+    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+    if gr.is_null() {
+        return Err(format!("no such group: {group}"));
+    }
+    // SAFETY: non-null result of getgrnam.
+    Ok(unsafe { (*gr).gr_gid })
+}

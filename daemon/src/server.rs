@@ -1,0 +1,736 @@
+//! The request loop: the arena's allocator, who owns what, and the answer to every request.
+//!
+//! # State (all private to the daemon, none of it in client-writable memory)
+//!
+//! - `heap`: an [`OobHeap`] over the arena's data, its metadata in a table on the daemon's heap.
+//! - `owner[g]`: the process id that owns the used block starting at granule `g`, 0 elsewhere.
+//!   Invariant: `owner[g] != 0` iff a used block starts at `g`.
+//! - `slot_pid[i]`: the process registered (`Hello`) in slot `i`, 0 if none.
+//! - `clients`: per registered process, its pidfd (watched by the [`Watcher`] thread) and its
+//!   counts of slots, blocks and bytes.
+//! - `reserved` / `dirty`: per 2 MiB chunk of the arena, whether its pages are reserved in
+//!   `/dev/shm`, and whether any block overlapping it was ever handed out (if not, its pages
+//!   are still zero).
+//!
+//! Requests are validated field by field; a refused request changes nothing but the `errors`
+//! counter. The heap's checked entry points (`deallocate_at`, `resize_at`) make a bad offset an
+//! error rather than corruption even if this layer had a bug.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use xalloc_core::os::{self, Fd, Mapping};
+use xalloc_core::wire::{
+    self, Doorbell, Op, Request, RequestSlot, Response, ResponseSlot, StatsSnapshot, Status,
+    ARENA_DATA_OFFSET, DOORBELL_OFFSET, FLAG_ZEROED,
+};
+use xalloc_core::{FreeError, MetaEntry, OobHeap, ResizeError};
+
+use crate::segments::Segments;
+
+/// Block granule of the arena: a page, so blocks are page-aligned and reserved page-wise.
+pub const GRANULE: usize = 4096;
+
+/// Reservation and zero-tracking unit.
+const CHUNK: u64 = 2 << 20;
+
+/// The largest alignment served.
+const MAX_ALIGN: u64 = 1 << 30;
+
+/// How long the daemon spins for the next request after answering one, before it sleeps
+/// (when more than one CPU is online).
+const SPIN_BUDGET: Duration = Duration::from_micros(50);
+
+/// Spin iterations between two `sched_yield`s, so that a client sharing the daemon's CPU runs.
+const SPINS_PER_YIELD: u32 = 256;
+
+/// One registered client process.
+#[derive(Debug)]
+struct Client {
+    pidfd: Fd,
+    slots: u32,
+    blocks: u64,
+    bytes: u64,
+}
+
+/// Events the watcher thread hands to the request loop.
+#[derive(Debug, Default)]
+pub struct Events {
+    /// SIGTERM or SIGINT arrived.
+    pub stop: bool,
+    /// SIGHUP arrived.
+    pub stats_line: bool,
+    /// Client processes that exited.
+    pub dead: Vec<u32>,
+}
+
+/// Shared between the request loop and the watcher thread.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    /// Set when `events` holds something.
+    pub flag: AtomicBool,
+    /// The events.
+    pub events: Mutex<Events>,
+}
+
+/// The daemon's request server.
+pub struct Server {
+    seg: Segments,
+    heap: OobHeap,
+    // The heap's metadata table; `heap` points into it, so it must outlive it (field order).
+    _table: Box<[MetaEntry]>,
+    owner: Vec<u32>,
+    slot_pid: Vec<u32>,
+    clients: HashMap<u32, Client>,
+    reserved: Vec<bool>,
+    dirty: Vec<bool>,
+    reserved_bytes: u64,
+    requests: u64,
+    errors: u64,
+    stopping: bool,
+    started_unix: u64,
+    shm_full_logged: bool,
+    spin: bool,
+    mailbox: Arc<Mailbox>,
+    epoll: Arc<Fd>,
+}
+
+fn answer(status: Status) -> Response {
+    Response {
+        status: status as u32,
+        flags: 0,
+        offset: 0,
+        size: 0,
+    }
+}
+
+impl Server {
+    /// A server over freshly created segments. `epoll` is the watcher's epoll descriptor,
+    /// where client pidfds are registered.
+    pub fn new(seg: Segments, mailbox: Arc<Mailbox>, epoll: Arc<Fd>) -> Result<Self, String> {
+        let bytes = usize::try_from(seg.arena_bytes).map_err(|_| "arena too large".to_owned())?;
+        let entries = OobHeap::table_entries(bytes, GRANULE);
+        let mut table = vec![MetaEntry::default(); entries].into_boxed_slice();
+        // SAFETY: 1. the arena's data (`bytes` from ARENA_DATA_OFFSET) lies inside the mapping,
+        // which lives in `seg` as long as the heap; the heap never reads or writes it (out of
+        // band); 2. `table` is ours, outlives the heap (field order) and is not touched
+        // elsewhere; 3. they do not overlap.
+        let heap = unsafe {
+            OobHeap::new(
+                seg.arena.as_ptr().add(ARENA_DATA_OFFSET),
+                bytes,
+                GRANULE,
+                table.as_mut_ptr(),
+                table.len(),
+            )
+        }
+        .map_err(|e| format!("arena of {bytes} bytes: {e}"))?;
+        let chunks = seg.arena_bytes.div_ceil(CHUNK) as usize;
+        let slots = seg.slots as usize;
+        let started_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let s = Self {
+            seg,
+            heap,
+            _table: table,
+            owner: vec![0; bytes / GRANULE + 1],
+            slot_pid: vec![0; slots],
+            clients: HashMap::new(),
+            reserved: vec![false; chunks],
+            dirty: vec![false; chunks],
+            reserved_bytes: 0,
+            requests: 0,
+            errors: 0,
+            stopping: false,
+            started_unix,
+            shm_full_logged: false,
+            spin: os::online_cpus() > 1,
+            mailbox,
+            epoll,
+        };
+        s.publish_stats();
+        Ok(s)
+    }
+
+    fn doorbell(&self) -> &Doorbell {
+        // SAFETY: the request segment holds the doorbell at its 64-aligned offset.
+        unsafe { self.seg.request.at(DOORBELL_OFFSET) }
+    }
+
+    fn request_slot(&self, i: u32) -> &RequestSlot {
+        // SAFETY: `i < slots` at every call site; the segment holds every slot.
+        unsafe { self.seg.request.at(wire::request_slot_offset(i)) }
+    }
+
+    fn response_slot(&self, i: u32) -> &ResponseSlot {
+        // SAFETY: as for `request_slot`.
+        unsafe { self.seg.response.at(wire::response_slot_offset(i)) }
+    }
+
+    /// Serves until SIGTERM or SIGINT, then answers what is pending with `ShuttingDown`.
+    pub fn run(&mut self) {
+        let mut last_work = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let seen = self.doorbell().rings.load(Ordering::Acquire);
+            let served = self.serve_pending();
+            if self.mailbox.flag.load(Ordering::Acquire) && self.handle_events() {
+                break;
+            }
+            if served > 0 {
+                self.publish_stats();
+                last_work = Instant::now();
+                spins = 0;
+                continue;
+            }
+            // Nothing pending: spin on the doorbell for a while, then sleep on it.
+            if self.spin && last_work.elapsed() < SPIN_BUDGET {
+                spins = spins.wrapping_add(1);
+                if spins % SPINS_PER_YIELD == 0 {
+                    os::yield_now();
+                }
+                while self.doorbell().rings.load(Ordering::Relaxed) == seen
+                    && !self.mailbox.flag.load(Ordering::Relaxed)
+                    && last_work.elapsed() < SPIN_BUDGET
+                {
+                    for _ in 0..64 {
+                        core::hint::spin_loop();
+                    }
+                }
+                continue;
+            }
+            let bell = self.doorbell();
+            let now = bell.prepare_sleep();
+            // After the fence in `prepare_sleep`: a client that submitted before it is seen
+            // here (the ring count moved); one that submits after it sees `sleeping` and wakes
+            // us.
+            if now == seen && !self.mailbox.flag.load(Ordering::Acquire) {
+                os::futex_wait(&bell.rings, seen, None);
+            }
+            bell.woke();
+            last_work = Instant::now();
+        }
+        self.shut_down();
+    }
+
+    /// Answers every pending request once; returns how many.
+    fn serve_pending(&mut self) -> usize {
+        let hi = self
+            .doorbell()
+            .slots_hi
+            .load(Ordering::Acquire)
+            .min(self.seg.slots);
+        let mut n = 0;
+        for i in 0..hi {
+            if let Some(req) = self.request_slot(i).take() {
+                let resp = self.handle(i, &req);
+                self.respond(i, req.seq, resp);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn respond(&mut self, slot: u32, seq: u32, resp: Response) {
+        self.requests += 1;
+        if resp.status != Status::Ok as u32 {
+            self.errors += 1;
+        }
+        let rs = self.response_slot(slot);
+        if rs.publish(self.request_slot(slot), seq, resp) {
+            os::futex_wake(&rs.seq, u32::MAX);
+        }
+    }
+
+    /// Validates and executes one request from slot `slot`.
+    pub fn handle(&mut self, slot: u32, req: &Request) -> Response {
+        if self.stopping {
+            return answer(Status::ShuttingDown);
+        }
+        let op = Op::from_u32(req.op);
+        if op == Some(Op::Hello) {
+            return self.hello(slot, req.owner);
+        }
+        // Every other request comes from a registered slot, from its registered process.
+        let pid = self.slot_pid[slot as usize];
+        if pid == 0 || req.owner != pid {
+            return answer(Status::BadSlot);
+        }
+        let Some(op) = op else {
+            return answer(Status::UnknownOp);
+        };
+        let known_flags = if op == Op::Allocate { FLAG_ZEROED } else { 0 };
+        if req.flags & !known_flags != 0 {
+            return answer(Status::BadFlags);
+        }
+        match op {
+            Op::Hello => self.hello(slot, req.owner),
+            Op::Goodbye => {
+                self.slot_pid[slot as usize] = 0;
+                if let Some(c) = self.clients.get_mut(&pid) {
+                    c.slots = c.slots.saturating_sub(1);
+                }
+                answer(Status::Ok)
+            }
+            Op::Allocate => self.allocate(pid, req),
+            Op::Free => self.free(pid, req.offset),
+            Op::Reallocate => self.resize(pid, req.offset, req.size),
+        }
+    }
+
+    fn hello(&mut self, slot: u32, pid: u32) -> Response {
+        if pid == 0 {
+            return answer(Status::BadSlot);
+        }
+        // A registered pid whose process has exited (its death not yet delivered) and whose
+        // number was reused: reclaim the old one before registering the new one.
+        if self
+            .clients
+            .get(&pid)
+            .is_some_and(|c| os::pidfd_exited(&c.pidfd))
+        {
+            self.reclaim(pid);
+        }
+        if !self.clients.contains_key(&pid) {
+            let Ok(pidfd) = os::pidfd_open(pid) else {
+                return answer(Status::BadSlot);
+            };
+            if let Err(e) = watch(&self.epoll, &pidfd, pid) {
+                log::error!("cannot watch client {pid}: {e}; refusing it");
+                return answer(Status::BadSlot);
+            }
+            log::info!("client {pid} connected");
+            self.clients.insert(
+                pid,
+                Client {
+                    pidfd,
+                    slots: 0,
+                    blocks: 0,
+                    bytes: 0,
+                },
+            );
+        }
+        let old = std::mem::replace(&mut self.slot_pid[slot as usize], pid);
+        if old != 0 {
+            if let Some(c) = self.clients.get_mut(&old) {
+                c.slots = c.slots.saturating_sub(1);
+            }
+        }
+        if let Some(c) = self.clients.get_mut(&pid) {
+            c.slots += 1;
+        }
+        answer(Status::Ok)
+    }
+
+    fn allocate(&mut self, pid: u32, req: &Request) -> Response {
+        if req.size == 0 || req.size > self.seg.arena_bytes {
+            return answer(Status::BadSize);
+        }
+        if !req.align.is_power_of_two() || req.align > MAX_ALIGN {
+            return answer(Status::BadAlign);
+        }
+        let Ok(layout) =
+            core::alloc::Layout::from_size_align(req.size as usize, req.align as usize)
+        else {
+            return answer(Status::BadSize);
+        };
+        let Some(p) = self.heap.allocate(layout) else {
+            return answer(Status::OutOfMemory);
+        };
+        let offset = self.heap.offset_of(p);
+        let size = self.heap.block_size_at(offset).unwrap_or(0) as u64;
+        let fresh = match self.reserve(offset as u64, size) {
+            Ok(fresh) => fresh,
+            Err(()) => {
+                let freed = self.heap.deallocate_at(offset);
+                debug_assert!(freed.is_ok());
+                return answer(Status::OutOfMemory);
+            }
+        };
+        self.owner[offset / GRANULE] = pid;
+        if let Some(c) = self.clients.get_mut(&pid) {
+            c.blocks += 1;
+            c.bytes += size;
+        }
+        Response {
+            status: Status::Ok as u32,
+            flags: if fresh { FLAG_ZEROED } else { 0 },
+            offset: offset as u64,
+            size,
+        }
+    }
+
+    /// The owner check shared by free and resize: `Err` if a used block starts at `offset` and
+    /// belongs to another process. Other offset errors are left to the heap's checks.
+    fn check_owner(&self, pid: u32, offset: u64) -> Result<usize, Status> {
+        let off = usize::try_from(offset).map_err(|_| Status::BadOffset)?;
+        match self.owner.get(off / GRANULE) {
+            Some(&o) if o != 0 && o != pid && off % GRANULE == 0 => Err(Status::NotOwner),
+            _ => Ok(off),
+        }
+    }
+
+    fn free(&mut self, pid: u32, offset: u64) -> Response {
+        let off = match self.check_owner(pid, offset) {
+            Ok(off) => off,
+            Err(s) => return answer(s),
+        };
+        match self.heap.deallocate_at(off) {
+            Ok(size) => {
+                self.owner[off / GRANULE] = 0;
+                if let Some(c) = self.clients.get_mut(&pid) {
+                    c.blocks = c.blocks.saturating_sub(1);
+                    c.bytes = c.bytes.saturating_sub(size as u64);
+                }
+                answer(Status::Ok)
+            }
+            Err(e) => answer(free_status(e)),
+        }
+    }
+
+    fn resize(&mut self, pid: u32, offset: u64, new_size: u64) -> Response {
+        let off = match self.check_owner(pid, offset) {
+            Ok(off) => off,
+            Err(s) => return answer(s),
+        };
+        let Some(old) = self.heap.block_size_at(off) else {
+            // Let the heap say what is wrong with the offset.
+            let e = self.heap.resize_at(off, 1).err();
+            return answer(match e {
+                Some(ResizeError::Block(e)) => free_status(e),
+                _ => Status::BadOffset,
+            });
+        };
+        if new_size == 0 || new_size > self.seg.arena_bytes {
+            return answer(Status::BadSize);
+        }
+        let size = match self.heap.resize_at(off, new_size as usize) {
+            Ok(size) => size as u64,
+            Err(ResizeError::Block(e)) => return answer(free_status(e)),
+            Err(ResizeError::BadSize) => return answer(Status::BadSize),
+            Err(ResizeError::NoRoom | _) => return answer(Status::NotInPlace),
+        };
+        if size > old as u64 && self.reserve(off as u64, size).is_err() {
+            let back = self.heap.resize_at(off, old);
+            debug_assert!(back.is_ok());
+            return answer(Status::OutOfMemory);
+        }
+        if let Some(c) = self.clients.get_mut(&pid) {
+            c.bytes = (c.bytes + size).saturating_sub(old as u64);
+        }
+        Response {
+            status: Status::Ok as u32,
+            flags: 0,
+            offset,
+            size,
+        }
+    }
+
+    /// Reserves the pages behind `[offset, offset + len)` of the data and marks its chunks
+    /// handed out. Returns whether every chunk was untouched before (its memory is zero).
+    fn reserve(&mut self, offset: u64, len: u64) -> Result<bool, ()> {
+        let first = (offset / CHUNK) as usize;
+        let last = ((offset + len).div_ceil(CHUNK) as usize).min(self.reserved.len());
+        for c in first..last {
+            if self.reserved[c] {
+                continue;
+            }
+            let start = c as u64 * CHUNK;
+            let n = CHUNK.min(self.seg.arena_bytes - start);
+            let file_off = ARENA_DATA_OFFSET as u64 + start;
+            if let Err(e) = os::reserve(&self.seg.arena_fd, file_off, n) {
+                if !self.shm_full_logged {
+                    log::warn!(
+                        "cannot reserve arena pages ({e}): /dev/shm is full or limited; \
+                         allocations that need new pages fail until memory is freed"
+                    );
+                    self.shm_full_logged = true;
+                }
+                return Err(());
+            }
+            self.reserved[c] = true;
+            self.reserved_bytes += n;
+        }
+        self.shm_full_logged = false;
+        let fresh = self.dirty[first..last].iter().all(|d| !d);
+        self.dirty[first..last].fill(true);
+        Ok(fresh)
+    }
+
+    /// Frees everything client `pid` held: its slots and its blocks.
+    fn reclaim(&mut self, pid: u32) {
+        let Some(client) = self.clients.remove(&pid) else {
+            return;
+        };
+        let _ = unwatch(&self.epoll, &client.pidfd);
+        let mut slots = 0;
+        for i in 0..self.seg.slots {
+            let registered = self.slot_pid[i as usize] == pid;
+            if registered {
+                self.slot_pid[i as usize] = 0;
+            }
+            // Also slots it claimed but never registered.
+            if self.request_slot(i).reclaim(pid) || registered {
+                slots += 1;
+            }
+        }
+        let (mut blocks, mut bytes) = (0u64, 0u64);
+        if client.blocks > 0 {
+            for g in 0..self.owner.len() {
+                if self.owner[g] == pid {
+                    self.owner[g] = 0;
+                    if let Ok(size) = self.heap.deallocate_at(g * GRANULE) {
+                        blocks += 1;
+                        bytes += size as u64;
+                    }
+                }
+            }
+        }
+        log::info!(
+            "client {pid} exited: reclaimed {blocks} blocks ({bytes} bytes) and {slots} slots"
+        );
+        self.publish_stats();
+    }
+
+    /// Handles the watcher's events; returns whether to stop.
+    fn handle_events(&mut self) -> bool {
+        self.mailbox.flag.store(false, Ordering::Release);
+        let ev = match self.mailbox.events.lock() {
+            Ok(mut g) => std::mem::take(&mut *g),
+            Err(_) => return true,
+        };
+        for pid in ev.dead {
+            self.reclaim(pid);
+        }
+        if ev.stats_line {
+            // On request only: the check walks every block.
+            let check = match self.heap.check_invariants() {
+                Ok(()) => "heap check ok".to_owned(),
+                Err(e) => format!("heap check FAILED: {e}"),
+            };
+            log::info!("{}; {check}", self.stats_line());
+        }
+        ev.stop
+    }
+
+    /// One line of statistics for the log.
+    pub fn stats_line(&self) -> String {
+        let s = self.snapshot();
+        format!(
+            "stats: {} clients, {} slots, {} live blocks, {} of {} bytes used, largest free {}, \
+             {} bytes reserved, {} requests, {} errors",
+            s.clients,
+            s.slots,
+            s.live_blocks,
+            s.used_bytes,
+            s.arena_bytes,
+            s.largest_free_bytes,
+            s.reserved_bytes,
+            s.requests,
+            s.errors
+        )
+    }
+
+    fn snapshot(&self) -> StatsSnapshot {
+        let h = self.heap.stats();
+        StatsSnapshot {
+            state: if self.stopping {
+                wire::STATE_STOPPING
+            } else {
+                wire::STATE_RUNNING
+            },
+            pid: u64::from(os::pid()),
+            arena_bytes: h.region_bytes as u64,
+            used_bytes: h.used_bytes as u64,
+            free_bytes: h.free_bytes as u64,
+            largest_free_bytes: h.largest_free_bytes as u64,
+            live_blocks: h.live_blocks as u64,
+            clients: self.clients.len() as u64,
+            slots: self.slot_pid.iter().filter(|&&p| p != 0).count() as u64,
+            requests: self.requests,
+            errors: self.errors,
+            reserved_bytes: self.reserved_bytes,
+            started_unix: self.started_unix,
+        }
+    }
+
+    /// Writes the counters into the response segment.
+    pub fn publish_stats(&self) {
+        self.seg.stats().store(&self.snapshot());
+    }
+
+    /// Stops serving: answers every pending request with `ShuttingDown` and publishes the
+    /// stopping state. The caller removes the segments.
+    fn shut_down(&mut self) {
+        self.stopping = true;
+        self.publish_stats();
+        self.serve_pending();
+        self.publish_stats();
+    }
+}
+
+fn free_status(e: FreeError) -> Status {
+    match e {
+        FreeError::AlreadyFree => Status::AlreadyFree,
+        _ => Status::BadOffset,
+    }
+}
+
+/// Tag of the signalfd in the epoll set (pids are below 2^22).
+const SIGNAL_TAG: u64 = u64::MAX;
+
+fn watch(epoll: &Fd, pidfd: &Fd, pid: u32) -> std::io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLONESHOT) as u32,
+        u64: u64::from(pid),
+    };
+    // SAFETY: both descriptors are open; `ev` is a valid event.
+    if unsafe { libc::epoll_ctl(epoll.raw(), libc::EPOLL_CTL_ADD, pidfd.raw(), &mut ev) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn unwatch(epoll: &Fd, pidfd: &Fd) -> std::io::Result<()> {
+    // SAFETY: both descriptors are open; DEL ignores the event argument.
+    let rc = unsafe {
+        libc::epoll_ctl(
+            epoll.raw(),
+            libc::EPOLL_CTL_DEL,
+            pidfd.raw(),
+            std::ptr::null_mut(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The signals the daemon handles, blocked in every thread and read from a signalfd.
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: `sigemptyset` initialises the set; the rest add valid signal numbers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks the daemon's signals in the calling thread (and the threads it spawns later) and
+/// ignores SIGPIPE. Call before spawning any thread.
+pub fn block_signals() {
+    let set = signal_set();
+    // SAFETY: `set` is initialised; the old mask is not wanted.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
+/// The thread that turns signals and client exits into [`Events`] for the request loop.
+pub struct Watcher {
+    /// The epoll set (signalfd and client pidfds).
+    pub epoll: Arc<Fd>,
+}
+
+impl Watcher {
+    /// Creates the epoll set with the signalfd, and starts the thread. `bell` is the request
+    /// segment's doorbell word, rung (with a futex wake) after each event.
+    pub fn start(mailbox: Arc<Mailbox>, request: Arc<Mapping>) -> std::io::Result<Self> {
+        let set = signal_set();
+        // SAFETY: `set` is initialised; -1 asks for a new signalfd.
+        let sfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        if sfd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fresh descriptor owned here.
+        let sfd = unsafe { Fd::from_raw(sfd) };
+        // SAFETY: plain call.
+        let efd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if efd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fresh descriptor owned here.
+        let epoll = Arc::new(unsafe { Fd::from_raw(efd) });
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: SIGNAL_TAG,
+        };
+        // SAFETY: both descriptors open; `ev` valid.
+        if unsafe { libc::epoll_ctl(epoll.raw(), libc::EPOLL_CTL_ADD, sfd.raw(), &mut ev) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ep = Arc::clone(&epoll);
+        std::thread::Builder::new()
+            .name("watcher".into())
+            .spawn(move || {
+                // SAFETY: the request segment holds the doorbell at its 64-aligned offset; the
+                // mapping lives as long as this thread (it owns an `Arc` of it).
+                let bell: &Doorbell = unsafe { request.at(DOORBELL_OFFSET) };
+                watcher_loop(&ep, &sfd, &mailbox, &bell.rings)
+            })?;
+        Ok(Self { epoll })
+    }
+}
+
+fn watcher_loop(epoll: &Fd, sfd: &Fd, mailbox: &Mailbox, bell: &AtomicU32) {
+    let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 32];
+    loop {
+        // SAFETY: `evs` is writable for its length.
+        let n = unsafe { libc::epoll_wait(epoll.raw(), evs.as_mut_ptr(), evs.len() as i32, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            log::error!("epoll_wait: {}", std::io::Error::last_os_error());
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        let Ok(mut events) = mailbox.events.lock() else {
+            return;
+        };
+        for ev in &evs[..n as usize] {
+            let tag = ev.u64;
+            if tag == SIGNAL_TAG {
+                drain_signals(sfd, &mut events);
+            } else {
+                let pid = tag as u32;
+                // Reported once (EPOLLONESHOT); the loop removes the pidfd when it reclaims.
+                if !events.dead.contains(&pid) {
+                    events.dead.push(pid);
+                }
+            }
+        }
+        drop(events);
+        mailbox.flag.store(true, Ordering::Release);
+        // Unconditional wake: the `sleeping` word is in client-writable memory, so it is not
+        // trusted here.
+        bell.fetch_add(1, Ordering::Release);
+        os::futex_wake(bell, u32::MAX);
+    }
+}
+
+fn drain_signals(sfd: &Fd, events: &mut Events) {
+    loop {
+        // SAFETY: all-zero is a valid siginfo; read fills it.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let want = size_of::<libc::signalfd_siginfo>();
+        // SAFETY: `info` is writable for `want` bytes.
+        let got = unsafe { libc::read(sfd.raw(), (&raw mut info).cast(), want) };
+        if got != want as isize {
+            return;
+        }
+        match info.ssi_signo as i32 {
+            libc::SIGTERM | libc::SIGINT => events.stop = true,
+            libc::SIGHUP => events.stats_line = true,
+            _ => {}
+        }
+    }
+}

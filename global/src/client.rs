@@ -1,0 +1,550 @@
+//! A connection to `xallocd`: the three mapped segments, request slots, and the round trip.
+//!
+//! # Model
+//!
+//! - A [`Connection`] maps `/NAME.request` read-write, `/NAME.response` read-only and
+//!   `/NAME.arena` read-write, after checking each segment's header (magic, version, sizes) and
+//!   that one user owns all three.
+//! - A [`Slot`] is one request slot, claimed for this process and registered with the daemon
+//!   (`Hello`). One request is in flight per slot, so a thread uses its own slot; the
+//!   [`Connection`] can be shared between threads. Dropping a slot says `Goodbye` and frees it.
+//! - Blocks belong to the process, not to the slot: any slot of the process may free them, and
+//!   the daemon frees the rest when the process exits (it watches a pidfd), however it exits.
+//!
+//! Nothing on the request path allocates, formats or takes a lock. A request waits at most
+//! [`ANSWER_TIMEOUT`]; after a timeout the slot is abandoned (never reused, since the daemon may
+//! still answer it), and the daemon reclaims it when the process exits.
+
+use core::fmt;
+use core::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+use xalloc_core::os::{self, Errno, Mapping, ShmName, Wake};
+use xalloc_core::wire::{
+    self, DaemonStats, Doorbell, LayoutError, Op, RequestSlot, Response, ResponseSlot,
+    SegmentHeader, SegmentKind, StatsSnapshot, Status, ARENA_DATA_OFFSET, DOORBELL_OFFSET,
+    FLAG_ZEROED, STATS_OFFSET,
+};
+
+/// How long a request waits for its answer before the client gives up on the daemon.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a waiter spins (when more than one CPU is online) before it sleeps on the futex.
+const SPIN_BUDGET: Duration = Duration::from_micros(20);
+
+/// Spin iterations between two `sched_yield`s, so that a peer sharing this CPU gets to run.
+const SPINS_PER_YIELD: u32 = 256;
+
+/// The longest single futex sleep: between sleeps the waiter checks that the daemon lives.
+const SLEEP_SLICE: Duration = Duration::from_millis(50);
+
+/// Why [`Connection::connect`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The instance name is empty, too long, or holds a `/`.
+    BadName,
+    /// A segment does not exist: no daemon of this name runs.
+    NotRunning {
+        /// The missing segment.
+        segment: ShmName,
+    },
+    /// A segment exists but this user may not open it.
+    PermissionDenied {
+        /// The segment.
+        segment: ShmName,
+    },
+    /// A segment's header is not what this build expects.
+    Layout {
+        /// The segment.
+        segment: ShmName,
+        /// What is wrong with it.
+        error: LayoutError,
+    },
+    /// The segments are not owned by one user, or the response segment is writable by others:
+    /// they were not all made by one daemon.
+    Ownership {
+        /// The segment that differs.
+        segment: ShmName,
+    },
+    /// The segments belong to different daemon instances (a restart raced with the connect).
+    Mismatch,
+    /// The daemon that made the segments no longer runs.
+    DaemonGone {
+        /// Its process id.
+        pid: u32,
+    },
+    /// Another system call failed.
+    Os {
+        /// The segment concerned.
+        segment: ShmName,
+        /// The call.
+        call: &'static str,
+        /// Its error.
+        errno: Errno,
+    },
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadName => f.write_str("bad instance name (empty, too long, or contains '/')"),
+            Self::NotRunning { segment } => write!(
+                f,
+                "no xallocd instance: {segment} does not exist (start one with `xallocd start`)"
+            ),
+            Self::PermissionDenied { segment } => {
+                write!(
+                    f,
+                    "permission denied opening {segment} (see `xallocd start --group`)"
+                )
+            }
+            Self::Layout { segment, error } => write!(f, "{segment}: {error}"),
+            Self::Ownership { segment } => write!(
+                f,
+                "{segment} is not owned like the other segments of its instance; refusing it"
+            ),
+            Self::Mismatch => f.write_str("segments belong to different daemon instances"),
+            Self::DaemonGone { pid } => write!(f, "the daemon (pid {pid}) no longer runs"),
+            Self::Os {
+                segment,
+                call,
+                errno,
+            } => write!(f, "{call} {segment}: {errno}"),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// Why a request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The daemon answered with an error status.
+    Refused(Status),
+    /// The daemon answered with a status this build does not know.
+    UnknownStatus(u32),
+    /// Every slot is taken.
+    NoFreeSlot,
+    /// No answer within [`ANSWER_TIMEOUT`]; the slot is abandoned.
+    Timeout,
+    /// The daemon exited; the slot is abandoned.
+    DaemonGone,
+    /// The slot was abandoned by an earlier timeout, or the process forked and this is the
+    /// parent's slot.
+    SlotUnusable,
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Refused(s) => write!(f, "refused by the daemon: {s:?}"),
+            Self::UnknownStatus(s) => write!(f, "unknown status {s} from the daemon"),
+            Self::NoFreeSlot => f.write_str("all request slots are taken"),
+            Self::Timeout => write!(f, "no answer within {ANSWER_TIMEOUT:?}"),
+            Self::DaemonGone => f.write_str("the daemon exited"),
+            Self::SlotUnusable => f.write_str("slot abandoned or inherited through fork"),
+        }
+    }
+}
+
+impl std::error::Error for RequestError {}
+
+/// One instance's segments, mapped and checked.
+#[derive(Debug)]
+pub struct Connection {
+    request: Mapping,
+    response: Mapping,
+    arena: Mapping,
+    slot_count: u32,
+    granule: u32,
+    generation: u64,
+    daemon_pid: u32,
+    spin: bool,
+}
+
+/// Opens and maps segment `kind` of `name`, and checks its header.
+fn attach(
+    name: &str,
+    kind: SegmentKind,
+    writable: bool,
+) -> Result<(Mapping, SegmentHeader, os::ObjectInfo, ShmName), ConnectError> {
+    let suffix = match kind {
+        SegmentKind::Request => "request",
+        SegmentKind::Response => "response",
+        SegmentKind::Arena => "arena",
+    };
+    let segment = ShmName::new(name, suffix).ok_or(ConnectError::BadName)?;
+    let os_err = |call, errno| ConnectError::Os {
+        segment,
+        call,
+        errno,
+    };
+    let fd = os::shm_open(segment.as_cstr(), writable).map_err(|e| match e.0 {
+        libc_codes::ENOENT => ConnectError::NotRunning { segment },
+        libc_codes::EACCES | libc_codes::EPERM => ConnectError::PermissionDenied { segment },
+        _ => os_err("shm_open", e),
+    })?;
+    let info = os::fstat(&fd).map_err(|e| os_err("fstat", e))?;
+    let len = usize::try_from(info.len).map_err(|_| ConnectError::Layout {
+        segment,
+        error: LayoutError::BadSizes,
+    })?;
+    if len < size_of::<SegmentHeader>() {
+        return Err(ConnectError::Layout {
+            segment,
+            error: LayoutError::TooShort {
+                needed: size_of::<SegmentHeader>(),
+                actual: len,
+            },
+        });
+    }
+    let map = Mapping::new(&fd, len, writable).map_err(|e| os_err("mmap", e))?;
+    // SAFETY: the mapping holds at least a header at offset 0, page-aligned.
+    let header = unsafe { SegmentHeader::load(map.as_ptr().cast()) };
+    header
+        .check(kind, len)
+        .map_err(|error| ConnectError::Layout { segment, error })?;
+    Ok((map, header, info, segment))
+}
+
+/// The errno values this module tells apart (the `libc` crate is not a dependency here).
+mod libc_codes {
+    pub const EPERM: i32 = 1;
+    pub const ENOENT: i32 = 2;
+    pub const EACCES: i32 = 13;
+}
+
+impl Connection {
+    /// Connects to the daemon instance `name` (the `--name` it was started with).
+    pub fn connect(name: &str) -> Result<Self, ConnectError> {
+        let (request, rq, rq_info, _) = attach(name, SegmentKind::Request, true)?;
+        let (response, rs, rs_info, rs_name) = attach(name, SegmentKind::Response, false)?;
+        let (arena, ar, ar_info, ar_name) = attach(name, SegmentKind::Arena, true)?;
+        // One owner for all three, and nobody but the owner may write the answers: otherwise
+        // another user could have planted one of them.
+        if rs_info.uid != rq_info.uid || rs_info.mode & 0o022 != 0 {
+            return Err(ConnectError::Ownership { segment: rs_name });
+        }
+        if ar_info.uid != rq_info.uid {
+            return Err(ConnectError::Ownership { segment: ar_name });
+        }
+        let same = |h: &SegmentHeader| {
+            h.generation == rq.generation
+                && h.daemon_pid == rq.daemon_pid
+                && h.slot_count == rq.slot_count
+                && h.arena_len == rq.arena_len
+                && h.granule == rq.granule
+        };
+        if !same(&rs) || !same(&ar) || ar.arena_len as usize != arena.len() {
+            return Err(ConnectError::Mismatch);
+        }
+        if !os::process_exists(rq.daemon_pid) {
+            return Err(ConnectError::DaemonGone { pid: rq.daemon_pid });
+        }
+        Ok(Self {
+            request,
+            response,
+            arena,
+            slot_count: rq.slot_count,
+            granule: rq.granule,
+            generation: rq.generation,
+            daemon_pid: rq.daemon_pid,
+            spin: os::online_cpus() > 1,
+        })
+    }
+
+    /// Number of request slots.
+    pub fn slot_count(&self) -> u32 {
+        self.slot_count
+    }
+
+    /// The arena's allocation granule: every block's size and offset are multiples of it.
+    pub fn granule(&self) -> usize {
+        self.granule as usize
+    }
+
+    /// The daemon instance's generation (changes with every daemon start).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The daemon's process id.
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon_pid
+    }
+
+    /// The first byte of the arena's data: block offsets count from here.
+    pub fn arena_base(&self) -> *mut u8 {
+        // SAFETY: the arena segment is longer than `ARENA_DATA_OFFSET` (checked at connect).
+        unsafe { self.arena.as_ptr().add(ARENA_DATA_OFFSET) }
+    }
+
+    /// Bytes of arena data.
+    pub fn arena_len(&self) -> usize {
+        self.arena.len() - ARENA_DATA_OFFSET
+    }
+
+    /// Whether `addr` points into the arena's data.
+    pub fn contains(&self, addr: usize) -> bool {
+        addr.wrapping_sub(self.arena_base().addr()) < self.arena_len()
+    }
+
+    /// The daemon's counters, read from the response segment without a request.
+    pub fn stats(&self) -> Option<StatsSnapshot> {
+        // SAFETY: the response segment holds the stats block at `STATS_OFFSET` (its length was
+        // checked against the header).
+        let stats: &DaemonStats = unsafe { self.response.at(STATS_OFFSET) };
+        stats.load(1000)
+    }
+
+    /// The daemon's doorbell.
+    pub fn doorbell(&self) -> &Doorbell {
+        // SAFETY: checked length; 64-aligned offset.
+        unsafe { self.request.at(DOORBELL_OFFSET) }
+    }
+
+    /// Request slot `i` (for tests and tools that write raw requests; `i < slot_count`).
+    pub fn request_slot(&self, i: u32) -> Option<&RequestSlot> {
+        // SAFETY: `i < slot_count`, and the segment's length covers every slot (checked).
+        (i < self.slot_count).then(|| unsafe { self.request.at(wire::request_slot_offset(i)) })
+    }
+
+    /// Response slot `i` (`i < slot_count`).
+    pub fn response_slot(&self, i: u32) -> Option<&ResponseSlot> {
+        // SAFETY: as for `request_slot`.
+        (i < self.slot_count).then(|| unsafe { self.response.at(wire::response_slot_offset(i)) })
+    }
+
+    /// Whether the daemon still runs and serves.
+    pub fn daemon_alive(&self) -> bool {
+        os::process_exists(self.daemon_pid)
+            && self.stats().is_none_or(|s| s.state != wire::STATE_STOPPING)
+    }
+
+    /// Claims a free slot for this process and registers it with the daemon.
+    pub fn claim(&self) -> Result<Slot<'_>, RequestError> {
+        let pid = os::pid();
+        let start = pid % self.slot_count;
+        for k in 0..self.slot_count {
+            let i = (start + k) % self.slot_count;
+            let Some(rs) = self.request_slot(i) else {
+                continue;
+            };
+            if !rs.try_claim(pid) {
+                continue;
+            }
+            self.doorbell().note_claim(i);
+            let mut slot = Slot {
+                conn: self,
+                index: i,
+                pid,
+                usable: true,
+            };
+            slot.call(Op::Hello, 0, 0, 0, 0)?;
+            return Ok(slot);
+        }
+        Err(RequestError::NoFreeSlot)
+    }
+
+    /// Sends `op` in slot `index` (owned by this process) and waits for the answer.
+    fn round_trip(
+        &self,
+        index: u32,
+        op: Op,
+        flags: u32,
+        size: u64,
+        align: u64,
+        offset: u64,
+    ) -> Result<Response, RequestError> {
+        let (Some(rq), Some(rs)) = (self.request_slot(index), self.response_slot(index)) else {
+            return Err(RequestError::SlotUnusable);
+        };
+        let seq = rq.submit(op, flags, size, align, offset);
+        let bell = self.doorbell();
+        if bell.ring() {
+            os::futex_wake(&bell.rings, 1);
+        }
+        self.wait(rq, rs, seq)
+    }
+
+    /// Waits for the answer to request `seq`: spins briefly when another CPU can run the
+    /// daemon, then sleeps on the response's `seq` in slices, checking between slices that the
+    /// daemon lives.
+    fn wait(
+        &self,
+        rq: &RequestSlot,
+        rs: &ResponseSlot,
+        seq: u32,
+    ) -> Result<Response, RequestError> {
+        let start = Instant::now();
+        if self.spin {
+            let mut n = 0u32;
+            loop {
+                if let Some(r) = rs.read(seq) {
+                    return Ok(r);
+                }
+                n = n.wrapping_add(1);
+                if n % SPINS_PER_YIELD == 0 {
+                    if start.elapsed() > SPIN_BUDGET {
+                        break;
+                    }
+                    os::yield_now();
+                } else {
+                    core::hint::spin_loop();
+                }
+            }
+        }
+        loop {
+            rq.prepare_sleep();
+            // After the fence in `prepare_sleep`: either the answer is visible here, or the
+            // daemon sees `waiting` and wakes us.
+            let seen = rs.seq.load(core::sync::atomic::Ordering::Relaxed);
+            if seen == seq {
+                rq.woke();
+                if let Some(r) = rs.read(seq) {
+                    return Ok(r);
+                }
+                continue;
+            }
+            let woke = os::futex_wait(&rs.seq, seen, Some(SLEEP_SLICE));
+            rq.woke();
+            if let Some(r) = rs.read(seq) {
+                return Ok(r);
+            }
+            if woke == Wake::TimedOut {
+                if !self.daemon_alive() {
+                    return Err(RequestError::DaemonGone);
+                }
+                if start.elapsed() > ANSWER_TIMEOUT {
+                    return Err(RequestError::Timeout);
+                }
+            }
+        }
+    }
+}
+
+/// A block in the arena, as the daemon handed it out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    /// Offset from [`Connection::arena_base`].
+    pub offset: u64,
+    /// Usable size in bytes (the request rounded up to the granule).
+    pub size: u64,
+    /// Whether the daemon knows the memory is zero (fresh pages).
+    pub zeroed: bool,
+    ptr: NonNull<u8>,
+}
+
+impl Block {
+    /// The block's first byte in this process.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+/// A claimed, registered request slot. Not `Sync`: one request at a time.
+#[derive(Debug)]
+pub struct Slot<'c> {
+    conn: &'c Connection,
+    index: u32,
+    pid: u32,
+    usable: bool,
+}
+
+impl Slot<'_> {
+    /// The slot's index in the segments.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Sends a raw request and returns the daemon's answer, whatever its status.
+    pub fn call(
+        &mut self,
+        op: Op,
+        flags: u32,
+        size: u64,
+        align: u64,
+        offset: u64,
+    ) -> Result<Response, RequestError> {
+        if !self.usable || os::pid() != self.pid {
+            return Err(RequestError::SlotUnusable);
+        }
+        let r = self
+            .conn
+            .round_trip(self.index, op, flags, size, align, offset);
+        match r {
+            Err(RequestError::Timeout | RequestError::DaemonGone) => self.usable = false,
+            Ok(resp) => match Status::from_u32(resp.status) {
+                Some(Status::Ok) => {}
+                Some(s) => return Err(RequestError::Refused(s)),
+                None => return Err(RequestError::UnknownStatus(resp.status)),
+            },
+            Err(_) => {}
+        }
+        r
+    }
+
+    /// Allocates `size` bytes aligned to `align` (a power of two). With `zeroed`, the memory is
+    /// zero: the daemon says whether its pages are fresh, and the client clears them otherwise.
+    pub fn allocate(&mut self, size: u64, align: u64, zeroed: bool) -> Result<Block, RequestError> {
+        let flags = if zeroed { FLAG_ZEROED } else { 0 };
+        let r = self.call(Op::Allocate, flags, size, align, 0)?;
+        let block = self.block(r)?;
+        if zeroed && !block.zeroed {
+            // SAFETY: the block is ours, `size` bytes long, inside the arena mapping.
+            unsafe { block.as_ptr().write_bytes(0, block.size as usize) };
+        }
+        Ok(block)
+    }
+
+    /// Frees the block at `offset` (allocated by this process, through any of its slots).
+    pub fn free(&mut self, offset: u64) -> Result<(), RequestError> {
+        self.call(Op::Free, 0, 0, 0, offset).map(drop)
+    }
+
+    /// Resizes the block at `offset` in place to hold `new_size` bytes; refused with
+    /// [`Status::NotInPlace`] when it cannot grow where it is.
+    pub fn resize(&mut self, offset: u64, new_size: u64) -> Result<Block, RequestError> {
+        let r = self.call(Op::Reallocate, 0, new_size, 0, offset)?;
+        self.block(r)
+    }
+
+    fn block(&self, r: Response) -> Result<Block, RequestError> {
+        let in_range = r
+            .offset
+            .checked_add(r.size)
+            .is_some_and(|end| end <= self.conn.arena_len() as u64);
+        if !in_range {
+            // A daemon that answers outside its own arena is not one to trust.
+            return Err(RequestError::UnknownStatus(r.status));
+        }
+        // SAFETY: `offset < arena_len`, so the sum stays inside the mapping.
+        let p = unsafe { self.conn.arena_base().add(r.offset as usize) };
+        Ok(Block {
+            offset: r.offset,
+            size: r.size,
+            zeroed: r.flags & FLAG_ZEROED != 0,
+            ptr: NonNull::new(p).ok_or(RequestError::UnknownStatus(r.status))?,
+        })
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.usable || os::pid() != self.pid {
+            return;
+        }
+        // The daemon forgets the slot on Goodbye; the client frees it only after reading the
+        // answer, so that a new owner's answers cannot be mistaken for this one's. After a
+        // timeout (`usable` turns false) the request may still be in flight: the slot stays
+        // claimed until the process exits.
+        let _ = self.call(Op::Goodbye, 0, 0, 0, 0);
+        if self.usable {
+            if let Some(rq) = self.conn.request_slot(self.index) {
+                rq.release(self.pid);
+            }
+        }
+    }
+}
