@@ -360,13 +360,13 @@ pub fn pidfd_exited(pidfd: &Fd) -> bool {
     rc == 1 && p.revents & libc::POLLIN != 0
 }
 
-/// Whether a process with id `pid` exists (it may belong to another user).
-pub fn process_exists(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: signal 0 only checks existence and permission.
-    pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || Errno::last().0 == libc::EPERM)
+/// Whether process `pid` runs (exists and has not exited: a zombie counts as gone). It may
+/// belong to another user.
+pub fn process_alive(pid: u32) -> bool {
+    match pidfd_open(pid) {
+        Ok(fd) => !pidfd_exited(&fd),
+        Err(_) => false,
+    }
 }
 
 /// This process's id.

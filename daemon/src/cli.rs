@@ -50,6 +50,7 @@ pub struct Instance {
 /// `xallocd start`.
 #[derive(Debug, Args)]
 pub struct StartArgs {
+    /// The instance addressed.
     #[command(flatten)]
     pub instance: Instance,
 
@@ -84,6 +85,7 @@ pub struct StartArgs {
 /// `xallocd stop`.
 #[derive(Debug, Args)]
 pub struct StopArgs {
+    /// The instance addressed.
     #[command(flatten)]
     pub instance: Instance,
 
@@ -95,6 +97,7 @@ pub struct StopArgs {
 /// `xallocd status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    /// The instance addressed.
     #[command(flatten)]
     pub instance: Instance,
 

@@ -189,7 +189,7 @@ pub fn clear_leftovers(names: &Names) -> Result<Vec<ShmName>, SegmentError> {
                 why: e.to_string(),
             });
         }
-        if os::process_exists(header.daemon_pid) && header.daemon_pid != os::pid() {
+        if os::process_alive(header.daemon_pid) && header.daemon_pid != os::pid() {
             // The pidfile is free, yet the daemon that made these still runs: it was started
             // with another pidfile. Two daemons must not share a name.
             return Err(SegmentError::Squatted {
@@ -236,7 +236,8 @@ fn create_inner(
     generation: u64,
 ) -> Result<Segments, SegmentError> {
     let pid = os::pid();
-    let header = |kind| SegmentHeader::new(kind, slots, granule, arena_bytes, generation, pid);
+    let arena_len = arena_bytes + ARENA_DATA_OFFSET as u64;
+    let header = |kind| SegmentHeader::new(kind, slots, granule, arena_len, generation, pid);
     let open = |name: ShmName, kind: SegmentKind, len: u64| {
         let os_err = |call, errno| SegmentError::Os { name, call, errno };
         let fd = os::shm_create(name.as_cstr(), len, access.mode(kind)).map_err(|e| match e {
@@ -256,7 +257,6 @@ fn create_inner(
         let map = Mapping::new(&fd, len, true).map_err(|e| os_err("mmap", e))?;
         Ok((fd, map))
     };
-    let arena_len = arena_bytes + ARENA_DATA_OFFSET as u64;
     let (arena_fd, arena) = open(names.arena, SegmentKind::Arena, arena_len)?;
     // The header page is reserved at once; data pages as blocks are handed out.
     os::reserve(&arena_fd, 0, ARENA_DATA_OFFSET as u64).map_err(|errno| SegmentError::Os {

@@ -58,7 +58,7 @@ fn daemon_pid(instance: &Instance, names: &Names) -> Option<u32> {
     read_response(names)
         .ok()
         .map(|s| s.header.daemon_pid)
-        .filter(|&p| os::process_exists(p))
+        .filter(|&p| os::process_alive(p))
 }
 
 /// `xallocd stop`: SIGTERM, then wait for the process to exit and the segments to go.
@@ -134,7 +134,7 @@ pub fn status(args: &StatusArgs) -> ExitCode {
         Err(e) => return fail(format!("instance {name}: {e}")),
     };
     let pid = seen.header.daemon_pid;
-    if !os::process_exists(pid) {
+    if !os::process_alive(pid) {
         return fail(format!(
             "instance {name}: its daemon (pid {pid}) is dead; `xallocd stop --name {name}` \
              removes its segments"

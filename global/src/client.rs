@@ -240,7 +240,7 @@ impl Connection {
         if !same(&rs) || !same(&ar) || ar.arena_len as usize != arena.len() {
             return Err(ConnectError::Mismatch);
         }
-        if !os::process_exists(rq.daemon_pid) {
+        if !os::process_alive(rq.daemon_pid) {
             return Err(ConnectError::DaemonGone { pid: rq.daemon_pid });
         }
         Ok(Self {
@@ -319,7 +319,7 @@ impl Connection {
 
     /// Whether the daemon still runs and serves.
     pub fn daemon_alive(&self) -> bool {
-        os::process_exists(self.daemon_pid)
+        os::process_alive(self.daemon_pid)
             && self.stats().is_none_or(|s| s.state != wire::STATE_STOPPING)
     }
 

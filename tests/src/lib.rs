@@ -1,1 +1,3 @@
-//! Helpers for the multi-process tests.
+//! Multi-process tests of xalloc. The tests live in `tests/`; this crate holds the two programs
+//! they run: `xallocd` (the daemon) and `xalloc-test-client` (a client that churns or holds
+//! blocks, see its `--help`).

@@ -1,0 +1,205 @@
+//! `xallocd`: the xalloc daemon, as a library so that test packages can build the same binary
+//! (`xalloc_daemon::main`) and unit-test its parts.
+//!
+//! - [`cli`]: the command line.
+//! - [`detach`]: daemon(7) detaching, the readiness pipe, the pidfile, sd_notify.
+//! - [`logging`]: syslog with reconnect, through the `log` facade.
+//! - [`segments`]: the shared-memory objects.
+//! - [`server`]: the request loop, validation, ownership and client liveness.
+//! - [`status`]: `stop` and `status`, which talk to a running daemon from outside.
+
+pub mod cli;
+pub mod detach;
+pub mod logging;
+pub mod segments;
+pub mod server;
+pub mod status;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use xalloc_core::os;
+
+use cli::{Cli, Command, StartArgs};
+use detach::{Detached, Pidfile, Readiness};
+use segments::{Access, Names};
+use server::{Mailbox, Server, Watcher, GRANULE};
+
+/// The `xallocd` command: parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Start(args) => start(&args),
+        Command::Stop(args) => status::stop(&args),
+        Command::Status(args) => status::status(&args),
+    }
+}
+
+/// Prints `msg` as the daemon's error and fails.
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("xallocd: {msg}");
+    ExitCode::FAILURE
+}
+
+/// The arena size rounded up to whole pages, if it is usable.
+fn arena_bytes(requested: u64) -> Result<u64, String> {
+    const MIN: u64 = 64 << 10;
+    if requested < MIN {
+        return Err(format!(
+            "--arena-size {requested} is too small; give at least 64K"
+        ));
+    }
+    let max = (u64::from(u32::MAX >> 2) / 2) * GRANULE as u64;
+    if requested > max {
+        return Err(format!(
+            "--arena-size {requested} is too large; at most {}G",
+            max >> 30
+        ));
+    }
+    Ok(requested.div_ceil(GRANULE as u64) * GRANULE as u64)
+}
+
+fn start(args: &StartArgs) -> ExitCode {
+    let name = &args.instance.name;
+    let arena = match arena_bytes(args.arena_size) {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    let gid = match args.group.as_deref().map(segments::group_id).transpose() {
+        Ok(g) => g,
+        Err(e) => return fail(e),
+    };
+    let Some(names) = Names::new(name) else {
+        return fail(format!("instance name {name:?} is too long"));
+    };
+    let pidfile_path = args
+        .instance
+        .pidfile
+        .clone()
+        .unwrap_or_else(|| detach::default_pidfile(name));
+    let mut pidfile = match Pidfile::lock(&pidfile_path) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("instance {name}: {e}")),
+    };
+    // With the pidfile ours, any segments of this name are leftovers of a dead daemon (ours to
+    // remove) or someone else's (refused).
+    let removed = match segments::clear_leftovers(&names) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let syslog_ok = logging::syslog_answers(&args.syslog_socket);
+    if !syslog_ok {
+        let to = match &args.log_file {
+            Some(f) => format!("logging to {} instead", f.display()),
+            None if args.foreground => "logging to stderr instead".to_owned(),
+            None => "logging nowhere (give --log-file PATH to keep the lines)".to_owned(),
+        };
+        eprintln!(
+            "xallocd: no syslog server answers on {} ({to}); lines go to syslog again once it \
+             answers",
+            args.syslog_socket.display()
+        );
+    }
+    let readiness = if args.foreground {
+        Readiness::Foreground
+    } else {
+        match detach::detach(&[pidfile.raw_fd()]) {
+            Ok(Detached::Caller(code)) => {
+                // The daemon holds the pidfile's lock and removes the file; this process must
+                // not.
+                std::mem::forget(pidfile);
+                return ExitCode::from(code as u8);
+            }
+            Ok(Detached::Daemon(r)) => r,
+            Err(e) => return fail(format!("cannot detach: {e}")),
+        }
+    };
+    let log = match logging::DaemonLog::new(
+        &args.syslog_socket,
+        args.log_file.as_deref(),
+        args.foreground,
+    ) {
+        Ok(l) => Box::leak(Box::new(l)),
+        Err(e) => {
+            let msg = format!("cannot open log file: {e}");
+            readiness.failed(&msg);
+            return ExitCode::FAILURE;
+        }
+    };
+    logging::install(log);
+    let pid = os::pid();
+    if let Err(e) = pidfile.write_pid(pid) {
+        let msg = format!("cannot write pidfile: {e}");
+        readiness.failed(&msg);
+        return ExitCode::FAILURE;
+    }
+    for n in &removed {
+        log::warn!("removed {n}, left by a daemon that is no longer running");
+    }
+    match serve(args, names, arena, gid, readiness) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(()) => ExitCode::FAILURE,
+    }
+}
+
+/// Creates the segments, reports readiness, serves until told to stop, and cleans up.
+fn serve(
+    args: &StartArgs,
+    names: Names,
+    arena: u64,
+    gid: Option<u32>,
+    readiness: Readiness,
+) -> Result<(), ()> {
+    let fail = |readiness: Readiness, msg: String| {
+        log::error!("{msg}");
+        readiness.failed(&msg);
+        Err(())
+    };
+    server::block_signals();
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ (u64::from(os::pid()) << 40);
+    let seg = match segments::create(
+        names,
+        args.slots,
+        arena,
+        GRANULE as u32,
+        Access { gid },
+        generation,
+    ) {
+        Ok(s) => s,
+        Err(e) => return fail(readiness, e.to_string()),
+    };
+    let mailbox = Arc::new(Mailbox::default());
+    let watcher = match Watcher::start(Arc::clone(&mailbox), Arc::clone(&seg.request)) {
+        Ok(w) => w,
+        Err(e) => {
+            names.unlink_all();
+            return fail(readiness, format!("cannot start the watcher thread: {e}"));
+        }
+    };
+    let mut server = match Server::new(seg, mailbox, watcher.epoll) {
+        Ok(s) => s,
+        Err(e) => {
+            names.unlink_all();
+            return fail(readiness, e);
+        }
+    };
+    log::info!(
+        "started: instance {}, arena {} bytes in {}, requests in {} ({} slots), answers in {}",
+        args.instance.name,
+        arena,
+        names.arena,
+        names.request,
+        args.slots,
+        names.response
+    );
+    readiness.ready();
+    server.run();
+    names.unlink_all();
+    log::info!("stopped: {}", server.stats_line());
+    log::logger().flush();
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! A client of xallocd for the multi-process tests.
+//!
+//! ```text
+//! xalloc-test-client churn NAME THREADS MILLIS SEED
+//!     THREADS threads each claim a slot and, for MILLIS ms, allocate random sizes (4 KiB to
+//!     1 MiB), fill each block with a pattern of this process and thread, verify the patterns
+//!     of the blocks they hold, and free them. Prints `ok OPS` (allocations plus frees) and
+//!     exits 0, or prints what went wrong and exits 1.
+//! xalloc-test-client hold NAME COUNT SIZE
+//!     Allocates COUNT blocks of SIZE bytes, prints `held OFFSET...`, and sleeps until killed.
+//! ```
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use xalloc_global::client::{Block, Connection};
+
+/// xorshift64*: a small deterministic generator.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+fn pattern(tag: u64, i: usize) -> u8 {
+    (tag.wrapping_mul(31).wrapping_add(i as u64 * 7) >> 3) as u8
+}
+
+/// Writes the pattern of `tag` at the first and last byte of each page of `b`, and its tag.
+fn fill(b: &Block, tag: u64) {
+    let p = b.as_ptr();
+    let n = b.size as usize;
+    for i in (0..n).step_by(4096).chain([n - 1]) {
+        // SAFETY: `i < n`, inside the block, which this thread owns.
+        unsafe { p.add(i).write_volatile(pattern(tag, i)) };
+    }
+}
+
+fn verify(b: &Block, tag: u64) -> bool {
+    let p = b.as_ptr();
+    let n = b.size as usize;
+    (0..n).step_by(4096).chain([n - 1]).all(|i| {
+        // SAFETY: as in `fill`.
+        unsafe { p.add(i).read_volatile() == pattern(tag, i) }
+    })
+}
+
+fn churn(name: &str, threads: u64, millis: u64, seed: u64) -> Result<u64, String> {
+    let conn = Connection::connect(name).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_millis(millis);
+    let pid = u64::from(std::process::id());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let conn = &conn;
+                s.spawn(move || -> Result<u64, String> {
+                    let mut slot = conn.claim().map_err(|e| format!("claim: {e}"))?;
+                    let mut rng = Rng(seed ^ (pid << 20) ^ (t + 1).wrapping_mul(0x9e37_79b9));
+                    let mut held: Vec<(Block, u64)> = Vec::new();
+                    let mut ops = 0u64;
+                    while Instant::now() < deadline {
+                        let r = rng.next();
+                        if held.len() < 8 && (r % 3 != 0 || held.is_empty()) {
+                            let size = 4096 + (rng.next() % (1 << 20));
+                            let b = slot
+                                .allocate(size, 4096, r % 5 == 0)
+                                .map_err(|e| format!("allocate {size}: {e}"))?;
+                            if b.size < size {
+                                return Err(format!("block of {} for {size}", b.size));
+                            }
+                            let tag = (pid << 24) ^ (t << 16) ^ ops;
+                            fill(&b, tag);
+                            held.push((b, tag));
+                        } else {
+                            let (b, tag) = held.swap_remove((r as usize >> 8) % held.len());
+                            if !verify(&b, tag) {
+                                return Err(format!("block at {} was overwritten", b.offset));
+                            }
+                            slot.free(b.offset).map_err(|e| format!("free: {e}"))?;
+                        }
+                        ops += 1;
+                    }
+                    for (b, tag) in held {
+                        if !verify(&b, tag) {
+                            return Err(format!("block at {} was overwritten", b.offset));
+                        }
+                        slot.free(b.offset).map_err(|e| format!("free: {e}"))?;
+                        ops += 1;
+                    }
+                    Ok(ops)
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for h in handles {
+            total += h.join().map_err(|_| "thread panicked".to_owned())??;
+        }
+        Ok(total)
+    })
+}
+
+fn hold(name: &str, count: u64, size: u64) -> Result<(), String> {
+    let conn = Connection::connect(name).map_err(|e| e.to_string())?;
+    let mut slot = conn.claim().map_err(|e| format!("claim: {e}"))?;
+    let mut line = String::from("held");
+    for _ in 0..count {
+        let b = slot
+            .allocate(size, 4096, false)
+            .map_err(|e| format!("allocate: {e}"))?;
+        fill(&b, 1);
+        line.push_str(&format!(" {}", b.offset));
+    }
+    println!("{line}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let num = |i: usize| args.get(i).and_then(|s| s.parse::<u64>().ok());
+    let result = match (args.first().map(String::as_str), args.get(1)) {
+        (Some("churn"), Some(name)) => match (num(2), num(3), num(4)) {
+            (Some(t), Some(ms), Some(seed)) => churn(name, t, ms, seed).map(|ops| {
+                println!("ok {ops}");
+            }),
+            _ => Err("usage: churn NAME THREADS MILLIS SEED".into()),
+        },
+        (Some("hold"), Some(name)) => match (num(2), num(3)) {
+            (Some(c), Some(s)) => hold(name, c, s),
+            _ => Err("usage: hold NAME COUNT SIZE".into()),
+        },
+        _ => Err("usage: xalloc-test-client churn|hold NAME ...".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            println!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

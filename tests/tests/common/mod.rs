@@ -1,0 +1,254 @@
+//! What every multi-process test shares: a daemon of its own, stopped and cleaned up by pid
+//! (also when the test fails), and small readers of its status and log.
+
+#![allow(dead_code)] // Each test binary uses its own subset.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use xalloc_core::os::{self, Fd};
+
+/// The daemon binary built with these tests.
+pub const XALLOCD: &str = env!("CARGO_BIN_EXE_xallocd");
+/// The test client.
+pub const CLIENT: &str = env!("CARGO_BIN_EXE_xalloc-test-client");
+
+/// A name no other test (or test run) uses: `xt-TAG-PID-N`.
+pub fn unique_name(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "xt-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A private directory under the system temp dir, removed by [`TestDaemon`]'s drop.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create temp dir");
+    d
+}
+
+/// Removes `/dev/shm/NAME.*` of instance `name`.
+pub fn remove_segments(name: &str) {
+    for kind in ["request", "response", "arena"] {
+        let _ = std::fs::remove_file(format!("/dev/shm/{name}.{kind}"));
+    }
+}
+
+/// Which of instance `name`'s segments exist.
+pub fn segments_left(name: &str) -> Vec<String> {
+    ["request", "response", "arena"]
+        .iter()
+        .map(|k| format!("/dev/shm/{name}.{k}"))
+        .filter(|p| Path::new(p).exists())
+        .collect()
+}
+
+/// A daemon started for one test. Dropping it kills it (by its pidfd, so never another
+/// process) if it still runs, and removes its segments and directory.
+pub struct TestDaemon {
+    /// Instance name.
+    pub name: String,
+    /// Private directory: pidfile, log file.
+    pub dir: PathBuf,
+    /// The daemon's pid.
+    pub pid: u32,
+    pidfd: Option<Fd>,
+}
+
+impl TestDaemon {
+    /// Starts a detached daemon named after `tag`, logging to its directory's `xallocd.log`
+    /// (syslog pointed at a socket that does not exist), with `extra` arguments.
+    pub fn start(tag: &str, extra: &[&str]) -> Self {
+        let name = unique_name(tag);
+        let dir = temp_dir(&name);
+        let mut d = Self {
+            name,
+            dir,
+            pid: 0,
+            pidfd: None,
+        };
+        let out = d.start_command(extra);
+        assert!(
+            out.status.success(),
+            "xallocd start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        d.adopt();
+        d
+    }
+
+    /// Runs `xallocd start` for this instance with the test's defaults and `extra`.
+    pub fn start_command(&self, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "start".to_owned(),
+            "--syslog-socket".to_owned(),
+            self.dir.join("no-syslog.sock").display().to_string(),
+            "--log-file".to_owned(),
+            self.log_path().display().to_string(),
+        ];
+        if !extra.contains(&"--arena-size") {
+            args.extend(["--arena-size".to_owned(), "64M".to_owned()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.xallocd(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// Reads the pid from the pidfile and pins the process with a pidfd.
+    pub fn adopt(&mut self) {
+        let pid: u32 = std::fs::read_to_string(self.pidfile())
+            .expect("pidfile after start")
+            .trim()
+            .parse()
+            .expect("pid in pidfile");
+        self.pid = pid;
+        self.pidfd = Some(os::pidfd_open(pid).expect("daemon process exists after start"));
+    }
+
+    /// The pidfile.
+    pub fn pidfile(&self) -> PathBuf {
+        self.dir.join("xallocd.pid")
+    }
+
+    /// The log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("xallocd.log")
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Runs `xallocd ARGS --name NAME --pidfile PIDFILE`.
+    pub fn xallocd(&self, args: &[&str]) -> Output {
+        Command::new(XALLOCD)
+            .args(args)
+            .arg("--name")
+            .arg(&self.name)
+            .arg("--pidfile")
+            .arg(self.pidfile())
+            .output()
+            .expect("run xallocd")
+    }
+
+    /// `xallocd status --json`, parsed into field → raw value.
+    pub fn status(&self) -> HashMap<String, String> {
+        let out = self.xallocd(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parse_json_object(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// One numeric field of the status.
+    pub fn stat(&self, field: &str) -> u64 {
+        self.status()[field].parse().expect("numeric field")
+    }
+
+    /// Waits up to `limit` for `cond`; returns how long it took, or `None`.
+    pub fn wait_for(&self, limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if cond() {
+                return Some(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        None
+    }
+
+    /// Whether the daemon process still runs.
+    pub fn alive(&self) -> bool {
+        self.pidfd.as_ref().is_some_and(|fd| !os::pidfd_exited(fd))
+    }
+
+    /// Sends `sig` to the daemon through its pidfd.
+    pub fn signal(&self, sig: i32) {
+        let fd = self.pidfd.as_ref().expect("daemon started");
+        // SAFETY: plain system call on an open pidfd.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.raw(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+
+    /// Sends SIGHUP and waits until the log holds one more statistics line; returns it.
+    pub fn stats_line(&self) -> String {
+        let count = |log: &str| log.matches("stats:").count();
+        let before = count(&self.log());
+        self.signal(libc::SIGHUP);
+        self.wait_for(Duration::from_secs(5), || count(&self.log()) > before)
+            .expect("statistics line after SIGHUP");
+        self.log()
+            .lines()
+            .rfind(|l| l.contains("stats:"))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Waits for the daemon to exit; true if it did within `limit`.
+    pub fn wait_exit(&self, limit: Duration) -> bool {
+        self.wait_for(limit, || !self.alive()).is_some()
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if self.alive() {
+            self.signal(libc::SIGKILL);
+            self.wait_exit(Duration::from_secs(5));
+        }
+        remove_segments(&self.name);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Parses a flat JSON object of numbers and strings (what `xallocd status --json` prints).
+pub fn parse_json_object(s: &str) -> HashMap<String, String> {
+    let body = s
+        .trim()
+        .strip_prefix('{')
+        .and_then(|b| b.strip_suffix('}'))
+        .expect("a JSON object");
+    body.split(',')
+        .map(|kv| {
+            let (k, v) = kv.split_once(':').expect("key:value");
+            (
+                k.trim().trim_matches('"').to_owned(),
+                v.trim().trim_matches('"').to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Field `n` (1-based, as in proc(5)) of `/proc/PID/stat`.
+pub fn proc_stat_field(pid: u32, n: usize) -> Option<i64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces.
+    let rest = &s[s.rfind(')')? + 2..];
+    rest.split(' ').nth(n - 3)?.parse().ok()
+}

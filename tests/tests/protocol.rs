@@ -1,0 +1,418 @@
+//! The request protocol with real processes: concurrent round trips from several processes and
+//! threads, every malformed request, and a client's death.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use xalloc_core::wire::{Op, Response, Status, PENDING};
+use xalloc_global::client::{Connection, RequestError};
+
+#[test]
+fn processes_and_threads_round_trip_concurrently() {
+    let d = TestDaemon::start("churn", &["--arena-size", "128M"]);
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            Command::new(CLIENT)
+                .args(["churn", &d.name, "4", "1500", &(1000 + i).to_string()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut total = 0u64;
+    for c in clients {
+        let out = c.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "client failed: {text}");
+        total += text
+            .trim()
+            .strip_prefix("ok ")
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("client output: {text}"));
+    }
+    assert!(total > 100, "only {total} operations in 1.5 s");
+    // Everything was freed by the clients themselves, and every request was answered.
+    let s = d.status();
+    assert_eq!(s["used_bytes"], "0", "{s:?}");
+    assert_eq!(s["live_blocks"], "0", "{s:?}");
+    assert_eq!(s["errors"], "0", "{s:?}");
+    // Each op is one request; plus a hello and a goodbye per thread.
+    assert_eq!(d.stat("requests"), total + 3 * 4 * 2);
+    assert!(d.stats_line().contains("heap check ok"));
+}
+
+/// Writes a raw request into slot `i` (whatever its owner), rings, and waits for the answer.
+fn raw(
+    conn: &Connection,
+    i: u32,
+    owner: u32,
+    op: u32,
+    flags: u32,
+    size: u64,
+    align: u64,
+    offset: u64,
+) -> Response {
+    let rq = conn.request_slot(i).unwrap();
+    let rs = conn.response_slot(i).unwrap();
+    rq.owner.store(owner, Ordering::Relaxed);
+    rq.op.store(op, Ordering::Relaxed);
+    rq.flags.store(flags, Ordering::Relaxed);
+    rq.size.store(size, Ordering::Relaxed);
+    rq.align.store(align, Ordering::Relaxed);
+    rq.offset.store(offset, Ordering::Relaxed);
+    let seq = rq.seq.load(Ordering::Relaxed).wrapping_add(1);
+    rq.seq.store(seq, Ordering::Relaxed);
+    rq.state.store(PENDING, Ordering::Release);
+    let bell = conn.doorbell();
+    bell.note_claim(i);
+    bell.ring();
+    xalloc_core::os::futex_wake(&bell.rings, 1);
+    let t = Instant::now();
+    loop {
+        if let Some(r) = rs.read(seq) {
+            return r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "no answer");
+        std::thread::yield_now();
+    }
+}
+
+/// The counters a refused request must not change.
+fn heap_counters(d: &TestDaemon) -> Vec<String> {
+    let s = d.status();
+    [
+        "used_bytes",
+        "free_bytes",
+        "largest_free_bytes",
+        "live_blocks",
+        "clients",
+    ]
+    .iter()
+    .map(|k| s[*k].clone())
+    .collect()
+}
+
+#[test]
+fn every_malformed_request_gets_its_own_status_and_changes_nothing() {
+    let d = TestDaemon::start("bad", &["--arena-size", "16M", "--slots", "8"]);
+    let conn = Connection::connect(&d.name).unwrap();
+    let me = std::process::id();
+
+    // Another process holds a block (for the ownership check).
+    let mut other = Child(
+        Command::new(CLIENT)
+            .args(["hold", &d.name, "1", "8192"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(other.0.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let theirs: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("hold printed {line:?}"));
+
+    let mut slot = conn.claim().unwrap();
+    let i = slot.index();
+    // Our own blocks: a 3-page block, and a used neighbour right after it.
+    let mine = slot.allocate(3 * 4096, 4096, false).unwrap();
+    let _neighbour = slot.allocate(4096, 4096, false).unwrap();
+    let freed = slot.allocate(4096, 4096, false).unwrap();
+    slot.free(freed.offset).unwrap();
+
+    let before = heap_counters(&d);
+    let errors_before = d.stat("errors");
+    let arena = conn.arena_len() as u64;
+    let (alloc, free, realloc) = (Op::Allocate as u32, Op::Free as u32, Op::Reallocate as u32);
+    let cases: Vec<(&str, u32, u32, u32, u64, u64, u64, Status)> = vec![
+        // (what, owner, op, flags, size, align, offset, expected)
+        ("unknown op", me, 99, 0, 4096, 4096, 0, Status::UnknownOp),
+        ("op zero", me, 0, 0, 0, 0, 0, Status::UnknownOp),
+        ("zero size", me, alloc, 0, 0, 4096, 0, Status::BadSize),
+        (
+            "size beyond the arena",
+            me,
+            alloc,
+            0,
+            arena + 1,
+            4096,
+            0,
+            Status::BadSize,
+        ),
+        (
+            "size overflowing",
+            me,
+            alloc,
+            0,
+            u64::MAX,
+            4096,
+            0,
+            Status::BadSize,
+        ),
+        ("alignment 0", me, alloc, 0, 4096, 0, 0, Status::BadAlign),
+        (
+            "alignment not a power of two",
+            me,
+            alloc,
+            0,
+            4096,
+            3 << 12,
+            0,
+            Status::BadAlign,
+        ),
+        (
+            "alignment too large",
+            me,
+            alloc,
+            0,
+            4096,
+            1 << 40,
+            0,
+            Status::BadAlign,
+        ),
+        (
+            "unknown flag",
+            me,
+            alloc,
+            0x80,
+            4096,
+            4096,
+            0,
+            Status::BadFlags,
+        ),
+        (
+            "flag on free",
+            me,
+            free,
+            1,
+            0,
+            0,
+            mine.offset,
+            Status::BadFlags,
+        ),
+        (
+            "free out of range",
+            me,
+            free,
+            0,
+            0,
+            0,
+            arena + 4096,
+            Status::BadOffset,
+        ),
+        (
+            "free far out of range",
+            me,
+            free,
+            0,
+            0,
+            0,
+            u64::MAX,
+            Status::BadOffset,
+        ),
+        (
+            "free misaligned",
+            me,
+            free,
+            0,
+            0,
+            0,
+            mine.offset + 8,
+            Status::BadOffset,
+        ),
+        (
+            "free inside a block",
+            me,
+            free,
+            0,
+            0,
+            0,
+            mine.offset + 4096,
+            Status::BadOffset,
+        ),
+        (
+            "double free",
+            me,
+            free,
+            0,
+            0,
+            0,
+            freed.offset,
+            Status::AlreadyFree,
+        ),
+        (
+            "free another client's block",
+            me,
+            free,
+            0,
+            0,
+            0,
+            theirs,
+            Status::NotOwner,
+        ),
+        (
+            "resize another client's block",
+            me,
+            realloc,
+            0,
+            4096,
+            0,
+            theirs,
+            Status::NotOwner,
+        ),
+        (
+            "resize to zero",
+            me,
+            realloc,
+            0,
+            0,
+            0,
+            mine.offset,
+            Status::BadSize,
+        ),
+        (
+            "resize beyond the arena",
+            me,
+            realloc,
+            0,
+            arena * 2,
+            0,
+            mine.offset,
+            Status::BadSize,
+        ),
+        (
+            "grow with a used neighbour",
+            me,
+            realloc,
+            0,
+            8 * 4096,
+            0,
+            mine.offset,
+            Status::NotInPlace,
+        ),
+        (
+            "resize a free block",
+            me,
+            realloc,
+            0,
+            4096,
+            0,
+            freed.offset,
+            Status::AlreadyFree,
+        ),
+        (
+            "owner field forged",
+            me + 1,
+            free,
+            0,
+            0,
+            0,
+            mine.offset,
+            Status::BadSlot,
+        ),
+    ];
+    for (what, owner, op, flags, size, align, offset, want) in cases {
+        let r = raw(&conn, i, owner, op, flags, size, align, offset);
+        assert_eq!(Status::from_u32(r.status), Some(want), "{what}");
+        assert_eq!(heap_counters(&d), before, "{what} changed the heap");
+    }
+    // Restore the real owner: the slot still works.
+    let r = raw(&conn, i, me, alloc, 0, 4096, 4096, 0);
+    assert_eq!(Status::from_u32(r.status), Some(Status::Ok));
+    let r = raw(&conn, i, me, free, 0, 0, 0, r.offset);
+    assert_eq!(Status::from_u32(r.status), Some(Status::Ok));
+
+    // A slot claimed without Hello, and Hellos for processes that do not exist.
+    let j = (i + 1) % conn.slot_count();
+    let r = raw(&conn, j, me, alloc, 0, 4096, 4096, 0);
+    assert_eq!(
+        Status::from_u32(r.status),
+        Some(Status::BadSlot),
+        "no hello"
+    );
+    let r = raw(&conn, j, 0, Op::Hello as u32, 0, 0, 0, 0);
+    assert_eq!(
+        Status::from_u32(r.status),
+        Some(Status::BadSlot),
+        "hello from pid 0"
+    );
+    let r = raw(&conn, j, 0x3fff_fff0, Op::Hello as u32, 0, 0, 0, 0);
+    assert_eq!(
+        Status::from_u32(r.status),
+        Some(Status::BadSlot),
+        "hello from no process"
+    );
+    conn.request_slot(j)
+        .unwrap()
+        .owner
+        .store(0, Ordering::Relaxed);
+    assert_eq!(heap_counters(&d), before);
+
+    // Every refusal was counted, and the heap is intact.
+    let refused = 22 + 3;
+    assert_eq!(d.stat("errors"), errors_before + refused);
+    assert!(d.stats_line().contains("heap check ok"));
+    assert!(d.alive());
+    // A normal request still works through the safe API.
+    assert_eq!(
+        slot.resize(mine.offset, 4096).map(|b| b.size),
+        Ok(4096),
+        "shrink in place"
+    );
+    assert_eq!(
+        slot.free(theirs),
+        Err(RequestError::Refused(Status::NotOwner))
+    );
+}
+
+#[test]
+fn a_killed_client_gets_its_blocks_and_slot_reclaimed() {
+    let d = TestDaemon::start("death", &[]);
+    let mut child = Child(
+        Command::new(CLIENT)
+            .args(["hold", &d.name, "5", "100000"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("held "), "{line}");
+    let s = d.status();
+    assert_eq!(s["live_blocks"], "5");
+    assert_eq!(s["clients"], "1");
+    assert_eq!(s["slots"], "1");
+    assert!(d.stat("used_bytes") >= 5 * 100_000);
+
+    let killed = Instant::now();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let took = d
+        .wait_for(Duration::from_secs(5), || {
+            let s = d.status();
+            s["used_bytes"] == "0" && s["clients"] == "0" && s["slots"] == "0"
+        })
+        .expect("blocks, client and slot reclaimed within 5 s");
+    eprintln!(
+        "reclaimed {:?} after the kill ({:?} after reaping)",
+        killed.elapsed(),
+        took
+    );
+    assert!(d.log().contains("reclaimed 5 blocks"), "{}", d.log());
+    // The slot is free for the next client.
+    let conn = Connection::connect(&d.name).unwrap();
+    let mut slot = conn.claim().unwrap();
+    let b = slot.allocate(100_000, 4096, false).unwrap();
+    slot.free(b.offset).unwrap();
+}
