@@ -67,6 +67,23 @@ pub enum SegmentKind {
     Arena = 2,
 }
 
+impl SegmentKind {
+    /// The suffix of the segment's name: `request`, `response` or `arena`.
+    pub const fn suffix(self) -> &'static str {
+        match self {
+            Self::Request => "request",
+            Self::Response => "response",
+            Self::Arena => "arena",
+        }
+    }
+}
+
+impl core::fmt::Display for SegmentKind {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{} segment", self.suffix())
+    }
+}
+
 /// The first 64 bytes of every segment. Written once by the daemon before it announces the
 /// segment; read by attachers with [`SegmentHeader::load`] and checked with
 /// [`SegmentHeader::check`].

@@ -7,6 +7,10 @@
 //! else (another owner, a wrong size or magic) is refused with a message that names the object
 //! and says how to remove it.
 
+// The errors carry the object's name in a fixed buffer (`ShmName`, no allocation); they are
+// made once, at start, so their size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::ffi::CString;
 use std::fmt;
 use std::sync::Arc;

@@ -189,7 +189,7 @@ impl Server {
             // Nothing pending: spin on the doorbell for a while, then sleep on it.
             if self.spin && last_work.elapsed() < SPIN_BUDGET {
                 spins = spins.wrapping_add(1);
-                if spins % SPINS_PER_YIELD == 0 {
+                if spins.is_multiple_of(SPINS_PER_YIELD) {
                     os::yield_now();
                 }
                 while self.doorbell().rings.load(Ordering::Relaxed) == seen

@@ -47,17 +47,17 @@ pub enum ConnectError {
     /// A segment does not exist: no daemon of this name runs.
     NotRunning {
         /// The missing segment.
-        segment: ShmName,
+        segment: SegmentKind,
     },
     /// A segment exists but this user may not open it.
     PermissionDenied {
         /// The segment.
-        segment: ShmName,
+        segment: SegmentKind,
     },
     /// A segment's header is not what this build expects.
     Layout {
         /// The segment.
-        segment: ShmName,
+        segment: SegmentKind,
         /// What is wrong with it.
         error: LayoutError,
     },
@@ -65,7 +65,7 @@ pub enum ConnectError {
     /// they were not all made by one daemon.
     Ownership {
         /// The segment that differs.
-        segment: ShmName,
+        segment: SegmentKind,
     },
     /// The segments belong to different daemon instances (a restart raced with the connect).
     Mismatch,
@@ -77,7 +77,7 @@ pub enum ConnectError {
     /// Another system call failed.
     Os {
         /// The segment concerned.
-        segment: ShmName,
+        segment: SegmentKind,
         /// The call.
         call: &'static str,
         /// Its error.
@@ -91,18 +91,18 @@ impl fmt::Display for ConnectError {
             Self::BadName => f.write_str("bad instance name (empty, too long, or contains '/')"),
             Self::NotRunning { segment } => write!(
                 f,
-                "no xallocd instance: {segment} does not exist (start one with `xallocd start`)"
+                "no xallocd instance: its {segment} does not exist (start one with `xallocd start`)"
             ),
             Self::PermissionDenied { segment } => {
                 write!(
                     f,
-                    "permission denied opening {segment} (see `xallocd start --group`)"
+                    "permission denied opening the {segment} (see `xallocd start --group`)"
                 )
             }
-            Self::Layout { segment, error } => write!(f, "{segment}: {error}"),
+            Self::Layout { segment, error } => write!(f, "the {segment}: {error}"),
             Self::Ownership { segment } => write!(
                 f,
-                "{segment} is not owned like the other segments of its instance; refusing it"
+                "the {segment} is not owned like the others of its instance; refusing it"
             ),
             Self::Mismatch => f.write_str("segments belong to different daemon instances"),
             Self::DaemonGone { pid } => write!(f, "the daemon (pid {pid}) no longer runs"),
@@ -110,7 +110,7 @@ impl fmt::Display for ConnectError {
                 segment,
                 call,
                 errno,
-            } => write!(f, "{call} {segment}: {errno}"),
+            } => write!(f, "{call} of the {segment}: {errno}"),
         }
     }
 }
@@ -169,19 +169,15 @@ fn attach(
     name: &str,
     kind: SegmentKind,
     writable: bool,
-) -> Result<(Mapping, SegmentHeader, os::ObjectInfo, ShmName), ConnectError> {
-    let suffix = match kind {
-        SegmentKind::Request => "request",
-        SegmentKind::Response => "response",
-        SegmentKind::Arena => "arena",
-    };
-    let segment = ShmName::new(name, suffix).ok_or(ConnectError::BadName)?;
+) -> Result<(Mapping, SegmentHeader, os::ObjectInfo), ConnectError> {
+    let shm = ShmName::new(name, kind.suffix()).ok_or(ConnectError::BadName)?;
+    let segment = kind;
     let os_err = |call, errno| ConnectError::Os {
         segment,
         call,
         errno,
     };
-    let fd = os::shm_open(segment.as_cstr(), writable).map_err(|e| match e.0 {
+    let fd = os::shm_open(shm.as_cstr(), writable).map_err(|e| match e.0 {
         libc_codes::ENOENT => ConnectError::NotRunning { segment },
         libc_codes::EACCES | libc_codes::EPERM => ConnectError::PermissionDenied { segment },
         _ => os_err("shm_open", e),
@@ -206,7 +202,7 @@ fn attach(
     header
         .check(kind, len)
         .map_err(|error| ConnectError::Layout { segment, error })?;
-    Ok((map, header, info, segment))
+    Ok((map, header, info))
 }
 
 /// The errno values this module tells apart (the `libc` crate is not a dependency here).
@@ -219,16 +215,20 @@ mod libc_codes {
 impl Connection {
     /// Connects to the daemon instance `name` (the `--name` it was started with).
     pub fn connect(name: &str) -> Result<Self, ConnectError> {
-        let (request, rq, rq_info, _) = attach(name, SegmentKind::Request, true)?;
-        let (response, rs, rs_info, rs_name) = attach(name, SegmentKind::Response, false)?;
-        let (arena, ar, ar_info, ar_name) = attach(name, SegmentKind::Arena, true)?;
+        let (request, rq, rq_info) = attach(name, SegmentKind::Request, true)?;
+        let (response, rs, rs_info) = attach(name, SegmentKind::Response, false)?;
+        let (arena, ar, ar_info) = attach(name, SegmentKind::Arena, true)?;
         // One owner for all three, and nobody but the owner may write the answers: otherwise
         // another user could have planted one of them.
         if rs_info.uid != rq_info.uid || rs_info.mode & 0o022 != 0 {
-            return Err(ConnectError::Ownership { segment: rs_name });
+            return Err(ConnectError::Ownership {
+                segment: SegmentKind::Response,
+            });
         }
         if ar_info.uid != rq_info.uid {
-            return Err(ConnectError::Ownership { segment: ar_name });
+            return Err(ConnectError::Ownership {
+                segment: SegmentKind::Arena,
+            });
         }
         let same = |h: &SegmentHeader| {
             h.generation == rq.generation
@@ -386,7 +386,7 @@ impl Connection {
                     return Ok(r);
                 }
                 n = n.wrapping_add(1);
-                if n % SPINS_PER_YIELD == 0 {
+                if n.is_multiple_of(SPINS_PER_YIELD) {
                     if start.elapsed() > SPIN_BUDGET {
                         break;
                     }

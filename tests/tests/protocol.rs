@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
-use xalloc_core::wire::{Op, Response, Status, PENDING};
+use xalloc_core::wire::{Op, Request, Response, Status, PENDING};
 use xalloc_global::client::{Connection, RequestError};
 
 #[test]
@@ -46,17 +46,31 @@ fn processes_and_threads_round_trip_concurrently() {
     assert!(d.stats_line().contains("heap check ok"));
 }
 
-/// Writes a raw request into slot `i` (whatever its owner), rings, and waits for the answer.
-fn raw(
-    conn: &Connection,
-    i: u32,
-    owner: u32,
-    op: u32,
-    flags: u32,
-    size: u64,
-    align: u64,
-    offset: u64,
-) -> Response {
+/// A request as a test writes it; `seq` is filled in by [`raw`].
+fn req(owner: u32, op: u32, flags: u32, size: u64, align: u64, offset: u64) -> Request {
+    Request {
+        owner,
+        seq: 0,
+        op,
+        flags,
+        size,
+        align,
+        offset,
+    }
+}
+
+/// Writes `r` straight into request slot `i` (whatever its owner), rings, and waits for the
+/// answer.
+fn raw(conn: &Connection, i: u32, r: Request) -> Response {
+    let Request {
+        owner,
+        op,
+        flags,
+        size,
+        align,
+        offset,
+        ..
+    } = r;
     let rq = conn.request_slot(i).unwrap();
     let rs = conn.response_slot(i).unwrap();
     rq.owner.store(owner, Ordering::Relaxed);
@@ -133,219 +147,60 @@ fn every_malformed_request_gets_its_own_status_and_changes_nothing() {
     let errors_before = d.stat("errors");
     let arena = conn.arena_len() as u64;
     let (alloc, free, realloc) = (Op::Allocate as u32, Op::Free as u32, Op::Reallocate as u32);
-    let cases: Vec<(&str, u32, u32, u32, u64, u64, u64, Status)> = vec![
-        // (what, owner, op, flags, size, align, offset, expected)
-        ("unknown op", me, 99, 0, 4096, 4096, 0, Status::UnknownOp),
-        ("op zero", me, 0, 0, 0, 0, 0, Status::UnknownOp),
-        ("zero size", me, alloc, 0, 0, 4096, 0, Status::BadSize),
-        (
-            "size beyond the arena",
-            me,
-            alloc,
-            0,
-            arena + 1,
-            4096,
-            0,
-            Status::BadSize,
-        ),
-        (
-            "size overflowing",
-            me,
-            alloc,
-            0,
-            u64::MAX,
-            4096,
-            0,
-            Status::BadSize,
-        ),
-        ("alignment 0", me, alloc, 0, 4096, 0, 0, Status::BadAlign),
-        (
-            "alignment not a power of two",
-            me,
-            alloc,
-            0,
-            4096,
-            3 << 12,
-            0,
-            Status::BadAlign,
-        ),
-        (
-            "alignment too large",
-            me,
-            alloc,
-            0,
-            4096,
-            1 << 40,
-            0,
-            Status::BadAlign,
-        ),
-        (
-            "unknown flag",
-            me,
-            alloc,
-            0x80,
-            4096,
-            4096,
-            0,
-            Status::BadFlags,
-        ),
-        (
-            "flag on free",
-            me,
-            free,
-            1,
-            0,
-            0,
-            mine.offset,
-            Status::BadFlags,
-        ),
-        (
-            "free out of range",
-            me,
-            free,
-            0,
-            0,
-            0,
-            arena + 4096,
-            Status::BadOffset,
-        ),
-        (
-            "free far out of range",
-            me,
-            free,
-            0,
-            0,
-            0,
-            u64::MAX,
-            Status::BadOffset,
-        ),
-        (
-            "free misaligned",
-            me,
-            free,
-            0,
-            0,
-            0,
-            mine.offset + 8,
-            Status::BadOffset,
-        ),
-        (
-            "free inside a block",
-            me,
-            free,
-            0,
-            0,
-            0,
-            mine.offset + 4096,
-            Status::BadOffset,
-        ),
-        (
-            "double free",
-            me,
-            free,
-            0,
-            0,
-            0,
-            freed.offset,
-            Status::AlreadyFree,
-        ),
-        (
-            "free another client's block",
-            me,
-            free,
-            0,
-            0,
-            0,
-            theirs,
-            Status::NotOwner,
-        ),
-        (
-            "resize another client's block",
-            me,
-            realloc,
-            0,
-            4096,
-            0,
-            theirs,
-            Status::NotOwner,
-        ),
-        (
-            "resize to zero",
-            me,
-            realloc,
-            0,
-            0,
-            0,
-            mine.offset,
-            Status::BadSize,
-        ),
-        (
-            "resize beyond the arena",
-            me,
-            realloc,
-            0,
-            arena * 2,
-            0,
-            mine.offset,
-            Status::BadSize,
-        ),
-        (
-            "grow with a used neighbour",
-            me,
-            realloc,
-            0,
-            8 * 4096,
-            0,
-            mine.offset,
-            Status::NotInPlace,
-        ),
-        (
-            "resize a free block",
-            me,
-            realloc,
-            0,
-            4096,
-            0,
-            freed.offset,
-            Status::AlreadyFree,
-        ),
-        (
-            "owner field forged",
-            me + 1,
-            free,
-            0,
-            0,
-            0,
-            mine.offset,
-            Status::BadSlot,
-        ),
+    let m = mine.offset;
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Request, Status)> = vec![
+        // (what, request (owner, op, flags, size, align, offset), expected status)
+        ("unknown op", req(me, 99, 0, 4096, 4096, 0), Status::UnknownOp),
+        ("op zero", req(me, 0, 0, 0, 0, 0), Status::UnknownOp),
+        ("zero size", req(me, alloc, 0, 0, 4096, 0), Status::BadSize),
+        ("size beyond the arena", req(me, alloc, 0, arena + 1, 4096, 0), Status::BadSize),
+        ("size overflowing", req(me, alloc, 0, u64::MAX, 4096, 0), Status::BadSize),
+        ("alignment 0", req(me, alloc, 0, 4096, 0, 0), Status::BadAlign),
+        ("alignment not a power of two", req(me, alloc, 0, 4096, 3 << 12, 0), Status::BadAlign),
+        ("alignment too large", req(me, alloc, 0, 4096, 1 << 40, 0), Status::BadAlign),
+        ("unknown flag", req(me, alloc, 0x80, 4096, 4096, 0), Status::BadFlags),
+        ("flag on free", req(me, free, 1, 0, 0, m), Status::BadFlags),
+        ("free out of range", req(me, free, 0, 0, 0, arena + 4096), Status::BadOffset),
+        ("free far out of range", req(me, free, 0, 0, 0, u64::MAX), Status::BadOffset),
+        ("free misaligned", req(me, free, 0, 0, 0, m + 8), Status::BadOffset),
+        ("free inside a block", req(me, free, 0, 0, 0, m + 4096), Status::BadOffset),
+        ("double free", req(me, free, 0, 0, 0, freed.offset), Status::AlreadyFree),
+        ("free another client's block", req(me, free, 0, 0, 0, theirs), Status::NotOwner),
+        ("resize another client's block", req(me, realloc, 0, 4096, 0, theirs), Status::NotOwner),
+        ("resize to zero", req(me, realloc, 0, 0, 0, m), Status::BadSize),
+        ("resize beyond the arena", req(me, realloc, 0, arena * 2, 0, m), Status::BadSize),
+        ("grow with a used neighbour", req(me, realloc, 0, 8 * 4096, 0, m), Status::NotInPlace),
+        ("resize a free block", req(me, realloc, 0, 4096, 0, freed.offset), Status::AlreadyFree),
+        ("owner field forged", req(me + 1, free, 0, 0, 0, m), Status::BadSlot),
     ];
-    for (what, owner, op, flags, size, align, offset, want) in cases {
-        let r = raw(&conn, i, owner, op, flags, size, align, offset);
+    let refused_cases = cases.len() as u64;
+    for (what, request, want) in cases {
+        let r = raw(&conn, i, request);
         assert_eq!(Status::from_u32(r.status), Some(want), "{what}");
         assert_eq!(heap_counters(&d), before, "{what} changed the heap");
     }
     // Restore the real owner: the slot still works.
-    let r = raw(&conn, i, me, alloc, 0, 4096, 4096, 0);
+    let r = raw(&conn, i, req(me, alloc, 0, 4096, 4096, 0));
     assert_eq!(Status::from_u32(r.status), Some(Status::Ok));
-    let r = raw(&conn, i, me, free, 0, 0, 0, r.offset);
+    let r = raw(&conn, i, req(me, free, 0, 0, 0, r.offset));
     assert_eq!(Status::from_u32(r.status), Some(Status::Ok));
 
     // A slot claimed without Hello, and Hellos for processes that do not exist.
     let j = (i + 1) % conn.slot_count();
-    let r = raw(&conn, j, me, alloc, 0, 4096, 4096, 0);
+    let r = raw(&conn, j, req(me, alloc, 0, 4096, 4096, 0));
     assert_eq!(
         Status::from_u32(r.status),
         Some(Status::BadSlot),
         "no hello"
     );
-    let r = raw(&conn, j, 0, Op::Hello as u32, 0, 0, 0, 0);
+    let r = raw(&conn, j, req(0, Op::Hello as u32, 0, 0, 0, 0));
     assert_eq!(
         Status::from_u32(r.status),
         Some(Status::BadSlot),
         "hello from pid 0"
     );
-    let r = raw(&conn, j, 0x3fff_fff0, Op::Hello as u32, 0, 0, 0, 0);
+    let r = raw(&conn, j, req(0x3fff_fff0, Op::Hello as u32, 0, 0, 0, 0));
     assert_eq!(
         Status::from_u32(r.status),
         Some(Status::BadSlot),
@@ -358,7 +213,7 @@ fn every_malformed_request_gets_its_own_status_and_changes_nothing() {
     assert_eq!(heap_counters(&d), before);
 
     // Every refusal was counted, and the heap is intact.
-    let refused = 22 + 3;
+    let refused = refused_cases + 3;
     assert_eq!(d.stat("errors"), errors_before + refused);
     assert!(d.stats_line().contains("heap check ok"));
     assert!(d.alive());

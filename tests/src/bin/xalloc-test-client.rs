@@ -66,10 +66,10 @@ fn churn(name: &str, threads: u64, millis: u64, seed: u64) -> Result<u64, String
                     let mut ops = 0u64;
                     while Instant::now() < deadline {
                         let r = rng.next();
-                        if held.len() < 8 && (r % 3 != 0 || held.is_empty()) {
+                        if held.len() < 8 && (!r.is_multiple_of(3) || held.is_empty()) {
                             let size = 4096 + (rng.next() % (1 << 20));
                             let b = slot
-                                .allocate(size, 4096, r % 5 == 0)
+                                .allocate(size, 4096, r.is_multiple_of(5))
                                 .map_err(|e| format!("allocate {size}: {e}"))?;
                             if b.size < size {
                                 return Err(format!("block of {} for {size}", b.size));
