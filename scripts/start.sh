@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Starts xalloc.
+# Builds xallocd (release) when its sources changed, then runs `xallocd start` with the given
+# arguments: the daemon detaches, and this returns once it serves (exit 0) or with its error.
 #
-# Until the daemon (xallocd) exists, this builds and runs the firmware-style example: a
-# `LockedHeap` over a static array as the global allocator, printing its statistics. Once the
-# daemon lands, this script builds it (release) when needed and passes its arguments to
-# `xallocd start`.
+#   scripts/start.sh                         # instance "xalloc", 256 MiB arena
+#   scripts/start.sh --name dev --arena-size 1G
 set -euo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-exec cargo run --release -p xalloc-examples --bin embedded_heap -- "$@"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Cargo rebuilds only what changed; quiet unless it fails.
+cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p xalloc-daemon --bin xallocd
+exec "$root/target/release/xallocd" start "$@"

@@ -3,8 +3,11 @@
 #
 #   scripts/test.sh
 #
-# Needs: stable Rust with clippy and rustfmt, the thumbv7em-none-eabihf target, and nightly with
-# miri (`.ci/run` installs all of them).
+# Needs: stable Rust with clippy and rustfmt, the thumbv7em-none-eabihf target, nightly with
+# miri, and rsyslog (`.ci/run` installs all of them). The multi-process tests start daemons
+# with their own instance names and remove everything they create. With CI=true (as root), it
+# also runs scripts/setup-rsyslog.sh against the system's rsyslog and checks that a daemon's
+# lines reach /var/log/xalloc.log.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -46,6 +49,9 @@ MIRIFLAGS="-Zmiri-strict-provenance -Zmiri-tree-borrows" step "miri (tree borrow
 # not evict the normal one.
 RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=target/loom step "loom" \
     cargo test -p xalloc-core --test loom_wire --release
+if [[ "${CI:-}" == "true" ]]; then
+    step "rsyslog set-up (CI only: changes /etc/rsyslog.d)" bash scripts/check-rsyslog-setup.sh
+fi
 step "bench smoke" bash scripts/bench.sh --quick
 step "bench smoke (region over seeds)" bash scripts/bench.sh --quick --region-seeds 2
 

@@ -64,7 +64,8 @@ pub struct TestDaemon {
 
 impl TestDaemon {
     /// Starts a detached daemon named after `tag`, logging to its directory's `xallocd.log`
-    /// (syslog pointed at a socket that does not exist), with `extra` arguments.
+    /// (syslog pointed at a socket that does not exist) with a 64 MiB arena, unless `extra`
+    /// gives those flags.
     pub fn start(tag: &str, extra: &[&str]) -> Self {
         let name = unique_name(tag);
         let dir = temp_dir(&name);
@@ -86,16 +87,18 @@ impl TestDaemon {
 
     /// Runs `xallocd start` for this instance with the test's defaults and `extra`.
     pub fn start_command(&self, extra: &[&str]) -> Output {
-        let mut args = vec![
-            "start".to_owned(),
-            "--syslog-socket".to_owned(),
+        let mut args = vec!["start".to_owned()];
+        let mut default = |flag: &str, value: String| {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_owned(), value]);
+            }
+        };
+        default(
+            "--syslog-socket",
             self.dir.join("no-syslog.sock").display().to_string(),
-            "--log-file".to_owned(),
-            self.log_path().display().to_string(),
-        ];
-        if !extra.contains(&"--arena-size") {
-            args.extend(["--arena-size".to_owned(), "64M".to_owned()]);
-        }
+        );
+        default("--log-file", self.log_path().display().to_string());
+        default("--arena-size", "64M".to_owned());
         args.extend(extra.iter().map(|s| s.to_string()));
         self.xallocd(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
