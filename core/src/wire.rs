@@ -852,10 +852,10 @@ mod tests {
         }
         assert_eq!(Op::from_u32(0), None);
         assert_eq!(Op::from_u32(6), None);
-        for v in 0..=10 {
+        for v in 0..=11 {
             assert_eq!(Status::from_u32(v).map(|s| s as u32), Some(v));
         }
-        assert_eq!(Status::from_u32(11), None);
+        assert_eq!(Status::from_u32(12), None);
     }
 
     #[test]
@@ -930,6 +930,32 @@ mod tests {
 
     /// A client thread and a daemon thread over one slot, spinning instead of sleeping: every
     /// answer matches its request, none is lost or read twice.
+    #[test]
+    fn stats_readers_never_see_a_torn_snapshot() {
+        let n: u64 = if cfg!(miri) { 30 } else { 20_000 };
+        let stats = Arc::new(DaemonStats::default());
+        let writer = {
+            let stats = Arc::clone(&stats);
+            thread::spawn(move || {
+                for i in 1..=n {
+                    // Every field of snapshot i holds i: a mix of two snapshots shows.
+                    let a = [i; STATS_FIELDS];
+                    stats.store(&StatsSnapshot::from_array(a));
+                }
+            })
+        };
+        let mut last = 0;
+        while last < n {
+            if let Some(s) = stats.load(1_000_000) {
+                let a = s.to_array();
+                assert!(a.iter().all(|&v| v == a[0]), "torn snapshot {a:?}");
+                assert!(a[0] >= last, "went back from {last} to {}", a[0]);
+                last = a[0];
+            }
+        }
+        writer.join().unwrap();
+    }
+
     #[test]
     fn client_and_daemon_threads_agree() {
         let n: u32 = if cfg!(miri) { 50 } else { 20_000 };

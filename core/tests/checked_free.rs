@@ -1,13 +1,14 @@
-//! Property test of `OobHeap::deallocate_at`, the free that checks offsets it did not hand out:
-//! for any sequence of allocations and frees at arbitrary offsets, a free succeeds exactly when a
-//! live block starts at the offset and returns that block's size, and a refused free changes
-//! nothing.
+//! Property test of `OobHeap::deallocate_at` and `OobHeap::resize_at`, the entry points that
+//! check offsets they did not hand out: for any sequence of allocations, frees and in-place
+//! resizes at arbitrary offsets, a free succeeds exactly when a live block starts at the offset
+//! and returns that block's size; a resize of a live block shrinks it always and grows it only
+//! into free space (never over another live block); and a refused call changes nothing.
 
 use std::alloc::Layout;
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use xalloc_core::{FreeError, MetaEntry, OobHeap};
+use xalloc_core::{FreeError, MetaEntry, OobHeap, ResizeError};
 
 const GRANULE: usize = 64;
 #[cfg(not(miri))]
@@ -28,6 +29,10 @@ enum Op {
     FreeLive(usize),
     /// Free at an arbitrary offset, usually not a live block's start.
     FreeAt(usize),
+    /// Resize the live block with this index (modulo the live count) to this many bytes.
+    ResizeLive(usize, usize),
+    /// Resize at an arbitrary offset.
+    ResizeAt(usize, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -35,6 +40,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (1..8 * GRANULE).prop_map(Op::Allocate),
         2 => any::<usize>().prop_map(Op::FreeLive),
         2 => (0..(GRANULES + 4) * GRANULE).prop_map(Op::FreeAt),
+        2 => (any::<usize>(), 0..16 * GRANULE).prop_map(|(i, n)| Op::ResizeLive(i, n)),
+        1 => (0..(GRANULES + 4) * GRANULE, 0..16 * GRANULE).prop_map(|(o, n)| Op::ResizeAt(o, n)),
     ]
 }
 
@@ -82,6 +89,44 @@ proptest! {
                         }
                     }
                 }
+                Op::ResizeLive(i, n) if !live.is_empty() => {
+                    let (&off, &old) = live.iter().nth(i % live.len()).unwrap();
+                    let before = heap.stats();
+                    let want = n.div_ceil(GRANULE) * GRANULE;
+                    match heap.resize_at(off, n) {
+                        Ok(bytes) => {
+                            prop_assert_eq!(bytes, want);
+                            live.insert(off, bytes);
+                        }
+                        Err(ResizeError::BadSize) => prop_assert_eq!(n, 0),
+                        Err(e) => {
+                            prop_assert_eq!(e, ResizeError::NoRoom);
+                            prop_assert!(want > old, "refused to shrink");
+                            prop_assert_eq!(heap.stats(), before);
+                        }
+                    }
+                }
+                Op::ResizeLive(..) => {}
+                Op::ResizeAt(off, n) => {
+                    let before = heap.stats();
+                    match heap.resize_at(off, n) {
+                        Ok(bytes) => {
+                            prop_assert!(live.contains_key(&off), "resized a non-block");
+                            live.insert(off, bytes);
+                        }
+                        Err(ResizeError::Block(_)) => {
+                            prop_assert!(!live.contains_key(&off), "refused a live block");
+                            prop_assert_eq!(heap.stats(), before);
+                        }
+                        Err(_) => prop_assert_eq!(heap.stats(), before),
+                    }
+                }
+            }
+            // Live blocks never overlap, and the heap agrees with the model.
+            let mut end = 0;
+            for (&off, &bytes) in &live {
+                prop_assert!(off >= end, "block at {} overlaps the previous one", off);
+                end = off + bytes;
             }
             heap.check_invariants().map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(heap.stats().live_blocks, live.len());
