@@ -495,6 +495,30 @@ impl Server {
         self.publish_stats();
     }
 
+    /// Frees slots claimed by processes that died before registering (between the claim and
+    /// their `Hello`): the daemon watched no pidfd for them. Runs with every batch of events
+    /// from the watcher (a client's exit, a signal).
+    fn sweep_unregistered(&mut self) {
+        let hi = self
+            .doorbell()
+            .slots_hi
+            .load(Ordering::Acquire)
+            .min(self.seg.slots);
+        for i in 0..hi {
+            let owner = self.request_slot(i).owner.load(Ordering::Acquire);
+            if owner != 0
+                && self.slot_pid[i as usize] == 0
+                && !self.clients.contains_key(&owner)
+                && !os::process_alive(owner)
+                && self.request_slot(i).reclaim(owner)
+            {
+                log::info!(
+                    "slot {i}: claimed by process {owner}, which exited before registering; freed"
+                );
+            }
+        }
+    }
+
     /// Handles the watcher's events; returns whether to stop.
     fn handle_events(&mut self) -> bool {
         self.mailbox.flag.store(false, Ordering::Release);
@@ -505,6 +529,7 @@ impl Server {
         for pid in ev.dead {
             self.reclaim(pid);
         }
+        self.sweep_unregistered();
         if ev.stats_line {
             // On request only: the check walks every block.
             let check = match self.heap.check_invariants() {

@@ -27,6 +27,14 @@ fn start_detaches_and_stop_leaves_nothing_behind() {
         std::fs::read_link(format!("/proc/{}/cwd", d.pid)).unwrap(),
         std::path::Path::new("/")
     );
+    // Standard streams point at /dev/null.
+    for fd in 0..3 {
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{}/fd/{fd}", d.pid)).unwrap(),
+            std::path::Path::new("/dev/null"),
+            "fd {fd}"
+        );
+    }
     // It serves: status reads its pid from the response segment.
     assert_eq!(d.stat("pid"), u64::from(d.pid));
     assert_eq!(segments_left(&d.name).len(), 3);
@@ -61,6 +69,35 @@ fn start_detaches_and_stop_leaves_nothing_behind() {
     assert!(log.contains("started: instance"), "{log}");
     assert!(log.contains("stopped:"), "{log}");
     assert!(log.contains(&format!("/{}.arena", d.name)), "{log}");
+}
+
+#[test]
+fn inherited_descriptors_are_closed() {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for two; no CLOEXEC, so `xallocd start` inherits the write end.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let d = TestDaemon::start("fds", &["--arena-size", "1M"]);
+    // SAFETY: closing our own descriptor.
+    unsafe { libc::close(fds[1]) };
+    // The daemon runs; the pipe reads end-of-file only if no process holds the write end.
+    let mut p = libc::pollfd {
+        fd: fds[0],
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let ready = unsafe { libc::poll(&mut p, 1, 5000) };
+    let mut b = [0u8; 1];
+    // SAFETY: reading one byte into `b`.
+    let n = unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) };
+    // SAFETY: closing our own descriptor.
+    unsafe { libc::close(fds[0]) };
+    assert!(d.alive());
+    assert_eq!(
+        (ready, n),
+        (1, 0),
+        "the daemon kept an inherited descriptor open"
+    );
 }
 
 #[test]

@@ -271,3 +271,25 @@ fn a_killed_client_gets_its_blocks_and_slot_reclaimed() {
     let b = slot.allocate(100_000, 4096, false).unwrap();
     slot.free(b.offset).unwrap();
 }
+
+#[test]
+fn a_slot_claimed_by_a_process_that_died_before_hello_is_freed() {
+    let d = TestDaemon::start("unregistered", &["--arena-size", "1M", "--slots", "4"]);
+    let conn = Connection::connect(&d.name).unwrap();
+    // A process that has exited: its pid is free (and, this soon, not reused).
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let rq = conn.request_slot(2).unwrap();
+    assert!(rq.try_claim(dead), "slot 2 free");
+    conn.doorbell().note_claim(2);
+    // Any event from the watcher (here SIGHUP) makes the daemon sweep such slots.
+    d.stats_line();
+    assert!(
+        d.wait_for(Duration::from_secs(5), || rq.owner.load(Ordering::Acquire)
+            == 0)
+            .is_some(),
+        "slot claimed by a dead process was not freed"
+    );
+    assert!(d.log().contains("exited before registering"));
+}
