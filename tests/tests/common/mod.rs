@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use xalloc_core::os::{self, Fd};
 
 /// The daemon binary built with these tests.
-pub const XALLOCD: &str = env!("CARGO_BIN_EXE_xallocd");
+pub const XALLOCD: &str = env!("CARGO_BIN_EXE_xallocd-under-test");
 /// The test client.
 pub const CLIENT: &str = env!("CARGO_BIN_EXE_xalloc-test-client");
 
