@@ -388,6 +388,14 @@ pub fn online_cpus() -> usize {
     usize::try_from(n).unwrap_or(1).max(1)
 }
 
+/// The CPU the calling thread runs on now (a hint: it may move at any time), or `u32::MAX` if
+/// unknown.
+pub fn current_cpu() -> u32 {
+    // SAFETY: plain query (a vDSO call on x86-64).
+    let c = unsafe { libc::sched_getcpu() };
+    u32::try_from(c).unwrap_or(u32::MAX)
+}
+
 /// Gives the CPU to another runnable thread, if any.
 pub fn yield_now() {
     // SAFETY: always safe.

@@ -379,6 +379,8 @@ pub struct Request {
     pub op: u32,
     /// Flags, unchecked.
     pub flags: u32,
+    /// The client's CPU (a hint).
+    pub cpu: u32,
     /// Size in bytes.
     pub size: u64,
     /// Alignment in bytes.
@@ -403,6 +405,9 @@ pub struct RequestSlot {
     pub op: AtomicU32,
     /// Request flags.
     pub flags: AtomicU32,
+    /// The CPU the client ran on when it submitted: a hint, so that the daemon does not spin
+    /// while the client waits for the same CPU.
+    pub cpu: AtomicU32,
     /// Size in bytes.
     pub size: AtomicU64,
     /// Alignment in bytes.
@@ -421,6 +426,7 @@ impl RequestSlot {
             waiting: AtomicU32::new(0),
             op: AtomicU32::new(0),
             flags: AtomicU32::new(0),
+            cpu: AtomicU32::new(0),
             size: AtomicU64::new(0),
             align: AtomicU64::new(0),
             offset: AtomicU64::new(0),
@@ -481,6 +487,7 @@ impl RequestSlot {
             seq: self.seq.load(Ordering::Relaxed),
             op: self.op.load(Ordering::Relaxed),
             flags: self.flags.load(Ordering::Relaxed),
+            cpu: self.cpu.load(Ordering::Relaxed),
             size: self.size.load(Ordering::Relaxed),
             align: self.align.load(Ordering::Relaxed),
             offset: self.offset.load(Ordering::Relaxed),
@@ -528,8 +535,9 @@ pub struct ResponseSlot {
     pub status: AtomicU32,
     /// Response flags.
     pub flags: AtomicU32,
-    /// Zero.
-    pub reserved: AtomicU32,
+    /// The CPU the daemon answered on: a hint, so that the client does not spin while the
+    /// daemon waits for the same CPU.
+    pub cpu: AtomicU32,
     /// Offset of the block in the arena's data.
     pub offset: AtomicU64,
     /// Size of the block in bytes.
@@ -543,7 +551,7 @@ impl ResponseSlot {
             seq: AtomicU32::new(0),
             status: AtomicU32::new(0),
             flags: AtomicU32::new(0),
-            reserved: AtomicU32::new(0),
+            cpu: AtomicU32::new(0),
             offset: AtomicU64::new(0),
             size: AtomicU64::new(0),
         }
@@ -885,6 +893,7 @@ mod tests {
                 seq,
                 op: Op::Allocate as u32,
                 flags: FLAG_ZEROED,
+                cpu: 0,
                 size: 4096,
                 align: 64,
                 offset: 0

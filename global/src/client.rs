@@ -17,6 +17,7 @@
 
 use core::fmt;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use xalloc_core::os::{self, Errno, Mapping, ShmName, Wake};
@@ -32,7 +33,8 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a waiter spins (when more than one CPU is online) before it sleeps on the futex.
 const SPIN_BUDGET: Duration = Duration::from_micros(20);
 
-/// Spin iterations between two `sched_yield`s, so that a peer sharing this CPU gets to run.
+/// Spin iterations between two `sched_yield`s while the daemon last answered from another CPU
+/// (a safety valve: the hint may be stale).
 const SPINS_PER_YIELD: u32 = 256;
 
 /// The longest single futex sleep: between sleeps the waiter checks that the daemon lives.
@@ -162,6 +164,8 @@ pub struct Connection {
     generation: u64,
     daemon_pid: u32,
     spin: bool,
+    /// The CPU the daemon last answered from (`u32::MAX`: not known yet).
+    daemon_cpu: AtomicU32,
 }
 
 /// Opens and maps segment `kind` of `name`, and checks its header.
@@ -252,6 +256,7 @@ impl Connection {
             generation: rq.generation,
             daemon_pid: rq.daemon_pid,
             spin: os::online_cpus() > 1,
+            daemon_cpu: AtomicU32::new(u32::MAX),
         })
     }
 
@@ -361,32 +366,44 @@ impl Connection {
         let (Some(rq), Some(rs)) = (self.request_slot(index), self.response_slot(index)) else {
             return Err(RequestError::SlotUnusable);
         };
+        let cpu = os::current_cpu();
+        rq.cpu.store(cpu, Ordering::Relaxed);
         let seq = rq.submit(op, flags, size, align, offset);
         let bell = self.doorbell();
         if bell.ring() {
             os::futex_wake(&bell.rings, 1);
         }
-        self.wait(rq, rs, seq)
+        let r = self.wait(rq, rs, seq, cpu);
+        self.daemon_cpu
+            .store(rs.cpu.load(Ordering::Relaxed), Ordering::Relaxed);
+        r
     }
 
-    /// Waits for the answer to request `seq`: spins briefly when another CPU can run the
-    /// daemon, then sleeps on the response's `seq` in slices, checking between slices that the
-    /// daemon lives.
+    /// Waits for the answer to request `seq`, submitted from CPU `cpu`: spins briefly when
+    /// more than one CPU is online, then sleeps on the response's `seq` in slices, checking
+    /// between slices that the daemon lives. When the daemon last answered from this same CPU,
+    /// the spin yields at every turn, handing the CPU straight to the daemon.
     fn wait(
         &self,
         rq: &RequestSlot,
         rs: &ResponseSlot,
         seq: u32,
+        cpu: u32,
     ) -> Result<Response, RequestError> {
         let start = Instant::now();
         if self.spin {
+            let per_yield = if self.daemon_cpu.load(Ordering::Relaxed) == cpu {
+                1
+            } else {
+                SPINS_PER_YIELD
+            };
             let mut n = 0u32;
             loop {
                 if let Some(r) = rs.read(seq) {
                     return Ok(r);
                 }
                 n = n.wrapping_add(1);
-                if n.is_multiple_of(SPINS_PER_YIELD) {
+                if n.is_multiple_of(per_yield) {
                     if start.elapsed() > SPIN_BUDGET {
                         break;
                     }
@@ -400,7 +417,7 @@ impl Connection {
             rq.prepare_sleep();
             // After the fence in `prepare_sleep`: either the answer is visible here, or the
             // daemon sees `waiting` and wakes us.
-            let seen = rs.seq.load(core::sync::atomic::Ordering::Relaxed);
+            let seen = rs.seq.load(Ordering::Relaxed);
             if seen == seq {
                 rq.woke();
                 if let Some(r) = rs.read(seq) {

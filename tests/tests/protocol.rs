@@ -53,6 +53,7 @@ fn req(owner: u32, op: u32, flags: u32, size: u64, align: u64, offset: u64) -> R
         seq: 0,
         op,
         flags,
+        cpu: 0,
         size,
         align,
         offset,

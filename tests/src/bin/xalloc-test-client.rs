@@ -137,7 +137,10 @@ fn main() -> ExitCode {
             (Some(c), Some(s)) => hold(name, c, s),
             _ => Err("usage: hold NAME COUNT SIZE".into()),
         },
-        _ => Err("usage: xalloc-test-client churn NAME THREADS MILLIS SEED | hold NAME COUNT SIZE".into()),
+        _ => Err(
+            "usage: xalloc-test-client churn NAME THREADS MILLIS SEED | hold NAME COUNT SIZE"
+                .into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
