@@ -25,10 +25,13 @@ done
 daemon_cpu=0
 other_cpu=1
 
-cargo build --release -p xalloc-daemon -p xalloc-bench
-
-xallocd=target/release/xallocd
-roundtrip=target/release/roundtrip
+# XALLOCD and ROUNDTRIP name prebuilt binaries (e.g. on a machine without the crates); by
+# default both are built here.
+if [[ -z "${XALLOCD:-}" || -z "${ROUNDTRIP:-}" ]]; then
+    cargo build --release -p xalloc-daemon -p xalloc-bench
+fi
+xallocd="${XALLOCD:-target/release/xallocd}"
+roundtrip="${ROUNDTRIP:-target/release/roundtrip}"
 name="xbench-rt-$$"
 dir="$(mktemp -d "${TMPDIR:-/tmp}/xbench-rt.XXXXXX")"
 pidfile="$dir/xallocd.pid"

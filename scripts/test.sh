@@ -54,6 +54,7 @@ if [[ "${CI:-}" == "true" ]]; then
 fi
 step "bench smoke" bash scripts/bench.sh --quick
 step "bench smoke (region over seeds)" bash scripts/bench.sh --quick --region-seeds 2
+step "bench smoke (daemon round trip)" bash scripts/bench-roundtrip.sh --quick
 
 step_name=""
 echo
