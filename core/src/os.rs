@@ -268,6 +268,46 @@ impl Mapping {
     }
 }
 
+/// Replaces `map` by a private (copy-on-write) mapping of the same object `fd`, at the same
+/// address and with the same protection: the contents stay, and writes from then on stay in
+/// this process.
+///
+/// # Safety
+/// `map` maps `fd` (from offset 0, read-write), and no other thread of this process accesses
+/// the mapping during the call.
+pub unsafe fn remap_private(map: &Mapping, fd: &Fd) -> Result<(), Errno> {
+    // SAFETY: MAP_FIXED over our own mapping, same length, same object: the caller's contract
+    // rules out concurrent access; the range stays mapped throughout (the kernel replaces it
+    // in one step).
+    let p = unsafe {
+        libc::mmap(
+            map.as_ptr().cast(),
+            map.len(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            fd.raw(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// Nanoseconds on the monotonic clock.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is writable; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `self` owns the mapping; nothing refers to it once `self` is gone (`at`

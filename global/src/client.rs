@@ -20,7 +20,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use xalloc_core::os::{self, Errno, Mapping, ShmName, Wake};
+use xalloc_core::os::{self, Errno, Fd, Mapping, ShmName, Wake};
 use xalloc_core::wire::{
     self, DaemonStats, Doorbell, LayoutError, Op, RequestSlot, Response, ResponseSlot,
     SegmentHeader, SegmentKind, StatsSnapshot, Status, ARENA_DATA_OFFSET, DOORBELL_OFFSET,
@@ -159,6 +159,7 @@ pub struct Connection {
     request: Mapping,
     response: Mapping,
     arena: Mapping,
+    arena_fd: Fd,
     slot_count: u32,
     granule: u32,
     generation: u64,
@@ -173,7 +174,7 @@ fn attach(
     name: &str,
     kind: SegmentKind,
     writable: bool,
-) -> Result<(Mapping, SegmentHeader, os::ObjectInfo), ConnectError> {
+) -> Result<(Mapping, SegmentHeader, os::ObjectInfo, Fd), ConnectError> {
     let shm = ShmName::new(name, kind.suffix()).ok_or(ConnectError::BadName)?;
     let segment = kind;
     let os_err = |call, errno| ConnectError::Os {
@@ -206,7 +207,7 @@ fn attach(
     header
         .check(kind, len)
         .map_err(|error| ConnectError::Layout { segment, error })?;
-    Ok((map, header, info))
+    Ok((map, header, info, fd))
 }
 
 /// The errno values this module tells apart (the `libc` crate is not a dependency here).
@@ -219,9 +220,9 @@ mod libc_codes {
 impl Connection {
     /// Connects to the daemon instance `name` (the `--name` it was started with).
     pub fn connect(name: &str) -> Result<Self, ConnectError> {
-        let (request, rq, rq_info) = attach(name, SegmentKind::Request, true)?;
-        let (response, rs, rs_info) = attach(name, SegmentKind::Response, false)?;
-        let (arena, ar, ar_info) = attach(name, SegmentKind::Arena, true)?;
+        let (request, rq, rq_info, _) = attach(name, SegmentKind::Request, true)?;
+        let (response, rs, rs_info, _) = attach(name, SegmentKind::Response, false)?;
+        let (arena, ar, ar_info, arena_fd) = attach(name, SegmentKind::Arena, true)?;
         // One owner for all three, and nobody but the owner may write the answers: otherwise
         // another user could have planted one of them.
         if rs_info.uid != rq_info.uid || rs_info.mode & 0o022 != 0 {
@@ -251,6 +252,7 @@ impl Connection {
             request,
             response,
             arena,
+            arena_fd,
             slot_count: rq.slot_count,
             granule: rq.granule,
             generation: rq.generation,
@@ -330,6 +332,19 @@ impl Connection {
 
     /// Claims a free slot for this process and registers it with the daemon.
     pub fn claim(&self) -> Result<Slot<'_>, RequestError> {
+        let index = self.register()?;
+        Ok(Slot {
+            conn: self,
+            index,
+            pid: os::pid(),
+            usable: true,
+        })
+    }
+
+    /// Claims a free slot for this process, registers it with the daemon (`Hello`) and returns
+    /// its index: the lower-level form of [`Connection::claim`] for callers that keep their own
+    /// pool of slots. Give it back with [`Connection::unregister`].
+    pub fn register(&self) -> Result<u32, RequestError> {
         let pid = os::pid();
         let start = pid % self.slot_count;
         for k in 0..self.slot_count {
@@ -341,16 +356,116 @@ impl Connection {
                 continue;
             }
             self.doorbell().note_claim(i);
-            let mut slot = Slot {
-                conn: self,
-                index: i,
-                pid,
-                usable: true,
+            return match self.request(i, Op::Hello, 0, 0, 0, 0) {
+                Ok(_) => Ok(i),
+                Err(e @ (RequestError::Timeout | RequestError::DaemonGone)) => Err(e),
+                Err(e) => {
+                    rs.release(pid);
+                    Err(e)
+                }
             };
-            slot.call(Op::Hello, 0, 0, 0, 0)?;
-            return Ok(slot);
         }
         Err(RequestError::NoFreeSlot)
+    }
+
+    /// Says `Goodbye` in slot `index` and frees it. The slot must be owned by this process with
+    /// no request in flight.
+    pub fn unregister(&self, index: u32) {
+        match self.request(index, Op::Goodbye, 0, 0, 0, 0) {
+            // The request may still be in flight: the slot stays claimed until the process
+            // exits, when the daemon frees it.
+            Err(RequestError::Timeout) => {}
+            _ => {
+                if let Some(rq) = self.request_slot(index) {
+                    rq.release(os::pid());
+                }
+            }
+        }
+    }
+
+    /// Sends a request in slot `index` and waits for the answer; an answer other than `Ok` is
+    /// an error. The slot must be registered by this process, with no other request in flight
+    /// on it (one thread at a time). After [`RequestError::Timeout`] the slot must not be used
+    /// again: the daemon may still answer it.
+    pub fn request(
+        &self,
+        index: u32,
+        op: Op,
+        flags: u32,
+        size: u64,
+        align: u64,
+        offset: u64,
+    ) -> Result<Response, RequestError> {
+        let r = self.round_trip(index, op, flags, size, align, offset)?;
+        match Status::from_u32(r.status) {
+            Some(Status::Ok) => Ok(r),
+            Some(s) => Err(RequestError::Refused(s)),
+            None => Err(RequestError::UnknownStatus(r.status)),
+        }
+    }
+
+    /// Allocates in slot `index` (see [`Connection::request`]); see [`Slot::allocate`].
+    pub fn allocate(
+        &self,
+        index: u32,
+        size: u64,
+        align: u64,
+        zeroed: bool,
+    ) -> Result<Block, RequestError> {
+        let flags = if zeroed { FLAG_ZEROED } else { 0 };
+        let r = self.request(index, Op::Allocate, flags, size, align, 0)?;
+        let block = self.block(r)?;
+        if zeroed && !block.zeroed {
+            // SAFETY: the block is ours, `size` bytes long, inside the arena mapping.
+            unsafe { block.as_ptr().write_bytes(0, block.size as usize) };
+        }
+        Ok(block)
+    }
+
+    /// Frees the block at `offset` through slot `index`.
+    pub fn free(&self, index: u32, offset: u64) -> Result<(), RequestError> {
+        self.request(index, Op::Free, 0, 0, 0, offset).map(drop)
+    }
+
+    /// Resizes the block at `offset` in place through slot `index`.
+    pub fn resize(&self, index: u32, offset: u64, new_size: u64) -> Result<Block, RequestError> {
+        let r = self.request(index, Op::Reallocate, 0, new_size, 0, offset)?;
+        self.block(r)
+    }
+
+    /// The block an answer describes, checked to lie inside the arena.
+    fn block(&self, r: Response) -> Result<Block, RequestError> {
+        let in_range = r
+            .offset
+            .checked_add(r.size)
+            .is_some_and(|end| end <= self.arena_len() as u64);
+        // A daemon that answers outside its own arena is not one to trust.
+        let bad = RequestError::UnknownStatus(r.status);
+        if !in_range {
+            return Err(bad);
+        }
+        // SAFETY: `offset + size <= arena_len`, so the pointer stays inside the mapping.
+        let p = unsafe { self.arena_base().add(r.offset as usize) };
+        Ok(Block {
+            offset: r.offset,
+            size: r.size,
+            zeroed: r.flags & FLAG_ZEROED != 0,
+            ptr: NonNull::new(p).ok_or(bad)?,
+        })
+    }
+
+    /// In a child process right after `fork`: replaces this process's shared mapping of the
+    /// arena with a private copy-on-write mapping of the same object, at the same address, so
+    /// that the child's writes into blocks it inherited never reach the parent. Blocks the
+    /// child allocates afterwards live in private pages too, which only this process uses.
+    ///
+    /// # Safety
+    /// Only in a freshly forked child that has one thread, before anything else touches the
+    /// arena: the contents stay the same, but a concurrent access during the switch would
+    /// race with it.
+    pub unsafe fn privatize_arena_after_fork(&self) -> Result<(), Errno> {
+        // SAFETY: the caller's contract; the mapping and the descriptor are this connection's.
+        unsafe { os::remap_private(&self.arena, &self.arena_fd) }
     }
 
     /// Sends `op` in slot `index` (owned by this process) and waits for the answer.
@@ -476,7 +591,8 @@ impl Slot<'_> {
         self.index
     }
 
-    /// Sends a raw request and returns the daemon's answer, whatever its status.
+    /// Sends a raw request; an answer other than `Ok` is an error. After a timeout, or once
+    /// the daemon has gone, the slot refuses further requests.
     pub fn call(
         &mut self,
         op: Op,
@@ -490,15 +606,9 @@ impl Slot<'_> {
         }
         let r = self
             .conn
-            .round_trip(self.index, op, flags, size, align, offset);
-        match r {
-            Err(RequestError::Timeout | RequestError::DaemonGone) => self.usable = false,
-            Ok(resp) => match Status::from_u32(resp.status) {
-                Some(Status::Ok) => {}
-                Some(s) => return Err(RequestError::Refused(s)),
-                None => return Err(RequestError::UnknownStatus(resp.status)),
-            },
-            Err(_) => {}
+            .request(self.index, op, flags, size, align, offset);
+        if matches!(r, Err(RequestError::Timeout | RequestError::DaemonGone)) {
+            self.usable = false;
         }
         r
     }
@@ -506,45 +616,39 @@ impl Slot<'_> {
     /// Allocates `size` bytes aligned to `align` (a power of two). With `zeroed`, the memory is
     /// zero: the daemon says whether its pages are fresh, and the client clears them otherwise.
     pub fn allocate(&mut self, size: u64, align: u64, zeroed: bool) -> Result<Block, RequestError> {
-        let flags = if zeroed { FLAG_ZEROED } else { 0 };
-        let r = self.call(Op::Allocate, flags, size, align, 0)?;
-        let block = self.block(r)?;
-        if zeroed && !block.zeroed {
-            // SAFETY: the block is ours, `size` bytes long, inside the arena mapping.
-            unsafe { block.as_ptr().write_bytes(0, block.size as usize) };
-        }
-        Ok(block)
+        self.check()?;
+        let r = self.conn.allocate(self.index, size, align, zeroed);
+        self.note(r)
     }
 
     /// Frees the block at `offset` (allocated by this process, through any of its slots).
     pub fn free(&mut self, offset: u64) -> Result<(), RequestError> {
-        self.call(Op::Free, 0, 0, 0, offset).map(drop)
+        self.check()?;
+        let r = self.conn.free(self.index, offset);
+        self.note(r)
     }
 
     /// Resizes the block at `offset` in place to hold `new_size` bytes; refused with
     /// [`Status::NotInPlace`] when it cannot grow where it is.
     pub fn resize(&mut self, offset: u64, new_size: u64) -> Result<Block, RequestError> {
-        let r = self.call(Op::Reallocate, 0, new_size, 0, offset)?;
-        self.block(r)
+        self.check()?;
+        let r = self.conn.resize(self.index, offset, new_size);
+        self.note(r)
     }
 
-    fn block(&self, r: Response) -> Result<Block, RequestError> {
-        let in_range = r
-            .offset
-            .checked_add(r.size)
-            .is_some_and(|end| end <= self.conn.arena_len() as u64);
-        if !in_range {
-            // A daemon that answers outside its own arena is not one to trust.
-            return Err(RequestError::UnknownStatus(r.status));
+    fn check(&self) -> Result<(), RequestError> {
+        if self.usable && os::pid() == self.pid {
+            Ok(())
+        } else {
+            Err(RequestError::SlotUnusable)
         }
-        // SAFETY: `offset < arena_len`, so the sum stays inside the mapping.
-        let p = unsafe { self.conn.arena_base().add(r.offset as usize) };
-        Ok(Block {
-            offset: r.offset,
-            size: r.size,
-            zeroed: r.flags & FLAG_ZEROED != 0,
-            ptr: NonNull::new(p).ok_or(RequestError::UnknownStatus(r.status))?,
-        })
+    }
+
+    fn note<T>(&mut self, r: Result<T, RequestError>) -> Result<T, RequestError> {
+        if matches!(r, Err(RequestError::Timeout | RequestError::DaemonGone)) {
+            self.usable = false;
+        }
+        r
     }
 }
 
@@ -554,14 +658,7 @@ impl Drop for Slot<'_> {
             return;
         }
         // The daemon forgets the slot on Goodbye; the client frees it only after reading the
-        // answer, so that a new owner's answers cannot be mistaken for this one's. After a
-        // timeout (`usable` turns false) the request may still be in flight: the slot stays
-        // claimed until the process exits.
-        let _ = self.call(Op::Goodbye, 0, 0, 0, 0);
-        if self.usable {
-            if let Some(rq) = self.conn.request_slot(self.index) {
-                rq.release(self.pid);
-            }
-        }
+        // answer, so that a new owner's answers cannot be mistaken for this one's.
+        self.conn.unregister(self.index);
     }
 }

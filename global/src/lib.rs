@@ -1,8 +1,21 @@
 //! The client side of xalloc.
 //!
-//! [`client`] speaks the shared-memory protocol to `xallocd`: it maps the daemon's segments,
-//! claims a request slot, sends a request and waits for the answer. It never allocates, formats
-//! or takes a lock on the request path, so that a global allocator can be built on it.
+//! - [`XallocGlobal`] ([`global`]): the `#[global_allocator]` that serves large allocations
+//!   from the daemon's shared arena and everything else from the system allocator, which also
+//!   takes over whenever no daemon answers. [`is_shared`] and [`counters`] tell what it did.
+//! - [`client`] speaks the shared-memory protocol to `xallocd`: it maps the daemon's segments,
+//!   claims a request slot, sends a request and waits for the answer. It never allocates,
+//!   formats or takes a lock on the request path, which is what lets `XallocGlobal` use it.
+//!
+//! ```no_run
+//! use xalloc_global::XallocGlobal;
+//!
+//! #[global_allocator]
+//! static A: XallocGlobal = XallocGlobal::new(); // 256 KiB threshold, instance "xalloc"
+//! # fn main() {}
+//! ```
+//!
+//! The protocol by hand:
 //!
 //! ```no_run
 //! use xalloc_global::client::Connection;
@@ -17,3 +30,6 @@
 //! ```
 
 pub mod client;
+pub mod global;
+
+pub use global::{counters, is_shared, Counters, XallocGlobal};

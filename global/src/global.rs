@@ -1,0 +1,561 @@
+//! [`XallocGlobal`]: a `GlobalAlloc` that serves large allocations from the daemon's shared arena
+//! and everything else, or everything when no daemon answers, from the system allocator.
+//!
+//! # How it decides
+//!
+//! - A request of at least the threshold (default 256 KiB, `XALLOC_THRESHOLD` overrides) goes
+//!   to the daemon; a smaller one, or one the daemon cannot serve, goes to [`System`].
+//! - The first large request connects to the daemon instance (default `xalloc`,
+//!   `XALLOC_NAME` overrides). A failed connection is retried at most once per
+//!   [`RETRY_INTERVAL`], never on every call.
+//! - `dealloc` and `realloc` tell arena blocks from system blocks by address: every arena
+//!   block is at least the threshold long and lies inside a mapped arena; every other pointer is
+//!   the system allocator's.
+//!
+//! # State, and why the allocation path never re-enters itself
+//!
+//! Everything lives inside the `XallocGlobal` value (a `static`), in atomics and in cells
+//! written once under a flag: no heap allocation, no std lock, no formatting, no logging and no
+//! panic on any path. Each connection keeps a pool of up to [`POOL`] request slots; a thread
+//! borrows one for a round trip with an atomic bit operation and returns it after, so threads
+//! never wait on each other for a whole round trip. Connections are never torn down: their
+//! arena mappings stay valid for blocks already handed out, even after the daemon dies. A
+//! daemon that dies or stops answering is marked dead; later large requests go to the system
+//! allocator until a new daemon is found (at most [`MAX_CONNECTIONS`] in a process's life).
+//!
+//! # fork
+//!
+//! In a forked child (a `pthread_atfork` handler, registered at the first connection) every
+//! connection forgets the parent's slots and the arena becomes a private copy-on-write mapping.
+//! The child registers slots of its own on its next large request. Blocks it inherited stay
+//! readable and writable in the child without ever changing the parent's data; freeing one
+//! changes nothing (the daemon answers that the child does not own it), so nothing is freed
+//! twice. The child's own arena blocks are freed normally, and all of them at its exit.
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::cell::UnsafeCell;
+use core::mem::MaybeUninit;
+use core::ptr::{self, NonNull};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::alloc::System;
+
+use xalloc_core::os;
+
+use crate::client::{Connection, RequestError};
+
+/// The default threshold: requests of at least this many bytes go to the daemon.
+pub const DEFAULT_THRESHOLD: usize = 256 << 10;
+
+/// The default daemon instance.
+pub const DEFAULT_NAME: &str = "xalloc";
+
+/// Shortest time between two connection attempts.
+pub const RETRY_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// [`RETRY_INTERVAL_NS`] as a duration, for the docs.
+pub const RETRY_INTERVAL: core::time::Duration =
+    core::time::Duration::from_nanos(RETRY_INTERVAL_NS);
+
+/// Daemon instances a process connects to over its life (each restart of the daemon is one).
+pub const MAX_CONNECTIONS: usize = 8;
+
+/// Request slots per connection and process.
+pub const POOL: usize = 64;
+
+/// This process's counters, see [`XallocGlobal::counters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Large allocations served from the arena.
+    pub forwarded: u64,
+    /// Large allocations served by the system allocator instead (no daemon, or it refused).
+    pub fallbacks: u64,
+    /// Bytes this process holds in arena blocks now.
+    pub arena_bytes: u64,
+    /// Arena blocks this process holds now.
+    pub arena_blocks: u64,
+    /// Connections made to a daemon.
+    pub connections: u64,
+}
+
+/// One connection: the mapped segments and this process's slots in them.
+struct Conn {
+    conn: Connection,
+    base: usize,
+    len: usize,
+    /// The daemon died or stopped answering: nothing more is sent.
+    dead: AtomicBool,
+    /// Pool positions that hold a registered slot (bit `i`: `slots[i]` is valid).
+    registered: AtomicU64,
+    /// Pool positions lent to a thread now, or lost (a request that timed out).
+    busy: AtomicU64,
+    /// Slot index of each registered position.
+    slots: [AtomicU32; POOL],
+}
+
+/// The process's connections and counters, shared by every `XallocGlobal` value (a process
+/// installs one as its global allocator; it has one set of daemon connections).
+struct State {
+    /// Connections made, published in order: `conns[..count]` are initialised.
+    count: AtomicUsize,
+    /// Held while connecting (a try-lock: others fall back meanwhile).
+    connecting: AtomicBool,
+    /// When the next connection attempt may be made (monotonic ns).
+    next_try: AtomicU64,
+    conns: [UnsafeCell<MaybeUninit<Conn>>; MAX_CONNECTIONS],
+    forwarded: AtomicU64,
+    fallbacks: AtomicU64,
+    arena_bytes: AtomicU64,
+    arena_blocks: AtomicU64,
+}
+
+// SAFETY: every field shared between threads is an atomic, except `conns`, whose entry `i` is
+// written once, by the thread holding `connecting`, before `count` is raised past `i` with
+// Release; readers read only entries below `count` (Acquire), which are never written again
+// (the atfork handler writes only their atomics).
+unsafe impl Sync for State {}
+
+static STATE: State = State {
+    count: AtomicUsize::new(0),
+    connecting: AtomicBool::new(false),
+    next_try: AtomicU64::new(0),
+    conns: [const { UnsafeCell::new(MaybeUninit::uninit()) }; MAX_CONNECTIONS],
+    forwarded: AtomicU64::new(0),
+    fallbacks: AtomicU64::new(0),
+    arena_bytes: AtomicU64::new(0),
+    arena_blocks: AtomicU64::new(0),
+};
+
+/// Whether `ptr` points into a daemon's shared arena (a block `XallocGlobal` forwarded).
+pub fn is_shared<T: ?Sized>(ptr: *const T) -> bool {
+    STATE.conn_of(ptr.cast::<u8>().addr()).is_some()
+}
+
+/// This process's counters, read without allocating.
+pub fn counters() -> Counters {
+    Counters {
+        forwarded: STATE.forwarded.load(Ordering::Relaxed),
+        fallbacks: STATE.fallbacks.load(Ordering::Relaxed),
+        arena_bytes: STATE.arena_bytes.load(Ordering::Relaxed),
+        arena_blocks: STATE.arena_blocks.load(Ordering::Relaxed),
+        connections: STATE.count.load(Ordering::Relaxed) as u64,
+    }
+}
+
+extern "C" fn after_fork_in_child() {
+    STATE.forget_parent();
+}
+
+impl State {
+    fn conn(&self, i: usize) -> &Conn {
+        // SAFETY: callers pass `i < count` (Acquire), so entry `i` is initialised and never
+        // written again.
+        unsafe { (*self.conns[i].get()).assume_init_ref() }
+    }
+
+    fn conns(&self) -> impl Iterator<Item = &Conn> {
+        let n = self.count.load(Ordering::Acquire).min(MAX_CONNECTIONS);
+        (0..n).map(|i| self.conn(i))
+    }
+
+    /// The connection whose arena holds `addr`.
+    fn conn_of(&self, addr: usize) -> Option<&Conn> {
+        self.conns().find(|c| addr.wrapping_sub(c.base) < c.len)
+    }
+
+    /// The newest live connection, connecting to `name` (at a bounded rate) if there is none.
+    fn live_conn(&self, name: &str) -> Option<&Conn> {
+        let n = self.count.load(Ordering::Acquire).min(MAX_CONNECTIONS);
+        if n > 0 {
+            let c = self.conn(n - 1);
+            if !c.dead.load(Ordering::Relaxed) {
+                return Some(c);
+            }
+        }
+        self.connect(n, name)
+    }
+
+    /// Makes connection number `n`, unless another thread is at it, the last attempt was too
+    /// recent, or the table is full.
+    #[cold]
+    fn connect(&self, n: usize, name: &str) -> Option<&Conn> {
+        if n >= MAX_CONNECTIONS {
+            return None;
+        }
+        let now = os::monotonic_ns();
+        if now < self.next_try.load(Ordering::Relaxed)
+            || self.connecting.swap(true, Ordering::Acquire)
+        {
+            return None;
+        }
+        // Re-checked under the flag: another thread may have connected meanwhile.
+        let made = if self.count.load(Ordering::Acquire) == n {
+            self.next_try
+                .store(now.saturating_add(RETRY_INTERVAL_NS), Ordering::Relaxed);
+            self.try_connect(n, name)
+        } else {
+            false
+        };
+        self.connecting.store(false, Ordering::Release);
+        let c = self.count.load(Ordering::Acquire);
+        (made || c > n).then(|| self.conn(c - 1))
+    }
+
+    fn try_connect(&self, n: usize, name: &str) -> bool {
+        let Ok(conn) = Connection::connect(name) else {
+            return false;
+        };
+        let base = conn.arena_base().addr();
+        let len = conn.arena_len();
+        // SAFETY: entry `n` is not initialised (`count == n`) and only this thread, holding
+        // `connecting`, writes it; readers see it only after `count` is raised below.
+        unsafe {
+            (*self.conns[n].get()).write(Conn {
+                conn,
+                base,
+                len,
+                dead: AtomicBool::new(false),
+                registered: AtomicU64::new(0),
+                busy: AtomicU64::new(0),
+                slots: [const { AtomicU32::new(0) }; POOL],
+            });
+        }
+        if n == 0 {
+            // SAFETY: the handler only stores atomics and calls `mmap`, which is
+            // async-signal-safe; glibc registers it with libc's malloc, not this allocator.
+            unsafe { libc_atfork(after_fork_in_child) };
+        }
+        self.count.store(n + 1, Ordering::Release);
+        true
+    }
+
+    /// In a forked child: the parent's slots are not ours, and the arena becomes private.
+    fn forget_parent(&self) {
+        for c in self.conns() {
+            c.registered.store(0, Ordering::Relaxed);
+            c.busy.store(0, Ordering::Relaxed);
+            // SAFETY: runs in the child right after fork, which has one thread.
+            if unsafe { c.conn.privatize_arena_after_fork() }.is_err() {
+                // Left shared, the child could change the parent's data: stop using it.
+                c.dead.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Borrows a registered slot of `c` (registering a new one if all are lent), runs `f` on
+    /// it, and gives it back. `None` if no slot could be had.
+    fn with_slot<T>(
+        &self,
+        c: &Conn,
+        f: impl FnOnce(u32) -> Result<T, RequestError>,
+    ) -> Option<Result<T, RequestError>> {
+        let pos = Self::take_position(c)?;
+        let r = f(c.slots[pos].load(Ordering::Relaxed));
+        if matches!(r, Err(RequestError::Timeout | RequestError::DaemonGone)) {
+            // The request may still be in flight: the position stays busy for good, and the
+            // daemon is not asked anything more.
+            c.dead.store(true, Ordering::Relaxed);
+        } else {
+            c.busy.fetch_and(!(1 << pos), Ordering::Release);
+        }
+        Some(r)
+    }
+
+    fn take_position(c: &Conn) -> Option<usize> {
+        loop {
+            let busy = c.busy.load(Ordering::Relaxed);
+            let reg = c.registered.load(Ordering::Acquire);
+            let idle = reg & !busy;
+            if idle != 0 {
+                let pos = idle.trailing_zeros() as usize;
+                if c.busy.fetch_or(1 << pos, Ordering::Acquire) & (1 << pos) == 0 {
+                    return Some(pos);
+                }
+                continue;
+            }
+            // Every registered slot is lent: reserve a new position and register a slot in it.
+            let free = !(reg | busy);
+            if free == 0 {
+                return None;
+            }
+            let pos = free.trailing_zeros() as usize;
+            if c.busy.fetch_or(1 << pos, Ordering::Acquire) & (1 << pos) != 0 {
+                continue;
+            }
+            return match c.conn.register() {
+                Ok(index) => {
+                    c.slots[pos].store(index, Ordering::Relaxed);
+                    c.registered.fetch_or(1 << pos, Ordering::Release);
+                    Some(pos)
+                }
+                Err(RequestError::Timeout | RequestError::DaemonGone) => {
+                    c.dead.store(true, Ordering::Relaxed);
+                    None
+                }
+                Err(_) => {
+                    c.busy.fetch_and(!(1 << pos), Ordering::Release);
+                    None
+                }
+            };
+        }
+    }
+
+    /// Allocates in the arena of daemon `name`, or `None`.
+    fn arena_alloc(&self, name: &str, layout: Layout, zeroed: bool) -> Option<NonNull<u8>> {
+        let c = self.live_conn(name)?;
+        let (size, align) = (layout.size() as u64, layout.align() as u64);
+        let block = self
+            .with_slot(c, |i| c.conn.allocate(i, size, align, zeroed))?
+            .ok()?;
+        self.forwarded.fetch_add(1, Ordering::Relaxed);
+        self.arena_bytes.fetch_add(block.size, Ordering::Relaxed);
+        self.arena_blocks.fetch_add(1, Ordering::Relaxed);
+        NonNull::new(block.as_ptr())
+    }
+
+    /// Bytes of the arena block that holds `size` bytes.
+    fn block_bytes(c: &Conn, size: usize) -> u64 {
+        size.next_multiple_of(c.conn.granule()) as u64
+    }
+
+    /// Frees arena block `ptr` of `size` bytes in `c`. A block the daemon does not count as
+    /// this process's (inherited through fork) and a dead daemon's blocks are left alone.
+    fn arena_free(&self, c: &Conn, ptr: *mut u8, size: usize) {
+        if c.dead.load(Ordering::Relaxed) {
+            return;
+        }
+        let offset = (ptr.addr() - c.base) as u64;
+        if let Some(Ok(())) = self.with_slot(c, |i| c.conn.free(i, offset)) {
+            self.arena_bytes
+                .fetch_sub(Self::block_bytes(c, size), Ordering::Relaxed);
+            self.arena_blocks.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Resizes arena block `ptr` (of `old` bytes) in place to `new_size`; whether it did.
+    fn arena_resize(&self, c: &Conn, ptr: *mut u8, old: usize, new_size: usize) -> bool {
+        if c.dead.load(Ordering::Relaxed) {
+            return false;
+        }
+        let offset = (ptr.addr() - c.base) as u64;
+        match self.with_slot(c, |i| c.conn.resize(i, offset, new_size as u64)) {
+            Some(Ok(b)) => {
+                self.arena_bytes.fetch_add(b.size, Ordering::Relaxed);
+                self.arena_bytes
+                    .fetch_sub(Self::block_bytes(c, old), Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The `#[global_allocator]` that forwards large allocations to `xallocd`.
+///
+/// ```no_run
+/// use xalloc_global::XallocGlobal;
+///
+/// #[global_allocator]
+/// static A: XallocGlobal = XallocGlobal::new();
+///
+/// fn main() {
+///     let big = vec![0u8; 1 << 20]; // in the daemon's arena, if one runs
+///     println!("shared: {}", xalloc_global::is_shared(big.as_ptr()));
+/// }
+/// ```
+pub struct XallocGlobal {
+    threshold: usize,
+    name: &'static str,
+    /// The threshold in effect (after `XALLOC_THRESHOLD`); 0 until first read.
+    effective: AtomicUsize,
+}
+
+impl Default for XallocGlobal {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl XallocGlobal {
+    /// Threshold 256 KiB, instance `xalloc`; the environment (`XALLOC_THRESHOLD`,
+    /// `XALLOC_NAME`) overrides both.
+    pub const fn new() -> Self {
+        Self {
+            threshold: DEFAULT_THRESHOLD,
+            name: DEFAULT_NAME,
+            effective: AtomicUsize::new(0),
+        }
+    }
+
+    /// Forwards requests of at least `bytes` (at least 1; `XALLOC_THRESHOLD` overrides).
+    pub const fn with_threshold(mut self, bytes: usize) -> Self {
+        self.threshold = if bytes == 0 { 1 } else { bytes };
+        self
+    }
+
+    /// Talks to the daemon instance `name` (`XALLOC_NAME` overrides).
+    pub const fn with_name(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    /// This process's counters (the same as [`counters`]).
+    pub fn counters(&self) -> Counters {
+        counters()
+    }
+
+    /// The threshold in effect: the configured one, or `XALLOC_THRESHOLD` if set (`4096`,
+    /// `64K`, `1M`).
+    pub fn threshold(&self) -> usize {
+        let t = self.effective.load(Ordering::Relaxed);
+        if t != 0 {
+            return t;
+        }
+        let t = env_usize(c"XALLOC_THRESHOLD")
+            .filter(|&t| t > 0)
+            .unwrap_or(self.threshold);
+        self.effective.store(t, Ordering::Relaxed);
+        t
+    }
+
+    fn with_name_in_env<T>(&self, f: impl FnOnce(&str) -> T) -> T {
+        let mut buf = [0u8; 256];
+        f(env_str(c"XALLOC_NAME", &mut buf).unwrap_or(self.name))
+    }
+
+    fn alloc_impl(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        if layout.size() >= self.threshold() {
+            if let Some(p) = self.with_name_in_env(|n| STATE.arena_alloc(n, layout, zeroed)) {
+                return p.as_ptr();
+            }
+            STATE.fallbacks.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: `layout` has a non-zero size (GlobalAlloc's contract, forwarded).
+        unsafe {
+            if zeroed {
+                System.alloc_zeroed(layout)
+            } else {
+                System.alloc(layout)
+            }
+        }
+    }
+}
+
+/// Registers `child` to run in the child after every `fork`.
+///
+/// # Safety
+/// `child` must be async-signal-safe.
+unsafe fn libc_atfork(child: extern "C" fn()) {
+    extern "C" {
+        fn pthread_atfork(
+            prepare: Option<extern "C" fn()>,
+            parent: Option<extern "C" fn()>,
+            child: Option<extern "C" fn()>,
+        ) -> i32;
+    }
+    // SAFETY: the caller's contract; the function pointer is 'static.
+    unsafe { pthread_atfork(None, None, Some(child)) };
+}
+
+/// The value of environment variable `key` as a number (`4096`, `64K`, `1M`, `2G`), read
+/// without allocating.
+fn env_usize(key: &core::ffi::CStr) -> Option<usize> {
+    let mut buf = [0u8; 64];
+    let s = env_str(key, &mut buf)?;
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 10),
+        b'm' | b'M' => (&s[..s.len() - 1], 20),
+        b'g' | b'G' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    digits.parse::<usize>().ok()?.checked_mul(1 << shift)
+}
+
+/// The value of environment variable `key`, copied into `buf`, if set, valid UTF-8 and short
+/// enough.
+fn env_str<'b>(key: &core::ffi::CStr, buf: &'b mut [u8]) -> Option<&'b str> {
+    extern "C" {
+        fn getenv(name: *const core::ffi::c_char) -> *const core::ffi::c_char;
+    }
+    // SAFETY: `key` is NUL-terminated; getenv returns null or a NUL-terminated string that
+    // stays valid until the environment changes, and it is copied at once.
+    let v = unsafe { getenv(key.as_ptr()) };
+    if v.is_null() {
+        return None;
+    }
+    // SAFETY: non-null result of getenv, NUL-terminated.
+    let bytes = unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes();
+    let dst = buf.get_mut(..bytes.len())?;
+    dst.copy_from_slice(bytes);
+    core::str::from_utf8(dst).ok().filter(|s| !s.is_empty())
+}
+
+// SAFETY: every method returns memory from `System` under the caller's layout, or an arena
+// block of at least `layout.size()` bytes at `layout.align()` that no one else holds (the daemon
+// hands each block out once, and it stays mapped for the life of the process); `dealloc` and
+// `realloc` route each pointer back to where it came from: arena blocks are at least the
+// threshold long and lie inside a connection's mapping, system blocks never do.
+unsafe impl GlobalAlloc for XallocGlobal {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.alloc_impl(layout, false)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        self.alloc_impl(layout, true)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if layout.size() >= self.threshold() {
+            if let Some(c) = STATE.conn_of(ptr.addr()) {
+                STATE.arena_free(c, ptr, layout.size());
+                return;
+            }
+        }
+        // SAFETY: not an arena block, so `System` allocated it with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let threshold = self.threshold();
+        // SAFETY: GlobalAlloc's contract: `new_size`, rounded up to `layout.align()`, does not
+        // overflow `isize`.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        let in_arena = if layout.size() >= threshold {
+            STATE.conn_of(ptr.addr())
+        } else {
+            None
+        };
+        let move_to = |new: *mut u8| {
+            if !new.is_null() {
+                // SAFETY: `ptr` holds `layout.size()` bytes and `new` at least `new_size`;
+                // they are different blocks. Then the old block is freed once.
+                unsafe {
+                    ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                    self.dealloc(ptr, layout);
+                }
+            }
+            new
+        };
+        match in_arena {
+            Some(c) => {
+                if new_size >= threshold && STATE.arena_resize(c, ptr, layout.size(), new_size) {
+                    return ptr;
+                }
+                // Moves: to another arena block, or to the system below the threshold.
+                move_to(self.alloc_impl(new_layout, false))
+            }
+            None => {
+                if new_size >= threshold && layout.size() < threshold {
+                    // Crosses the threshold upwards: into the arena if the daemon serves.
+                    if let Some(p) =
+                        self.with_name_in_env(|n| STATE.arena_alloc(n, new_layout, false))
+                    {
+                        return move_to(p.as_ptr());
+                    }
+                    STATE.fallbacks.fetch_add(1, Ordering::Relaxed);
+                }
+                // SAFETY: a system block of `layout`; the caller's contract for `new_size`.
+                unsafe { System.realloc(ptr, layout, new_size) }
+            }
+        }
+    }
+}
