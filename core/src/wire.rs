@@ -630,7 +630,8 @@ pub struct StatsSnapshot {
     pub slots: u64,
     /// Requests answered since start.
     pub requests: u64,
-    /// Requests answered with an error status since start.
+    /// Requests refused since start (malformed, not the client's, or out of memory); a
+    /// resize answered [`Status::NotInPlace`] is not counted.
     pub errors: u64,
     /// Bytes of the arena reserved in `/dev/shm` (backed by pages).
     pub reserved_bytes: u64,

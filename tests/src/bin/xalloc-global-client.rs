@@ -1,0 +1,260 @@
+//! A program whose global allocator is `XallocGlobal` with a 4 KiB threshold, for the
+//! multi-process tests. The daemon instance comes from `XALLOC_NAME`.
+//!
+//! ```text
+//! xalloc-global-client work THREADS MILLIS
+//!     std-heavy work on THREADS threads for MILLIS ms: maps of strings to vectors, strings,
+//!     vectors grown and shrunk across the threshold, zeroed buffers, threads that hand
+//!     buffers to each other; every content is checked. Prints `ok forwarded=N fallbacks=N
+//!     reentries=N arena_bytes=N` and exits 0, or prints what went wrong and exits 1.
+//! xalloc-global-client fork
+//!     Allocates a shared buffer, forks; the child allocates and frees large buffers of its own,
+//!     writes into and frees the inherited buffer, and exits; the parent checks that its buffer
+//!     is unchanged and the child succeeded. Prints `ok ...` as above.
+//! ```
+//!
+//! The global allocator is wrapped in a counter of nesting depth: if `XallocGlobal` ever
+//! allocated through the global allocator while serving a request, the depth would reach 2 and
+//! `reentries` would be non-zero.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use xalloc_global::XallocGlobal;
+
+/// `XallocGlobal`, counting how often it is entered while already inside it on this thread.
+struct NestingCounter(XallocGlobal);
+
+static REENTRIES: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    // `const` initialiser, no destructor: using it never allocates.
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+impl NestingCounter {
+    fn enter<T>(&self, f: impl FnOnce(&XallocGlobal) -> T) -> T {
+        let depth = DEPTH.with(|d| {
+            let v = d.get() + 1;
+            d.set(v);
+            v
+        });
+        if depth > 1 {
+            REENTRIES.fetch_add(1, Ordering::Relaxed);
+        }
+        let r = f(&self.0);
+        DEPTH.with(|d| d.set(d.get() - 1));
+        r
+    }
+}
+
+// SAFETY: forwards every call unchanged to `XallocGlobal`, which upholds the contract.
+unsafe impl GlobalAlloc for NestingCounter {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        self.enter(|a| unsafe { a.alloc(l) })
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        self.enter(|a| unsafe { a.alloc_zeroed(l) })
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: forwarded contract.
+        self.enter(|a| unsafe { a.dealloc(p, l) })
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        self.enter(|a| unsafe { a.realloc(p, l, n) })
+    }
+}
+
+#[global_allocator]
+static A: NestingCounter = NestingCounter(XallocGlobal::new().with_threshold(4096));
+
+/// xorshift64*.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = Rng(seed | 1);
+    (0..len).map(|_| r.next() as u8).collect()
+}
+
+fn check(what: &str, seed: u64, v: &[u8]) -> Result<(), String> {
+    if v != pattern(seed, v.len()) {
+        return Err(format!(
+            "{what}: contents of a {}-byte buffer changed",
+            v.len()
+        ));
+    }
+    Ok(())
+}
+
+fn worker(t: u64, millis: u64, tx: mpsc::Sender<Vec<u64>>) -> Result<u64, String> {
+    let deadline = Instant::now() + Duration::from_millis(millis);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t + 1));
+    // Each value remembers the seed of its pattern, so that it can be checked.
+    let mut map: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
+    let mut tree: BTreeMap<u64, String> = BTreeMap::new();
+    let mut ops = 0u64;
+    while Instant::now() < deadline {
+        let k = rng.next();
+        // Sizes from a few bytes to 512 KiB: both sides of the 4 KiB threshold.
+        let len = match k % 4 {
+            0 => (k >> 8) as usize % 256,
+            1 => 2048 + (k >> 8) as usize % 8192,
+            2 => 4096 + (k >> 8) as usize % (64 << 10),
+            _ => (k >> 8) as usize % (512 << 10),
+        };
+        let key = format!("t{t}-{}", k % 64);
+        if let Some((seed, old)) = map.insert(key, (k, pattern(k, len))) {
+            check("map value", seed, &old)?;
+        }
+        // Grow and shrink across the threshold (realloc both ways, in place or moving).
+        let mut grow: Vec<u64> = Vec::new();
+        for i in 0..(k % 2000) {
+            grow.push(i ^ k);
+        }
+        if grow.iter().enumerate().any(|(i, &x)| x != i as u64 ^ k) {
+            return Err("vector contents changed while growing".into());
+        }
+        grow.truncate(10);
+        grow.shrink_to_fit();
+        if grow.iter().enumerate().any(|(i, &x)| x != i as u64 ^ k) {
+            return Err("vector contents changed while shrinking".into());
+        }
+        // Zeroed memory must be zero, in the arena or not.
+        let z = vec![0u64; (k % 100_000) as usize];
+        if z.iter().any(|&x| x != 0) {
+            return Err(format!("vec![0; {}] not zeroed", z.len()));
+        }
+        let text = "y".repeat((k % 9000) as usize);
+        if let Some(old) = tree.insert(k % 500, text) {
+            if old.bytes().any(|b| b != b'y') {
+                return Err("string contents changed".into());
+            }
+        }
+        if ops.is_multiple_of(50) {
+            // Hand a big buffer to another thread, which checks and frees it.
+            let _ = tx.send(vec![k; 2048]);
+        }
+        ops += 1;
+    }
+    for (seed, v) in map.values() {
+        check("map value at the end", *seed, v)?;
+    }
+    Ok(ops)
+}
+
+fn work(threads: u64, millis: u64) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel::<Vec<u64>>();
+    let sink = std::thread::spawn(move || {
+        let mut n = 0u64;
+        for v in rx {
+            if v.iter().any(|&x| x != v[0]) {
+                return Err("handed-over buffer changed".to_owned());
+            }
+            n += 1;
+        }
+        Ok(n)
+    });
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let tx = tx.clone();
+            std::thread::spawn(move || worker(t, millis, tx))
+        })
+        .collect();
+    drop(tx);
+    let mut ops = 0;
+    for h in handles {
+        ops += h.join().map_err(|_| "worker panicked".to_owned())??;
+    }
+    sink.join().map_err(|_| "sink panicked".to_owned())??;
+    if ops == 0 {
+        return Err("no work done".into());
+    }
+    Ok(())
+}
+
+fn fork_test() -> Result<(), String> {
+    let mut mine = pattern(42, 1 << 20);
+    let expected = mine.clone();
+    let shared_before = xalloc_global::is_shared(mine.as_ptr());
+    // SAFETY: the child only allocates, writes its memory and exits with `_exit`.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err("fork failed".into());
+    }
+    if pid == 0 {
+        // Child: its own registration; the inherited buffer is written and freed.
+        let mut ok = true;
+        for i in 0..20u64 {
+            let v = pattern(i, 300 << 10);
+            ok &= v == pattern(i, 300 << 10);
+        }
+        mine.iter_mut().for_each(|b| *b = 0xee);
+        drop(mine);
+        let c = xalloc_global::counters();
+        ok &= c.forwarded >= 20 || !shared_before;
+        // SAFETY: leaving the child without running the parent's exit handlers.
+        unsafe { libc::_exit(if ok { 0 } else { 3 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(format!("child failed: status {status:#x}"));
+    }
+    if mine != expected {
+        return Err("the child's writes reached the parent's buffer".into());
+    }
+    // The parent's slots still work.
+    let again = pattern(7, 2 << 20);
+    if again != pattern(7, 2 << 20) {
+        return Err("allocation after fork broken".into());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let num = |i: usize| args.get(i).and_then(|s| s.parse::<u64>().ok());
+    let result = match args.first().map(String::as_str) {
+        Some("work") => match (num(1), num(2)) {
+            (Some(t), Some(ms)) => work(t, ms),
+            _ => Err("usage: work THREADS MILLIS".into()),
+        },
+        Some("fork") => fork_test(),
+        _ => Err("usage: xalloc-global-client work THREADS MILLIS | fork".into()),
+    };
+    let c = xalloc_global::counters();
+    match result {
+        Ok(()) => {
+            println!(
+                "ok forwarded={} fallbacks={} reentries={} arena_bytes={}",
+                c.forwarded,
+                c.fallbacks,
+                REENTRIES.load(Ordering::Relaxed),
+                c.arena_bytes
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
