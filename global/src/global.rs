@@ -200,7 +200,10 @@ impl State {
         (made || c > n).then(|| self.conn(c - 1))
     }
 
+    /// Connects to `XALLOC_NAME` if set, else to `name`.
     fn try_connect(&self, n: usize, name: &str) -> bool {
+        let mut buf = [0u8; 256];
+        let name = env_str(c"XALLOC_NAME", &mut buf).unwrap_or(name);
         let Ok(conn) = Connection::connect(name) else {
             return false;
         };
@@ -228,8 +231,11 @@ impl State {
         true
     }
 
-    /// In a forked child: the parent's slots are not ours, and the arena becomes private.
+    /// In a forked child: the parent's slots are not ours, the arena becomes private, and the
+    /// blocks it holds are the parent's (the child cannot free them).
     fn forget_parent(&self) {
+        self.arena_bytes.store(0, Ordering::Relaxed);
+        self.arena_blocks.store(0, Ordering::Relaxed);
         for c in self.conns() {
             c.registered.store(0, Ordering::Relaxed);
             c.busy.store(0, Ordering::Relaxed);
@@ -417,14 +423,9 @@ impl XallocGlobal {
         t
     }
 
-    fn with_name_in_env<T>(&self, f: impl FnOnce(&str) -> T) -> T {
-        let mut buf = [0u8; 256];
-        f(env_str(c"XALLOC_NAME", &mut buf).unwrap_or(self.name))
-    }
-
     fn alloc_impl(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         if layout.size() >= self.threshold() {
-            if let Some(p) = self.with_name_in_env(|n| STATE.arena_alloc(n, layout, zeroed)) {
+            if let Some(p) = STATE.arena_alloc(self.name, layout, zeroed) {
                 return p.as_ptr();
             }
             STATE.fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -546,9 +547,7 @@ unsafe impl GlobalAlloc for XallocGlobal {
             None => {
                 if new_size >= threshold && layout.size() < threshold {
                     // Crosses the threshold upwards: into the arena if the daemon serves.
-                    if let Some(p) =
-                        self.with_name_in_env(|n| STATE.arena_alloc(n, new_layout, false))
-                    {
+                    if let Some(p) = STATE.arena_alloc(self.name, new_layout, false) {
                         return move_to(p.as_ptr());
                     }
                     STATE.fallbacks.fetch_add(1, Ordering::Relaxed);
