@@ -95,7 +95,8 @@ pub struct Server {
     errors: u64,
     stopping: bool,
     started_unix: u64,
-    shm_full_logged: bool,
+    /// Reserving pages failed, and has not succeeded since (logged once per episode).
+    shm_full: bool,
     spin: bool,
     /// The CPU of the last batch of requests, and whether one of them came from a client on it.
     cpu: u32,
@@ -153,7 +154,7 @@ impl Server {
             errors: 0,
             stopping: false,
             started_unix,
-            shm_full_logged: false,
+            shm_full: false,
             spin: os::online_cpus() > 1,
             cpu: u32::MAX,
             client_on_my_cpu: false,
@@ -466,19 +467,23 @@ impl Server {
             let n = CHUNK.min(self.seg.arena_bytes - start);
             let file_off = ARENA_DATA_OFFSET as u64 + start;
             if let Err(e) = os::reserve(&self.seg.arena_fd, file_off, n) {
-                if !self.shm_full_logged {
+                // Logged when reservations start failing, not for every refused request.
+                if !self.shm_full {
                     log::warn!(
                         "cannot reserve arena pages ({e}): /dev/shm is full or limited; \
-                         allocations that need new pages fail until memory is freed"
+                         allocations that need new pages get OutOfMemory until memory is freed"
                     );
-                    self.shm_full_logged = true;
+                    self.shm_full = true;
                 }
                 return Err(());
+            }
+            if self.shm_full {
+                log::info!("arena pages can be reserved again");
+                self.shm_full = false;
             }
             self.reserved[c] = true;
             self.reserved_bytes += n;
         }
-        self.shm_full_logged = false;
         let fresh = self.dirty[first..last].iter().all(|d| !d);
         self.dirty[first..last].fill(true);
         Ok(fresh)

@@ -40,7 +40,12 @@ fn client_for_nobody(dir: &std::path::Path) -> PathBuf {
 /// Runs the client as nobody, with `groups` as supplementary groups; returns its counters.
 fn run_as_nobody(exe: &std::path::Path, name: &str, groups: &[u32]) -> (u64, u64) {
     let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid", &NOBODY.to_string(), "--regid", &NOBODY.to_string()]);
+    cmd.args([
+        "--reuid",
+        &NOBODY.to_string(),
+        "--regid",
+        &NOBODY.to_string(),
+    ]);
     if groups.is_empty() {
         cmd.arg("--clear-groups");
     } else {
@@ -87,7 +92,10 @@ fn group_members_are_served_and_others_are_not() {
     if !is_root() {
         return;
     }
-    let d = TestDaemon::start("group", &["--arena-size", "64M", "--group", &GROUP.to_string()]);
+    let d = TestDaemon::start(
+        "group",
+        &["--arena-size", "64M", "--group", &GROUP.to_string()],
+    );
     let modes: Vec<(u32, u32)> = ["request", "response", "arena"]
         .iter()
         .map(|k| {

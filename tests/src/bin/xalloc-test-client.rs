@@ -8,6 +8,10 @@
 //!     exits 0, or prints what went wrong and exits 1.
 //! xalloc-test-client hold NAME COUNT SIZE
 //!     Allocates COUNT blocks of SIZE bytes, prints `held OFFSET...`, and sleeps until killed.
+//! xalloc-test-client fill NAME SIZE
+//!     Allocates blocks of SIZE bytes until one is refused, writing every page of each block (a
+//!     page the daemon did not reserve would raise SIGBUS here), then tries 20 more. Prints
+//!     `filled BLOCKS refused=STATUS...` and exits 0.
 //! ```
 
 use std::io::Write;
@@ -123,6 +127,26 @@ fn hold(name: &str, count: u64, size: u64) -> Result<(), String> {
     }
 }
 
+fn fill_up(name: &str, size: u64) -> Result<(), String> {
+    let conn = Connection::connect(name).map_err(|e| e.to_string())?;
+    let mut slot = conn.claim().map_err(|e| format!("claim: {e}"))?;
+    let mut blocks = 0;
+    let mut refusals = Vec::new();
+    while refusals.len() < 20 {
+        match slot.allocate(size, 4096, false) {
+            Ok(b) => {
+                // SAFETY: the block is ours; every page of it is written.
+                unsafe { b.as_ptr().write_bytes(0x5a, b.size as usize) };
+                blocks += 1;
+            }
+            Err(e) => refusals.push(format!("{e:?}")),
+        }
+    }
+    refusals.dedup();
+    println!("filled {blocks} refused={}", refusals.join(","));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let num = |i: usize| args.get(i).and_then(|s| s.parse::<u64>().ok());
@@ -132,6 +156,10 @@ fn main() -> ExitCode {
                 println!("ok {ops}");
             }),
             _ => Err("usage: churn NAME THREADS MILLIS SEED".into()),
+        },
+        (Some("fill"), Some(name)) => match num(2) {
+            Some(size) => fill_up(name, size),
+            None => Err("usage: fill NAME SIZE".into()),
         },
         (Some("hold"), Some(name)) => match (num(2), num(3)) {
             (Some(c), Some(s)) => hold(name, c, s),
