@@ -8,6 +8,10 @@
 //!     exits 0, or prints what went wrong and exits 1.
 //! xalloc-test-client hold NAME COUNT SIZE
 //!     Allocates COUNT blocks of SIZE bytes, prints `held OFFSET...`, and sleeps until killed.
+//! xalloc-test-client die-at PHASE NAME
+//!     Kills itself with SIGKILL at PHASE: `claimed` (a slot claimed, before its Hello) or
+//!     `submitted` (a request for 1 MiB submitted, before waiting for the answer), after
+//!     allocating one 64 KiB block.
 //! xalloc-test-client fill NAME SIZE
 //!     Allocates blocks of SIZE bytes until one is refused, writing every page of each block (a
 //!     page the daemon did not reserve would raise SIGBUS here), then tries 20 more. Prints
@@ -147,6 +151,34 @@ fn fill_up(name: &str, size: u64) -> Result<(), String> {
     Ok(())
 }
 
+fn die_at(phase: &str, name: &str) -> Result<(), String> {
+    let conn = Connection::connect(name).map_err(|e| e.to_string())?;
+    let mut slot = conn.claim().map_err(|e| format!("claim: {e}"))?;
+    slot.allocate(64 << 10, 4096, false)
+        .map_err(|e| format!("allocate: {e}"))?;
+    let pid = std::process::id();
+    match phase {
+        "claimed" => {
+            let free = (0..conn.slot_count())
+                .find(|&i| conn.request_slot(i).is_some_and(|s| s.try_claim(pid)))
+                .ok_or("no free slot")?;
+            conn.doorbell().note_claim(free);
+        }
+        "submitted" => {
+            let rq = conn.request_slot(slot.index()).ok_or("slot")?;
+            rq.submit(xalloc_core::wire::Op::Allocate, 0, 1 << 20, 4096, 0);
+            let bell = conn.doorbell();
+            if bell.ring() {
+                xalloc_core::os::futex_wake(&bell.rings, 1);
+            }
+        }
+        _ => return Err(format!("unknown phase {phase}")),
+    }
+    // SAFETY: raising a signal in our own process.
+    unsafe { libc::raise(libc::SIGKILL) };
+    Err("still alive after SIGKILL".into())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let num = |i: usize| args.get(i).and_then(|s| s.parse::<u64>().ok());
@@ -156,6 +188,10 @@ fn main() -> ExitCode {
                 println!("ok {ops}");
             }),
             _ => Err("usage: churn NAME THREADS MILLIS SEED".into()),
+        },
+        (Some("die-at"), Some(phase)) => match args.get(2) {
+            Some(name) => die_at(phase, name),
+            None => Err("usage: die-at PHASE NAME".into()),
         },
         (Some("fill"), Some(name)) => match num(2) {
             Some(size) => fill_up(name, size),
