@@ -174,6 +174,33 @@ impl fmt::Display for ResizeError {
 
 impl core::error::Error for ResizeError {}
 
+/// Why [`OobHeap::allocate_at`] refused. The heap is unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AllocAtError {
+    /// The offset is not a multiple of the granule.
+    Misaligned,
+    /// The size is zero or larger than a block can be.
+    BadSize,
+    /// The bytes do not fit in the region.
+    OutOfRange,
+    /// Some of the bytes are in a used block, or they are not all in one free block.
+    NotFree,
+}
+
+impl fmt::Display for AllocAtError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Misaligned => "offset not on a granule boundary",
+            Self::BadSize => "size zero or too large",
+            Self::OutOfRange => "outside the region",
+            Self::NotFree => "not inside one free block",
+        })
+    }
+}
+
+impl core::error::Error for AllocAtError {}
+
 /// A broken heap invariant, found by `check_invariants`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InvariantError {

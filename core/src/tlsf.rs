@@ -54,7 +54,7 @@ use core::alloc::Layout;
 use core::ptr::NonNull;
 
 use crate::store::{BlockId, MetaStore, OutOfBand, LOCAL_BITS, LOCAL_MASK, MAX_REGIONS, NIL};
-use crate::{FreeError, InvariantError, ResizeError, Stats};
+use crate::{AllocAtError, FreeError, InvariantError, ResizeError, Stats};
 
 /// log2 of the number of second-level classes per power of two.
 ///
@@ -555,11 +555,23 @@ impl<S: MetaStore> Tlsf<S> {
     /// granules.
     #[inline(always)]
     unsafe fn take(&mut self, b: Blk<S::Ptr>, c: Class, g: u32, align: usize) -> NonNull<u8> {
+        let front = self.front_pad(b, align);
+        // SAFETY: forwarded; `front` is the padding that aligns `b`'s payload.
+        unsafe { self.take_after(b, c, front, g) }
+    }
+
+    /// Allocates `g` granules starting `front` granules into free block `b` of class `c`:
+    /// unlinks it, frees the `front` granules before and those past `front + g`, and returns
+    /// the payload.
+    ///
+    /// # Safety
+    /// `b` is a free block in the list of class `c`, of at least `front + g` granules.
+    #[inline(always)]
+    unsafe fn take_after(&mut self, b: Blk<S::Ptr>, c: Class, front: u32, g: u32) -> NonNull<u8> {
         // SAFETY: `b` is a free block start, so its flags hold its size.
         let size = size_of_flags(unsafe { self.store.size_flags(b.p) });
         // SAFETY: `b` is a free block in the list of class `c`.
         unsafe { self.unlink(b, c) };
-        let front = self.front_pad(b, align);
         if front == 0 {
             // SAFETY: `b` was free (so its predecessor is used), holds `g`, and is unlisted.
             return unsafe { self.finish_allocation(b, size, g, 0) };
@@ -1065,6 +1077,57 @@ impl Tlsf<OutOfBand> {
         } else {
             Err(ResizeError::NoRoom)
         }
+    }
+
+    /// Makes the `bytes` starting `offset` bytes into the region a used block, carved from the
+    /// free block that holds them all: for rebuilding a heap from a record of its used blocks
+    /// (the daemon does this when it re-attaches to an arena after a crash). A refused call
+    /// changes nothing.
+    ///
+    /// # Time complexity
+    /// O(granules from the start of the free block that holds them to `offset`): rebuilding a
+    /// heap by calling this in increasing offset order costs O(granules) in all.
+    pub fn allocate_at(&mut self, offset: usize, bytes: usize) -> Result<(), AllocAtError> {
+        let shift = self.store.granule_shift();
+        if offset & ((1 << shift) - 1) != 0 {
+            return Err(AllocAtError::Misaligned);
+        }
+        let g = match self.granules_for(bytes) {
+            Some(g) if bytes != 0 => g,
+            _ => return Err(AllocAtError::BadSize),
+        };
+        let id = offset >> shift;
+        let len = if self.regions == 0 {
+            0
+        } else {
+            self.region_len[0] as usize
+        };
+        if id >= len || len - id < g as usize {
+            return Err(AllocAtError::OutOfRange);
+        }
+        let id = id as BlockId;
+        // The block holding `id` starts at the nearest granule at or below it whose entry is
+        // non-zero: entries inside a block are zero (`retire`).
+        let mut start = id;
+        let v = loop {
+            // SAFETY: `start <= id < len`, inside the table.
+            let v = unsafe { self.store.size_flags(self.blk(start).p) };
+            if size_of_flags(v) != 0 {
+                break v;
+            }
+            if start == 0 {
+                return Err(AllocAtError::NotFree);
+            }
+            start -= 1;
+        };
+        let size = size_of_flags(v);
+        if v & FREE == 0 || start + size < id + g {
+            return Err(AllocAtError::NotFree);
+        }
+        // SAFETY: `start` is a free block of `size` granules, listed in its class, and holds
+        // `front + g` granules.
+        unsafe { self.take_after(self.blk(start), class_of(size), id - start, g) };
+        Ok(())
     }
 
     /// The used block starting at `offset`, checked.

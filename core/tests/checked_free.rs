@@ -2,13 +2,15 @@
 //! check offsets they did not hand out: for any sequence of allocations, frees and in-place
 //! resizes at arbitrary offsets, a free succeeds exactly when a live block starts at the offset
 //! and returns that block's size; a resize of a live block shrinks it always and grows it only
-//! into free space (never over another live block); and a refused call changes nothing.
+//! into free space (never over another live block); `allocate_at` claims exactly the ranges
+//! that are free; a heap rebuilt from the record of used blocks equals the original; and a
+//! refused call changes nothing.
 
 use std::alloc::Layout;
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use xalloc_core::{FreeError, MetaEntry, OobHeap, ResizeError};
+use xalloc_core::{AllocAtError, FreeError, MetaEntry, OobHeap, ResizeError};
 
 const GRANULE: usize = 64;
 #[cfg(not(miri))]
@@ -33,6 +35,8 @@ enum Op {
     ResizeLive(usize, usize),
     /// Resize at an arbitrary offset.
     ResizeAt(usize, usize),
+    /// Claim this many bytes at an arbitrary offset (`allocate_at`).
+    AllocateAt(usize, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -42,6 +46,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..(GRANULES + 4) * GRANULE).prop_map(Op::FreeAt),
         2 => (any::<usize>(), 0..16 * GRANULE).prop_map(|(i, n)| Op::ResizeLive(i, n)),
         1 => (0..(GRANULES + 4) * GRANULE, 0..16 * GRANULE).prop_map(|(o, n)| Op::ResizeAt(o, n)),
+        2 => (0..(GRANULES + 4) * GRANULE, 0..8 * GRANULE).prop_map(|(o, n)| Op::AllocateAt(o, n)),
     ]
 }
 
@@ -121,6 +126,28 @@ proptest! {
                         Err(_) => prop_assert_eq!(heap.stats(), before),
                     }
                 }
+                Op::AllocateAt(off, n) => {
+                    let before = heap.stats();
+                    let bytes = n.div_ceil(GRANULE) * GRANULE;
+                    let region = heap.stats().region_bytes;
+                    let fits = off % GRANULE == 0
+                        && n > 0
+                        && off + bytes <= region
+                        && live.iter().all(|(&o, &b)| off + bytes <= o || o + b <= off);
+                    match heap.allocate_at(off, n) {
+                        Ok(()) => {
+                            prop_assert!(fits, "claimed {}+{} over a used block or out of range", off, n);
+                            live.insert(off, bytes);
+                        }
+                        Err(e) => {
+                            prop_assert!(!fits, "refused a free range {}+{}: {}", off, n, e);
+                            prop_assert_eq!(heap.stats(), before);
+                            if off % GRANULE != 0 {
+                                prop_assert_eq!(e, AllocAtError::Misaligned);
+                            }
+                        }
+                    }
+                }
             }
             // Live blocks never overlap, and the heap agrees with the model.
             let mut end = 0;
@@ -131,6 +158,30 @@ proptest! {
             heap.check_invariants().map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(heap.stats().live_blocks, live.len());
             prop_assert_eq!(heap.stats().used_bytes, live.values().sum::<usize>());
+        }
+        // A heap rebuilt from the record of used blocks (as the daemon does after a crash) is
+        // the same heap: same counters, valid, and no block can be claimed twice.
+        // The second region starts at the same address modulo the granule, so that both heaps
+        // lay out the same granules.
+        let mut region2 = vec![0u8; size + GRANULE];
+        let skew = (region.as_ptr().addr() % GRANULE + GRANULE - region2.as_ptr().addr() % GRANULE) % GRANULE;
+        let mut table2 = vec![MetaEntry::default(); OobHeap::table_entries(size, GRANULE)];
+        // SAFETY: as for the first heap; `skew < GRANULE`, so the region stays inside region2.
+        let mut rebuilt = unsafe {
+            OobHeap::new(region2.as_mut_ptr().add(skew), size, GRANULE, table2.as_mut_ptr(), table2.len())
+        }
+        .unwrap();
+        prop_assert_eq!(rebuilt.stats().region_bytes, heap.stats().region_bytes);
+        {
+            for (&off, &bytes) in &live {
+                prop_assert_eq!(rebuilt.allocate_at(off, bytes), Ok(()));
+            }
+            for (&off, &bytes) in &live {
+                prop_assert_eq!(rebuilt.allocate_at(off, bytes), Err(AllocAtError::NotFree));
+            }
+            rebuilt.check_invariants().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let (a, b) = (rebuilt.stats(), heap.stats());
+            prop_assert_eq!((a.used_bytes, a.free_bytes, a.live_blocks), (b.used_bytes, b.free_bytes, b.live_blocks));
         }
     }
 }
