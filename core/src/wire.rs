@@ -46,10 +46,11 @@ use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
 pub const VERSION: u32 = 2;
 
 /// Magic numbers at the start of each segment (ASCII `XALLOC` and a kind letter).
-pub const MAGIC: [u64; 3] = [
+pub const MAGIC: [u64; 4] = [
     u64::from_le_bytes(*b"XALLOCQ\x01"),
     u64::from_le_bytes(*b"XALLOCR\x01"),
     u64::from_le_bytes(*b"XALLOCA\x01"),
+    u64::from_le_bytes(*b"XALLOCS\x01"),
 ];
 
 /// Where the arena's data starts: its header takes the first page.
@@ -65,6 +66,9 @@ pub enum SegmentKind {
     Response = 1,
     /// `/NAME.arena`.
     Arena = 2,
+    /// `/NAME.state`: the daemon's own record of who owns which block, so that a daemon
+    /// restarted after a crash can re-attach to the arena. Only the daemon maps it.
+    State = 3,
 }
 
 impl SegmentKind {
@@ -74,6 +78,7 @@ impl SegmentKind {
             Self::Request => "request",
             Self::Response => "response",
             Self::Arena => "arena",
+            Self::State => "state",
         }
     }
 }
@@ -167,6 +172,7 @@ impl SegmentHeader {
                 SegmentKind::Request => size_of::<RequestSlot>() as u32,
                 SegmentKind::Response => size_of::<ResponseSlot>() as u32,
                 SegmentKind::Arena => 0,
+                SegmentKind::State => size_of::<OwnerEntry>() as u32,
             },
             slot_count,
             granule,
@@ -212,6 +218,7 @@ impl SegmentHeader {
             SegmentKind::Request => request_segment_len(self.slot_count),
             SegmentKind::Response => response_segment_len(self.slot_count),
             SegmentKind::Arena => usize::try_from(self.arena_len).unwrap_or(usize::MAX),
+            SegmentKind::State => state_segment_len(self.arena_len, self.granule),
         };
         if segment_len < needed {
             return Err(LayoutError::TooShort {
@@ -763,6 +770,35 @@ unsafe impl SharedPlain for ResponseSlot {}
 // SAFETY: as for `Doorbell`.
 unsafe impl SharedPlain for DaemonStats {}
 
+/// One granule's entry in the state segment: who owns the block that starts there, and its
+/// length. Written by the daemon before it answers a request that changes it, so that the
+/// record never lags behind what a client was told.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct OwnerEntry {
+    /// Process id of the block's owner; 0 if no used block starts at this granule.
+    pub owner: AtomicU32,
+    /// Length of the block in granules (meaningful while `owner` is non-zero).
+    pub granules: AtomicU32,
+}
+
+// SAFETY: 1. `#[repr(C)]`; 2-4. atomics of plain integers only, no `Drop`.
+unsafe impl SharedPlain for OwnerEntry {}
+
+/// Granules of arena data in an arena segment of `arena_len` bytes.
+pub const fn arena_granules(arena_len: u64, granule: u32) -> usize {
+    if granule == 0 || arena_len < ARENA_DATA_OFFSET as u64 {
+        return 0;
+    }
+    ((arena_len - ARENA_DATA_OFFSET as u64) / granule as u64) as usize
+}
+
+/// Bytes of the state segment for an arena segment of `arena_len` bytes.
+pub const fn state_segment_len(arena_len: u64, granule: u32) -> usize {
+    size_of::<SegmentHeader>()
+        + arena_granules(arena_len, granule).saturating_mul(size_of::<OwnerEntry>())
+}
+
 /// Bytes of a request segment with `slots` slots.
 pub const fn request_segment_len(slots: u32) -> usize {
     size_of::<SegmentHeader>() + size_of::<Doorbell>() + slots as usize * size_of::<RequestSlot>()
@@ -800,6 +836,7 @@ const _: () = {
     assert!(size_of::<RequestSlot>() == 64 && align_of::<RequestSlot>() == 64);
     assert!(size_of::<ResponseSlot>() == 64 && align_of::<ResponseSlot>() == 64);
     assert!(size_of::<DaemonStats>() == 128 && align_of::<DaemonStats>() == 64);
+    assert!(size_of::<OwnerEntry>() == 8);
     assert!(ARENA_DATA_OFFSET >= size_of::<SegmentHeader>());
 };
 

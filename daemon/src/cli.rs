@@ -76,6 +76,11 @@ pub struct StartArgs {
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
 
+    /// Discard the segments a daemon of this name left when it died, instead of re-attaching
+    /// to them (by default a restarted daemon keeps the blocks its clients still hold).
+    #[arg(long)]
+    pub fresh: bool,
+
     /// Let members of GROUP use the daemon: request and arena segments 0660, response 0640
     /// (default: owner only, 0600).
     #[arg(long, value_name = "GROUP")]

@@ -82,12 +82,6 @@ fn start(args: &StartArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(format!("instance {name}: {e}")),
     };
-    // With the pidfile ours, any segments of this name are leftovers of a dead daemon (ours to
-    // remove) or someone else's (refused).
-    let removed = match segments::clear_leftovers(&names) {
-        Ok(r) => r,
-        Err(e) => return fail(e),
-    };
     let syslog_ok = logging::syslog_answers(&args.syslog_socket);
     if !syslog_ok {
         let to = match &args.log_file {
@@ -134,9 +128,6 @@ fn start(args: &StartArgs) -> ExitCode {
         readiness.failed(&msg);
         return ExitCode::FAILURE;
     }
-    for n in &removed {
-        log::warn!("removed {n}, left by a daemon that is no longer running");
-    }
     match serve(args, names, arena, gid, readiness) {
         Ok(()) => ExitCode::SUCCESS,
         Err(()) => ExitCode::FAILURE,
@@ -161,17 +152,53 @@ fn serve(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
         ^ (u64::from(os::pid()) << 40);
-    let seg = match segments::create(
-        names,
-        args.slots,
-        arena,
-        GRANULE as u32,
-        Access { gid },
-        generation,
-    ) {
+    // With the pidfile ours, any objects of this name were left by a daemon that died: they
+    // are re-attached (keeping what live clients hold), or replaced if they cannot be or with
+    // --fresh; objects of another user are refused.
+    let create = || {
+        segments::create(
+            names,
+            args.slots,
+            arena,
+            GRANULE as u32,
+            Access { gid },
+            generation,
+        )
+    };
+    let replace = |why: &str| {
+        let removed = segments::clear_leftovers(&names, args.fresh)?;
+        for n in &removed {
+            log::warn!("removed {n}, left by a daemon that is no longer running ({why})");
+        }
+        create()
+    };
+    let found = if args.fresh {
+        Ok(segments::Found::Unusable("--fresh".into()))
+    } else {
+        segments::reattach(names, generation)
+    };
+    let seg = match found {
+        Ok(segments::Found::Nothing) => create(),
+        Ok(segments::Found::Reattached(seg)) => {
+            if seg.arena_bytes != arena || seg.slots != args.slots {
+                log::warn!(
+                    "kept the re-attached arena of {} bytes and {} slots (asked: {arena} bytes, \
+                     {} slots); `start --fresh` discards it",
+                    seg.arena_bytes,
+                    seg.slots,
+                    args.slots
+                );
+            }
+            Ok(seg)
+        }
+        Ok(segments::Found::Unusable(why)) => replace(&why),
+        Err(e) => Err(e),
+    };
+    let seg = match seg {
         Ok(s) => s,
         Err(e) => return fail(readiness, e.to_string()),
     };
+    let (arena, slots) = (seg.arena_bytes, seg.slots);
     let mailbox = Arc::new(Mailbox::default());
     let watcher = match Watcher::start(Arc::clone(&mailbox), Arc::clone(&seg.request)) {
         Ok(w) => w,
@@ -193,7 +220,7 @@ fn serve(
         arena,
         names.arena,
         names.request,
-        args.slots,
+        slots,
         names.response
     );
     readiness.ready();

@@ -30,7 +30,7 @@ pub struct Access {
 impl Access {
     fn mode(&self, kind: SegmentKind) -> u32 {
         match (self.gid, kind) {
-            (None, _) => 0o600,
+            (None, _) | (_, SegmentKind::State) => 0o600,
             (Some(_), SegmentKind::Response) => 0o640,
             (Some(_), _) => 0o660,
         }
@@ -77,7 +77,7 @@ impl fmt::Display for SegmentError {
     }
 }
 
-/// The names of an instance's three objects.
+/// The names of an instance's four objects.
 #[derive(Clone, Copy, Debug)]
 pub struct Names {
     /// `/NAME.request`.
@@ -86,6 +86,8 @@ pub struct Names {
     pub response: ShmName,
     /// `/NAME.arena`.
     pub arena: ShmName,
+    /// `/NAME.state` (the daemon's own).
+    pub state: ShmName,
 }
 
 impl Names {
@@ -95,25 +97,27 @@ impl Names {
             request: ShmName::new(name, "request")?,
             response: ShmName::new(name, "response")?,
             arena: ShmName::new(name, "arena")?,
+            state: ShmName::new(name, "state")?,
         })
     }
 
-    fn all(&self) -> [(ShmName, SegmentKind); 3] {
+    fn all(&self) -> [(ShmName, SegmentKind); 4] {
         [
             (self.request, SegmentKind::Request),
             (self.response, SegmentKind::Response),
             (self.arena, SegmentKind::Arena),
+            (self.state, SegmentKind::State),
         ]
     }
 
-    /// Removes all three names (mappings stay valid); missing ones are fine.
+    /// Removes all four names (mappings stay valid); missing ones are fine.
     pub fn unlink_all(&self) {
         for (n, _) in self.all() {
             let _ = os::shm_unlink(n.as_cstr());
         }
     }
 
-    /// Whether any of the three exists.
+    /// Whether any of the four exists.
     pub fn any_exists(&self) -> bool {
         self.all()
             .iter()
@@ -132,15 +136,22 @@ pub struct Segments {
     pub arena: Mapping,
     /// The arena's descriptor, for reserving pages.
     pub arena_fd: Fd,
+    /// `/NAME.state`, read-write: the ownership record (see `server`).
+    pub state: Mapping,
     /// Bytes of arena data.
     pub arena_bytes: u64,
     /// Request slots.
     pub slots: u32,
+    /// Whether these are a dead daemon's segments, re-attached.
+    pub reattached: bool,
 }
 
 /// Checks existing objects of `names` and removes those that are leftovers of a dead daemon of
 /// this user; refuses anything else.
-pub fn clear_leftovers(names: &Names) -> Result<Vec<ShmName>, SegmentError> {
+///
+/// With `any_layout`, this user's objects are removed whatever their header says (for
+/// `start --fresh`); another user's are still refused.
+pub fn clear_leftovers(names: &Names, any_layout: bool) -> Result<Vec<ShmName>, SegmentError> {
     let mut removed = Vec::new();
     for (name, kind) in names.all() {
         let fd = match os::shm_open(name.as_cstr(), false) {
@@ -172,7 +183,7 @@ pub fn clear_leftovers(names: &Names) -> Result<Vec<ShmName>, SegmentError> {
             });
         }
         let len = usize::try_from(info.len).unwrap_or(usize::MAX);
-        if len < size_of::<SegmentHeader>() {
+        if len < size_of::<SegmentHeader>() && !any_layout {
             return Err(SegmentError::Squatted {
                 name,
                 why: format!("{len} bytes, too short for an xalloc segment"),
@@ -188,10 +199,12 @@ pub fn clear_leftovers(names: &Names) -> Result<Vec<ShmName>, SegmentError> {
         // SAFETY: the mapping holds one header at offset 0, page-aligned.
         let header = unsafe { SegmentHeader::load(map.as_ptr().cast()) };
         if let Err(e) = header.check(kind, len) {
-            return Err(SegmentError::Squatted {
-                name,
-                why: e.to_string(),
-            });
+            if !any_layout {
+                return Err(SegmentError::Squatted {
+                    name,
+                    why: format!("{e}; `xallocd start --fresh` replaces it"),
+                });
+            }
         }
         if os::process_alive(header.daemon_pid) && header.daemon_pid != os::pid() {
             // The pidfile is free, yet the daemon that made these still runs: it was started
@@ -214,7 +227,131 @@ pub fn clear_leftovers(names: &Names) -> Result<Vec<ShmName>, SegmentError> {
     Ok(removed)
 }
 
-/// Creates the three objects for `slots` slots and `arena_bytes` of data, writes their headers
+/// What [`reattach`] found.
+pub enum Found {
+    /// No object of the instance exists.
+    Nothing,
+    /// The objects of a dead daemon, consistent: re-attached.
+    Reattached(Segments),
+    /// Some objects exist but cannot be re-attached (missing, inconsistent, another layout):
+    /// [`clear_leftovers`] decides what to do with them.
+    Unusable(String),
+}
+
+/// Opens the four objects of a daemon that is no longer running and takes them over: checks
+/// that they are this user's, consistent and of this layout, then writes this daemon's pid and
+/// `generation` into their headers (the request segment's last, since clients look there).
+pub fn reattach(names: Names, generation: u64) -> Result<Found, SegmentError> {
+    let mut maps = Vec::new();
+    let mut missing = 0;
+    for (name, kind) in names.all() {
+        let fd = match os::shm_open(name.as_cstr(), true) {
+            Ok(fd) => fd,
+            Err(Errno(libc::ENOENT)) => {
+                missing += 1;
+                continue;
+            }
+            Err(Errno(libc::EACCES)) => {
+                return Err(SegmentError::Squatted {
+                    name,
+                    why: "owned by another user".into(),
+                })
+            }
+            Err(errno) => {
+                return Err(SegmentError::Os {
+                    name,
+                    call: "shm_open",
+                    errno,
+                })
+            }
+        };
+        let os_err = |call, errno| SegmentError::Os { name, call, errno };
+        let info = os::fstat(&fd).map_err(|e| os_err("fstat", e))?;
+        if info.uid != os::euid() {
+            return Err(SegmentError::Squatted {
+                name,
+                why: format!("owned by uid {}", info.uid),
+            });
+        }
+        let len = usize::try_from(info.len).unwrap_or(0);
+        if len < size_of::<SegmentHeader>() {
+            return Ok(Found::Unusable(format!("{name} is too short")));
+        }
+        let map = Mapping::new(&fd, len, true).map_err(|e| os_err("mmap", e))?;
+        // SAFETY: the mapping holds a header at offset 0, page-aligned.
+        let header = unsafe { SegmentHeader::load(map.as_ptr().cast()) };
+        if let Err(e) = header.check(kind, len) {
+            return Ok(Found::Unusable(format!("{name}: {e}")));
+        }
+        maps.push((kind, fd, map, header));
+    }
+    if missing == 4 {
+        return Ok(Found::Nothing);
+    }
+    if missing > 0 {
+        return Ok(Found::Unusable(format!(
+            "{missing} of the 4 objects are missing"
+        )));
+    }
+    let h0 = maps[0].3;
+    let same = |h: &SegmentHeader| {
+        h.generation == h0.generation
+            && h.daemon_pid == h0.daemon_pid
+            && h.slot_count == h0.slot_count
+            && h.arena_len == h0.arena_len
+            && h.granule == h0.granule
+    };
+    if !maps.iter().all(|(_, _, _, h)| same(h)) {
+        return Ok(Found::Unusable(
+            "the objects belong to different daemons".into(),
+        ));
+    }
+    if h0.granule as usize != crate::server::GRANULE {
+        return Ok(Found::Unusable(format!(
+            "granule {} is not this build's",
+            h0.granule
+        )));
+    }
+    if os::process_alive(h0.daemon_pid) && h0.daemon_pid != os::pid() {
+        return Err(SegmentError::Squatted {
+            name: names.request,
+            why: format!(
+                "in use by xallocd pid {} (started with another --pidfile?)",
+                h0.daemon_pid
+            ),
+        });
+    }
+    let pid = os::pid();
+    let mut take = |kind: SegmentKind| {
+        let i = maps.iter().position(|(k, ..)| *k == kind)?;
+        let (_, fd, map, h) = maps.swap_remove(i);
+        let header =
+            SegmentHeader::new(kind, h.slot_count, h.granule, h.arena_len, generation, pid);
+        // SAFETY: the mapping holds a header at offset 0; clients only read it.
+        unsafe { map.as_ptr().cast::<SegmentHeader>().write_volatile(header) };
+        Some((fd, map))
+    };
+    let (Some((_, state)), Some((arena_fd, arena)), Some((_, response)), Some((_, request))) = (
+        take(SegmentKind::State),
+        take(SegmentKind::Arena),
+        take(SegmentKind::Response),
+        take(SegmentKind::Request),
+    ) else {
+        return Ok(Found::Unusable("an object is missing".into()));
+    };
+    Ok(Found::Reattached(Segments {
+        request: Arc::new(request),
+        response,
+        arena,
+        arena_fd,
+        state,
+        arena_bytes: h0.arena_len - ARENA_DATA_OFFSET as u64,
+        slots: h0.slot_count,
+        reattached: true,
+    }))
+}
+
+/// Creates the four objects for `slots` slots and `arena_bytes` of data, writes their headers
 /// (the request segment's last), and maps them. On failure nothing is left behind.
 pub fn create(
     names: Names,
@@ -268,6 +405,11 @@ fn create_inner(
         call: "fallocate",
         errno,
     })?;
+    let (_, state) = open(
+        names.state,
+        SegmentKind::State,
+        wire::state_segment_len(arena_len, granule) as u64,
+    )?;
     let (_, response) = open(
         names.response,
         SegmentKind::Response,
@@ -281,6 +423,10 @@ fn create_inner(
     // SAFETY: each mapping is at least a header long and page-aligned; the objects are new
     // (O_EXCL), so no one else writes them yet.
     unsafe {
+        state
+            .as_ptr()
+            .cast::<SegmentHeader>()
+            .write_volatile(header(SegmentKind::State));
         arena
             .as_ptr()
             .cast::<SegmentHeader>()
@@ -298,6 +444,8 @@ fn create_inner(
         request: Arc::new(request),
         response,
         arena,
+        state,
+        reattached: false,
         arena_fd,
         arena_bytes,
         slots,

@@ -3,8 +3,11 @@
 //! # State (all private to the daemon, none of it in client-writable memory)
 //!
 //! - `heap`: an [`OobHeap`] over the arena's data, its metadata in a table on the daemon's heap.
-//! - `owner[g]`: the process id that owns the used block starting at granule `g`, 0 elsewhere.
-//!   Invariant: `owner[g] != 0` iff a used block starts at `g`.
+//! - the ownership record, in the daemon's own segment `/NAME.state`: for each granule `g`, the
+//!   process id that owns the used block starting at `g` (0 elsewhere) and its length.
+//!   Invariant: an entry has an owner iff a used block of that length starts at `g`. Each
+//!   request updates it before its answer is published, so that after a crash a new daemon
+//!   rebuilds a heap in which no block a client was told it holds is free ([`Server::new`]).
 //! - `slot_pid[i]`: the process registered (`Hello`) in slot `i`, 0 if none.
 //! - `clients`: per registered process, its pidfd (watched by the [`Watcher`] thread) and its
 //!   counts of slots, blocks and bytes.
@@ -23,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use xalloc_core::os::{self, Fd, Mapping};
 use xalloc_core::wire::{
-    self, Doorbell, Op, Request, RequestSlot, Response, ResponseSlot, StatsSnapshot, Status,
-    ARENA_DATA_OFFSET, DOORBELL_OFFSET, FLAG_ZEROED,
+    self, Doorbell, Op, OwnerEntry, Request, RequestSlot, Response, ResponseSlot, SegmentHeader,
+    StatsSnapshot, Status, ARENA_DATA_OFFSET, DOORBELL_OFFSET, FLAG_ZEROED,
 };
 use xalloc_core::{FreeError, MetaEntry, OobHeap, ResizeError};
 
@@ -85,7 +88,6 @@ pub struct Server {
     heap: OobHeap,
     // The heap's metadata table; `heap` points into it, so it must outlive it (field order).
     _table: Box<[MetaEntry]>,
-    owner: Vec<u32>,
     slot_pid: Vec<u32>,
     clients: HashMap<u32, Client>,
     reserved: Vec<bool>,
@@ -115,7 +117,9 @@ fn answer(status: Status) -> Response {
 }
 
 impl Server {
-    /// A server over freshly created segments. `epoll` is the watcher's epoll descriptor,
+    /// A server over freshly created segments, or over the segments of a daemon that died
+    /// (`seg.reattached`): then the heap is rebuilt from the ownership record, keeping the
+    /// blocks and slots of clients that still run. `epoll` is the watcher's epoll descriptor,
     /// where client pidfds are registered.
     pub fn new(seg: Segments, mailbox: Arc<Mailbox>, epoll: Arc<Fd>) -> Result<Self, String> {
         let bytes = usize::try_from(seg.arena_bytes).map_err(|_| "arena too large".to_owned())?;
@@ -140,15 +144,16 @@ impl Server {
         let started_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let s = Self {
+        let reattached = seg.reattached;
+        let mut s = Self {
             seg,
             heap,
             _table: table,
-            owner: vec![0; bytes / GRANULE + 1],
             slot_pid: vec![0; slots],
             clients: HashMap::new(),
             reserved: vec![false; chunks],
-            dirty: vec![false; chunks],
+            // After a restart nothing is known about which pages were handed out before.
+            dirty: vec![reattached; chunks],
             reserved_bytes: 0,
             requests: 0,
             errors: 0,
@@ -161,8 +166,129 @@ impl Server {
             mailbox,
             epoll,
         };
+        if reattached {
+            s.rebuild();
+        }
         s.publish_stats();
         Ok(s)
+    }
+
+    /// The ownership record of granule `g` of the arena (`g` below the arena's granules).
+    fn entry(&self, g: usize) -> &OwnerEntry {
+        // SAFETY: the state segment holds one entry per granule of arena data after its
+        // header (its length was set, or checked, for this arena), 4-aligned.
+        unsafe {
+            self.seg
+                .state
+                .at(size_of::<SegmentHeader>() + g * size_of::<OwnerEntry>())
+        }
+    }
+
+    /// The owner of the used block starting at byte `offset` of the data, 0 if none.
+    fn owner_at(&self, offset: usize) -> u32 {
+        if offset % GRANULE != 0 || offset / GRANULE >= self.granules() {
+            return 0;
+        }
+        self.entry(offset / GRANULE).owner.load(Ordering::Acquire)
+    }
+
+    /// Records (or, with `pid` 0, erases) the used block of `bytes` at byte `offset`.
+    fn record(&self, offset: usize, bytes: u64, pid: u32) {
+        let e = self.entry(offset / GRANULE);
+        if pid != 0 {
+            // The length first: a crash between the two stores leaves an entry without owner,
+            // which reads as free.
+            e.granules
+                .store((bytes / GRANULE as u64) as u32, Ordering::Relaxed);
+        }
+        e.owner.store(pid, Ordering::Release);
+    }
+
+    /// Granules of arena data (entries in the state segment).
+    fn granules(&self) -> usize {
+        (self.seg.arena_bytes / GRANULE as u64) as usize
+    }
+
+    /// After a restart: rebuilds the heap from the ownership record, keeping the blocks of
+    /// processes that still run and freeing those of processes that are gone, and registers
+    /// the live owners and their slots again.
+    fn rebuild(&mut self) {
+        let (mut kept, mut kept_bytes, mut dropped) = (0u64, 0u64, 0u64);
+        for g in 0..self.granules() {
+            let e = self.entry(g);
+            let pid = e.owner.load(Ordering::Acquire);
+            if pid == 0 {
+                continue;
+            }
+            let bytes = u64::from(e.granules.load(Ordering::Relaxed)) * GRANULE as u64;
+            if !self.ensure_client(pid) {
+                self.record(g * GRANULE, 0, 0);
+                dropped += 1;
+                continue;
+            }
+            match self.heap.allocate_at(g * GRANULE, bytes as usize) {
+                Ok(()) => {
+                    kept += 1;
+                    kept_bytes += bytes;
+                    if let Some(c) = self.clients.get_mut(&pid) {
+                        c.blocks += 1;
+                        c.bytes += bytes;
+                    }
+                }
+                Err(err) => {
+                    log::error!(
+                        "state record for granule {g} ({bytes} bytes, pid {pid}) is unusable \
+                         ({err}); dropping it"
+                    );
+                    self.record(g * GRANULE, 0, 0);
+                    dropped += 1;
+                }
+            }
+        }
+        let mut slots = 0;
+        for i in 0..self.seg.slots {
+            let owner = self.request_slot(i).owner.load(Ordering::Acquire);
+            if owner == 0 {
+                continue;
+            }
+            if self.ensure_client(owner) {
+                self.slot_pid[i as usize] = owner;
+                if let Some(c) = self.clients.get_mut(&owner) {
+                    c.slots += 1;
+                }
+                slots += 1;
+            } else {
+                self.request_slot(i).reclaim(owner);
+            }
+        }
+        log::info!(
+            "re-attached to the existing segments: kept {kept} blocks ({kept_bytes} bytes) and \
+             {slots} slots of {} live clients; freed {dropped} blocks of clients that are gone",
+            self.clients.len()
+        );
+    }
+
+    /// Registers process `pid` as a client if it runs (watching its pidfd); whether it is one.
+    fn ensure_client(&mut self, pid: u32) -> bool {
+        if self.clients.contains_key(&pid) {
+            return true;
+        }
+        let Ok(pidfd) = os::pidfd_open(pid) else {
+            return false;
+        };
+        if os::pidfd_exited(&pidfd) || watch(&self.epoll, &pidfd, pid).is_err() {
+            return false;
+        }
+        self.clients.insert(
+            pid,
+            Client {
+                pidfd,
+                slots: 0,
+                blocks: 0,
+                bytes: 0,
+            },
+        );
+        true
     }
 
     fn doorbell(&self) -> &Doorbell {
@@ -375,7 +501,9 @@ impl Server {
                 return answer(Status::OutOfMemory);
             }
         };
-        self.owner[offset / GRANULE] = pid;
+        // Recorded before the answer is published: a crash from here on leaves the block with
+        // its owner, never free while the client holds it.
+        self.record(offset, size, pid);
         if let Some(c) = self.clients.get_mut(&pid) {
             c.blocks += 1;
             c.bytes += size;
@@ -392,8 +520,8 @@ impl Server {
     /// belongs to another process. Other offset errors are left to the heap's checks.
     fn check_owner(&self, pid: u32, offset: u64) -> Result<usize, Status> {
         let off = usize::try_from(offset).map_err(|_| Status::BadOffset)?;
-        match self.owner.get(off / GRANULE) {
-            Some(&o) if o != 0 && o != pid && off % GRANULE == 0 => Err(Status::NotOwner),
+        match self.owner_at(off) {
+            o if o != 0 && o != pid => Err(Status::NotOwner),
             _ => Ok(off),
         }
     }
@@ -403,9 +531,13 @@ impl Server {
             Ok(off) => off,
             Err(s) => return answer(s),
         };
+        if self.owner_at(off) == pid {
+            // Erased first: a crash after this leaves the block free, which the client that
+            // asked to free it no longer uses.
+            self.record(off, 0, 0);
+        }
         match self.heap.deallocate_at(off) {
             Ok(size) => {
-                self.owner[off / GRANULE] = 0;
                 if let Some(c) = self.clients.get_mut(&pid) {
                     c.blocks = c.blocks.saturating_sub(1);
                     c.bytes = c.bytes.saturating_sub(size as u64);
@@ -443,6 +575,7 @@ impl Server {
             debug_assert!(back.is_ok());
             return answer(Status::OutOfMemory);
         }
+        self.record(off, size, pid);
         if let Some(c) = self.clients.get_mut(&pid) {
             c.bytes = (c.bytes + size).saturating_sub(old as u64);
         }
@@ -508,9 +641,9 @@ impl Server {
         }
         let (mut blocks, mut bytes) = (0u64, 0u64);
         if client.blocks > 0 {
-            for g in 0..self.owner.len() {
-                if self.owner[g] == pid {
-                    self.owner[g] = 0;
+            for g in 0..self.granules() {
+                if self.entry(g).owner.load(Ordering::Relaxed) == pid {
+                    self.record(g * GRANULE, 0, 0);
                     if let Ok(size) = self.heap.deallocate_at(g * GRANULE) {
                         blocks += 1;
                         bytes += size as u64;

@@ -70,7 +70,7 @@ pub fn stop(args: &StopArgs) -> ExitCode {
     let Some(pid) = daemon_pid(&args.instance, &names) else {
         if names.any_exists() {
             // Leftovers of a daemon that died without cleaning up.
-            return match crate::segments::clear_leftovers(&names) {
+            return match crate::segments::clear_leftovers(&names, false) {
                 Ok(removed) => {
                     for n in removed {
                         eprintln!("xallocd: removed {n}, left by a dead daemon");
@@ -114,7 +114,7 @@ pub fn stop(args: &StopArgs) -> ExitCode {
         }
         if os::pidfd_exited(&pidfd) && names.any_exists() {
             // Exited without removing its segments (killed during shutdown).
-            if let Err(e) = crate::segments::clear_leftovers(&names) {
+            if let Err(e) = crate::segments::clear_leftovers(&names, false) {
                 return fail(e);
             }
         }

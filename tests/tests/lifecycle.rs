@@ -37,7 +37,7 @@ fn start_detaches_and_stop_leaves_nothing_behind() {
     }
     // It serves: status reads its pid from the response segment.
     assert_eq!(d.stat("pid"), u64::from(d.pid));
-    assert_eq!(segments_left(&d.name).len(), 3);
+    assert_eq!(segments_left(&d.name).len(), 4);
     for seg in segments_left(&d.name) {
         let mode = std::fs::metadata(&seg).unwrap().permissions();
         assert_eq!(
@@ -108,7 +108,7 @@ fn a_killed_daemon_does_not_block_a_restart() {
     assert!(d.wait_exit(Duration::from_secs(5)));
     // The pidfile and the segments are still there, but nobody holds the lock.
     assert!(d.pidfile().exists());
-    assert_eq!(segments_left(&d.name).len(), 3);
+    assert_eq!(segments_left(&d.name).len(), 4);
     let out = d.start_command(&[]);
     assert!(
         out.status.success(),
@@ -118,9 +118,20 @@ fn a_killed_daemon_does_not_block_a_restart() {
     d.adopt();
     assert_ne!(d.pid, first);
     assert_eq!(d.stat("pid"), u64::from(d.pid));
+    assert!(d.log().contains("re-attached to the existing segments"));
+    // Killed again, and restarted with --fresh: the old objects are replaced instead.
+    d.signal(libc::SIGKILL);
+    assert!(d.wait_exit(Duration::from_secs(5)));
+    let out = d.start_command(&["--fresh"]);
+    assert!(
+        out.status.success(),
+        "restart with --fresh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.adopt();
     assert!(d
         .log()
-        .contains("left by a daemon that is no longer running"));
+        .contains("left by a daemon that is no longer running (--fresh)"));
 }
 
 #[test]
@@ -226,7 +237,7 @@ fn foreground_reports_readiness_to_notify_socket_and_exits_on_sigterm() {
     let n = sock.recv(&mut buf).expect("READY=1 within 10 s");
     assert_eq!(&buf[..n], b"READY=1");
     // Ready means serving: the segments exist.
-    assert_eq!(segments_left(&name).len(), 3);
+    assert_eq!(segments_left(&name).len(), 4);
     // SAFETY: signalling our own child, which has not been reaped.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let status = child.0.wait().unwrap();

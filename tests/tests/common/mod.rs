@@ -36,14 +36,14 @@ pub fn temp_dir(name: &str) -> PathBuf {
 
 /// Removes `/dev/shm/NAME.*` of instance `name`.
 pub fn remove_segments(name: &str) {
-    for kind in ["request", "response", "arena"] {
+    for kind in ["request", "response", "arena", "state"] {
         let _ = std::fs::remove_file(format!("/dev/shm/{name}.{kind}"));
     }
 }
 
 /// Which of instance `name`'s segments exist.
 pub fn segments_left(name: &str) -> Vec<String> {
-    ["request", "response", "arena"]
+    ["request", "response", "arena", "state"]
         .iter()
         .map(|k| format!("/dev/shm/{name}.{k}"))
         .filter(|p| Path::new(p).exists())
