@@ -186,7 +186,7 @@ impl Server {
 
     /// The owner of the used block starting at byte `offset` of the data, 0 if none.
     fn owner_at(&self, offset: usize) -> u32 {
-        if offset % GRANULE != 0 || offset / GRANULE >= self.granules() {
+        if !offset.is_multiple_of(GRANULE) || offset / GRANULE >= self.granules() {
             return 0;
         }
         self.entry(offset / GRANULE).owner.load(Ordering::Acquire)
