@@ -17,7 +17,7 @@
 
 use core::fmt;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use xalloc_core::os::{self, Errno, Fd, Mapping, ShmName, Wake};
@@ -162,8 +162,10 @@ pub struct Connection {
     arena_fd: Fd,
     slot_count: u32,
     granule: u32,
-    generation: u64,
-    daemon_pid: u32,
+    /// The serving daemon's generation and pid: updated when a restarted daemon re-attaches to
+    /// these same segments (see [`Connection::daemon_alive`]).
+    generation: AtomicU64,
+    daemon_pid: AtomicU32,
     spin: bool,
     /// The CPU the daemon last answered from (`u32::MAX`: not known yet).
     daemon_cpu: AtomicU32,
@@ -255,8 +257,8 @@ impl Connection {
             arena_fd,
             slot_count: rq.slot_count,
             granule: rq.granule,
-            generation: rq.generation,
-            daemon_pid: rq.daemon_pid,
+            generation: AtomicU64::new(rq.generation),
+            daemon_pid: AtomicU32::new(rq.daemon_pid),
             spin: os::online_cpus() > 1,
             daemon_cpu: AtomicU32::new(u32::MAX),
         })
@@ -274,12 +276,12 @@ impl Connection {
 
     /// The daemon instance's generation (changes with every daemon start).
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// The daemon's process id.
     pub fn daemon_pid(&self) -> u32 {
-        self.daemon_pid
+        self.daemon_pid.load(Ordering::Relaxed)
     }
 
     /// The first byte of the arena's data: block offsets count from here.
@@ -324,10 +326,26 @@ impl Connection {
         (i < self.slot_count).then(|| unsafe { self.response.at(wire::response_slot_offset(i)) })
     }
 
-    /// Whether the daemon still runs and serves.
+    /// Whether a daemon runs and serves these segments. When the daemon that this connection
+    /// was made with has died and a new one has re-attached to the same segments (it rewrote
+    /// their headers), the connection follows it: requests in flight are answered by the new
+    /// daemon, and the slots and blocks of this process are still its own.
     pub fn daemon_alive(&self) -> bool {
-        os::process_alive(self.daemon_pid)
-            && self.stats().is_none_or(|s| s.state != wire::STATE_STOPPING)
+        let mut pid = self.daemon_pid.load(Ordering::Relaxed);
+        if !os::process_alive(pid) {
+            // SAFETY: the request mapping holds a header at offset 0, page-aligned.
+            let h = unsafe { SegmentHeader::load(self.request.as_ptr().cast()) };
+            let ours = h.check(SegmentKind::Request, self.request.len()).is_ok()
+                && h.slot_count == self.slot_count
+                && h.granule == self.granule;
+            if !ours || h.daemon_pid == pid || !os::process_alive(h.daemon_pid) {
+                return false;
+            }
+            pid = h.daemon_pid;
+            self.generation.store(h.generation, Ordering::Relaxed);
+            self.daemon_pid.store(pid, Ordering::Relaxed);
+        }
+        self.stats().is_none_or(|s| s.state != wire::STATE_STOPPING)
     }
 
     /// Claims a free slot for this process and registers it with the daemon.

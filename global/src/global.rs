@@ -40,6 +40,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering
 use std::alloc::System;
 
 use xalloc_core::os;
+use xalloc_core::wire;
 
 use crate::client::{Connection, RequestError};
 
@@ -86,8 +87,11 @@ struct Conn {
     dead: AtomicBool,
     /// Pool positions that hold a registered slot (bit `i`: `slots[i]` is valid).
     registered: AtomicU64,
-    /// Pool positions lent to a thread now, or lost (a request that timed out).
+    /// Pool positions lent to a thread now, or lost.
     busy: AtomicU64,
+    /// Pool positions whose last request got no answer (timeout, or the daemon died): busy
+    /// until a daemon that re-attached has taken the request out of the slot.
+    lost: AtomicU64,
     /// Slot index of each registered position.
     slots: [AtomicU32; POOL],
 }
@@ -97,7 +101,7 @@ struct Conn {
 struct State {
     /// Connections made, published in order: `conns[..count]` are initialised.
     count: AtomicUsize,
-    /// Held while connecting (a try-lock: others fall back meanwhile).
+    /// Held while connecting or reviving a connection; others wait for the result.
     connecting: AtomicBool,
     /// When the next connection attempt may be made (monotonic ns).
     next_try: AtomicU64,
@@ -162,46 +166,109 @@ impl State {
         self.conns().find(|c| addr.wrapping_sub(c.base) < c.len)
     }
 
-    /// The newest live connection, connecting to `name` (at a bounded rate) if there is none.
-    fn live_conn(&self, name: &str) -> Option<&Conn> {
+    /// The newest connection, if it is alive.
+    fn newest_live(&self) -> Option<&Conn> {
         let n = self.count.load(Ordering::Acquire).min(MAX_CONNECTIONS);
-        if n > 0 {
-            let c = self.conn(n - 1);
-            if !c.dead.load(Ordering::Relaxed) {
+        let c = self.conn(n.checked_sub(1)?);
+        (!c.dead.load(Ordering::Relaxed)).then_some(c)
+    }
+
+    /// Runs `f` holding the `connecting` flag, or, if another thread holds it, waits until it
+    /// is done and returns `None`: a connection attempt takes about 100 µs, and threads that
+    /// arrive meanwhile use its result rather than fall back.
+    fn exclusively<T>(&self, f: impl FnOnce() -> Option<T>) -> Option<T> {
+        if self.connecting.swap(true, Ordering::Acquire) {
+            while self.connecting.load(Ordering::Acquire) {
+                os::yield_now();
+            }
+            return None;
+        }
+        let r = f();
+        self.connecting.store(false, Ordering::Release);
+        r
+    }
+
+    /// The newest live connection; if there is none, revives the newest or connects anew (at
+    /// most once per [`RETRY_INTERVAL`]).
+    fn live_conn(&self, name: &str) -> Option<&Conn> {
+        if let Some(c) = self.newest_live() {
+            return Some(c);
+        }
+        self.exclusively(|| {
+            // Re-checked under the flag: another thread may have connected meanwhile.
+            if let Some(c) = self.newest_live() {
                 return Some(c);
             }
-        }
-        self.connect(n, name)
+            if !self.may_try() {
+                return None;
+            }
+            let n = self.count.load(Ordering::Acquire).min(MAX_CONNECTIONS);
+            if let Some(c) = n.checked_sub(1).map(|i| self.conn(i)) {
+                if self.revive(c) {
+                    return Some(c);
+                }
+            }
+            self.try_connect(n, name).then(|| self.conn(n))
+        })
+        .or_else(|| self.newest_live())
     }
 
-    /// Makes connection number `n`, unless another thread is at it, the last attempt was too
-    /// recent, or the table is full.
-    #[cold]
-    fn connect(&self, n: usize, name: &str) -> Option<&Conn> {
-        if n >= MAX_CONNECTIONS {
-            return None;
+    /// Whether `c` may be used: its daemon lives, or (checked at most once per
+    /// [`RETRY_INTERVAL`]) a new daemon has re-attached to its segments.
+    fn usable(&self, c: &Conn) -> bool {
+        if !c.dead.load(Ordering::Relaxed) {
+            return true;
         }
+        self.exclusively(|| (self.may_try() && self.revive(c)).then_some(()))
+            .is_some()
+            || !c.dead.load(Ordering::Relaxed)
+    }
+
+    /// Takes the right to one connection attempt, at most one per [`RETRY_INTERVAL`].
+    fn may_try(&self) -> bool {
         let now = os::monotonic_ns();
-        if now < self.next_try.load(Ordering::Relaxed)
-            || self.connecting.swap(true, Ordering::Acquire)
-        {
-            return None;
-        }
-        // Re-checked under the flag: another thread may have connected meanwhile.
-        let made = if self.count.load(Ordering::Acquire) == n {
-            self.next_try
-                .store(now.saturating_add(RETRY_INTERVAL_NS), Ordering::Relaxed);
-            self.try_connect(n, name)
-        } else {
-            false
-        };
-        self.connecting.store(false, Ordering::Release);
-        let c = self.count.load(Ordering::Acquire);
-        (made || c > n).then(|| self.conn(c - 1))
+        let next = self.next_try.load(Ordering::Relaxed);
+        now >= next
+            && self
+                .next_try
+                .compare_exchange(
+                    next,
+                    now.saturating_add(RETRY_INTERVAL_NS),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
-    /// Connects to `XALLOC_NAME` if set, else to `name`.
+    /// Brings dead connection `c` back if a new daemon has re-attached to its segments: its
+    /// slots (which that daemon registered again) and blocks are this process's as before.
+    fn revive(&self, c: &Conn) -> bool {
+        if !c.conn.daemon_alive() {
+            return false;
+        }
+        // Positions whose request the new daemon has taken out of the slot are free again.
+        let lost = c.lost.load(Ordering::Relaxed);
+        for pos in (0..POOL).filter(|p| lost & (1 << p) != 0) {
+            let idle = c
+                .conn
+                .request_slot(c.slots[pos].load(Ordering::Relaxed))
+                .is_some_and(|s| s.state.load(Ordering::Acquire) == wire::IDLE);
+            if idle {
+                c.lost.fetch_and(!(1 << pos), Ordering::Relaxed);
+                c.busy.fetch_and(!(1 << pos), Ordering::Release);
+            }
+        }
+        c.dead.store(false, Ordering::Relaxed);
+        true
+    }
+
+    /// Makes connection number `n` to `XALLOC_NAME` if set, else to `name`. The caller holds
+    /// `connecting`, and `count == n`.
+    #[cold]
     fn try_connect(&self, n: usize, name: &str) -> bool {
+        if n >= MAX_CONNECTIONS {
+            return false;
+        }
         let mut buf = [0u8; 256];
         let name = env_str(c"XALLOC_NAME", &mut buf).unwrap_or(name);
         let Ok(conn) = Connection::connect(name) else {
@@ -219,6 +286,7 @@ impl State {
                 dead: AtomicBool::new(false),
                 registered: AtomicU64::new(0),
                 busy: AtomicU64::new(0),
+                lost: AtomicU64::new(0),
                 slots: [const { AtomicU32::new(0) }; POOL],
             });
         }
@@ -239,6 +307,7 @@ impl State {
         for c in self.conns() {
             c.registered.store(0, Ordering::Relaxed);
             c.busy.store(0, Ordering::Relaxed);
+            c.lost.store(0, Ordering::Relaxed);
             // SAFETY: runs in the child right after fork, which has one thread.
             if unsafe { c.conn.privatize_arena_after_fork() }.is_err() {
                 // Left shared, the child could change the parent's data: stop using it.
@@ -257,8 +326,9 @@ impl State {
         let pos = Self::take_position(c)?;
         let r = f(c.slots[pos].load(Ordering::Relaxed));
         if matches!(r, Err(RequestError::Timeout | RequestError::DaemonGone)) {
-            // The request may still be in flight: the position stays busy for good, and the
-            // daemon is not asked anything more.
+            // The request may still be in the slot: the position stays busy until a daemon
+            // has taken it out, and this daemon is not asked anything more.
+            c.lost.fetch_or(1 << pos, Ordering::Relaxed);
             c.dead.store(true, Ordering::Relaxed);
         } else {
             c.busy.fetch_and(!(1 << pos), Ordering::Release);
@@ -326,7 +396,7 @@ impl State {
     /// Frees arena block `ptr` of `size` bytes in `c`. A block the daemon does not count as
     /// this process's (inherited through fork) and a dead daemon's blocks are left alone.
     fn arena_free(&self, c: &Conn, ptr: *mut u8, size: usize) {
-        if c.dead.load(Ordering::Relaxed) {
+        if !self.usable(c) {
             return;
         }
         let offset = (ptr.addr() - c.base) as u64;
@@ -339,7 +409,7 @@ impl State {
 
     /// Resizes arena block `ptr` (of `old` bytes) in place to `new_size`; whether it did.
     fn arena_resize(&self, c: &Conn, ptr: *mut u8, old: usize, new_size: usize) -> bool {
-        if c.dead.load(Ordering::Relaxed) {
+        if !self.usable(c) {
             return false;
         }
         let offset = (ptr.addr() - c.base) as u64;
