@@ -8,6 +8,10 @@
 //!     exits 0, or prints what went wrong and exits 1.
 //! xalloc-test-client hold NAME COUNT SIZE
 //!     Allocates COUNT blocks of SIZE bytes, prints `held OFFSET...`, and sleeps until killed.
+//! xalloc-test-client hold-then-free NAME COUNT SIZE
+//!     Like `hold`, then waits for a line on stdin, checks that its blocks still hold its
+//!     pattern, frees them (through the same slot and connection, whatever happened to the
+//!     daemon meanwhile), prints `freed COUNT` and exits 0.
 //! xalloc-test-client die-at PHASE NAME
 //!     Kills itself with SIGKILL at PHASE: `claimed` (a slot claimed, before its Hello) or
 //!     `submitted` (a request for 1 MiB submitted, before waiting for the answer), after
@@ -151,6 +155,36 @@ fn fill_up(name: &str, size: u64) -> Result<(), String> {
     Ok(())
 }
 
+fn hold_then_free(name: &str, count: u64, size: u64) -> Result<(), String> {
+    let conn = Connection::connect(name).map_err(|e| e.to_string())?;
+    let mut slot = conn.claim().map_err(|e| format!("claim: {e}"))?;
+    let mut blocks = Vec::new();
+    let mut line = String::from("held");
+    for _ in 0..count {
+        let b = slot
+            .allocate(size, 4096, false)
+            .map_err(|e| format!("allocate: {e}"))?;
+        fill(&b, 1);
+        line.push_str(&format!(" {}", b.offset));
+        blocks.push(b);
+    }
+    println!("{line}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut go = String::new();
+    std::io::stdin()
+        .read_line(&mut go)
+        .map_err(|e| e.to_string())?;
+    for b in &blocks {
+        if !verify(b, 1) {
+            return Err(format!("block at {} was overwritten", b.offset));
+        }
+        slot.free(b.offset)
+            .map_err(|e| format!("free of the block at {}: {e}", b.offset))?;
+    }
+    println!("freed {}", blocks.len());
+    Ok(())
+}
+
 fn die_at(phase: &str, name: &str) -> Result<(), String> {
     let conn = Connection::connect(name).map_err(|e| e.to_string())?;
     let mut slot = conn.claim().map_err(|e| format!("claim: {e}"))?;
@@ -196,6 +230,10 @@ fn main() -> ExitCode {
         (Some("fill"), Some(name)) => match num(2) {
             Some(size) => fill_up(name, size),
             None => Err("usage: fill NAME SIZE".into()),
+        },
+        (Some("hold-then-free"), Some(name)) => match (num(2), num(3)) {
+            (Some(c), Some(s)) => hold_then_free(name, c, s),
+            _ => Err("usage: hold-then-free NAME COUNT SIZE".into()),
         },
         (Some("hold"), Some(name)) => match (num(2), num(3)) {
             (Some(c), Some(s)) => hold(name, c, s),
