@@ -4,10 +4,11 @@
 #   scripts/test.sh
 #
 # Needs: stable Rust with clippy and rustfmt, the thumbv7em-none-eabihf target, nightly with
-# miri, and rsyslog (`.ci/run` installs all of them). The multi-process tests start daemons
-# with their own instance names and remove everything they create. With CI=true (as root), it
-# also runs scripts/setup-rsyslog.sh against the system's rsyslog and checks that a daemon's
-# lines reach /var/log/xalloc.log.
+# miri, cargo-fuzz, and rsyslog (`.ci/run` installs all of them). Some multi-process tests need
+# root (other users, a private mount namespace); under CI they fail rather than skip without
+# it. Every test daemon has its own instance name, and everything it creates is removed. With
+# CI=true (as root), it also runs scripts/setup-rsyslog.sh against the system's rsyslog and
+# checks that a daemon's lines reach /var/log/xalloc.log.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -49,12 +50,25 @@ MIRIFLAGS="-Zmiri-strict-provenance -Zmiri-tree-borrows" step "miri (tree borrow
 # not evict the normal one.
 RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=target/loom step "loom" \
     cargo test -p xalloc-core --test loom_wire --release
+# The fuzz targets (fuzz/, nightly, cargo-fuzz): every input of the committed corpus once, then
+# a short run of each; new inputs go to a scratch directory, not into the repository.
+fuzz_scratch="$(mktemp -d)"
+for target in core_heap daemon_requests; do
+    mkdir -p "$fuzz_scratch/$target"
+    step "fuzz $target (corpus replay)" \
+        cargo +nightly fuzz run --fuzz-dir fuzz "$target" "fuzz/corpus/$target" -- -runs=0
+    step "fuzz $target (20 s)" \
+        cargo +nightly fuzz run --fuzz-dir fuzz "$target" "$fuzz_scratch/$target" \
+        "fuzz/corpus/$target" -- -max_total_time=20
+done
+rm -rf "$fuzz_scratch"
 if [[ "${CI:-}" == "true" ]]; then
     step "rsyslog set-up (CI only: changes /etc/rsyslog.d)" bash scripts/check-rsyslog-setup.sh
 fi
 step "bench smoke" bash scripts/bench.sh --quick
 step "bench smoke (region over seeds)" bash scripts/bench.sh --quick --region-seeds 2
 step "bench smoke (daemon round trip)" bash scripts/bench-roundtrip.sh --quick
+step "bench smoke (large-block churn)" bash scripts/bench-churn.sh --quick
 
 step_name=""
 echo
