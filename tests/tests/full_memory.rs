@@ -22,8 +22,9 @@ fn a_full_dev_shm_gives_out_of_memory_never_sigbus() {
         eprintln!("SKIPPED: not root (needed for a private mount namespace)");
         return;
     }
-    let name = unique_name("full");
-    let dir = temp_dir(&name);
+    // The segments live in the namespace's tmpfs; the guard removes the directory.
+    let guard = Cleanup::new("full");
+    let (name, dir) = (&guard.name, &guard.dir);
     let log = dir.join("xallocd.log");
     // Everything runs inside the namespace; the daemon is stopped there, and the tmpfs (with
     // the segments) disappears with the namespace's last process.
@@ -49,7 +50,6 @@ XALLOC_NAME={name} "{global}" work 2 300
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success(),
         "in the namespace: {stdout}\n{stderr}\nlog:\n{log_text}"

@@ -136,20 +136,18 @@ fn a_killed_daemon_does_not_block_a_restart() {
 
 #[test]
 fn squatted_segments_make_start_fail_with_a_clear_message() {
-    let name = unique_name("squat");
-    let dir = temp_dir(&name);
+    let guard = Cleanup::new("squat");
+    let (name, dir) = (&guard.name, &guard.dir);
     let squat = format!("/dev/shm/{name}.response");
     std::fs::write(&squat, vec![0x5a; 8192]).unwrap();
     let out = Command::new(XALLOCD)
-        .args(["start", "--name", &name, "--arena-size", "1M"])
+        .args(["start", "--name", name, "--arena-size", "1M"])
         .arg("--pidfile")
         .arg(dir.join("pid"))
         .arg("--syslog-socket")
         .arg(dir.join("none"))
         .output()
         .unwrap();
-    remove_segments(&name);
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&squat), "names the object: {err}");
@@ -209,8 +207,8 @@ fn status_json_has_the_contract_fields_and_sighup_logs_a_line() {
 
 #[test]
 fn foreground_reports_readiness_to_notify_socket_and_exits_on_sigterm() {
-    let name = unique_name("fg");
-    let dir = temp_dir(&name);
+    let guard = Cleanup::new("fg");
+    let (name, dir) = (&guard.name, &guard.dir);
     let sock_path = dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10)))
@@ -220,7 +218,7 @@ fn foreground_reports_readiness_to_notify_socket_and_exits_on_sigterm() {
             "start",
             "--foreground",
             "--name",
-            &name,
+            name,
             "--arena-size",
             "1M",
         ])
@@ -237,12 +235,10 @@ fn foreground_reports_readiness_to_notify_socket_and_exits_on_sigterm() {
     let n = sock.recv(&mut buf).expect("READY=1 within 10 s");
     assert_eq!(&buf[..n], b"READY=1");
     // Ready means serving: the segments exist.
-    assert_eq!(segments_left(&name).len(), 4);
+    assert_eq!(segments_left(name).len(), 4);
     // SAFETY: signalling our own child, which has not been reaped.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
-    assert!(segments_left(&name).is_empty());
-    remove_segments(&name);
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(segments_left(name).is_empty());
 }

@@ -34,8 +34,8 @@ fn recv_until(s: &UnixDatagram, needle: &str) -> String {
 
 #[test]
 fn lines_are_tagged_xalloc_with_facility_daemon_and_survive_a_server_restart() {
-    let name = unique_name("syslog");
-    let sock = std::env::temp_dir().join(format!("{name}.sock"));
+    let guard = Cleanup::new("syslog-rx");
+    let sock = guard.dir.join("log.sock");
     let rx = receiver(&sock);
     let d = TestDaemon::start(
         "syslog",
@@ -64,7 +64,6 @@ fn lines_are_tagged_xalloc_with_facility_daemon_and_survive_a_server_restart() {
     let line = recv_until(&rx, "stats:");
     assert!(line.starts_with("<30>"), "{line}");
     assert!(line.contains("heap check ok"), "{line}");
-    let _ = std::fs::remove_file(&sock);
 }
 
 /// A private rsyslogd on its own socket, with the drop-in's filter writing to `out`.
@@ -152,8 +151,8 @@ fn rsyslog_with_the_shipped_filter_gets_the_lines_before_and_after_a_restart() {
     if !rsyslogd_available() {
         return;
     }
-    let name = unique_name("rsyslog");
-    let dir: PathBuf = temp_dir(&format!("{name}-rsyslog"));
+    let guard = Cleanup::new("rsyslog");
+    let dir: PathBuf = guard.dir.clone();
     let sock = dir.join("log.sock");
     let out = dir.join("xalloc.log");
     let rs = Rsyslogd::start(&dir, &sock, &out);
@@ -182,5 +181,4 @@ fn rsyslog_with_the_shipped_filter_gets_the_lines_before_and_after_a_restart() {
     );
     rs.stop();
     drop(d);
-    let _ = std::fs::remove_dir_all(&dir);
 }

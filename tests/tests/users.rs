@@ -126,13 +126,13 @@ fn objects_squatted_by_another_user_make_start_refuse() {
     if !is_root() {
         return;
     }
-    let name = unique_name("squatother");
-    let dir = temp_dir(&name);
+    let guard = Cleanup::new("squatother");
+    let (name, dir) = (&guard.name, &guard.dir);
     let path = format!("/dev/shm/{name}.arena");
     std::fs::write(&path, b"").unwrap();
     std::os::unix::fs::chown(&path, Some(NOBODY), Some(NOBODY)).unwrap();
     let out = Command::new(XALLOCD)
-        .args(["start", "--name", &name, "--arena-size", "1M"])
+        .args(["start", "--name", name, "--arena-size", "1M"])
         .arg("--pidfile")
         .arg(dir.join("pid"))
         .arg("--syslog-socket")
@@ -140,8 +140,6 @@ fn objects_squatted_by_another_user_make_start_refuse() {
         .output()
         .unwrap();
     let still_there = std::path::Path::new(&path).exists();
-    remove_segments(&name);
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&path) && err.contains("uid 65534"), "{err}");

@@ -50,6 +50,31 @@ pub fn segments_left(name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Removes instance `name`'s segments and directory `dir` when dropped: for tests that run a
+/// daemon without [`TestDaemon`], so that a failing assertion leaves nothing behind.
+pub struct Cleanup {
+    /// Instance name.
+    pub name: String,
+    /// Private directory.
+    pub dir: PathBuf,
+}
+
+impl Cleanup {
+    /// A unique instance name for `tag`, and its private directory.
+    pub fn new(tag: &str) -> Self {
+        let name = unique_name(tag);
+        let dir = temp_dir(&name);
+        Self { name, dir }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        remove_segments(&self.name);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A daemon started for one test. Dropping it kills it (by its pidfd, so never another
 /// process) if it still runs, and removes its segments and directory.
 pub struct TestDaemon {
