@@ -32,60 +32,11 @@ if [[ -z "${XALLOCD:-}" || -z "${ROUNDTRIP:-}" ]]; then
 fi
 xallocd="${XALLOCD:-target/release/xallocd}"
 roundtrip="${ROUNDTRIP:-target/release/roundtrip}"
-name="xbench-rt-$$"
-dir="$(mktemp -d "${TMPDIR:-/tmp}/xbench-rt.XXXXXX")"
-pidfile="$dir/xallocd.pid"
-logfile="$dir/xallocd.log"
-daemon_pid=""
-
-# Whether $1 is a live (not zombie) process that is our daemon: its command line names our
-# instance, so a reused pid is never signalled.
-is_our_daemon() {
-    local pid="$1" state
-    [[ -r "/proc/$pid/stat" ]] || return 1
-    state="$(sed 's/.*) \(.\).*/\1/' "/proc/$pid/stat" 2>/dev/null)" || return 1
-    [[ "$state" != "Z" ]] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "--name $name "
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if [[ -n "$daemon_pid" ]] && is_our_daemon "$daemon_pid"; then
-        kill -TERM "$daemon_pid" 2>/dev/null || true
-        for _ in $(seq 100); do
-            is_our_daemon "$daemon_pid" || break
-            sleep 0.1
-        done
-        if is_our_daemon "$daemon_pid"; then
-            echo "bench-roundtrip: daemon $daemon_pid ignored SIGTERM; killing it" >&2
-            kill -KILL "$daemon_pid" 2>/dev/null || true
-        fi
-    fi
-    rm -f "/dev/shm/$name.request" "/dev/shm/$name.response" "/dev/shm/$name.arena"
-    if [[ $rc -ne 0 && -s "$logfile" ]]; then
-        echo "bench-roundtrip: daemon log:" >&2
-        sed 's/^/  /' "$logfile" >&2
-    fi
-    rm -rf "$dir"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# The daemon's note that no syslog answers (it logs to $logfile) is kept for failures.
-if ! out="$(taskset -c "$daemon_cpu" "$xallocd" start --name "$name" --pidfile "$pidfile" \
-    --log-file "$logfile" --syslog-socket /nonexistent --arena-size 64M 2>&1)"; then
-    echo "$out" >&2
-    echo "bench-roundtrip: xallocd start failed" >&2
-    exit 1
-fi
-daemon_pid="$(cat "$pidfile")"
-if ! [[ "$daemon_pid" =~ ^[0-9]+$ ]] || ! is_our_daemon "$daemon_pid"; then
-    echo "bench-roundtrip: no daemon behind pidfile $pidfile ($daemon_pid)" >&2
-    exit 1
-fi
+# shellcheck source=scripts/lib/bench-daemon.sh
+. scripts/lib/bench-daemon.sh
+bench_daemon_start rt "$daemon_cpu" 64M
+name="$bench_name"
+daemon_pid="$bench_daemon_pid"
 
 start=$SECONDS
 "$roundtrip" run --name "$name" --daemon-pid "$daemon_pid" \
