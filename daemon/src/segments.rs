@@ -154,67 +154,38 @@ pub struct Segments {
 pub fn clear_leftovers(names: &Names, any_layout: bool) -> Result<Vec<ShmName>, SegmentError> {
     let mut removed = Vec::new();
     for (name, kind) in names.all() {
-        let fd = match os::shm_open(name.as_cstr(), false) {
-            Ok(fd) => fd,
-            Err(Errno(libc::ENOENT)) => continue,
-            Err(Errno(libc::EACCES)) => {
+        let Some(found) = open_ours(name, false)? else {
+            continue;
+        };
+        let checked = match found.header {
+            Some(h) => h
+                .check(kind, found.len)
+                .map(|()| h)
+                .map_err(|e| e.to_string()),
+            None => Err(format!(
+                "{} bytes, too short for an xalloc segment",
+                found.len
+            )),
+        };
+        let header = match checked {
+            Ok(h) => Some(h),
+            Err(_) if any_layout => found.header,
+            Err(why) => {
                 return Err(SegmentError::Squatted {
                     name,
-                    why: "owned by another user".into(),
-                })
-            }
-            Err(errno) => {
-                return Err(SegmentError::Os {
-                    name,
-                    call: "shm_open",
-                    errno,
+                    why: format!("{why}; `xallocd start --fresh` replaces it"),
                 })
             }
         };
-        let info = os::fstat(&fd).map_err(|errno| SegmentError::Os {
-            name,
-            call: "fstat",
-            errno,
-        })?;
-        if info.uid != os::euid() {
-            return Err(SegmentError::Squatted {
-                name,
-                why: format!("owned by uid {}", info.uid),
-            });
-        }
-        let len = usize::try_from(info.len).unwrap_or(usize::MAX);
-        if len < size_of::<SegmentHeader>() && !any_layout {
-            return Err(SegmentError::Squatted {
-                name,
-                why: format!("{len} bytes, too short for an xalloc segment"),
-            });
-        }
-        let map = Mapping::new(&fd, size_of::<SegmentHeader>(), false).map_err(|errno| {
-            SegmentError::Os {
-                name,
-                call: "mmap",
-                errno,
-            }
-        })?;
-        // SAFETY: the mapping holds one header at offset 0, page-aligned.
-        let header = unsafe { SegmentHeader::load(map.as_ptr().cast()) };
-        if let Err(e) = header.check(kind, len) {
-            if !any_layout {
-                return Err(SegmentError::Squatted {
-                    name,
-                    why: format!("{e}; `xallocd start --fresh` replaces it"),
-                });
-            }
-        }
-        if os::process_alive(header.daemon_pid) && header.daemon_pid != os::pid() {
+        if let Some(pid) = header
+            .map(|h| h.daemon_pid)
+            .filter(|&p| os::process_alive(p) && p != os::pid())
+        {
             // The pidfile is free, yet the daemon that made these still runs: it was started
             // with another pidfile. Two daemons must not share a name.
             return Err(SegmentError::Squatted {
                 name,
-                why: format!(
-                    "in use by xallocd pid {} (started with another --pidfile?)",
-                    header.daemon_pid
-                ),
+                why: format!("in use by xallocd pid {pid} (started with another --pidfile?)"),
             });
         }
         os::shm_unlink(name.as_cstr()).map_err(|errno| SegmentError::Os {
@@ -225,6 +196,56 @@ pub fn clear_leftovers(names: &Names, any_layout: bool) -> Result<Vec<ShmName>, 
         removed.push(name);
     }
     Ok(removed)
+}
+
+/// An existing object of this user's, opened, and mapped whole when it can hold a header.
+struct Existing {
+    fd: Fd,
+    len: usize,
+    map: Option<Mapping>,
+    header: Option<SegmentHeader>,
+}
+
+/// Opens object `name` if it exists (`None` if not), refusing another user's.
+fn open_ours(name: ShmName, writable: bool) -> Result<Option<Existing>, SegmentError> {
+    let os_err = |call, errno| SegmentError::Os { name, call, errno };
+    let fd = match os::shm_open(name.as_cstr(), writable) {
+        Ok(fd) => fd,
+        Err(Errno(libc::ENOENT)) => return Ok(None),
+        Err(Errno(libc::EACCES)) => {
+            return Err(SegmentError::Squatted {
+                name,
+                why: "owned by another user".into(),
+            })
+        }
+        Err(errno) => return Err(os_err("shm_open", errno)),
+    };
+    let info = os::fstat(&fd).map_err(|e| os_err("fstat", e))?;
+    if info.uid != os::euid() {
+        return Err(SegmentError::Squatted {
+            name,
+            why: format!("owned by uid {}", info.uid),
+        });
+    }
+    let len = usize::try_from(info.len).unwrap_or(usize::MAX);
+    if len < size_of::<SegmentHeader>() {
+        // Too short to hold a header: mapping it and reading one would fault.
+        return Ok(Some(Existing {
+            fd,
+            len,
+            map: None,
+            header: None,
+        }));
+    }
+    let map = Mapping::new(&fd, len, writable).map_err(|e| os_err("mmap", e))?;
+    // SAFETY: the mapping holds a header at offset 0 (`len` covers it), page-aligned.
+    let header = unsafe { SegmentHeader::load(map.as_ptr().cast()) };
+    Ok(Some(Existing {
+        fd,
+        len,
+        map: Some(map),
+        header: Some(header),
+    }))
 }
 
 /// What [`reattach`] found.
@@ -245,45 +266,17 @@ pub fn reattach(names: Names, generation: u64) -> Result<Found, SegmentError> {
     let mut maps = Vec::new();
     let mut missing = 0;
     for (name, kind) in names.all() {
-        let fd = match os::shm_open(name.as_cstr(), true) {
-            Ok(fd) => fd,
-            Err(Errno(libc::ENOENT)) => {
-                missing += 1;
-                continue;
-            }
-            Err(Errno(libc::EACCES)) => {
-                return Err(SegmentError::Squatted {
-                    name,
-                    why: "owned by another user".into(),
-                })
-            }
-            Err(errno) => {
-                return Err(SegmentError::Os {
-                    name,
-                    call: "shm_open",
-                    errno,
-                })
-            }
+        let Some(found) = open_ours(name, true)? else {
+            missing += 1;
+            continue;
         };
-        let os_err = |call, errno| SegmentError::Os { name, call, errno };
-        let info = os::fstat(&fd).map_err(|e| os_err("fstat", e))?;
-        if info.uid != os::euid() {
-            return Err(SegmentError::Squatted {
-                name,
-                why: format!("owned by uid {}", info.uid),
-            });
-        }
-        let len = usize::try_from(info.len).unwrap_or(0);
-        if len < size_of::<SegmentHeader>() {
+        let (Some(map), Some(header)) = (found.map, found.header) else {
             return Ok(Found::Unusable(format!("{name} is too short")));
-        }
-        let map = Mapping::new(&fd, len, true).map_err(|e| os_err("mmap", e))?;
-        // SAFETY: the mapping holds a header at offset 0, page-aligned.
-        let header = unsafe { SegmentHeader::load(map.as_ptr().cast()) };
-        if let Err(e) = header.check(kind, len) {
+        };
+        if let Err(e) = header.check(kind, found.len) {
             return Ok(Found::Unusable(format!("{name}: {e}")));
         }
-        maps.push((kind, fd, map, header));
+        maps.push((kind, found.fd, map, header));
     }
     if missing == 4 {
         return Ok(Found::Nothing);

@@ -319,7 +319,11 @@ impl Server {
         let Ok(pidfd) = os::pidfd_open(pid) else {
             return false;
         };
-        if os::pidfd_exited(&pidfd) || watch(&self.epoll, &pidfd, pid).is_err() {
+        if os::pidfd_exited(&pidfd) {
+            return false;
+        }
+        if let Err(e) = watch(&self.epoll, &pidfd, pid) {
+            log::error!("cannot watch client {pid}: {e}; refusing it");
             return false;
         }
         self.clients.insert(
@@ -488,24 +492,12 @@ impl Server {
         {
             self.reclaim(pid);
         }
-        if !self.clients.contains_key(&pid) {
-            let Ok(pidfd) = os::pidfd_open(pid) else {
-                return answer(Status::BadSlot);
-            };
-            if let Err(e) = watch(&self.epoll, &pidfd, pid) {
-                log::error!("cannot watch client {pid}: {e}; refusing it");
-                return answer(Status::BadSlot);
-            }
+        let known = self.clients.contains_key(&pid);
+        if !self.ensure_client(pid) {
+            return answer(Status::BadSlot);
+        }
+        if !known {
             log::info!("client {pid} connected");
-            self.clients.insert(
-                pid,
-                Client {
-                    pidfd,
-                    slots: 0,
-                    blocks: 0,
-                    bytes: 0,
-                },
-            );
         }
         let old = std::mem::replace(&mut self.slot_pid[slot as usize], pid);
         if old != 0 {

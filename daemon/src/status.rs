@@ -42,7 +42,13 @@ fn read_response(names: &Names) -> Result<Seen, String> {
     let stats: &DaemonStats = unsafe { map.at(STATS_OFFSET) };
     Ok(Seen {
         header,
-        stats: stats.load(10_000),
+        stats: (0..1000).find_map(|_| {
+            let s = stats.load(100);
+            if s.is_none() {
+                std::thread::yield_now();
+            }
+            s
+        }),
     })
 }
 

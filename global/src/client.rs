@@ -305,7 +305,14 @@ impl Connection {
         // SAFETY: the response segment holds the stats block at `STATS_OFFSET` (its length was
         // checked against the header).
         let stats: &DaemonStats = unsafe { self.response.at(STATS_OFFSET) };
-        stats.load(1000)
+        // The daemon may be preempted in the middle of a write: yield to it between bursts.
+        for _ in 0..1000 {
+            if let Some(s) = stats.load(100) {
+                return Some(s);
+            }
+            os::yield_now();
+        }
+        None
     }
 
     /// The daemon's doorbell.
@@ -414,7 +421,20 @@ impl Connection {
         align: u64,
         offset: u64,
     ) -> Result<Response, RequestError> {
-        let r = self.round_trip(index, op, flags, size, align, offset)?;
+        let (Some(rq), Some(rs)) = (self.request_slot(index), self.response_slot(index)) else {
+            return Err(RequestError::SlotUnusable);
+        };
+        let cpu = os::current_cpu();
+        rq.cpu.store(cpu, Ordering::Relaxed);
+        let seq = rq.submit(op, flags, size, align, offset);
+        let bell = self.doorbell();
+        if bell.ring() {
+            os::futex_wake(&bell.rings, 1);
+        }
+        let r = self.wait(rq, rs, seq, cpu);
+        self.daemon_cpu
+            .store(rs.cpu.load(Ordering::Relaxed), Ordering::Relaxed);
+        let r = r?;
         match Status::from_u32(r.status) {
             Some(Status::Ok) => Ok(r),
             Some(s) => Err(RequestError::Refused(s)),
@@ -484,32 +504,6 @@ impl Connection {
     pub unsafe fn privatize_arena_after_fork(&self) -> Result<(), Errno> {
         // SAFETY: the caller's contract; the mapping and the descriptor are this connection's.
         unsafe { os::remap_private(&self.arena, &self.arena_fd) }
-    }
-
-    /// Sends `op` in slot `index` (owned by this process) and waits for the answer.
-    fn round_trip(
-        &self,
-        index: u32,
-        op: Op,
-        flags: u32,
-        size: u64,
-        align: u64,
-        offset: u64,
-    ) -> Result<Response, RequestError> {
-        let (Some(rq), Some(rs)) = (self.request_slot(index), self.response_slot(index)) else {
-            return Err(RequestError::SlotUnusable);
-        };
-        let cpu = os::current_cpu();
-        rq.cpu.store(cpu, Ordering::Relaxed);
-        let seq = rq.submit(op, flags, size, align, offset);
-        let bell = self.doorbell();
-        if bell.ring() {
-            os::futex_wake(&bell.rings, 1);
-        }
-        let r = self.wait(rq, rs, seq, cpu);
-        self.daemon_cpu
-            .store(rs.cpu.load(Ordering::Relaxed), Ordering::Relaxed);
-        r
     }
 
     /// Waits for the answer to request `seq`, submitted from CPU `cpu`: spins briefly when

@@ -19,17 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use xalloc_global::client::Connection;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
+use xalloc_tests::{pattern_byte, Rng};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
@@ -76,7 +66,7 @@ fn clients_killed_at_random_moments_are_always_reclaimed() {
     let mut waits = Vec::new();
     let mut kinds = [0usize; 3];
     for round in 0..kills {
-        let kind = (rng.next() % 10) as usize;
+        let kind = (rng.next_u64() % 10) as usize;
         let killed = match kind {
             // Killed by us after a random delay while it churns.
             0..=7 => {
@@ -88,7 +78,7 @@ fn clients_killed_at_random_moments_are_always_reclaimed() {
                         .spawn()
                         .unwrap(),
                 );
-                std::thread::sleep(Duration::from_micros(1000 + rng.next() % 30_000));
+                std::thread::sleep(Duration::from_micros(1000 + rng.next_u64() % 30_000));
                 v.0.kill().unwrap();
                 let t = Instant::now();
                 v.0.wait().unwrap();
@@ -156,7 +146,6 @@ fn clients_killed_at_random_moments_are_always_reclaimed() {
     assert!(d.stats_line().contains("heap check ok"));
     assert!(d.alive());
     // The survivors' data is intact: no victim's block ever overlapped theirs.
-    let pattern = |i: u64| ((31u64 + i * 7) >> 3) as u8;
     for &off in &held_offsets {
         // `hold` writes the first byte of each page and the last byte of the whole block,
         // which is 25 pages long.
@@ -165,7 +154,7 @@ fn clients_killed_at_random_moments_are_always_reclaimed() {
             let b = unsafe { conn.arena_base().add((off + i) as usize).read_volatile() };
             assert_eq!(
                 b,
-                pattern(i),
+                pattern_byte(1, i as usize),
                 "survivor's block at {off} changed at byte {i}"
             );
         }

@@ -13,24 +13,13 @@ use std::time::{Duration, Instant};
 
 use xalloc_global::client::Connection;
 
-fn pin(cpu: usize) -> Result<(), String> {
-    // SAFETY: an all-zero cpu_set_t is an empty set; CPU_SET writes inside it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `cpu` is below CPU_SETSIZE (checked by the caller through online CPUs).
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: `set` is a valid set of the size passed; 0 means this thread.
-    if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) } != 0 {
-        return Err(format!(
-            "cannot pin to CPU {cpu}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
-}
+#[path = "../pinning.rs"]
+mod pinning;
+use pinning::*;
 
 /// One client: allocate + free of 1 MiB until `seconds` pass; prints the number of pairs.
 fn worker(name: &str, cpu: usize, seconds: f64) -> Result<(), String> {
-    pin(cpu)?;
+    pin_to(cpu)?;
     let conn = Connection::connect(name).map_err(|e| e.to_string())?;
     let mut slot = conn.claim().map_err(|e| e.to_string())?;
     let end = Instant::now() + Duration::from_secs_f64(seconds);

@@ -26,6 +26,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use xalloc_global::XallocGlobal;
+use xalloc_tests::Rng;
 
 /// `XallocGlobal`, counting how often it is entered while already inside it on this thread.
 struct NestingCounter(XallocGlobal);
@@ -76,21 +77,9 @@ unsafe impl GlobalAlloc for NestingCounter {
 #[global_allocator]
 static A: NestingCounter = NestingCounter(XallocGlobal::new().with_threshold(4096));
 
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut r = Rng(seed | 1);
-    (0..len).map(|_| r.next() as u8).collect()
+    (0..len).map(|_| r.next_u64() as u8).collect()
 }
 
 fn check(what: &str, seed: u64, v: &[u8]) -> Result<(), String> {
@@ -111,7 +100,7 @@ fn worker(t: u64, millis: u64, tx: mpsc::Sender<Vec<u64>>) -> Result<u64, String
     let mut tree: BTreeMap<u64, String> = BTreeMap::new();
     let mut ops = 0u64;
     while Instant::now() < deadline {
-        let k = rng.next();
+        let k = rng.next_u64();
         // Sizes from a few bytes to 512 KiB: both sides of the 4 KiB threshold.
         let len = match k % 4 {
             0 => (k >> 8) as usize % 256,

@@ -26,23 +26,8 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use xalloc_global::client::{Block, Connection};
-
-/// xorshift64*: a small deterministic generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
-fn pattern(tag: u64, i: usize) -> u8 {
-    (tag.wrapping_mul(31).wrapping_add(i as u64 * 7) >> 3) as u8
-}
+use xalloc_global::client::{Block, Connection, Slot};
+use xalloc_tests::{pattern_byte as pattern, Rng};
 
 /// Writes the pattern of `tag` at the first and last byte of each page of `b`, and its tag.
 fn fill(b: &Block, tag: u64) {
@@ -77,9 +62,9 @@ fn churn(name: &str, threads: u64, millis: u64, seed: u64) -> Result<u64, String
                     let mut held: Vec<(Block, u64)> = Vec::new();
                     let mut ops = 0u64;
                     while Instant::now() < deadline {
-                        let r = rng.next();
+                        let r = rng.next_u64();
                         if held.len() < 8 && (!r.is_multiple_of(3) || held.is_empty()) {
-                            let size = 4096 + (rng.next() % (1 << 20));
+                            let size = 4096 + (rng.next_u64() % (1 << 20));
                             let b = slot
                                 .allocate(size, 4096, r.is_multiple_of(5))
                                 .map_err(|e| format!("allocate {size}: {e}"))?;
@@ -117,9 +102,10 @@ fn churn(name: &str, threads: u64, millis: u64, seed: u64) -> Result<u64, String
     })
 }
 
-fn hold(name: &str, count: u64, size: u64) -> Result<(), String> {
-    let conn = Connection::connect(name).map_err(|e| e.to_string())?;
-    let mut slot = conn.claim().map_err(|e| format!("claim: {e}"))?;
+/// Allocates `count` blocks of `size` bytes filled with the pattern of tag 1, and prints
+/// `held OFFSET...`.
+fn allocate_held(slot: &mut Slot<'_>, count: u64, size: u64) -> Result<Vec<Block>, String> {
+    let mut blocks = Vec::new();
     let mut line = String::from("held");
     for _ in 0..count {
         let b = slot
@@ -127,9 +113,17 @@ fn hold(name: &str, count: u64, size: u64) -> Result<(), String> {
             .map_err(|e| format!("allocate: {e}"))?;
         fill(&b, 1);
         line.push_str(&format!(" {}", b.offset));
+        blocks.push(b);
     }
     println!("{line}");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
+    Ok(blocks)
+}
+
+fn hold(name: &str, count: u64, size: u64) -> Result<(), String> {
+    let conn = Connection::connect(name).map_err(|e| e.to_string())?;
+    let mut slot = conn.claim().map_err(|e| format!("claim: {e}"))?;
+    allocate_held(&mut slot, count, size)?;
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
@@ -158,18 +152,7 @@ fn fill_up(name: &str, size: u64) -> Result<(), String> {
 fn hold_then_free(name: &str, count: u64, size: u64) -> Result<(), String> {
     let conn = Connection::connect(name).map_err(|e| e.to_string())?;
     let mut slot = conn.claim().map_err(|e| format!("claim: {e}"))?;
-    let mut blocks = Vec::new();
-    let mut line = String::from("held");
-    for _ in 0..count {
-        let b = slot
-            .allocate(size, 4096, false)
-            .map_err(|e| format!("allocate: {e}"))?;
-        fill(&b, 1);
-        line.push_str(&format!(" {}", b.offset));
-        blocks.push(b);
-    }
-    println!("{line}");
-    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let blocks = allocate_held(&mut slot, count, size)?;
     let mut go = String::new();
     std::io::stdin()
         .read_line(&mut go)
