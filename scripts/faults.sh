@@ -13,7 +13,7 @@ client_kills="${1:-1000}"
 daemon_kills="${2:-200}"
 export XALLOC_FAULT_KILLS="$client_kills" XALLOC_DAEMON_KILLS="$daemon_kills"
 cargo test --release -p xalloc-tests --test faults --test daemon_crash --test full_memory \
-    -- --nocapture --test-threads 1 2>&1 | tee /dev/stderr | grep -E '^(FAULTS|DAEMON_CRASH)' || {
+    -- --nocapture --test-threads 1 2>&1 | tee /dev/stderr | grep -oE '(FAULTS|DAEMON_CRASH) .*' || {
     echo "faults.sh: a fault test failed" >&2
     exit 1
 }
