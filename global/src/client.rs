@@ -13,7 +13,9 @@
 //!
 //! Nothing on the request path allocates, formats or takes a lock. A request waits at most
 //! [`ANSWER_TIMEOUT`]; after a timeout the slot is abandoned (never reused, since the daemon may
-//! still answer it), and the daemon reclaims it when the process exits.
+//! still answer it), and the daemon reclaims it when the process exits. If the daemon dies, a
+//! request waits up to [`RESTART_GRACE`] for a new daemon to re-attach to the segments (which
+//! then answers it) before it fails with [`RequestError::DaemonGone`].
 
 use core::fmt;
 use core::ptr::NonNull;
@@ -29,6 +31,9 @@ use xalloc_core::wire::{
 
 /// How long a request waits for its answer before the client gives up on the daemon.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a request waits for a new daemon to re-attach after its daemon died.
+pub const RESTART_GRACE: Duration = Duration::from_millis(500);
 
 /// How long a waiter spins (when more than one CPU is online) before it sleeps on the futex.
 const SPIN_BUDGET: Duration = Duration::from_micros(20);
@@ -518,6 +523,7 @@ impl Connection {
         cpu: u32,
     ) -> Result<Response, RequestError> {
         let start = Instant::now();
+        let mut dead_since: Option<Instant> = None;
         if self.spin {
             let per_yield = if self.daemon_cpu.load(Ordering::Relaxed) == cpu {
                 1
@@ -558,8 +564,15 @@ impl Connection {
                 return Ok(r);
             }
             if woke == Wake::TimedOut {
-                if !self.daemon_alive() {
-                    return Err(RequestError::DaemonGone);
+                if self.daemon_alive() {
+                    dead_since = None;
+                } else {
+                    // A daemon restarted by its supervisor re-attaches within milliseconds and
+                    // answers the requests waiting in the slots: give it a moment.
+                    let since = *dead_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > RESTART_GRACE {
+                        return Err(RequestError::DaemonGone);
+                    }
                 }
                 if start.elapsed() > ANSWER_TIMEOUT {
                     return Err(RequestError::Timeout);
