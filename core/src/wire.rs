@@ -700,6 +700,15 @@ impl DaemonStats {
             .store((seq.wrapping_add(1) | 1).wrapping_add(1), Ordering::Release);
     }
 
+    /// Reader side, as a hint: `free_bytes` and `arena_bytes` read without the sequence lock
+    /// (each value is one the daemon wrote, the pair may straddle two writes).
+    pub fn free_and_arena_bytes(&self) -> (u64, u64) {
+        (
+            self.fields[4].load(Ordering::Relaxed),
+            self.fields[2].load(Ordering::Relaxed),
+        )
+    }
+
     /// Reader side: one consistent snapshot, or `None` if the daemon was writing on each of
     /// `tries` attempts.
     pub fn load(&self, tries: u32) -> Option<StatsSnapshot> {

@@ -320,6 +320,16 @@ impl Connection {
         None
     }
 
+    /// Whether the daemon's arena is low on free room (under an eighth free): a hint, read
+    /// without the statistics' sequence lock, for clients that keep freed blocks to give them
+    /// back.
+    pub fn arena_is_low(&self) -> bool {
+        // SAFETY: as in `stats`.
+        let stats: &DaemonStats = unsafe { self.response.at(STATS_OFFSET) };
+        let (free, arena) = stats.free_and_arena_bytes();
+        free < arena / 8
+    }
+
     /// The daemon's doorbell.
     pub fn doorbell(&self) -> &Doorbell {
         // SAFETY: checked length; 64-aligned offset.

@@ -40,8 +40,9 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering
 use std::alloc::System;
 
 use xalloc_core::os;
-use xalloc_core::wire;
+use xalloc_core::wire::{self, Status};
 
+use crate::cache::{Cache, DEFAULT_CACHE_BYTES};
 use crate::client::{Connection, RequestError};
 
 /// The default threshold: requests of at least this many bytes go to the daemon.
@@ -76,10 +77,17 @@ pub struct Counters {
     pub arena_blocks: u64,
     /// Connections made to a daemon.
     pub connections: u64,
+    /// Bytes of freed arena blocks kept for reuse (counted in `arena_bytes` too: the daemon
+    /// still counts them as this process's).
+    pub cached_bytes: u64,
+    /// Large allocations served from the cache, without a round trip.
+    pub cache_hits: u64,
 }
 
 /// One connection: the mapped segments and this process's slots in them.
 struct Conn {
+    /// Its position in `State::conns`.
+    index: usize,
     conn: Connection,
     base: usize,
     len: usize,
@@ -110,6 +118,11 @@ struct State {
     fallbacks: AtomicU64,
     arena_bytes: AtomicU64,
     arena_blocks: AtomicU64,
+    cache_hits: AtomicU64,
+    /// Freed blocks kept for reuse.
+    cache: Cache,
+    /// The cache's bound in bytes (`XALLOC_CACHE`), plus one; 0 until first read.
+    cache_cap: AtomicU64,
 }
 
 // SAFETY: every field shared between threads is an atomic, except `conns`, whose entry `i` is
@@ -127,6 +140,9 @@ static STATE: State = State {
     fallbacks: AtomicU64::new(0),
     arena_bytes: AtomicU64::new(0),
     arena_blocks: AtomicU64::new(0),
+    cache_hits: AtomicU64::new(0),
+    cache: Cache::new(),
+    cache_cap: AtomicU64::new(0),
 };
 
 /// Whether `ptr` points into a daemon's shared arena (a block `XallocGlobal` forwarded).
@@ -142,6 +158,8 @@ pub fn counters() -> Counters {
         arena_bytes: STATE.arena_bytes.load(Ordering::Relaxed),
         arena_blocks: STATE.arena_blocks.load(Ordering::Relaxed),
         connections: STATE.count.load(Ordering::Relaxed) as u64,
+        cached_bytes: STATE.cache.bytes(),
+        cache_hits: STATE.cache_hits.load(Ordering::Relaxed),
     }
 }
 
@@ -280,6 +298,7 @@ impl State {
         // `connecting`, writes it; readers see it only after `count` is raised below.
         unsafe {
             (*self.conns[n].get()).write(Conn {
+                index: n,
                 conn,
                 base,
                 len,
@@ -304,6 +323,10 @@ impl State {
     fn forget_parent(&self) {
         self.arena_bytes.store(0, Ordering::Relaxed);
         self.arena_blocks.store(0, Ordering::Relaxed);
+        // Every block cached or held now is the parent's: the child gives nothing to its cache
+        // (a free of an inherited block must reach the daemon, which refuses it).
+        self.cache.clear();
+        self.cache_cap.store(1, Ordering::Relaxed);
         for c in self.conns() {
             c.registered.store(0, Ordering::Relaxed);
             c.busy.store(0, Ordering::Relaxed);
@@ -375,17 +398,65 @@ impl State {
         }
     }
 
-    /// Allocates in the arena of daemon `name`, or `None`.
+    /// Allocates in the arena of daemon `name`, or `None`: from the cache of freed blocks if
+    /// one of this size is there, else from the daemon (after giving the cache back to it, if
+    /// the daemon has no room).
     fn arena_alloc(&self, name: &str, layout: Layout, zeroed: bool) -> Option<NonNull<u8>> {
         let c = self.live_conn(name)?;
         let (size, align) = (layout.size() as u64, layout.align() as u64);
-        let block = self
-            .with_slot(c, |i| c.conn.allocate(i, size, align, zeroed))?
-            .ok()?;
+        let granule = c.conn.granule();
+        let granules = u32::try_from(layout.size().div_ceil(granule)).ok()?;
+        if let Some(offset) = self.cache.take(c.index, granules, align, granule) {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            self.forwarded.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: the block lies inside the arena mapping and is this process's alone.
+            let p = unsafe { c.conn.arena_base().add(offset as usize) };
+            if zeroed {
+                // SAFETY: as above; the block is `granules` granules long.
+                unsafe { p.write_bytes(0, granules as usize * granule) };
+            }
+            return NonNull::new(p);
+        }
+        let mut r = self.with_slot(c, |i| c.conn.allocate(i, size, align, zeroed))?;
+        if matches!(r, Err(RequestError::Refused(Status::OutOfMemory))) && self.cache.bytes() > 0 {
+            self.give_back_cache();
+            r = self.with_slot(c, |i| c.conn.allocate(i, size, align, zeroed))?;
+        }
+        let block = r.ok()?;
         self.forwarded.fetch_add(1, Ordering::Relaxed);
         self.arena_bytes.fetch_add(block.size, Ordering::Relaxed);
         self.arena_blocks.fetch_add(1, Ordering::Relaxed);
         NonNull::new(block.as_ptr())
+    }
+
+    /// The cache's bound in bytes: `XALLOC_CACHE` if set (`0` turns the cache off), else
+    /// [`DEFAULT_CACHE_BYTES`].
+    fn cache_cap(&self) -> u64 {
+        match self.cache_cap.load(Ordering::Relaxed) {
+            0 => {
+                let cap = env_usize(c"XALLOC_CACHE").map_or(DEFAULT_CACHE_BYTES, |v| v as u64);
+                self.cache_cap
+                    .store(cap.saturating_add(1), Ordering::Relaxed);
+                cap
+            }
+            v => v - 1,
+        }
+    }
+
+    /// Frees every cached block through its daemon.
+    fn give_back_cache(&self) {
+        let drained = self.cache.drain(|i| self.conn(i).conn.granule());
+        for (i, offset, granules) in drained.into_iter().flatten() {
+            let c = self.conn(i);
+            let bytes = u64::from(granules) * c.conn.granule() as u64;
+            if c.dead.load(Ordering::Relaxed) {
+                continue;
+            }
+            if let Some(Ok(())) = self.with_slot(c, |s| c.conn.free(s, offset)) {
+                self.arena_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                self.arena_blocks.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Bytes of the arena block that holds `size` bytes.
@@ -400,6 +471,21 @@ impl State {
             return;
         }
         let offset = (ptr.addr() - c.base) as u64;
+        // Kept for the next allocation of this size, unless the daemon runs low on room; then
+        // the cache goes back too.
+        let granule = c.conn.granule();
+        if c.conn.arena_is_low() {
+            if self.cache.bytes() > 0 {
+                self.give_back_cache();
+            }
+        } else if let Ok(granules) = u32::try_from(size.div_ceil(granule)) {
+            if self
+                .cache
+                .put(c.index, offset, granules, granule, self.cache_cap())
+            {
+                return;
+            }
+        }
         if let Some(Ok(())) = self.with_slot(c, |i| c.conn.free(i, offset)) {
             self.arena_bytes
                 .fetch_sub(Self::block_bytes(c, size), Ordering::Relaxed);

@@ -70,7 +70,8 @@ fn std_work_goes_through_the_daemon_and_comes_back() {
     assert!(f["forwarded"] > 100, "{f:?}");
     assert_eq!(f["fallbacks"], 0, "{f:?}");
     assert_eq!(f["reentries"], 0, "the allocator re-entered itself: {f:?}");
-    assert!(d.stat("requests") > f["forwarded"]);
+    // Forwarded allocations were served by the daemon or by the cache of freed blocks.
+    assert!(d.stat("requests") + f["cache_hits"] > f["forwarded"]);
     assert_eq!(d.stat("errors"), 0);
     wait_all_reclaimed(&d);
     assert!(d.stats_line().contains("heap check ok"));

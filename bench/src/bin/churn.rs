@@ -587,7 +587,7 @@ fn run(cfg: &Config) -> Result<(), String> {
         rows: &rows,
         forwarded: after.forwarded - before.forwarded,
         fallbacks: after.fallbacks - before.fallbacks,
-        held_blocks: after.arena_blocks,
+        held_bytes: after.arena_bytes.saturating_sub(after.cached_bytes),
         check: &check,
         elapsed: started.elapsed(),
     };
@@ -614,8 +614,9 @@ struct Report<'a> {
     forwarded: u64,
     /// XallocGlobal allocations that went to the system allocator instead.
     fallbacks: u64,
-    /// Arena blocks still counted as held after the run (frees the daemon refused).
-    held_blocks: u64,
+    /// Arena bytes still counted as held after the run and not in the cache of freed blocks
+    /// (frees the daemon refused).
+    held_bytes: u64,
     check: &'a XallocCheck,
     elapsed: Duration,
 }
@@ -643,10 +644,10 @@ impl Report<'_> {
                 self.forwarded, self.check.asked
             ));
         }
-        if self.held_blocks > 0 {
+        if self.held_bytes > 0 {
             e.push(format!(
-                "{} arena blocks are still held after the run (frees the daemon did not take)",
-                self.held_blocks
+                "{} arena bytes are still held after the run (frees the daemon did not take)",
+                self.held_bytes
             ));
         }
         e

@@ -25,7 +25,7 @@ fn place<T>(v: &[T]) -> &'static str {
 }
 
 /// Prints what `xallocd status` says, if the binary sits beside this one (cargo puts both in
-/// target/<profile>/ when xalloc-daemon is built) or is on the PATH.
+/// `target/<profile>/` when xalloc-daemon is built) or is on the PATH.
 fn daemon_status() {
     let beside = std::env::current_exe()
         .ok()

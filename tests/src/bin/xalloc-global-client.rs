@@ -233,11 +233,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => {
             println!(
-                "ok forwarded={} fallbacks={} reentries={} arena_bytes={}",
+                "ok forwarded={} fallbacks={} reentries={} arena_bytes={} cache_hits={} \
+                 cached_bytes={}",
                 c.forwarded,
                 c.fallbacks,
                 REENTRIES.load(Ordering::Relaxed),
-                c.arena_bytes
+                c.arena_bytes,
+                c.cache_hits,
+                c.cached_bytes
             );
             ExitCode::SUCCESS
         }
