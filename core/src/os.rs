@@ -190,6 +190,22 @@ pub fn reserve(fd: &Fd, offset: u64, len: u64) -> Result<(), Errno> {
     }
 }
 
+/// Returns the pages behind bytes `[offset, offset + len)` of the object to the kernel
+/// (`fallocate` with `FALLOC_FL_PUNCH_HOLE`): they read as zeros afterwards, in every mapping,
+/// and take no memory until written again. The object keeps its size.
+pub fn punch_hole(fd: &Fd, offset: u64, len: u64) -> Result<(), Errno> {
+    let off = libc::off_t::try_from(offset).map_err(|_| Errno(libc::EFBIG))?;
+    let len = libc::off_t::try_from(len).map_err(|_| Errno(libc::EFBIG))?;
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    loop {
+        // SAFETY: plain call on an open descriptor.
+        match check(unsafe { libc::fallocate(fd.raw(), mode, off, len) }) {
+            Err(Errno(libc::EINTR)) => continue,
+            r => return r.map(drop),
+        }
+    }
+}
+
 /// A shared mapping of a whole object, unmapped on drop.
 #[derive(Debug)]
 pub struct Mapping {

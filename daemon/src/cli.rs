@@ -76,6 +76,15 @@ pub struct StartArgs {
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
 
+    /// Idle arena pages kept reserved however long they are idle (4096, 64K, 256M, 1G).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    pub retain: u64,
+
+    /// Seconds an idle 2 MiB chunk of the arena beyond --retain stays reserved before its
+    /// pages go back to the kernel (fractions allowed).
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+    pub decay: std::time::Duration,
+
     /// Discard the segments a daemon of this name left when it died, instead of re-attaching
     /// to them (by default a restarted daemon keeps the blocks its clients still hold).
     #[arg(long)]
@@ -135,6 +144,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is too large"))
 }
 
+/// Parses a non-negative number of seconds (`10`, `0.5`).
+pub fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|v| std::time::Duration::try_from_secs_f64(v).ok())
+        .ok_or_else(|| format!("`{s}` is not a number of seconds; write e.g. 10 or 0.5"))
+}
+
 /// Checks an instance name: it becomes part of file names in /dev/shm.
 pub fn parse_name(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
@@ -168,6 +186,17 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("-1M").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn seconds() {
+        assert_eq!(parse_seconds("10"), Ok(std::time::Duration::from_secs(10)));
+        assert_eq!(
+            parse_seconds("0.25"),
+            Ok(std::time::Duration::from_millis(250))
+        );
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("soon").is_err());
     }
 
     #[test]

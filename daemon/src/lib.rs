@@ -210,7 +210,7 @@ fn serve(
         }
     };
     let mut server = match Server::new(seg, mailbox, watcher.epoll) {
-        Ok(s) => s,
+        Ok(s) => s.with_retention(args.retain, args.decay),
         Err(e) => {
             names.unlink_all();
             return fail(readiness, e);

@@ -94,6 +94,14 @@ pub struct Server {
     reserved: Vec<bool>,
     dirty: Vec<bool>,
     reserved_bytes: u64,
+    /// Per chunk: used blocks that overlap it, and since when it has had none (while it is
+    /// reserved), for the decay.
+    chunk_used: Vec<u32>,
+    chunk_idle_since: Vec<Option<Instant>>,
+    /// Reserved bytes kept however long they are idle (`--retain`).
+    retain: u64,
+    /// How long a chunk beyond `retain` stays reserved while idle (`--decay`).
+    decay: Duration,
     requests: u64,
     errors: u64,
     stopping: bool,
@@ -156,6 +164,10 @@ impl Server {
             // After a restart nothing is known about which pages were handed out before.
             dirty: vec![reattached; chunks],
             reserved_bytes: 0,
+            chunk_used: vec![0; chunks],
+            chunk_idle_since: vec![None; chunks],
+            retain: u64::MAX,
+            decay: Duration::MAX,
             requests: 0,
             errors: 0,
             stopping: false,
@@ -172,6 +184,89 @@ impl Server {
         }
         s.publish_stats();
         Ok(s)
+    }
+
+    /// Keeps at most `retain` bytes of idle reserved pages: beyond that, a chunk (2 MiB) that
+    /// has held no block for `decay` goes back to the kernel (hole punching), and its pages read
+    /// as fresh zeros again. Without this, pages stay reserved once reserved.
+    pub fn with_retention(mut self, retain: u64, decay: Duration) -> Self {
+        self.retain = retain;
+        self.decay = decay;
+        self
+    }
+
+    /// The chunks that bytes `[offset, offset + len)` of the data overlap.
+    fn chunks_of(&self, offset: u64, len: u64) -> core::ops::Range<usize> {
+        let first = (offset / CHUNK) as usize;
+        let last = ((offset + len).div_ceil(CHUNK) as usize).min(self.reserved.len());
+        first..last.max(first)
+    }
+
+    /// Counts a used block of `len` bytes at `offset` in the chunks it overlaps.
+    fn chunks_hold(&mut self, offset: u64, len: u64) {
+        for c in self.chunks_of(offset, len) {
+            self.chunk_used[c] += 1;
+            self.chunk_idle_since[c] = None;
+        }
+    }
+
+    /// Uncounts a used block of `len` bytes at `offset`; chunks left without one start idling.
+    fn chunks_release(&mut self, offset: u64, len: u64) {
+        let now = Instant::now();
+        for c in self.chunks_of(offset, len) {
+            self.chunk_used[c] = self.chunk_used[c].saturating_sub(1);
+            if self.chunk_used[c] == 0 && self.reserved[c] {
+                self.chunk_idle_since[c] = Some(now);
+            }
+        }
+    }
+
+    /// Returns idle chunks beyond the retained bytes to the kernel, oldest first, once idle for
+    /// the decay time. Returns how long until the next chunk would be due, if any is waiting.
+    /// O(chunks) when more than `retain` bytes are reserved, O(1) otherwise.
+    fn decay_tick(&mut self) -> Option<Duration> {
+        if self.reserved_bytes <= self.retain {
+            return None;
+        }
+        let now = Instant::now();
+        let mut idle: Vec<(Instant, usize)> = self
+            .chunk_idle_since
+            .iter()
+            .enumerate()
+            .filter_map(|(c, t)| t.map(|t| (t, c)))
+            .collect();
+        idle.sort_unstable();
+        let mut punched = 0u64;
+        for (since, c) in idle {
+            if self.reserved_bytes <= self.retain {
+                break;
+            }
+            let age = now.saturating_duration_since(since);
+            if age < self.decay {
+                return Some(self.decay - age);
+            }
+            let start = c as u64 * CHUNK;
+            let n = CHUNK.min(self.seg.arena_bytes - start);
+            match os::punch_hole(&self.seg.arena_fd, ARENA_DATA_OFFSET as u64 + start, n) {
+                Ok(()) => {
+                    self.reserved[c] = false;
+                    self.dirty[c] = false;
+                    self.chunk_idle_since[c] = None;
+                    self.reserved_bytes -= n;
+                    punched += n;
+                }
+                Err(e) => {
+                    log::warn!("cannot return idle arena pages to the kernel: {e}");
+                    self.retain = u64::MAX;
+                    break;
+                }
+            }
+        }
+        if punched > 0 {
+            log::debug!("returned {punched} idle bytes to the kernel");
+            self.publish_stats();
+        }
+        None
     }
 
     /// The ownership record of granule `g` of the arena (`g` below the arena's granules).
@@ -229,6 +324,7 @@ impl Server {
             }
             match self.heap.allocate_at(g * GRANULE, bytes as usize) {
                 Ok(()) => {
+                    self.chunks_hold((g * GRANULE) as u64, bytes);
                     kept += 1;
                     kept_bytes += bytes;
                     if let Some(c) = self.clients.get_mut(&pid) {
@@ -295,6 +391,20 @@ impl Server {
                     c.1 += recorded;
                 }
             }
+        }
+        // The chunks' block counts agree with the record.
+        let mut used = vec![0u32; self.chunk_used.len()];
+        for g in 0..self.granules() {
+            let e = self.entry(g);
+            if e.owner.load(Ordering::Relaxed) != 0 {
+                let len = u64::from(e.granules.load(Ordering::Relaxed)) * GRANULE as u64;
+                for c in self.chunks_of((g * GRANULE) as u64, len) {
+                    used[c] += 1;
+                }
+            }
+        }
+        if used != self.chunk_used {
+            return Err("per-chunk block counts differ from the record".into());
         }
         for (pid, (blocks, bytes)) in &per_client {
             match self.clients.get(pid) {
@@ -392,13 +502,16 @@ impl Server {
                 }
                 continue;
             }
+            // Idle pages due to go back to the kernel go now; the sleep lasts until the next
+            // are due (only while more than `--retain` bytes are reserved), or a request.
+            let due = self.decay_tick();
             let bell = self.doorbell();
             let now = bell.prepare_sleep();
             // After the fence in `prepare_sleep`: a client that submitted before it is seen
             // here (the ring count moved); one that submits after it sees `sleeping` and wakes
             // us.
             if now == seen && !self.mailbox.flag.load(Ordering::Acquire) {
-                os::futex_wait(&bell.rings, seen, None);
+                os::futex_wait(&bell.rings, seen, due);
             }
             bell.woke();
             last_work = Instant::now();
@@ -539,6 +652,7 @@ impl Server {
         // Recorded before the answer is published: a crash from here on leaves the block with
         // its owner, never free while the client holds it.
         self.record(offset, size, pid);
+        self.chunks_hold(offset as u64, size);
         if let Some(c) = self.clients.get_mut(&pid) {
             c.blocks += 1;
             c.bytes += size;
@@ -573,6 +687,7 @@ impl Server {
         }
         match self.heap.deallocate_at(off) {
             Ok(size) => {
+                self.chunks_release(off as u64, size as u64);
                 if let Some(c) = self.clients.get_mut(&pid) {
                     c.blocks = c.blocks.saturating_sub(1);
                     c.bytes = c.bytes.saturating_sub(size as u64);
@@ -611,6 +726,8 @@ impl Server {
             return answer(Status::OutOfMemory);
         }
         self.record(off, size, pid);
+        self.chunks_release(off as u64, old as u64);
+        self.chunks_hold(off as u64, size);
         if let Some(c) = self.clients.get_mut(&pid) {
             c.bytes = (c.bytes + size).saturating_sub(old as u64);
         }
@@ -680,6 +797,7 @@ impl Server {
                 if self.entry(g).owner.load(Ordering::Relaxed) == pid {
                     self.record(g * GRANULE, 0, 0);
                     if let Ok(size) = self.heap.deallocate_at(g * GRANULE) {
+                        self.chunks_release((g * GRANULE) as u64, size as u64);
                         blocks += 1;
                         bytes += size as u64;
                     }

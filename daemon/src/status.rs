@@ -161,7 +161,7 @@ pub fn status(args: &StatusArgs) -> ExitCode {
             "{{\"name\":\"{name}\",\"state\":\"{state}\",\"pid\":{},\"arena_bytes\":{},\
              \"used_bytes\":{},\"free_bytes\":{},\"largest_free_bytes\":{},\"live_blocks\":{},\
              \"clients\":{},\"slots\":{},\"slots_total\":{},\"requests\":{},\"errors\":{},\
-             \"reserved_bytes\":{},\"started_unix\":{}}}",
+             \"reserved_bytes\":{},\"resident_bytes\":{},\"started_unix\":{}}}",
             s.pid,
             s.arena_bytes,
             s.used_bytes,
@@ -174,6 +174,7 @@ pub fn status(args: &StatusArgs) -> ExitCode {
             s.requests,
             s.errors,
             s.reserved_bytes,
+            s.reserved_bytes,
             s.started_unix,
         );
     } else {
@@ -185,7 +186,7 @@ pub fn status(args: &StatusArgs) -> ExitCode {
             ("used", bytes(s.used_bytes)),
             ("free", bytes(s.free_bytes)),
             ("largest free block", bytes(s.largest_free_bytes)),
-            ("reserved in /dev/shm", bytes(s.reserved_bytes)),
+            ("resident in /dev/shm", bytes(s.reserved_bytes)),
             ("live blocks", s.live_blocks.to_string()),
             ("clients", s.clients.to_string()),
             (

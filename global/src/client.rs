@@ -19,7 +19,7 @@
 
 use core::fmt;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use xalloc_core::os::{self, Errno, Fd, Mapping, ShmName, Wake};
@@ -174,6 +174,8 @@ pub struct Connection {
     spin: bool,
     /// The CPU the daemon last answered from (`u32::MAX`: not known yet).
     daemon_cpu: AtomicU32,
+    /// The arena is mapped privately (in a forked child).
+    private: AtomicBool,
 }
 
 /// Opens and maps segment `kind` of `name`, and checks its header.
@@ -266,6 +268,7 @@ impl Connection {
             daemon_pid: AtomicU32::new(rq.daemon_pid),
             spin: os::online_cpus() > 1,
             daemon_cpu: AtomicU32::new(u32::MAX),
+            private: AtomicBool::new(false),
         })
     }
 
@@ -467,7 +470,12 @@ impl Connection {
     ) -> Result<Block, RequestError> {
         let flags = if zeroed { FLAG_ZEROED } else { 0 };
         let r = self.request(index, Op::Allocate, flags, size, align, 0)?;
-        let block = self.block(r)?;
+        let mut block = self.block(r)?;
+        if self.private.load(Ordering::Relaxed) {
+            // A private (copy-on-write) view may hold this process's own old writes where the
+            // object is fresh: the daemon's word on zeroes does not hold here.
+            block.zeroed = false;
+        }
         if zeroed && !block.zeroed {
             // SAFETY: the block is ours, `size` bytes long, inside the arena mapping.
             unsafe { block.as_ptr().write_bytes(0, block.size as usize) };
@@ -518,7 +526,9 @@ impl Connection {
     /// race with it.
     pub unsafe fn privatize_arena_after_fork(&self) -> Result<(), Errno> {
         // SAFETY: the caller's contract; the mapping and the descriptor are this connection's.
-        unsafe { os::remap_private(&self.arena, &self.arena_fd) }
+        unsafe { os::remap_private(&self.arena, &self.arena_fd) }?;
+        self.private.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Waits for the answer to request `seq`, submitted from CPU `cpu`: spins briefly when

@@ -298,3 +298,35 @@ fn a_slot_claimed_by_a_process_that_died_before_hello_is_freed() {
     );
     assert!(d.log().contains("exited before registering"));
 }
+
+#[test]
+fn idle_pages_beyond_retain_go_back_to_the_kernel_and_read_as_fresh_zeros() {
+    let d = TestDaemon::start(
+        "decay",
+        &["--arena-size", "32M", "--retain", "2M", "--decay", "0.2"],
+    );
+    let conn = Connection::connect(&d.name).unwrap();
+    let mut slot = conn.claim().unwrap();
+    let size = 8u64 << 20;
+    let b = slot.allocate(size, 4096, false).unwrap();
+    assert!(b.zeroed, "fresh pages at first");
+    // SAFETY: the block is ours, `size` bytes long.
+    unsafe { b.as_ptr().write_bytes(0xab, size as usize) };
+    assert!(d.stat("resident_bytes") >= size);
+    slot.free(b.offset).unwrap();
+    // Idle for 0.2 s, then returned down to the 2 MiB retained.
+    let decayed = d.wait_for(Duration::from_secs(5), || {
+        d.stat("resident_bytes") <= 2 << 20
+    });
+    assert!(decayed.is_some(), "{:?}", d.status());
+    let b = slot.allocate(size, 4096, false).unwrap();
+    // SAFETY: as above.
+    let bytes = unsafe { std::slice::from_raw_parts(b.as_ptr(), size as usize) };
+    let punched_part = bytes.iter().filter(|&&x| x == 0).count() as u64;
+    assert!(
+        punched_part >= size - (2 << 20),
+        "pages returned to the kernel read as zeros: {punched_part} of {size}"
+    );
+    slot.free(b.offset).unwrap();
+    assert!(d.stats_line().contains("heap check ok"));
+}
