@@ -852,6 +852,18 @@ impl Server {
                 Err(e) => format!("heap check FAILED: {e}"),
             };
             log::info!("{}; {check}", self.stats_line());
+            // Who holds what (blocks a client keeps in its cache of freed blocks included: they
+            // are its own until it gives them back), largest first, at most 20 lines.
+            let mut holders: Vec<(&u32, &Client)> = self.clients.iter().collect();
+            holders.sort_by_key(|(_, c)| std::cmp::Reverse(c.bytes));
+            for (pid, c) in holders.iter().take(20) {
+                log::info!(
+                    "client {pid}: {} blocks, {} bytes, {} slots",
+                    c.blocks,
+                    c.bytes,
+                    c.slots
+                );
+            }
         }
         ev.stop
     }

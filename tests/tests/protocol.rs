@@ -253,6 +253,18 @@ fn a_killed_client_gets_its_blocks_and_slot_reclaimed() {
     assert_eq!(s["live_blocks"], "5");
     assert_eq!(s["clients"], "1");
     assert_eq!(s["slots"], "1");
+    d.stats_line();
+    let holder = format!(
+        "client {}: 5 blocks, {} bytes, 1 slots",
+        child.0.id(),
+        5 * 102_400
+    );
+    assert!(
+        d.wait_for(Duration::from_secs(5), || d.log().contains(&holder))
+            .is_some(),
+        "per-client line {holder:?}: {}",
+        d.log()
+    );
     assert!(d.stat("used_bytes") >= 5 * 100_000);
 
     let killed = Instant::now();
