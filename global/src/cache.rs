@@ -6,8 +6,10 @@
 //!   fits without waste, and its true size is always known.
 //! - Bounded in bytes (`XALLOC_CACHE`, default [`DEFAULT_CACHE_BYTES`]) and in entries
 //!   ([`ENTRIES`]); a block that does not fit goes back to the daemon.
-//! - One per process, behind a spin lock held only for a scan of [`ENTRIES`] entries (never for
-//!   a round trip); no allocation, no std lock, so the global allocator can use it.
+//! - One per process, in [`SHARDS`] shards picked by the CPU a thread runs on, so that threads
+//!   on different CPUs rarely meet; each shard is behind a spin lock held only for a scan of
+//!   its [`ENTRIES`] entries (never for a round trip). No allocation, no std lock, so the global
+//!   allocator can use it. A thread looks in its own shard first, then in the others.
 //! - The daemon still counts cached blocks as this process's: they come back when the process
 //!   exits (the daemon reclaims everything it held), when the daemon's arena runs low (the
 //!   client drains its cache), and never to another process while cached.
@@ -15,8 +17,11 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// Entries the cache holds at most.
-pub const ENTRIES: usize = 32;
+/// Entries a shard holds at most.
+pub const ENTRIES: usize = 16;
+
+/// Shards of [`Caches`].
+pub const SHARDS: usize = 4;
 
 /// Bytes the cache holds at most, unless `XALLOC_CACHE` says otherwise (`0` turns it off).
 pub const DEFAULT_CACHE_BYTES: u64 = 128 << 20;
@@ -157,6 +162,72 @@ impl Default for Cache {
     }
 }
 
+/// The process's cache: [`SHARDS`] [`Cache`]s, one per group of CPUs.
+pub struct Caches {
+    shards: [Cache; SHARDS],
+}
+
+impl Caches {
+    /// Empty.
+    pub const fn new() -> Self {
+        Self {
+            shards: [const { Cache::new() }; SHARDS],
+        }
+    }
+
+    fn home() -> usize {
+        xalloc_core::os::current_cpu() as usize % SHARDS
+    }
+
+    /// The shards, the calling thread's first.
+    fn in_order(&self) -> impl Iterator<Item = &Cache> {
+        let h = Self::home();
+        (0..SHARDS).map(move |i| &self.shards[(h + i) % SHARDS])
+    }
+
+    /// Bytes cached now, in all shards.
+    pub fn bytes(&self) -> u64 {
+        self.shards.iter().map(Cache::bytes).sum()
+    }
+
+    /// [`Cache::take`] from the calling thread's shard, else from any.
+    pub fn take(&self, conn: usize, granules: u32, align: u64, granule: usize) -> Option<u64> {
+        self.in_order()
+            .find_map(|c| c.take(conn, granules, align, granule))
+    }
+
+    /// [`Cache::put`] into the calling thread's shard, else any with a free entry, if all
+    /// shards together stay within `cap` bytes.
+    pub fn put(&self, conn: usize, offset: u64, granules: u32, granule: usize, cap: u64) -> bool {
+        let bytes = u64::from(granules) * granule as u64;
+        if self.bytes().saturating_add(bytes) > cap {
+            return false;
+        }
+        self.in_order()
+            .any(|c| c.put(conn, offset, granules, granule, u64::MAX))
+    }
+
+    /// Empties every shard, calling `f` with each block it held (connection, offset, granules).
+    pub fn drain(&self, granule_of: impl Fn(usize) -> usize, mut f: impl FnMut(usize, u64, u32)) {
+        for shard in &self.shards {
+            for (conn, offset, granules) in shard.drain(&granule_of).into_iter().flatten() {
+                f(conn, offset, granules);
+            }
+        }
+    }
+
+    /// [`Cache::clear`] on every shard.
+    pub fn clear(&self) {
+        self.shards.iter().for_each(Cache::clear);
+    }
+}
+
+impl Default for Caches {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +246,23 @@ mod tests {
         assert_eq!(c.take(0, 2, 4096, 4096), None, "taken once");
         assert_eq!(c.bytes(), 0);
         assert!(!c.put(0, 0, 300, 4096, 1 << 20), "over the byte bound");
+        let all = Caches::new();
+        assert!(all.put(0, 0, 256, 4096, 1 << 20));
+        assert!(
+            !all.put(0, 1 << 20, 1, 4096, 1 << 20),
+            "the bound holds across shards"
+        );
+        assert_eq!(all.take(0, 256, 1, 4096), Some(0));
+        for i in 0..(SHARDS * ENTRIES) as u64 {
+            assert!(
+                all.put(0, i * 4096, 1, 4096, 1 << 30),
+                "entry {i}: shards fill in turn"
+            );
+        }
+        assert!(!all.put(0, 1 << 30, 1, 4096, 1 << 30));
+        let mut n = 0;
+        all.drain(|_| 4096, |_, _, _| n += 1);
+        assert_eq!((n, all.bytes()), (SHARDS * ENTRIES, 0));
         for i in 0..ENTRIES as u64 {
             assert!(c.put(0, i * 4096, 1, 4096, 1 << 30));
         }

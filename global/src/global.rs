@@ -42,7 +42,7 @@ use std::alloc::System;
 use xalloc_core::os;
 use xalloc_core::wire::{self, Status};
 
-use crate::cache::{Cache, DEFAULT_CACHE_BYTES};
+use crate::cache::{Caches, DEFAULT_CACHE_BYTES};
 use crate::client::{Connection, RequestError};
 
 /// The default threshold: requests of at least this many bytes go to the daemon.
@@ -120,7 +120,7 @@ struct State {
     arena_blocks: AtomicU64,
     cache_hits: AtomicU64,
     /// Freed blocks kept for reuse.
-    cache: Cache,
+    cache: Caches,
     /// The cache's bound in bytes (`XALLOC_CACHE`), plus one; 0 until first read.
     cache_cap: AtomicU64,
 }
@@ -141,7 +141,7 @@ static STATE: State = State {
     arena_bytes: AtomicU64::new(0),
     arena_blocks: AtomicU64::new(0),
     cache_hits: AtomicU64::new(0),
-    cache: Cache::new(),
+    cache: Caches::new(),
     cache_cap: AtomicU64::new(0),
 };
 
@@ -445,18 +445,20 @@ impl State {
 
     /// Frees every cached block through its daemon.
     fn give_back_cache(&self) {
-        let drained = self.cache.drain(|i| self.conn(i).conn.granule());
-        for (i, offset, granules) in drained.into_iter().flatten() {
-            let c = self.conn(i);
-            let bytes = u64::from(granules) * c.conn.granule() as u64;
-            if c.dead.load(Ordering::Relaxed) {
-                continue;
-            }
-            if let Some(Ok(())) = self.with_slot(c, |s| c.conn.free(s, offset)) {
-                self.arena_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                self.arena_blocks.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
+        self.cache.drain(
+            |i| self.conn(i).conn.granule(),
+            |i, offset, granules| {
+                let c = self.conn(i);
+                let bytes = u64::from(granules) * c.conn.granule() as u64;
+                if c.dead.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Some(Ok(())) = self.with_slot(c, |s| c.conn.free(s, offset)) {
+                    self.arena_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                    self.arena_blocks.fetch_sub(1, Ordering::Relaxed);
+                }
+            },
+        );
     }
 
     /// Bytes of the arena block that holds `size` bytes.
