@@ -46,6 +46,10 @@ const MAX_ALIGN: u64 = 1 << 30;
 /// (when more than one CPU is online).
 const SPIN_BUDGET: Duration = Duration::from_micros(50);
 
+/// How often the counters in the response segment are refreshed while requests keep coming
+/// (they are refreshed as soon as none is pending).
+const STATS_INTERVAL: Duration = Duration::from_millis(1);
+
 /// Pause instructions per check of the doorbell while spinning (about 0.1 µs: a request that
 /// arrives during a batch waits for the rest of it).
 const SPIN_BATCH: u32 = 4;
@@ -109,6 +113,8 @@ pub struct Server {
     /// Reserving pages failed, and has not succeeded since (logged once per episode).
     shm_full: bool,
     spin: bool,
+    /// This process's id (for the statistics).
+    pid: u32,
     /// The CPU of the last batch of requests, and whether one of them came from a client on it.
     cpu: u32,
     client_on_my_cpu: bool,
@@ -174,6 +180,7 @@ impl Server {
             started_unix,
             shm_full: false,
             spin: os::online_cpus() > 1,
+            pid: os::pid(),
             cpu: u32::MAX,
             client_on_my_cpu: false,
             mailbox,
@@ -212,11 +219,11 @@ impl Server {
 
     /// Uncounts a used block of `len` bytes at `offset`; chunks left without one start idling.
     fn chunks_release(&mut self, offset: u64, len: u64) {
-        let now = Instant::now();
+        let mut now = None;
         for c in self.chunks_of(offset, len) {
             self.chunk_used[c] = self.chunk_used[c].saturating_sub(1);
             if self.chunk_used[c] == 0 && self.reserved[c] {
-                self.chunk_idle_since[c] = Some(now);
+                self.chunk_idle_since[c] = Some(*now.get_or_insert_with(Instant::now));
             }
         }
     }
@@ -466,6 +473,8 @@ impl Server {
     /// Serves until SIGTERM or SIGINT, then answers what is pending with `ShuttingDown`.
     pub fn run(&mut self) {
         let mut last_work = Instant::now();
+        let mut last_published = last_work;
+        let mut stats_stale = false;
         loop {
             let seen = self.doorbell().rings.load(Ordering::Acquire);
             let served = self.serve_pending();
@@ -473,9 +482,21 @@ impl Server {
                 break;
             }
             if served > 0 {
-                self.publish_stats();
+                // Under load the counters are published at most once a millisecond; they are
+                // always published before the daemon sleeps.
                 last_work = Instant::now();
+                if last_work.duration_since(last_published) > STATS_INTERVAL {
+                    self.publish_stats();
+                    last_published = last_work;
+                } else {
+                    stats_stale = true;
+                }
                 continue;
+            }
+            if stats_stale {
+                self.publish_stats();
+                last_published = Instant::now();
+                stats_stale = false;
             }
             // Nothing pending: spin on the doorbell for a while, then sleep on it. The spin
             // yields the CPU every few batches: a client on this same CPU that waits for its
@@ -894,14 +915,14 @@ impl Server {
             } else {
                 wire::STATE_RUNNING
             },
-            pid: u64::from(os::pid()),
+            pid: u64::from(self.pid),
             arena_bytes: h.region_bytes as u64,
             used_bytes: h.used_bytes as u64,
             free_bytes: h.free_bytes as u64,
             largest_free_bytes: h.largest_free_bytes as u64,
             live_blocks: h.live_blocks as u64,
             clients: self.clients.len() as u64,
-            slots: self.slot_pid.iter().filter(|&&p| p != 0).count() as u64,
+            slots: self.clients.values().map(|c| u64::from(c.slots)).sum(),
             requests: self.requests,
             errors: self.errors,
             reserved_bytes: self.reserved_bytes,
