@@ -193,6 +193,16 @@ impl SegmentHeader {
         unsafe { p.read_volatile() }
     }
 
+    /// Whether `other` describes a segment of the same daemon instance (generation, pid,
+    /// slot count, arena length, granule): the headers of one instance's segments all agree.
+    pub fn same_instance(&self, other: &Self) -> bool {
+        self.generation == other.generation
+            && self.daemon_pid == other.daemon_pid
+            && self.slot_count == other.slot_count
+            && self.arena_len == other.arena_len
+            && self.granule == other.granule
+    }
+
     /// Checks that this header describes a segment of `kind`, of this build's layout, that fits
     /// in `segment_len` bytes.
     pub fn check(&self, kind: SegmentKind, segment_len: usize) -> Result<(), LayoutError> {

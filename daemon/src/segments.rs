@@ -287,14 +287,7 @@ pub fn reattach(names: Names, generation: u64) -> Result<Found, SegmentError> {
         )));
     }
     let h0 = maps[0].3;
-    let same = |h: &SegmentHeader| {
-        h.generation == h0.generation
-            && h.daemon_pid == h0.daemon_pid
-            && h.slot_count == h0.slot_count
-            && h.arena_len == h0.arena_len
-            && h.granule == h0.granule
-    };
-    if !maps.iter().all(|(_, _, _, h)| same(h)) {
+    if !maps.iter().all(|(_, _, _, h)| h.same_instance(&h0)) {
         return Ok(Found::Unusable(
             "the objects belong to different daemons".into(),
         ));
@@ -413,25 +406,20 @@ fn create_inner(
         SegmentKind::Request,
         wire::request_segment_len(slots) as u64,
     )?;
-    // SAFETY: each mapping is at least a header long and page-aligned; the objects are new
-    // (O_EXCL), so no one else writes them yet.
-    unsafe {
-        state
-            .as_ptr()
-            .cast::<SegmentHeader>()
-            .write_volatile(header(SegmentKind::State));
-        arena
-            .as_ptr()
-            .cast::<SegmentHeader>()
-            .write_volatile(header(SegmentKind::Arena));
-        response
-            .as_ptr()
-            .cast::<SegmentHeader>()
-            .write_volatile(header(SegmentKind::Response));
-        request
-            .as_ptr()
-            .cast::<SegmentHeader>()
-            .write_volatile(header(SegmentKind::Request));
+    // The request segment's header last: clients open it first.
+    for (map, kind) in [
+        (&state, SegmentKind::State),
+        (&arena, SegmentKind::Arena),
+        (&response, SegmentKind::Response),
+        (&request, SegmentKind::Request),
+    ] {
+        // SAFETY: each mapping is at least a header long and page-aligned; the objects are
+        // new (O_EXCL), so no one else writes them yet.
+        unsafe {
+            map.as_ptr()
+                .cast::<SegmentHeader>()
+                .write_volatile(header(kind))
+        };
     }
     Ok(Segments {
         request: Arc::new(request),

@@ -244,14 +244,8 @@ impl Connection {
                 segment: SegmentKind::Arena,
             });
         }
-        let same = |h: &SegmentHeader| {
-            h.generation == rq.generation
-                && h.daemon_pid == rq.daemon_pid
-                && h.slot_count == rq.slot_count
-                && h.arena_len == rq.arena_len
-                && h.granule == rq.granule
-        };
-        if !same(&rs) || !same(&ar) || ar.arena_len as usize != arena.len() {
+        if !rq.same_instance(&rs) || !rq.same_instance(&ar) || ar.arena_len as usize != arena.len()
+        {
             return Err(ConnectError::Mismatch);
         }
         if !os::process_alive(rq.daemon_pid) {

@@ -58,9 +58,9 @@ use tikv_jemallocator::Jemalloc;
 use xalloc_global::client::Connection;
 use xalloc_global::XallocGlobal;
 
-#[path = "../pinning.rs"]
-mod pinning;
-use pinning::*;
+#[path = "../shared.rs"]
+mod shared;
+use shared::*;
 
 /// The harness allocates through dlmalloc-over-mmap, so that glibc's heap holds the glibc
 /// subject's blocks only.
@@ -125,13 +125,6 @@ impl Config {
         let warmup = self.warmup.unwrap_or((iters / 10).max(3));
         (iters, warmup)
     }
-}
-
-/// The value after `flag` as a number.
-fn number<T: std::str::FromStr>(v: Option<String>, flag: &str) -> Result<T, String> {
-    let v = v.ok_or(format!("{flag} needs a value"))?;
-    v.parse()
-        .map_err(|_| format!("{flag} needs a non-negative integer, not {v:?}"))
 }
 
 fn parse(args: impl Iterator<Item = String>) -> Result<Config, String> {

@@ -41,9 +41,9 @@ use std::time::{Duration, Instant};
 
 use xalloc_global::client::{Connection, Slot};
 
-#[path = "../pinning.rs"]
-mod pinning;
-use pinning::*;
+#[path = "../shared.rs"]
+mod shared;
+use shared::*;
 
 /// Bytes per allocation.
 const ALLOC_SIZE: u64 = 1 << 20;
@@ -83,13 +83,6 @@ struct Config {
     iters: usize,
     warmup: usize,
     idle_secs: u64,
-}
-
-/// The value after `flag` as a number.
-fn number<T: std::str::FromStr>(v: Option<String>, flag: &str) -> Result<T, String> {
-    let v = v.ok_or(format!("{flag} needs a value"))?;
-    v.parse()
-        .map_err(|_| format!("{flag} needs a non-negative integer, not {v:?}"))
 }
 
 fn parse_run(args: impl Iterator<Item = String>) -> Result<Config, String> {

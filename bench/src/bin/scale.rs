@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use xalloc_global::client::Connection;
 
-#[path = "../pinning.rs"]
-mod pinning;
-use pinning::*;
+#[path = "../shared.rs"]
+mod shared;
+use shared::*;
 
 /// One client: allocate + free of 1 MiB until `seconds` pass; prints the number of pairs.
 fn worker(name: &str, cpu: usize, seconds: f64) -> Result<(), String> {

@@ -1,6 +1,6 @@
-//! CPU placement for the benchmark programs: pinning the calling thread, and reading which CPUs
-//! a process may use. Shared by `roundtrip`, `churn` and `scale` (through `#[path]`, since each
-//! is its own binary).
+//! What the daemon benchmark programs share (through `#[path]`, since each is its own binary):
+//! CPU placement (pinning the calling thread, reading which CPUs a process may use) and flag
+//! values.
 
 #![allow(dead_code)] // Each binary uses its own subset.
 
@@ -58,4 +58,11 @@ pub fn cpus_allowed_list(pid: u32) -> Result<String, String> {
         .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
         .map(|v| v.trim().to_owned())
         .ok_or(format!("{path} has no Cpus_allowed_list"))
+}
+
+/// The value after `flag` as a number.
+pub fn number<T: std::str::FromStr>(v: Option<String>, flag: &str) -> Result<T, String> {
+    let v = v.ok_or(format!("{flag} needs a value"))?;
+    v.parse()
+        .map_err(|_| format!("{flag} needs a non-negative integer, not {v:?}"))
 }
