@@ -58,6 +58,9 @@ impl fmt::Display for Errno {
 
 impl core::error::Error for Errno {}
 
+/// The page size this crate assumes (x86-64, and arm64 with 4 KiB pages).
+const PAGE: usize = 4096;
+
 /// Turns a `-1` return into the current `errno`.
 fn check(rc: c_int) -> Result<c_int, Errno> {
     if rc == -1 {
@@ -220,31 +223,114 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Maps `len` bytes of `fd` from offset 0, shared, read-write or read-only.
+    /// Maps `len` bytes of `fd` from offset 0, shared, read-write or read-only. A mapping of
+    /// at least [`HUGE_PAGE`](crate::wire::HUGE_PAGE) bytes starts on a huge-page boundary, so
+    /// that huge pages of the object can back it (the kernel maps a huge page only where the
+    /// address and the file offset agree modulo its size).
     pub fn new(fd: &Fd, len: usize, writable: bool) -> Result<Self, Errno> {
+        const HUGE: usize = crate::wire::HUGE_PAGE;
         let prot = if writable {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
             libc::PROT_READ
         };
-        // SAFETY: a fresh mapping chosen by the kernel; it aliases nothing of ours.
-        let p = unsafe {
+        if len < HUGE {
+            // SAFETY: a fresh mapping chosen by the kernel; it aliases nothing of ours.
+            let p = unsafe {
+                libc::mmap(
+                    core::ptr::null_mut(),
+                    len,
+                    prot,
+                    libc::MAP_SHARED,
+                    fd.raw(),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(Errno::last());
+            }
+            let ptr = NonNull::new(p.cast()).ok_or(Errno(libc::ENOMEM))?;
+            return Ok(Self { ptr, len });
+        }
+        // Reserve a huge page more address space than needed, place the object on the first
+        // huge-page boundary inside it, and give back the rest.
+        let span = len.checked_add(HUGE).ok_or(Errno(libc::ENOMEM))?;
+        // SAFETY: a fresh inaccessible reservation chosen by the kernel; it aliases nothing.
+        let r = unsafe {
             libc::mmap(
                 core::ptr::null_mut(),
+                span,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        let start = r.addr().next_multiple_of(HUGE);
+        // SAFETY: `[start, start + len)` lies inside the reservation just made, which is ours
+        // alone; MAP_FIXED replaces that part of it.
+        let p = unsafe {
+            libc::mmap(
+                r.with_addr(start),
                 len,
                 prot,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | libc::MAP_FIXED,
                 fd.raw(),
                 0,
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(Errno::last());
+            let e = Errno::last();
+            // SAFETY: the reservation made above; nothing uses it.
+            unsafe { libc::munmap(r, span) };
+            return Err(e);
         }
-        Ok(Self {
-            ptr: NonNull::new(p.cast()).ok_or(Errno(libc::ENOMEM))?,
-            len,
-        })
+        let end = (start + len).next_multiple_of(PAGE);
+        // SAFETY: the unused head and tail of the reservation, outside the object's mapping;
+        // nothing uses them.
+        unsafe {
+            if start > r.addr() {
+                libc::munmap(r, start - r.addr());
+            }
+            if r.addr() + span > end {
+                libc::munmap(r.with_addr(end), r.addr() + span - end);
+            }
+        }
+        let ptr = NonNull::new(p.cast()).ok_or(Errno(libc::ENOMEM))?;
+        Ok(Self { ptr, len })
+    }
+
+    /// Asks for huge pages on bytes `[offset, offset + len)` (`MADV_HUGEPAGE`). The kernel uses
+    /// them for shared memory only where the tmpfs allows it (`/dev/shm` mounted with
+    /// `huge=advise`, `within_size` or `always`); elsewhere the advice changes nothing.
+    pub fn advise_huge_pages(&self, offset: usize, len: usize) -> Result<(), Errno> {
+        self.advise(offset, len, libc::MADV_HUGEPAGE)
+    }
+
+    /// Backs bytes `[offset, offset + len)` with memory now, as if each page were written
+    /// (`MADV_POPULATE_WRITE`), honouring huge-page advice. Where memory runs out this fails
+    /// (`EFAULT` or `ENOMEM`) instead of raising `SIGBUS` as a store would.
+    pub fn populate(&self, offset: usize, len: usize) -> Result<(), Errno> {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        self.advise(offset, len, MADV_POPULATE_WRITE)
+    }
+
+    fn advise(&self, offset: usize, len: usize, advice: libc::c_int) -> Result<(), Errno> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) || offset % PAGE != 0 {
+            return Err(Errno(libc::EINVAL));
+        }
+        loop {
+            // SAFETY: a page-aligned range inside this mapping; the advice changes no content
+            // (populating writes nothing: pages read as before).
+            let r = unsafe { libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice) };
+            match check(r) {
+                Err(Errno(libc::EINTR)) => continue,
+                r => return r.map(drop),
+            }
+        }
     }
 
     /// The first byte.

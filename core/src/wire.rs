@@ -6,12 +6,12 @@
 //!
 //! | segment | writers | layout |
 //! | --- | --- | --- |
-//! | `/NAME.request` | clients and daemon | [`SegmentHeader`], [`Doorbell`], `slot_count` × [`RequestSlot`] |
+//! | `/NAME.request` | clients and daemon | [`SegmentHeader`], [`Doorbell`], `slot_count` × [`RequestSlot`], `slot_count` × [`Ledger`] |
 //! | `/NAME.response` | daemon only (clients map it read-only) | [`SegmentHeader`], [`DaemonStats`], `slot_count` × [`ResponseSlot`] |
 //! | `/NAME.arena` | clients (their blocks) | [`SegmentHeader`] in the first [`ARENA_DATA_OFFSET`] bytes, then the data |
 //!
-//! Every part is 64-byte aligned and 64 bytes long, so two slots never share a cache line. The
-//! daemon writes each header before the segment is announced; everyone who attaches checks it
+//! Every part is 64-byte aligned and a multiple of 64 bytes long, so two slots never share a
+//! cache line. The daemon writes each header before the segment is announced; everyone who attaches checks it
 //! with [`SegmentHeader::check`]. The daemon never trusts the request segment's header after
 //! creation, since clients can write it.
 //!
@@ -43,7 +43,7 @@
 use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// Version of this layout. Bumped on any incompatible change.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Magic numbers at the start of each segment (ASCII `XALLOC` and a kind letter).
 pub const MAGIC: [u64; 4] = [
@@ -53,8 +53,21 @@ pub const MAGIC: [u64; 4] = [
     u64::from_le_bytes(*b"XALLOCS\x01"),
 ];
 
-/// Where the arena's data starts: its header takes the first page.
-pub const ARENA_DATA_OFFSET: usize = 4096;
+/// A huge page (PMD size on x86-64 and arm64 with 4 KiB pages).
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// Where the arena's data starts. The header takes the first page; the rest of the first huge
+/// page is never touched (a hole in the object, no memory), so that data offsets are
+/// huge-page-aligned in the file as well as in every mapping, which the kernel needs before it
+/// backs shared memory with huge pages.
+pub const ARENA_DATA_OFFSET: usize = HUGE_PAGE;
+
+/// The part of the arena segment before the data that is ever written: its header page.
+pub const ARENA_HEADER_LEN: usize = 4096;
+
+/// [`SegmentHeader::flags`] bit: the daemon asked for huge pages on the arena
+/// (`xallocd start --huge-pages`); clients advise their mapping the same way.
+pub const HEADER_FLAG_HUGE_PAGES: u32 = 1;
 
 /// Which segment a header describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,8 +128,8 @@ pub struct SegmentHeader {
     pub generation: u64,
     /// The daemon's process id.
     pub daemon_pid: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// `HEADER_FLAG_*` bits: how the daemon set the instance up (0 unless it says otherwise).
+    pub flags: u32,
 }
 
 /// Why a segment cannot be used.
@@ -179,8 +192,14 @@ impl SegmentHeader {
             arena_len,
             generation,
             daemon_pid,
-            reserved: 0,
+            flags: 0,
         }
+    }
+
+    /// The same header with [`flags`](Self::flags) set to `flags`.
+    pub const fn with_flags(mut self, flags: u32) -> Self {
+        self.flags = flags;
+        self
     }
 
     /// Reads a header from shared memory that other processes may be writing.
@@ -212,16 +231,17 @@ impl SegmentHeader {
         if self.version != VERSION {
             return Err(LayoutError::BadVersion(self.version));
         }
-        if *self
-            != Self::new(
-                kind,
-                self.slot_count,
-                self.granule,
-                self.arena_len,
-                self.generation,
-                self.daemon_pid,
-            )
-        {
+        let expected = Self::new(
+            kind,
+            self.slot_count,
+            self.granule,
+            self.arena_len,
+            self.generation,
+            self.daemon_pid,
+        );
+        let data_too_short =
+            kind == SegmentKind::Arena && self.arena_len <= ARENA_DATA_OFFSET as u64;
+        if *self != expected.with_flags(self.flags) || data_too_short {
             return Err(LayoutError::BadSizes);
         }
         let needed = match kind {
@@ -252,6 +272,10 @@ pub struct Doorbell {
     /// One more than the highest slot index ever claimed: the daemon scans slots below it only.
     /// Raised by a client ([`Doorbell::note_claim`]) before its first request in a slot.
     pub slots_hi: AtomicU32,
+    /// Set by a client after it has released blocks into its [`Ledger`] (see
+    /// [`Doorbell::ring_sweep`]); the daemon clears it and sweeps the ledgers whose `pending` is
+    /// set.
+    pub sweep: AtomicU32,
 }
 
 impl Doorbell {
@@ -261,7 +285,20 @@ impl Doorbell {
             rings: AtomicU32::new(0),
             sleeping: AtomicU32::new(0),
             slots_hi: AtomicU32::new(0),
+            sweep: AtomicU32::new(0),
         }
+    }
+
+    /// Client side, after [`Ledger::release`]: asks the daemon to sweep the ledgers, and
+    /// returns whether it must be woken (as [`Doorbell::ring`]). Nobody waits for the sweep.
+    pub fn ring_sweep(&self) -> bool {
+        self.sweep.store(1, Ordering::Release);
+        self.ring()
+    }
+
+    /// Daemon side: whether a sweep was asked for since the last call.
+    pub fn take_sweep(&self) -> bool {
+        self.sweep.load(Ordering::Relaxed) != 0 && self.sweep.swap(0, Ordering::Acquire) != 0
     }
 
     /// Client side, after claiming slot `index` and before submitting in it: makes sure the
@@ -291,6 +328,202 @@ impl Doorbell {
     /// Daemon side, after sleeping or deciding not to.
     pub fn woke(&self) {
         self.sleeping.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Entries in a [`Ledger`].
+pub const LEDGER_ENTRIES: usize = 64;
+
+/// [`Ledger`] entry bit: the block is released (freed by its client, for the daemon to take
+/// back); without it the block is cached (kept by its client for reuse).
+pub const LEDGER_RELEASED: u64 = 1 << 63;
+
+/// A block named in a [`Ledger`] entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LedgerBlock {
+    /// Offset in the arena's data, in granules.
+    pub offset: u32,
+    /// Length in granules (at least 1).
+    pub granules: u32,
+    /// Released (for the daemon), or cached (for its client).
+    pub released: bool,
+}
+
+impl LedgerBlock {
+    /// The entry word: offset in bits 0-31, length in bits 32-62, [`LEDGER_RELEASED`]. `None`
+    /// if the length is 0 or does not fit in 31 bits.
+    pub const fn encode(self) -> Option<u64> {
+        if self.granules == 0 || self.granules >= 1 << 31 {
+            return None;
+        }
+        let r = if self.released { LEDGER_RELEASED } else { 0 };
+        Some(self.offset as u64 | (self.granules as u64) << 32 | r)
+    }
+
+    /// The block an entry word names; `None` for an empty entry (0) or a length of 0.
+    pub const fn decode(word: u64) -> Option<Self> {
+        let granules = ((word >> 32) & 0x7fff_ffff) as u32;
+        if granules == 0 {
+            return None;
+        }
+        Some(Self {
+            offset: word as u32,
+            granules,
+            released: word & LEDGER_RELEASED != 0,
+        })
+    }
+}
+
+/// A client's record of the arena blocks it has freed, in the request segment (one per slot;
+/// a process uses the ledger of its first slot): blocks *cached* for its own reuse, which the
+/// daemon still counts as the client's and may take back when its arena runs low, and blocks
+/// *released*, which the client gave up without waiting for an answer and the daemon frees on
+/// its next sweep.
+///
+/// Every entry is one word, changed only by compare-and-swap, so the client and the daemon
+/// never both own a block:
+///
+/// | from | to | by |
+/// | --- | --- | --- |
+/// | empty | cached or released | the client ([`Ledger::put`]) |
+/// | cached | empty | the client ([`Ledger::take`]) or the daemon ([`Ledger::reclaim`]), whoever swaps first |
+/// | released | empty | the daemon only, after freeing the block ([`Ledger::sweep`]) |
+///
+/// The daemon trusts no entry: it frees a block only if its record says the slot's owner
+/// holds a block at that offset.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct Ledger {
+    /// Granules in cached entries (at least their sum: raised before an entry is stored, lowered
+    /// after one is removed).
+    pub cached_granules: AtomicU64,
+    /// Set by the client after it releases a block; cleared by the daemon before it sweeps.
+    pub pending: AtomicU32,
+    _pad: [u32; 13],
+    /// The entries (0: empty).
+    pub entries: [AtomicU64; LEDGER_ENTRIES],
+}
+
+impl Ledger {
+    /// An empty ledger (all zero, as in a fresh segment).
+    pub fn new() -> Self {
+        Self {
+            cached_granules: AtomicU64::new(0),
+            pending: AtomicU32::new(0),
+            _pad: [0; 13],
+            entries: core::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    /// The entry indexes, starting at the cache line `hint` picks (threads on different CPUs
+    /// start on different lines).
+    fn order(hint: usize) -> impl Iterator<Item = usize> {
+        let start = (hint % (LEDGER_ENTRIES / 8)) * 8;
+        (0..LEDGER_ENTRIES).map(move |i| (start + i) % LEDGER_ENTRIES)
+    }
+
+    /// Client side: stores `block` in an empty entry; whether there was one.
+    pub fn put(&self, block: LedgerBlock, hint: usize) -> bool {
+        let Some(word) = block.encode() else {
+            return false;
+        };
+        let cached = if block.released {
+            0
+        } else {
+            u64::from(block.granules)
+        };
+        self.cached_granules.fetch_add(cached, Ordering::Relaxed);
+        for i in Self::order(hint) {
+            let e = &self.entries[i];
+            if e.load(Ordering::Relaxed) == 0
+                && e.compare_exchange(0, word, Ordering::Release, Ordering::Relaxed)
+                    .is_ok()
+            {
+                if block.released {
+                    self.pending.store(1, Ordering::Release);
+                }
+                return true;
+            }
+        }
+        self.cached_granules.fetch_sub(cached, Ordering::Relaxed);
+        false
+    }
+
+    /// Client side: takes a cached block of `granules` granules whose offset is a multiple of
+    /// `align` granules; returns its offset in granules.
+    pub fn take(&self, granules: u32, align: u32, hint: usize) -> Option<u32> {
+        let align = align.max(1);
+        for i in Self::order(hint) {
+            let e = &self.entries[i];
+            let word = e.load(Ordering::Relaxed);
+            let Some(b) = LedgerBlock::decode(word) else {
+                continue;
+            };
+            if b.released || b.granules != granules || !b.offset.is_multiple_of(align) {
+                continue;
+            }
+            if e.compare_exchange(word, 0, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.cached_granules
+                    .fetch_sub(u64::from(granules), Ordering::Relaxed);
+                return Some(b.offset);
+            }
+        }
+        None
+    }
+
+    /// Daemon side: calls `free` with every released block, then empties its entry (freed
+    /// first: a daemon that dies in between finds the entry again, and its record says the
+    /// block is no longer the client's). Returns how many there were.
+    pub fn sweep(&self, mut free: impl FnMut(LedgerBlock)) -> usize {
+        let mut n = 0;
+        for e in &self.entries {
+            let word = e.load(Ordering::Acquire);
+            if let Some(b) = LedgerBlock::decode(word).filter(|b| b.released) {
+                free(b);
+                // Only the daemon changes a released entry, so this store loses nothing.
+                e.store(0, Ordering::Release);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Daemon side: takes every cached block away from the client (an entry the client takes
+    /// first stays the client's) and calls `free` with each. Returns how many there were.
+    pub fn reclaim(&self, mut free: impl FnMut(LedgerBlock)) -> usize {
+        let mut n = 0;
+        for e in &self.entries {
+            let word = e.load(Ordering::Acquire);
+            let Some(b) = LedgerBlock::decode(word).filter(|b| !b.released) else {
+                continue;
+            };
+            if e.compare_exchange(word, 0, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.cached_granules
+                    .fetch_sub(u64::from(b.granules), Ordering::Relaxed);
+                free(b);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Empties the ledger (the daemon, for a slot whose owner is gone or new).
+    pub fn clear(&self) {
+        for e in &self.entries {
+            e.store(0, Ordering::Relaxed);
+        }
+        self.cached_granules.store(0, Ordering::Relaxed);
+        self.pending.store(0, Ordering::Release);
+    }
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -788,6 +1021,8 @@ unsafe impl SharedPlain for RequestSlot {}
 unsafe impl SharedPlain for ResponseSlot {}
 // SAFETY: as for `Doorbell`.
 unsafe impl SharedPlain for DaemonStats {}
+// SAFETY: 1. `#[repr(C)]`; 2-4. atomics of plain integers and padding integers only, no `Drop`.
+unsafe impl SharedPlain for Ledger {}
 
 /// One granule's entry in the state segment: who owns the block that starts there, and its
 /// length. Written by the daemon before it answers a request that changes it, so that the
@@ -820,7 +1055,13 @@ pub const fn state_segment_len(arena_len: u64, granule: u32) -> usize {
 
 /// Bytes of a request segment with `slots` slots.
 pub const fn request_segment_len(slots: u32) -> usize {
-    size_of::<SegmentHeader>() + size_of::<Doorbell>() + slots as usize * size_of::<RequestSlot>()
+    ledger_offset(slots, slots)
+}
+
+/// Offset of the ledger of slot `i` in a request segment with `slots` slots: the ledgers
+/// follow the slots.
+pub const fn ledger_offset(slots: u32, i: u32) -> usize {
+    request_slot_offset(slots) + i as usize * size_of::<Ledger>()
 }
 
 /// Bytes of a response segment with `slots` slots.
@@ -856,7 +1097,11 @@ const _: () = {
     assert!(size_of::<ResponseSlot>() == 64 && align_of::<ResponseSlot>() == 64);
     assert!(size_of::<DaemonStats>() == 128 && align_of::<DaemonStats>() == 64);
     assert!(size_of::<OwnerEntry>() == 8);
-    assert!(ARENA_DATA_OFFSET >= size_of::<SegmentHeader>());
+    assert!(size_of::<Ledger>() == 64 + 8 * LEDGER_ENTRIES && align_of::<Ledger>() == 64);
+    assert!(
+        ARENA_HEADER_LEN >= size_of::<SegmentHeader>() && ARENA_HEADER_LEN <= ARENA_DATA_OFFSET
+    );
+    assert!(ARENA_DATA_OFFSET.is_multiple_of(HUGE_PAGE));
 };
 
 #[cfg(all(test, not(loom)))]
@@ -866,12 +1111,13 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::thread;
+    use std::vec::Vec;
 
     #[test]
     fn header_round_trips_and_rejects_what_is_not_ours() {
         let h = SegmentHeader::new(SegmentKind::Request, 8, 4096, 1 << 30, 7, 42);
         let len = request_segment_len(8);
-        assert_eq!(len, 64 + 64 + 8 * 64);
+        assert_eq!(len, 64 + 64 + 8 * 64 + 8 * size_of::<Ledger>());
         // SAFETY: `h` is a valid, aligned header.
         let copy = unsafe { SegmentHeader::load(&h) };
         assert_eq!(copy, h);
@@ -899,9 +1145,83 @@ mod tests {
             odd.check(SegmentKind::Request, len),
             Err(LayoutError::BadSizes)
         );
-        let arena = SegmentHeader::new(SegmentKind::Arena, 8, 4096, 1 << 20, 7, 42);
-        assert_eq!(arena.check(SegmentKind::Arena, 1 << 20), Ok(()));
-        assert!(arena.check(SegmentKind::Arena, (1 << 20) - 1).is_err());
+        let len = ARENA_DATA_OFFSET + (1 << 20);
+        let arena = SegmentHeader::new(SegmentKind::Arena, 8, 4096, len as u64, 7, 42)
+            .with_flags(HEADER_FLAG_HUGE_PAGES);
+        assert_eq!(arena.check(SegmentKind::Arena, len), Ok(()));
+        assert!(arena.check(SegmentKind::Arena, len - 1).is_err());
+        let no_data =
+            SegmentHeader::new(SegmentKind::Arena, 8, 4096, ARENA_DATA_OFFSET as u64, 7, 42);
+        assert_eq!(
+            no_data.check(SegmentKind::Arena, ARENA_DATA_OFFSET),
+            Err(LayoutError::BadSizes)
+        );
+    }
+
+    #[test]
+    fn ledger_hands_each_block_to_one_side_only() {
+        let b = |offset, granules, released| LedgerBlock {
+            offset,
+            granules,
+            released,
+        };
+        for block in [b(0, 1, false), b(u32::MAX, (1 << 31) - 1, true)] {
+            assert_eq!(LedgerBlock::decode(block.encode().unwrap()), Some(block));
+        }
+        assert_eq!(b(5, 0, false).encode(), None);
+        assert_eq!(b(5, 1 << 31, false).encode(), None);
+        assert_eq!(LedgerBlock::decode(0), None);
+
+        let l = Ledger::new();
+        assert!(l.put(b(16, 4, false), 3));
+        assert!(l.put(b(32, 4, false), 0));
+        assert!(l.put(b(64, 2, true), 1));
+        assert_eq!(l.cached_granules.load(Ordering::Relaxed), 8);
+        assert_eq!(l.pending.load(Ordering::Relaxed), 1);
+        assert_eq!(l.take(4, 32, 0), Some(32), "aligned to 32 granules");
+        assert_eq!(l.take(2, 1, 0), None, "released blocks are not for reuse");
+        let mut freed = Vec::new();
+        assert_eq!(l.sweep(|b| freed.push(b)), 1);
+        assert_eq!(freed, [b(64, 2, true)]);
+        assert_eq!(l.reclaim(|b| freed.push(b)), 1);
+        assert_eq!(freed[1], b(16, 4, false));
+        assert_eq!(l.take(4, 1, 0), None, "reclaimed");
+        assert_eq!(l.cached_granules.load(Ordering::Relaxed), 0);
+        for i in 0..LEDGER_ENTRIES as u32 {
+            assert!(l.put(b(i, 1, false), i as usize));
+        }
+        assert!(!l.put(b(999, 1, false), 0), "full");
+        assert_eq!(
+            l.cached_granules.load(Ordering::Relaxed),
+            LEDGER_ENTRIES as u64
+        );
+        l.clear();
+        assert_eq!(l.take(1, 1, 0), None);
+
+        // A client taking while the daemon reclaims: every block goes to exactly one of them.
+        for _ in 0..50 {
+            let l = Arc::new(Ledger::new());
+            for i in 0..LEDGER_ENTRIES as u32 {
+                assert!(l.put(b(i, 1, false), 0));
+            }
+            let client = {
+                let l = Arc::clone(&l);
+                thread::spawn(move || {
+                    let mut got = Vec::new();
+                    while let Some(off) = l.take(1, 1, got.len()) {
+                        got.push(off);
+                    }
+                    got
+                })
+            };
+            let mut daemon = Vec::new();
+            l.reclaim(|b| daemon.push(b.offset));
+            let mut all = client.join().unwrap();
+            all.extend(daemon);
+            all.sort_unstable();
+            assert_eq!(all, (0..LEDGER_ENTRIES as u32).collect::<Vec<_>>());
+            assert_eq!(l.cached_granules.load(Ordering::Relaxed), 0);
+        }
     }
 
     #[test]
@@ -930,6 +1250,9 @@ mod tests {
         assert_eq!(request_slot_offset(3), 128 + 3 * 64);
         assert_eq!(response_slot_offset(0), 64 + 128);
         assert_eq!(response_segment_len(4), 64 + 128 + 4 * 64);
+        assert_eq!(ledger_offset(4, 0), 128 + 4 * 64);
+        assert_eq!(ledger_offset(4, 1), 128 + 4 * 64 + 576);
+        assert_eq!(request_segment_len(4), 128 + 4 * 64 + 4 * 576);
     }
 
     #[test]

@@ -19,9 +19,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use xalloc_core::os;
+use xalloc_core::{os, wire};
 
-use cli::{Cli, Command, StartArgs};
+use cli::{Cli, Command, HugePages, StartArgs};
 use detach::{Detached, Pidfile, Readiness};
 use segments::{Access, Names};
 use server::{Mailbox, Server, Watcher, GRANULE};
@@ -154,6 +154,21 @@ fn serve(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
         ^ (u64::from(os::pid()) << 40);
+    let huge_pages = match args.huge_pages {
+        HugePages::Off => false,
+        HugePages::Auto => server::huge_pages_allowed().is_ok(),
+        HugePages::On => {
+            if let Err(why) = server::huge_pages_allowed() {
+                log::warn!("--huge-pages on: {why}; the arena keeps 4 KiB pages");
+            }
+            true
+        }
+    };
+    let flags = if huge_pages {
+        wire::HEADER_FLAG_HUGE_PAGES
+    } else {
+        0
+    };
     // With the pidfile ours, any objects of this name were left by a daemon that died: they
     // are re-attached (keeping what live clients hold), or replaced if they cannot be or with
     // --fresh; objects of another user are refused.
@@ -165,6 +180,7 @@ fn serve(
             GRANULE as u32,
             Access { gid },
             generation,
+            flags,
         )
     };
     let replace = |why: &str| {
@@ -177,7 +193,7 @@ fn serve(
     let found = if args.fresh {
         Ok(segments::Found::Unusable("--fresh".into()))
     } else {
-        segments::reattach(names, generation)
+        segments::reattach(names, generation, flags)
     };
     let seg = match found {
         Ok(segments::Found::Nothing) => create(),

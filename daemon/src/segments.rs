@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use xalloc_core::os::{self, Errno, Fd, Mapping, ShmName};
 use xalloc_core::wire::{
-    self, DaemonStats, SegmentHeader, SegmentKind, ARENA_DATA_OFFSET, STATS_OFFSET,
+    self, DaemonStats, SegmentHeader, SegmentKind, ARENA_DATA_OFFSET, ARENA_HEADER_LEN,
+    STATS_OFFSET,
 };
 
 /// Mode bits and group of the segments.
@@ -99,6 +100,16 @@ impl Names {
             arena: ShmName::new(name, "arena")?,
             state: ShmName::new(name, "state")?,
         })
+    }
+
+    /// The name of the object of `kind`.
+    fn of(&self, kind: SegmentKind) -> ShmName {
+        match kind {
+            SegmentKind::Request => self.request,
+            SegmentKind::Response => self.response,
+            SegmentKind::Arena => self.arena,
+            SegmentKind::State => self.state,
+        }
     }
 
     fn all(&self) -> [(ShmName, SegmentKind); 4] {
@@ -262,7 +273,7 @@ pub enum Found {
 /// Opens the four objects of a daemon that is no longer running and takes them over: checks
 /// that they are this user's, consistent and of this layout, then writes this daemon's pid and
 /// `generation` into their headers (the request segment's last, since clients look there).
-pub fn reattach(names: Names, generation: u64) -> Result<Found, SegmentError> {
+pub fn reattach(names: Names, generation: u64, flags: u32) -> Result<Found, SegmentError> {
     let mut maps = Vec::new();
     let mut missing = 0;
     for (name, kind) in names.all() {
@@ -311,13 +322,21 @@ pub fn reattach(names: Names, generation: u64) -> Result<Found, SegmentError> {
     let mut take = |kind: SegmentKind| {
         let i = maps.iter().position(|(k, ..)| *k == kind)?;
         let (_, fd, map, h) = maps.swap_remove(i);
+        if let Err(e) = reserve_metadata(&fd, kind, map.len() as u64) {
+            return Some(Err(SegmentError::Os {
+                name: names.of(kind),
+                call: "fallocate",
+                errno: e,
+            }));
+        }
         let header =
-            SegmentHeader::new(kind, h.slot_count, h.granule, h.arena_len, generation, pid);
+            SegmentHeader::new(kind, h.slot_count, h.granule, h.arena_len, generation, pid)
+                .with_flags(flags);
         // SAFETY: the mapping holds a header at offset 0; clients only read it.
         unsafe { map.as_ptr().cast::<SegmentHeader>().write_volatile(header) };
-        Some((fd, map))
+        Some(Ok((fd, map)))
     };
-    let (Some((_, state)), Some((arena_fd, arena)), Some((_, response)), Some((_, request))) = (
+    let (Some(state), Some(arena), Some(response), Some(request)) = (
         take(SegmentKind::State),
         take(SegmentKind::Arena),
         take(SegmentKind::Response),
@@ -325,6 +344,8 @@ pub fn reattach(names: Names, generation: u64) -> Result<Found, SegmentError> {
     ) else {
         return Ok(Found::Unusable("an object is missing".into()));
     };
+    let ((_, state), (arena_fd, arena), (_, response), (_, request)) =
+        (state?, arena?, response?, request?);
     Ok(Found::Reattached(Segments {
         request: Arc::new(request),
         response,
@@ -346,8 +367,17 @@ pub fn create(
     granule: u32,
     access: Access,
     generation: u64,
+    flags: u32,
 ) -> Result<Segments, SegmentError> {
-    let result = create_inner(names, slots, arena_bytes, granule, access, generation);
+    let result = create_inner(
+        names,
+        slots,
+        arena_bytes,
+        granule,
+        access,
+        generation,
+        flags,
+    );
     if result.is_err() {
         names.unlink_all();
     }
@@ -361,10 +391,13 @@ fn create_inner(
     granule: u32,
     access: Access,
     generation: u64,
+    flags: u32,
 ) -> Result<Segments, SegmentError> {
     let pid = os::pid();
     let arena_len = arena_bytes + ARENA_DATA_OFFSET as u64;
-    let header = |kind| SegmentHeader::new(kind, slots, granule, arena_len, generation, pid);
+    let header = |kind| {
+        SegmentHeader::new(kind, slots, granule, arena_len, generation, pid).with_flags(flags)
+    };
     let open = |name: ShmName, kind: SegmentKind, len: u64| {
         let os_err = |call, errno| SegmentError::Os { name, call, errno };
         let fd = os::shm_create(name.as_cstr(), len, access.mode(kind)).map_err(|e| match e {
@@ -380,13 +413,14 @@ fn create_inner(
                 return Err(os_err("fchown", Errno::last()));
             }
         }
+        reserve_metadata(&fd, kind, len).map_err(|e| os_err("fallocate", e))?;
         let len = usize::try_from(len).map_err(|_| os_err("mmap", Errno(libc::EFBIG)))?;
         let map = Mapping::new(&fd, len, true).map_err(|e| os_err("mmap", e))?;
         Ok((fd, map))
     };
     let (arena_fd, arena) = open(names.arena, SegmentKind::Arena, arena_len)?;
     // The header page is reserved at once; data pages as blocks are handed out.
-    os::reserve(&arena_fd, 0, ARENA_DATA_OFFSET as u64).map_err(|errno| SegmentError::Os {
+    os::reserve(&arena_fd, 0, ARENA_HEADER_LEN as u64).map_err(|errno| SegmentError::Os {
         name: names.arena,
         call: "fallocate",
         errno,
@@ -431,6 +465,16 @@ fn create_inner(
         arena_bytes,
         slots,
     })
+}
+
+/// Reserves every page of the daemon's own objects (request, response, state), so that no
+/// store of the daemon into them can raise `SIGBUS` when `/dev/shm` fills up; the arena is
+/// reserved chunk by chunk as blocks are handed out.
+fn reserve_metadata(fd: &Fd, kind: SegmentKind, len: u64) -> Result<(), Errno> {
+    match kind {
+        SegmentKind::Arena => Ok(()),
+        _ => os::reserve(fd, 0, len),
+    }
 }
 
 impl Segments {

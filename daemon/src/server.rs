@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use xalloc_core::os::{self, Fd, Mapping};
 use xalloc_core::wire::{
     self, Doorbell, Op, OwnerEntry, Request, RequestSlot, Response, ResponseSlot, SegmentHeader,
-    StatsSnapshot, Status, ARENA_DATA_OFFSET, DOORBELL_OFFSET, FLAG_ZEROED,
+    StatsSnapshot, Status, ARENA_DATA_OFFSET, DOORBELL_OFFSET, FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES,
 };
 use xalloc_core::{FreeError, MetaEntry, OobHeap, ResizeError};
 
@@ -96,6 +96,8 @@ pub struct Server {
     slot_pid: Vec<u32>,
     clients: HashMap<u32, Client>,
     reserved: Vec<bool>,
+    /// Pages are reserved through the mapping, with huge-page advice (`--huge-pages`).
+    huge_pages: bool,
     dirty: Vec<bool>,
     reserved_bytes: u64,
     /// Per chunk: used blocks that overlap it, and since when it has had none (while it is
@@ -131,6 +133,33 @@ fn answer(status: Status) -> Response {
     }
 }
 
+/// Whether this system gives huge pages to `/dev/shm` mappings that ask for them: `Err` says
+/// why not, and what to change.
+pub fn huge_pages_allowed() -> Result<(), String> {
+    let policy = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .unwrap_or_default();
+    if policy.contains("[force]") {
+        return Ok(());
+    }
+    if policy.contains("[deny]") {
+        return Err("shmem huge pages are denied (shmem_enabled is deny)".into());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let shm = mounts
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("/dev/shm"))
+        .last();
+    let huge = shm
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|opts| opts.split(',').find_map(|o| o.strip_prefix("huge=")));
+    match huge {
+        Some("advise" | "within_size" | "always") => Ok(()),
+        _ => Err("/dev/shm is mounted without huge=advise; \
+                  `mount -o remount,huge=advise /dev/shm` (as root) allows them"
+            .into()),
+    }
+}
+
 impl Server {
     /// A server over freshly created segments, or over the segments of a daemon that died
     /// (`seg.reattached`): then the heap is rebuilt from the ownership record, keeping the
@@ -160,6 +189,15 @@ impl Server {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let reattached = seg.reattached;
+        // SAFETY: the arena mapping holds its header at offset 0, page-aligned.
+        let flags = unsafe { SegmentHeader::load(seg.arena.as_ptr().cast()) }.flags;
+        let huge_pages = flags & HEADER_FLAG_HUGE_PAGES != 0;
+        if huge_pages {
+            match seg.arena.advise_huge_pages(ARENA_DATA_OFFSET, bytes) {
+                Ok(()) => log::info!("huge pages asked for on the arena"),
+                Err(e) => log::warn!("huge pages: madvise(MADV_HUGEPAGE) failed: {e}"),
+            }
+        }
         let mut s = Self {
             seg,
             heap,
@@ -167,6 +205,7 @@ impl Server {
             slot_pid: vec![0; slots],
             clients: HashMap::new(),
             reserved: vec![false; chunks],
+            huge_pages,
             // After a restart nothing is known about which pages were handed out before.
             dirty: vec![reattached; chunks],
             reserved_bytes: 0,
@@ -772,7 +811,22 @@ impl Server {
             let start = c as u64 * CHUNK;
             let n = CHUNK.min(self.seg.arena_bytes - start);
             let file_off = ARENA_DATA_OFFSET as u64 + start;
-            if let Err(e) = os::reserve(&self.seg.arena_fd, file_off, n) {
+            // With huge-page advice, pages are reserved through the mapping, which follows the
+            // advice; fallocate has no mapping to look at and reserves 4 KiB pages where the
+            // mount says `huge=advise`.
+            let reserved = if self.huge_pages {
+                self.seg
+                    .arena
+                    .populate(file_off as usize, n as usize)
+                    .inspect_err(|_| {
+                        // Unlike fallocate, a failed populate keeps the pages it got: give them
+                        // back (the chunk holds no block) so that /dev/shm is not left full.
+                        let _ = os::punch_hole(&self.seg.arena_fd, file_off, n);
+                    })
+            } else {
+                os::reserve(&self.seg.arena_fd, file_off, n)
+            };
+            if let Err(e) = reserved {
                 // Logged when reservations start failing, not for every refused request.
                 if !self.shm_full {
                     log::warn!(

@@ -156,12 +156,13 @@ pub fn status(args: &StatusArgs) -> ExitCode {
         wire::STATE_STOPPING => "stopping",
         _ => "starting",
     };
+    let huge = seen.header.flags & wire::HEADER_FLAG_HUGE_PAGES != 0;
     if args.json {
         println!(
             "{{\"name\":\"{name}\",\"state\":\"{state}\",\"pid\":{},\"arena_bytes\":{},\
              \"used_bytes\":{},\"free_bytes\":{},\"largest_free_bytes\":{},\"live_blocks\":{},\
              \"clients\":{},\"slots\":{},\"slots_total\":{},\"requests\":{},\"errors\":{},\
-             \"reserved_bytes\":{},\"resident_bytes\":{},\"started_unix\":{}}}",
+             \"reserved_bytes\":{},\"resident_bytes\":{},\"started_unix\":{},\"huge_pages\":{}}}",
             s.pid,
             s.arena_bytes,
             s.used_bytes,
@@ -176,9 +177,10 @@ pub fn status(args: &StatusArgs) -> ExitCode {
             s.reserved_bytes,
             s.reserved_bytes,
             s.started_unix,
+            huge,
         );
     } else {
-        let rows: [(&str, String); 13] = [
+        let rows: [(&str, String); 14] = [
             ("instance", name.clone()),
             ("state", state.to_owned()),
             ("pid", s.pid.to_string()),
@@ -187,6 +189,10 @@ pub fn status(args: &StatusArgs) -> ExitCode {
             ("free", bytes(s.free_bytes)),
             ("largest free block", bytes(s.largest_free_bytes)),
             ("resident in /dev/shm", bytes(s.reserved_bytes)),
+            (
+                "huge pages",
+                if huge { "asked for" } else { "off" }.to_owned(),
+            ),
             ("live blocks", s.live_blocks.to_string()),
             ("clients", s.clients.to_string()),
             (

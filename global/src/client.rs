@@ -26,7 +26,7 @@ use xalloc_core::os::{self, Errno, Fd, Mapping, ShmName, Wake};
 use xalloc_core::wire::{
     self, DaemonStats, Doorbell, LayoutError, Op, RequestSlot, Response, ResponseSlot,
     SegmentHeader, SegmentKind, StatsSnapshot, Status, ARENA_DATA_OFFSET, DOORBELL_OFFSET,
-    FLAG_ZEROED, STATS_OFFSET,
+    FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES, STATS_OFFSET,
 };
 
 /// How long a request waits for its answer before the client gives up on the daemon.
@@ -250,6 +250,10 @@ impl Connection {
         }
         if !os::process_alive(rq.daemon_pid) {
             return Err(ConnectError::DaemonGone { pid: rq.daemon_pid });
+        }
+        if ar.flags & HEADER_FLAG_HUGE_PAGES != 0 {
+            // Advice only: where it is refused the arena works the same with 4 KiB pages.
+            let _ = arena.advise_huge_pages(ARENA_DATA_OFFSET, arena.len() - ARENA_DATA_OFFSET);
         }
         Ok(Self {
             request,

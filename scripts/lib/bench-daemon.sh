@@ -8,7 +8,8 @@
 # (also run on Ctrl-C and SIGTERM) stops that daemon by pid (SIGTERM, then SIGKILL after 10 s),
 # but only while /proc says it is a live process of this instance, so a reused pid is never
 # signalled; then it removes the instance's /dev/shm objects and the directory, and prints the
-# daemon's log if the script failed. Set `xallocd` to the binary first.
+# daemon's log if the script failed. Set `xallocd` to the binary first. XALLOCD_FLAGS adds
+# start flags (e.g. `--huge-pages`).
 
 bench_name=""
 bench_daemon_pid=""
@@ -62,7 +63,7 @@ bench_daemon_start() {
     # The daemon's note that no syslog answers (it logs to its file) is kept for failures.
     if ! out="$(taskset -c "$cpu" "$xallocd" start --name "$bench_name" \
         --pidfile "$bench_dir/xallocd.pid" --log-file "$bench_dir/xallocd.log" \
-        --syslog-socket /nonexistent --arena-size "$arena" 2>&1)"; then
+        --syslog-socket /nonexistent --arena-size "$arena" ${XALLOCD_FLAGS:-} 2>&1)"; then
         echo "$out" >&2
         echo "$bench_tag: xallocd start failed" >&2
         exit 1

@@ -59,7 +59,8 @@ XALLOC_NAME={name} "{global}" work 2 300
         .lines()
         .find_map(|l| l.strip_prefix("filled "))
         .unwrap_or_else(|| panic!("{stdout}"));
-    let (blocks, refused) = filled.split_once(' ').unwrap();
+    let (blocks, rest) = filled.split_once(' ').unwrap();
+    let (refused, _) = rest.split_once(' ').unwrap();
     let blocks: u64 = blocks.parse().unwrap();
     assert!(
         (2..6).contains(&blocks),
@@ -77,5 +78,84 @@ XALLOC_NAME={name} "{global}" work 2 300
         log_text.matches("cannot reserve arena pages").count(),
         1,
         "{log_text}"
+    );
+}
+
+/// Huge pages where `/dev/shm` allows them (a private tmpfs mounted `huge=advise`, 16 MiB), by
+/// default (`--huge-pages auto`): every 2 MiB block the client writes is mapped through a huge
+/// page, the daemon reserves chunks without `SIGBUS` up to the limit and refuses the rest; the
+/// same run with `--huge-pages off` maps none.
+#[test]
+fn huge_pages_back_the_arena_when_asked_for_and_allowed() {
+    // SAFETY: plain query.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root; this test needs it"
+        );
+        eprintln!("SKIPPED: not root (needed for a private mount namespace)");
+        return;
+    }
+    let guard = Cleanup::new("huge");
+    let (name, dir) = (&guard.name, &guard.dir);
+    let log = dir.join("xallocd.log");
+    let script = format!(
+        r#"set -eu
+mount -t tmpfs -o size=16M,huge=advise tmpfs /dev/shm
+for flag in "" "--huge-pages off"; do
+    "{xallocd}" start --name {name} --arena-size 64M --pidfile {dir}/pid --log-file {log} \
+        --syslog-socket {dir}/none $flag
+    trap '"{xallocd}" stop --name {name} --pidfile {dir}/pid' EXIT
+    echo "flag=${{flag:-auto}} $("{client}" fill {name} 2097152)"
+    "{xallocd}" status --name {name} --json
+    "{xallocd}" stop --name {name} --pidfile {dir}/pid
+    trap - EXIT
+done
+"#,
+        xallocd = XALLOCD,
+        client = CLIENT,
+        dir = dir.display(),
+        log = log.display(),
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let all = format!("{stdout}\n{stderr}\nlog:\n{log_text}");
+    assert!(out.status.success(), "in the namespace: {all}");
+    let field = |line: &str, key: &str| -> u64 {
+        line.split(key)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line:?}: {all}"))
+    };
+    let runs: Vec<&str> = stdout.lines().filter(|l| l.starts_with("flag=")).collect();
+    assert_eq!(runs.len(), 2, "{all}");
+    let (with, without) = (runs[0], runs[1]);
+    assert!(with.starts_with("flag=auto filled "), "{all}");
+    // 16 MiB of tmpfs: the header page takes a 4 KiB page, so 7 huge pages fit.
+    let blocks = field(with, "filled ");
+    assert_eq!(blocks, 7, "2 MiB blocks in a 16 MiB tmpfs: {all}");
+    assert!(with.contains("refused=Refused(OutOfMemory) "), "{all}");
+    assert_eq!(
+        field(with, "pmd_kib="),
+        blocks * 2048,
+        "every block on a huge page: {all}"
+    );
+    assert_eq!(
+        field(without, "pmd_kib="),
+        0,
+        "no huge pages with --huge-pages off: {all}"
+    );
+    assert!(field(without, "filled ") >= 7, "{all}");
+    assert!(stdout.contains("\"huge_pages\":true"), "{all}");
+    assert!(stdout.contains("\"huge_pages\":false"), "{all}");
+    assert!(
+        log_text.contains("huge pages asked for on the arena"),
+        "{all}"
     );
 }

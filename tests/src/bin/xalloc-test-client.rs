@@ -19,7 +19,8 @@
 //! xalloc-test-client fill NAME SIZE
 //!     Allocates blocks of SIZE bytes until one is refused, writing every page of each block (a
 //!     page the daemon did not reserve would raise SIGBUS here), then tries 20 more. Prints
-//!     `filled BLOCKS refused=STATUS...` and exits 0.
+//!     `filled BLOCKS refused=STATUS... pmd_kib=KIB` (KIB: how much of this process's shared
+//!     memory is mapped through huge pages, `ShmemPmdMapped`) and exits 0.
 //! ```
 
 use std::io::Write;
@@ -145,7 +146,16 @@ fn fill_up(name: &str, size: u64) -> Result<(), String> {
         }
     }
     refusals.dedup();
-    println!("filled {blocks} refused={}", refusals.join(","));
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").map_err(|e| e.to_string())?;
+    let pmd_kib = rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("ShmemPmdMapped:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or("no ShmemPmdMapped in /proc/self/smaps_rollup")?;
+    println!(
+        "filled {blocks} refused={} pmd_kib={pmd_kib}",
+        refusals.join(",")
+    );
     Ok(())
 }
 
