@@ -319,7 +319,8 @@ impl Mapping {
     }
 
     fn advise(&self, offset: usize, len: usize, advice: libc::c_int) -> Result<(), Errno> {
-        if offset.checked_add(len).is_none_or(|end| end > self.len) || offset % PAGE != 0 {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) || !offset.is_multiple_of(PAGE)
+        {
             return Err(Errno(libc::EINVAL));
         }
         loop {

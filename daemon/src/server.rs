@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 
 use xalloc_core::os::{self, Fd, Mapping};
 use xalloc_core::wire::{
-    self, Doorbell, Op, OwnerEntry, Request, RequestSlot, Response, ResponseSlot, SegmentHeader,
-    StatsSnapshot, Status, ARENA_DATA_OFFSET, DOORBELL_OFFSET, FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES,
+    self, Doorbell, Ledger, LedgerBlock, Op, OwnerEntry, Request, RequestSlot, Response,
+    ResponseSlot, SegmentHeader, StatsSnapshot, Status, ARENA_DATA_OFFSET, DOORBELL_OFFSET,
+    FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES,
 };
 use xalloc_core::{FreeError, MetaEntry, OobHeap, ResizeError};
 
@@ -145,10 +146,10 @@ pub fn huge_pages_allowed() -> Result<(), String> {
         return Err("shmem huge pages are denied (shmem_enabled is deny)".into());
     }
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    // The last mount on /dev/shm is the one in effect.
     let shm = mounts
         .lines()
-        .filter(|l| l.split_whitespace().nth(1) == Some("/dev/shm"))
-        .last();
+        .rfind(|l| l.split_whitespace().nth(1) == Some("/dev/shm"));
     let huge = shm
         .and_then(|l| l.split_whitespace().nth(3))
         .and_then(|opts| opts.split(',').find_map(|o| o.strip_prefix("huge=")));
@@ -404,6 +405,17 @@ impl Server {
                 self.request_slot(i).reclaim(owner);
             }
         }
+        // Blocks released but not yet swept by the old daemon are freed now (each at most
+        // once: the record says whether the client still holds it); ledgers of slots nobody
+        // owns any more are emptied.
+        for i in 0..self.seg.slots {
+            match self.slot_pid[i as usize] {
+                0 => Self::ledger_in(&self.seg.request, self.seg.slots, i).clear(),
+                pid => {
+                    self.drain_ledger(i, pid, false);
+                }
+            }
+        }
         log::info!(
             "re-attached to the existing segments: kept {kept} blocks ({kept_bytes} bytes) and \
              {slots} slots of {} live clients; freed {dropped} blocks of clients that are gone",
@@ -504,6 +516,77 @@ impl Server {
         unsafe { self.seg.request.at(wire::request_slot_offset(i)) }
     }
 
+    /// The ledger of slot `i` (see [`Ledger`]). A free function of the mapping, so that it can
+    /// be held while the server changes.
+    fn ledger_in(request: &Mapping, slots: u32, i: u32) -> &Ledger {
+        assert!(i < slots);
+        // SAFETY: `request` is `request_segment_len(slots)` long (checked when mapped), which
+        // covers every ledger below `slots` at its 64-aligned offset.
+        unsafe { request.at(wire::ledger_offset(slots, i)) }
+    }
+
+    /// Frees the blocks client `pid` released into the ledger of slot `i`, or, with `cached`,
+    /// also takes back the ones it keeps cached. Returns (blocks, bytes) freed. A block the
+    /// record does not give to `pid` is skipped: the ledger is the client's to write.
+    fn drain_ledger(&mut self, i: u32, pid: u32, cached: bool) -> (u64, u64) {
+        let request = Arc::clone(&self.seg.request);
+        let ledger = Self::ledger_in(&request, self.seg.slots, i);
+        let (mut blocks, mut bytes) = (0, 0);
+        let mut free = |b: LedgerBlock| {
+            let offset = u64::from(b.offset) * GRANULE as u64;
+            let held = self.owner_at(offset as usize) == pid;
+            let size = self.heap.block_size_at(offset as usize).unwrap_or(0) as u64;
+            if held && self.free(pid, offset).status == Status::Ok as u32 {
+                blocks += 1;
+                bytes += size;
+            } else {
+                self.errors += 1;
+            }
+        };
+        ledger.sweep(&mut free);
+        if cached {
+            ledger.reclaim(&mut free);
+        }
+        (blocks, bytes)
+    }
+
+    /// Frees what clients released into their ledgers since the last sweep.
+    fn sweep_ledgers(&mut self) -> usize {
+        let mut n = 0;
+        for i in 0..self.seg.slots {
+            let pid = self.slot_pid[i as usize];
+            if pid != 0
+                && Self::ledger_in(&self.seg.request, self.seg.slots, i)
+                    .pending
+                    .swap(0, Ordering::Acquire)
+                    != 0
+            {
+                n += self.drain_ledger(i, pid, false).0 as usize;
+            }
+        }
+        n
+    }
+
+    /// The arena is out of room: takes back every block clients keep cached (and what they
+    /// released), so that an allocation can be tried again. Returns the bytes freed.
+    fn take_back_caches(&mut self) -> u64 {
+        let (mut blocks, mut bytes) = (0, 0);
+        for i in 0..self.seg.slots {
+            let pid = self.slot_pid[i as usize];
+            if pid != 0 {
+                let (b, n) = self.drain_ledger(i, pid, true);
+                blocks += b;
+                bytes += n;
+            }
+        }
+        if blocks > 0 {
+            log::info!(
+                "arena full: took back {blocks} blocks ({bytes} bytes) that clients kept cached"
+            );
+        }
+        bytes
+    }
+
     fn response_slot(&self, i: u32) -> &ResponseSlot {
         // SAFETY: as for `request_slot`.
         unsafe { self.seg.response.at(wire::response_slot_offset(i)) }
@@ -516,7 +599,10 @@ impl Server {
         let mut stats_stale = false;
         loop {
             let seen = self.doorbell().rings.load(Ordering::Acquire);
-            let served = self.serve_pending();
+            let mut served = self.serve_pending();
+            if self.doorbell().take_sweep() {
+                served += self.sweep_ledgers();
+            }
             if self.mailbox.flag.load(Ordering::Acquire) && self.handle_events() {
                 break;
             }
@@ -640,6 +726,9 @@ impl Server {
         match op {
             Op::Hello => self.hello(slot, req.owner),
             Op::Goodbye => {
+                // What the slot's ledger holds is given up with it.
+                self.drain_ledger(slot, pid, true);
+                Self::ledger_in(&self.seg.request, self.seg.slots, slot).clear();
                 self.slot_pid[slot as usize] = 0;
                 if let Some(c) = self.clients.get_mut(&pid) {
                     c.slots = c.slots.saturating_sub(1);
@@ -673,6 +762,10 @@ impl Server {
             log::info!("client {pid} connected");
         }
         let old = std::mem::replace(&mut self.slot_pid[slot as usize], pid);
+        if old != pid {
+            // A new owner starts with an empty ledger (whatever was in it was not its own).
+            Self::ledger_in(&self.seg.request, self.seg.slots, slot).clear();
+        }
         if old != 0 {
             if let Some(c) = self.clients.get_mut(&old) {
                 c.slots = c.slots.saturating_sub(1);
@@ -696,7 +789,11 @@ impl Server {
         else {
             return answer(Status::BadSize);
         };
-        let Some(p) = self.heap.allocate(layout) else {
+        let Some(p) = self.heap.allocate(layout).or_else(|| {
+            (self.take_back_caches() > 0)
+                .then(|| self.heap.allocate(layout))
+                .flatten()
+        }) else {
             return answer(Status::OutOfMemory);
         };
         let offset = self.heap.offset_of(p);
@@ -860,6 +957,8 @@ impl Server {
             let registered = self.slot_pid[i as usize] == pid;
             if registered {
                 self.slot_pid[i as usize] = 0;
+                // Its blocks, cached and released ones too, are freed below.
+                Self::ledger_in(&self.seg.request, self.seg.slots, i).clear();
             }
             // Also slots it claimed but never registered.
             if self.request_slot(i).reclaim(pid) || registered {
@@ -928,12 +1027,23 @@ impl Server {
             };
             log::info!("{}; {check}", self.stats_line());
             // Who holds what (blocks a client keeps in its cache of freed blocks included: they
-            // are its own until it gives them back), largest first, at most 20 lines.
+            // are its own until it reuses them or the daemon takes them back), largest first,
+            // at most 20 lines.
             let mut holders: Vec<(&u32, &Client)> = self.clients.iter().collect();
             holders.sort_by_key(|(_, c)| std::cmp::Reverse(c.bytes));
             for (pid, c) in holders.iter().take(20) {
+                let cached: u64 = (0..self.seg.slots)
+                    .filter(|&i| self.slot_pid[i as usize] == **pid)
+                    .map(|i| {
+                        Self::ledger_in(&self.seg.request, self.seg.slots, i)
+                            .cached_granules
+                            .load(Ordering::Relaxed)
+                    })
+                    .sum::<u64>()
+                    * GRANULE as u64;
                 log::info!(
-                    "client {pid}: {} blocks, {} bytes, {} slots",
+                    "client {pid}: {} blocks, {} bytes ({cached} of them cached for reuse), {} \
+                     slots",
                     c.blocks,
                     c.bytes,
                     c.slots

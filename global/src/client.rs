@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use xalloc_core::os::{self, Errno, Fd, Mapping, ShmName, Wake};
 use xalloc_core::wire::{
-    self, DaemonStats, Doorbell, LayoutError, Op, RequestSlot, Response, ResponseSlot,
+    self, DaemonStats, Doorbell, LayoutError, Ledger, Op, RequestSlot, Response, ResponseSlot,
     SegmentHeader, SegmentKind, StatsSnapshot, Status, ARENA_DATA_OFFSET, DOORBELL_OFFSET,
     FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES, STATS_OFFSET,
 };
@@ -341,6 +341,23 @@ impl Connection {
     pub fn request_slot(&self, i: u32) -> Option<&RequestSlot> {
         // SAFETY: `i < slot_count`, and the segment's length covers every slot (checked).
         (i < self.slot_count).then(|| unsafe { self.request.at(wire::request_slot_offset(i)) })
+    }
+
+    /// The ledger of slot `i` (`i < slot_count`): where this process keeps the blocks it
+    /// caches for reuse and releases without a round trip (see [`Ledger`]).
+    pub fn ledger(&self, i: u32) -> Option<&Ledger> {
+        // SAFETY: as for `request_slot`: the segment's length covers every ledger.
+        (i < self.slot_count)
+            .then(|| unsafe { self.request.at(wire::ledger_offset(self.slot_count, i)) })
+    }
+
+    /// Asks the daemon to sweep the ledgers (after [`Ledger::put`] of a released block),
+    /// waking it if it sleeps; waits for nothing.
+    pub fn ring_sweep(&self) {
+        let bell = self.doorbell();
+        if bell.ring_sweep() {
+            os::futex_wake(&bell.rings, 1);
+        }
     }
 
     /// Response slot `i` (`i < slot_count`).

@@ -40,9 +40,8 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering
 use std::alloc::System;
 
 use xalloc_core::os;
-use xalloc_core::wire::{self, Status};
+use xalloc_core::wire::{self, Ledger, LedgerBlock};
 
-use crate::cache::{Caches, DEFAULT_CACHE_BYTES};
 use crate::client::{Connection, RequestError};
 
 /// The default threshold: requests of at least this many bytes go to the daemon.
@@ -63,6 +62,10 @@ pub const MAX_CONNECTIONS: usize = 8;
 
 /// Request slots per connection and process.
 pub const POOL: usize = 64;
+
+/// Bytes of freed blocks a process keeps cached for reuse, unless `XALLOC_CACHE` says
+/// otherwise (`0` turns the cache off, and with it the release of blocks without a round trip).
+pub const DEFAULT_CACHE_BYTES: u64 = 128 << 20;
 
 /// This process's counters, see [`XallocGlobal::counters`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -86,8 +89,6 @@ pub struct Counters {
 
 /// One connection: the mapped segments and this process's slots in them.
 struct Conn {
-    /// Its position in `State::conns`.
-    index: usize,
     conn: Connection,
     base: usize,
     len: usize,
@@ -102,6 +103,32 @@ struct Conn {
     lost: AtomicU64,
     /// Slot index of each registered position.
     slots: [AtomicU32; POOL],
+    /// The slot whose ledger holds this process's cached and released blocks: the first one
+    /// it registered (`u32::MAX` until then).
+    home: AtomicU32,
+}
+
+impl Conn {
+    /// This process's ledger in this connection, once it has registered a slot.
+    fn ledger(&self) -> Option<&Ledger> {
+        match self.home.load(Ordering::Acquire) {
+            u32::MAX => None,
+            i => self.conn.ledger(i),
+        }
+    }
+
+    /// Bytes this process keeps cached in this connection.
+    fn cached_bytes(&self) -> u64 {
+        self.ledger().map_or(0, |l| {
+            l.cached_granules.load(Ordering::Relaxed) * self.conn.granule() as u64
+        })
+    }
+}
+
+/// Where a thread starts looking in the ledger: threads on different CPUs start on different
+/// cache lines of it.
+fn cpu_hint() -> usize {
+    os::current_cpu() as usize
 }
 
 /// The process's connections and counters, shared by every `XallocGlobal` value (a process
@@ -119,8 +146,6 @@ struct State {
     arena_bytes: AtomicU64,
     arena_blocks: AtomicU64,
     cache_hits: AtomicU64,
-    /// Freed blocks kept for reuse.
-    cache: Caches,
     /// The cache's bound in bytes (`XALLOC_CACHE`), plus one; 0 until first read.
     cache_cap: AtomicU64,
 }
@@ -141,7 +166,6 @@ static STATE: State = State {
     arena_bytes: AtomicU64::new(0),
     arena_blocks: AtomicU64::new(0),
     cache_hits: AtomicU64::new(0),
-    cache: Caches::new(),
     cache_cap: AtomicU64::new(0),
 };
 
@@ -158,7 +182,7 @@ pub fn counters() -> Counters {
         arena_bytes: STATE.arena_bytes.load(Ordering::Relaxed),
         arena_blocks: STATE.arena_blocks.load(Ordering::Relaxed),
         connections: STATE.count.load(Ordering::Relaxed) as u64,
-        cached_bytes: STATE.cache.bytes(),
+        cached_bytes: STATE.conns().map(Conn::cached_bytes).sum(),
         cache_hits: STATE.cache_hits.load(Ordering::Relaxed),
     }
 }
@@ -298,7 +322,6 @@ impl State {
         // `connecting`, writes it; readers see it only after `count` is raised below.
         unsafe {
             (*self.conns[n].get()).write(Conn {
-                index: n,
                 conn,
                 base,
                 len,
@@ -307,6 +330,7 @@ impl State {
                 busy: AtomicU64::new(0),
                 lost: AtomicU64::new(0),
                 slots: [const { AtomicU32::new(0) }; POOL],
+                home: AtomicU32::new(u32::MAX),
             });
         }
         if n == 0 {
@@ -323,11 +347,12 @@ impl State {
     fn forget_parent(&self) {
         self.arena_bytes.store(0, Ordering::Relaxed);
         self.arena_blocks.store(0, Ordering::Relaxed);
-        // Every block cached or held now is the parent's: the child gives nothing to its cache
-        // (a free of an inherited block must reach the daemon, which refuses it).
-        self.cache.clear();
+        // Every block cached or held now is the parent's, and so is the ledger: the child
+        // caches and releases nothing (a free of an inherited block must reach the daemon,
+        // which refuses it).
         self.cache_cap.store(1, Ordering::Relaxed);
         for c in self.conns() {
+            c.home.store(u32::MAX, Ordering::Relaxed);
             c.registered.store(0, Ordering::Relaxed);
             c.busy.store(0, Ordering::Relaxed);
             c.lost.store(0, Ordering::Relaxed);
@@ -382,6 +407,12 @@ impl State {
             }
             return match c.conn.register() {
                 Ok(index) => {
+                    let _ = c.home.compare_exchange(
+                        u32::MAX,
+                        index,
+                        Ordering::Release,
+                        Ordering::Relaxed,
+                    );
                     c.slots[pos].store(index, Ordering::Relaxed);
                     c.registered.fetch_or(1 << pos, Ordering::Release);
                     Some(pos)
@@ -399,37 +430,39 @@ impl State {
     }
 
     /// Allocates in the arena of daemon `name`, or `None`: from the cache of freed blocks if
-    /// one of this size is there, else from the daemon (after giving the cache back to it, if
-    /// the daemon has no room).
+    /// one of this size is there, else from the daemon (which takes cached blocks back from
+    /// every client, this one included, before it refuses for want of room).
     fn arena_alloc(&self, name: &str, layout: Layout, zeroed: bool) -> Option<NonNull<u8>> {
         let c = self.live_conn(name)?;
         let (size, align) = (layout.size() as u64, layout.align() as u64);
         let granule = c.conn.granule();
         let granules = u32::try_from(layout.size().div_ceil(granule)).ok()?;
-        if let Some(offset) = self.cache.take(c.index, granules, align, granule) {
+        let align_granules = u32::try_from(layout.align().div_ceil(granule)).ok()?;
+        let cached = c
+            .ledger()
+            .and_then(|l| l.take(granules, align_granules, cpu_hint()));
+        if let Some(g) = cached {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
             self.forwarded.fetch_add(1, Ordering::Relaxed);
             // SAFETY: the block lies inside the arena mapping and is this process's alone.
-            let p = unsafe { c.conn.arena_base().add(offset as usize) };
+            let p = unsafe { c.conn.arena_base().add(g as usize * granule) };
             if zeroed {
                 // SAFETY: as above; the block is `granules` granules long.
                 unsafe { p.write_bytes(0, granules as usize * granule) };
             }
             return NonNull::new(p);
         }
-        let mut r = self.with_slot(c, |i| c.conn.allocate(i, size, align, zeroed))?;
-        if matches!(r, Err(RequestError::Refused(Status::OutOfMemory))) && self.cache.bytes() > 0 {
-            self.give_back_cache();
-            r = self.with_slot(c, |i| c.conn.allocate(i, size, align, zeroed))?;
-        }
-        let block = r.ok()?;
+        let block = self
+            .with_slot(c, |i| c.conn.allocate(i, size, align, zeroed))?
+            .ok()?;
         self.forwarded.fetch_add(1, Ordering::Relaxed);
         self.arena_bytes.fetch_add(block.size, Ordering::Relaxed);
         self.arena_blocks.fetch_add(1, Ordering::Relaxed);
         NonNull::new(block.as_ptr())
     }
 
-    /// The cache's bound in bytes: `XALLOC_CACHE` if set (`0` turns the cache off), else
+    /// The cache's bound in bytes: `XALLOC_CACHE` if set (`0` turns the cache off, and the
+    /// ledger with it), else
     /// [`DEFAULT_CACHE_BYTES`].
     fn cache_cap(&self) -> u64 {
         match self.cache_cap.load(Ordering::Relaxed) {
@@ -443,54 +476,44 @@ impl State {
         }
     }
 
-    /// Frees every cached block through its daemon.
-    fn give_back_cache(&self) {
-        self.cache.drain(
-            |i| self.conn(i).conn.granule(),
-            |i, offset, granules| {
-                let c = self.conn(i);
-                let bytes = u64::from(granules) * c.conn.granule() as u64;
-                if c.dead.load(Ordering::Relaxed) {
-                    return;
-                }
-                if let Some(Ok(())) = self.with_slot(c, |s| c.conn.free(s, offset)) {
-                    self.arena_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                    self.arena_blocks.fetch_sub(1, Ordering::Relaxed);
-                }
-            },
-        );
-    }
-
     /// Bytes of the arena block that holds `size` bytes.
     fn block_bytes(c: &Conn, size: usize) -> u64 {
         size.next_multiple_of(c.conn.granule()) as u64
     }
 
-    /// Frees arena block `ptr` of `size` bytes in `c`. A block the daemon does not count as
-    /// this process's (inherited through fork) and a dead daemon's blocks are left alone.
+    /// Frees arena block `ptr` of `size` bytes in `c`: into the cache for the next allocation
+    /// of its size, unless the cache is full or the daemon runs low on room; else released
+    /// into the ledger for the daemon's next sweep, without waiting; else (ledger full, cache
+    /// off) through a round trip. A block the daemon does not count as this process's
+    /// (inherited through fork) and a dead daemon's blocks are left alone.
     fn arena_free(&self, c: &Conn, ptr: *mut u8, size: usize) {
         if !self.usable(c) {
             return;
         }
         let offset = (ptr.addr() - c.base) as u64;
-        // Kept for the next allocation of this size, unless the daemon runs low on room; then
-        // the cache goes back too.
-        let granule = c.conn.granule();
-        if c.conn.arena_is_low() {
-            if self.cache.bytes() > 0 {
-                self.give_back_cache();
+        let granule = c.conn.granule() as u64;
+        let bytes = Self::block_bytes(c, size);
+        let cap = self.cache_cap();
+        if let (Some(ledger), true) = (c.ledger(), cap > 0) {
+            let mut block = LedgerBlock {
+                offset: u32::try_from(offset / granule).unwrap_or(u32::MAX),
+                granules: u32::try_from(bytes / granule).unwrap_or(0),
+                released: false,
+            };
+            let room = ledger.cached_granules.load(Ordering::Relaxed) * granule + bytes <= cap;
+            if room && !c.conn.arena_is_low() && ledger.put(block, cpu_hint()) {
+                return;
             }
-        } else if let Ok(granules) = u32::try_from(size.div_ceil(granule)) {
-            if self
-                .cache
-                .put(c.index, offset, granules, granule, self.cache_cap())
-            {
+            block.released = true;
+            if ledger.put(block, cpu_hint()) {
+                c.conn.ring_sweep();
+                self.arena_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                self.arena_blocks.fetch_sub(1, Ordering::Relaxed);
                 return;
             }
         }
         if let Some(Ok(())) = self.with_slot(c, |i| c.conn.free(i, offset)) {
-            self.arena_bytes
-                .fetch_sub(Self::block_bytes(c, size), Ordering::Relaxed);
+            self.arena_bytes.fetch_sub(bytes, Ordering::Relaxed);
             self.arena_blocks.fetch_sub(1, Ordering::Relaxed);
         }
     }

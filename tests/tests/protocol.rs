@@ -255,7 +255,7 @@ fn a_killed_client_gets_its_blocks_and_slot_reclaimed() {
     assert_eq!(s["slots"], "1");
     d.stats_line();
     let holder = format!(
-        "client {}: 5 blocks, {} bytes, 1 slots",
+        "client {}: 5 blocks, {} bytes (0 of them cached for reuse), 1 slots",
         child.0.id(),
         5 * 102_400
     );

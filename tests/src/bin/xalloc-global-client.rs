@@ -11,6 +11,11 @@
 //!     Allocates a shared buffer, forks; the child allocates and frees large buffers of its own,
 //!     writes into and frees the inherited buffer, and exits; the parent checks that its buffer
 //!     is unchanged and the child succeeded. Prints `ok ...` as above.
+//! xalloc-global-client free-then-wait COUNT SIZE
+//!     Allocates COUNT blocks of SIZE bytes (each filled with its own byte), frees them all,
+//!     prints `freed cached_bytes=N arena_bytes=N`, and waits for a line on stdin, making no
+//!     request meanwhile; then allocates COUNT blocks of SIZE bytes again, checks and frees
+//!     them, and prints `ok ...` as above.
 //! ```
 //!
 //! The global allocator is wrapped in a counter of nesting depth: if `XallocGlobal` ever
@@ -218,6 +223,37 @@ fn fork_test() -> Result<(), String> {
     Ok(())
 }
 
+fn free_then_wait(count: usize, size: usize) -> Result<(), String> {
+    let fill = |round: usize| -> Vec<Vec<u8>> {
+        (0..count)
+            .map(|i| vec![(round * count + i) as u8; size])
+            .collect()
+    };
+    let check = |blocks: &[Vec<u8>], round: usize| -> Result<(), String> {
+        for (i, b) in blocks.iter().enumerate() {
+            let want = (round * count + i) as u8;
+            if b.iter().any(|&x| x != want) {
+                return Err(format!("block {i} of round {round} lost its contents"));
+            }
+        }
+        Ok(())
+    };
+    let first = fill(0);
+    check(&first, 0)?;
+    drop(first);
+    let c = xalloc_global::counters();
+    println!(
+        "freed cached_bytes={} arena_bytes={}",
+        c.cached_bytes, c.arena_bytes
+    );
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let second = fill(1);
+    check(&second, 1)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let num = |i: usize| args.get(i).and_then(|s| s.parse::<u64>().ok());
@@ -227,7 +263,14 @@ fn main() -> ExitCode {
             _ => Err("usage: work THREADS MILLIS".into()),
         },
         Some("fork") => fork_test(),
-        _ => Err("usage: xalloc-global-client work THREADS MILLIS | fork".into()),
+        Some("free-then-wait") => match (num(1), num(2)) {
+            (Some(n), Some(size)) => free_then_wait(n as usize, size as usize),
+            _ => Err("usage: free-then-wait COUNT SIZE".into()),
+        },
+        _ => Err(
+            "usage: xalloc-global-client work THREADS MILLIS | fork | free-then-wait COUNT SIZE"
+                .into(),
+        ),
     };
     let c = xalloc_global::counters();
     match result {
