@@ -11,6 +11,9 @@ pub const DEFAULT_ARENA_SIZE: &str = "256M";
 /// Default number of request slots (one per client thread that talks to the daemon at once).
 pub const DEFAULT_SLOTS: u32 = 256;
 
+/// Default `--spin-us`: see the README's "Tuning the spin" for the measurement behind it.
+pub const DEFAULT_SPIN_US: u64 = 50;
+
 /// xallocd: the xalloc daemon. Hosts a shared-memory arena and serves allocation requests from
 /// other processes through the segments /NAME.request, /NAME.response and /NAME.arena.
 #[derive(Debug, Parser)]
@@ -84,6 +87,13 @@ pub struct StartArgs {
     /// pages go back to the kernel (fractions allowed).
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
     pub decay: std::time::Duration,
+
+    /// Microseconds the daemon keeps polling for requests after its last one before it sleeps
+    /// (a request that finds it asleep pays a wake-up, tens of µs); 0 never polls. It never
+    /// polls on a machine with one CPU, nor while a client shares its CPU.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = DEFAULT_SPIN_US,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub spin_us: u64,
 
     /// Discard the segments a daemon of this name left when it died, instead of re-attaching
     /// to them (by default a restarted daemon keeps the blocks its clients still hold).

@@ -226,7 +226,9 @@ fn serve(
         }
     };
     let mut server = match Server::new(seg, mailbox, watcher.epoll) {
-        Ok(s) => s.with_retention(args.retain, args.decay),
+        Ok(s) => s
+            .with_retention(args.retain, args.decay)
+            .with_spin(std::time::Duration::from_micros(args.spin_us)),
         Err(e) => {
             names.unlink_all();
             return fail(readiness, e);

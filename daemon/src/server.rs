@@ -43,10 +43,6 @@ const CHUNK: u64 = 2 << 20;
 /// The largest alignment served.
 const MAX_ALIGN: u64 = 1 << 30;
 
-/// How long the daemon spins for the next request after answering one, before it sleeps
-/// (when more than one CPU is online).
-const SPIN_BUDGET: Duration = Duration::from_micros(50);
-
 /// How often the counters in the response segment are refreshed while requests keep coming
 /// (they are refreshed as soon as none is pending).
 const STATS_INTERVAL: Duration = Duration::from_millis(1);
@@ -115,7 +111,10 @@ pub struct Server {
     started_unix: u64,
     /// Reserving pages failed, and has not succeeded since (logged once per episode).
     shm_full: bool,
+    /// More than one CPU is online: spinning can pay off.
     spin: bool,
+    /// How long to spin for the next request before sleeping (`--spin-us`).
+    spin_budget: Duration,
     /// This process's id (for the statistics).
     pid: u32,
     /// The CPU of the last batch of requests, and whether one of them came from a client on it.
@@ -220,6 +219,7 @@ impl Server {
             started_unix,
             shm_full: false,
             spin: os::online_cpus() > 1,
+            spin_budget: Duration::from_micros(crate::cli::DEFAULT_SPIN_US),
             pid: os::pid(),
             cpu: u32::MAX,
             client_on_my_cpu: false,
@@ -231,6 +231,13 @@ impl Server {
         }
         s.publish_stats();
         Ok(s)
+    }
+
+    /// Spins up to `budget` for the next request after answering one, before sleeping
+    /// (`--spin-us`; only where more than one CPU is online).
+    pub fn with_spin(mut self, budget: Duration) -> Self {
+        self.spin_budget = budget;
+        self
     }
 
     /// Keeps at most `retain` bytes of idle reserved pages: beyond that, a chunk (2 MiB) that
@@ -627,7 +634,7 @@ impl Server {
             // yields the CPU every few batches: a client on this same CPU that waits for its
             // answer (or has the next request ready) runs at once instead of after the budget,
             // while with nothing else runnable a yield returns at once.
-            if self.spin && last_work.elapsed() < SPIN_BUDGET {
+            if self.spin && last_work.elapsed() < self.spin_budget {
                 let (batch, per_yield) = if self.client_on_my_cpu {
                     (1, 1)
                 } else {
@@ -636,7 +643,7 @@ impl Server {
                 let mut batches = 0u32;
                 while self.doorbell().rings.load(Ordering::Relaxed) == seen
                     && !self.mailbox.flag.load(Ordering::Relaxed)
-                    && last_work.elapsed() < SPIN_BUDGET
+                    && last_work.elapsed() < self.spin_budget
                 {
                     for _ in 0..batch {
                         core::hint::spin_loop();

@@ -45,7 +45,7 @@ static N: AtomicU32 = AtomicU32::new(0);
 fuzz_target!(|reqs: Vec<Req>| {
     let name = format!("xfuzz-{}-{}", os::pid(), N.fetch_add(1, Ordering::Relaxed));
     let names = Names::new(&name).unwrap();
-    let seg = segments::create(names, 4, 1 << 20, GRANULE as u32, Access { gid: None }, 1)
+    let seg = segments::create(names, 4, 1 << 20, GRANULE as u32, Access { gid: None }, 1, 0)
         .expect("segments");
     // SAFETY: plain call; the descriptor is owned at once.
     let epoll = Arc::new(unsafe { Fd::from_raw(libc::epoll_create1(libc::EPOLL_CLOEXEC)) });

@@ -70,6 +70,9 @@ usage: roundtrip run --name NAME [options]
   --warmup N         warm-up iterations per row (default 2000, quick 50)
   --idle-secs S      seconds of daemon idle time measured (default 10, quick 2)
   --quick            small counts (CI smoke run)
+  --gaps LIST        instead: only allocate+free on different CPUs, with a busy pause of each
+                     of LIST µs (e.g. 0,20,50) between pairs; prints p50, p99 and the daemon's
+                     CPU share per pause (for tuning `xallocd start --spin-us`)
 
 Prints a markdown table. Missed latency targets do not fail the run; errors exit 1.
 ";
@@ -83,6 +86,7 @@ struct Config {
     iters: usize,
     warmup: usize,
     idle_secs: u64,
+    gaps: Vec<u64>,
 }
 
 fn parse_run(args: impl Iterator<Item = String>) -> Result<Config, String> {
@@ -95,6 +99,7 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Config, String> {
     let mut warmup = None;
     let mut idle_secs = None;
     let mut quick = false;
+    let mut gaps = Vec::new();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
@@ -110,6 +115,11 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Config, String> {
             "--warmup" => warmup = Some(number(value(), "--warmup")?),
             "--idle-secs" => idle_secs = Some(number(value(), "--idle-secs")?),
             "--quick" => quick = true,
+            "--gaps" => {
+                for g in value().ok_or("--gaps needs a value")?.split(',') {
+                    gaps.push(number(Some(g.to_owned()), "--gaps")?);
+                }
+            }
             "--help" | "-h" => {
                 print!("{USAGE}");
                 std::process::exit(0);
@@ -125,6 +135,7 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Config, String> {
         iters: iters.unwrap_or(if quick { 500 } else { 20_000 }),
         warmup: warmup.unwrap_or(if quick { 50 } else { 2_000 }),
         idle_secs: idle_secs.unwrap_or(if quick { 2 } else { 10 }),
+        gaps,
     };
     if cfg.iters == 0 {
         return Err("--iters must be positive".to_owned());
@@ -221,6 +232,51 @@ fn measure_xalloc(slot: &mut Slot<'_>, warmup: usize, iters: usize) -> Result<Ve
         lat.push(nanos_since(t));
     }
     Ok(lat)
+}
+
+/// `--gaps`: allocate+free on different CPUs with a busy pause between pairs (a client that
+/// computes between requests), per pause: latency, and the daemon's CPU share over the run.
+fn run_gaps(cfg: &Config, slot: &mut Slot<'_>, pid: u32) -> Result<(), String> {
+    pin_to(cfg.other_cpu)?;
+    let tps = clock_ticks_per_second() as f64;
+    println!("| pause between pairs µs | p50 µs | p99 µs | daemon CPU share |");
+    println!("|---:|---:|---:|---:|");
+    for &gap in &cfg.gaps {
+        let pause = Duration::from_micros(gap);
+        let pair = |slot: &mut Slot<'_>| -> Result<u64, String> {
+            let t = Instant::now();
+            alloc_free(slot)?;
+            let ns = nanos_since(t);
+            let p = Instant::now();
+            while p.elapsed() < pause {
+                std::hint::spin_loop();
+            }
+            Ok(ns)
+        };
+        for _ in 0..cfg.warmup {
+            pair(slot)?;
+        }
+        let before = cpu_sample(pid)?;
+        let start = Instant::now();
+        let mut lat = Vec::with_capacity(cfg.iters);
+        for _ in 0..cfg.iters {
+            lat.push(pair(slot)?);
+        }
+        let wall = start.elapsed().as_secs_f64();
+        let after = cpu_sample(pid)?;
+        let share = match (before.sched, after.sched) {
+            (Some((b, _)), Some((a, _))) => a.saturating_sub(b) as f64 / 1e9 / wall,
+            _ => after.ticks.saturating_sub(before.ticks) as f64 / tps / wall,
+        };
+        let s = summarize(&mut lat);
+        println!(
+            "| {gap} | {:.2} | {:.2} | {:.0} % |",
+            s.p50,
+            s.p99,
+            share * 100.0
+        );
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -437,6 +493,9 @@ fn run(cfg: &Config) -> Result<(), String> {
         cfg.iters, cfg.warmup
     );
     let mut slot = conn.claim().map_err(|e| format!("claim a slot: {e}"))?;
+    if !cfg.gaps.is_empty() {
+        return run_gaps(cfg, &mut slot, pid);
+    }
     let mut clock = None;
     if two_cpus {
         pin_to(o)?;
