@@ -289,8 +289,9 @@ impl Doorbell {
         }
     }
 
-    /// Client side, after [`Ledger::release`]: asks the daemon to sweep the ledgers, and
-    /// returns whether it must be woken (as [`Doorbell::ring`]). Nobody waits for the sweep.
+    /// Client side, after [`Ledger::put`] of a released block: asks the daemon to sweep the
+    /// ledgers, and returns whether it must be woken (as [`Doorbell::ring`]). Nobody waits for
+    /// the sweep.
     pub fn ring_sweep(&self) -> bool {
         self.sweep.store(1, Ordering::Release);
         self.ring()
