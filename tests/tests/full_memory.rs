@@ -11,15 +11,35 @@ use common::*;
 
 const GLOBAL_CLIENT: &str = env!("CARGO_BIN_EXE_xalloc-global-client");
 
+/// Whether this process may make a private mount namespace (it is root). Outside CI a test
+/// that may not says so and skips; in CI, which runs as root, it fails.
+fn may_unshare() -> bool {
+    // SAFETY: plain query.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI runs as root; this test needs it"
+    );
+    eprintln!("SKIPPED: not root (needed for a private mount namespace)");
+    false
+}
+
+/// Runs shell `script` in a private mount namespace; its output, stdout and stderr.
+fn in_private_mount_namespace(script: &str) -> (std::process::Output, String, String) {
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stdout, stderr)
+}
+
 #[test]
 fn a_full_dev_shm_gives_out_of_memory_never_sigbus() {
-    // SAFETY: plain query.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root; this test needs it"
-        );
-        eprintln!("SKIPPED: not root (needed for a private mount namespace)");
+    if !may_unshare() {
         return;
     }
     // The segments live in the namespace's tmpfs; the guard removes the directory.
@@ -43,12 +63,7 @@ XALLOC_NAME={name} "{global}" work 2 300
         dir = dir.display(),
         log = log.display(),
     );
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let (out, stdout, stderr) = in_private_mount_namespace(&script);
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         out.status.success(),
@@ -87,13 +102,7 @@ XALLOC_NAME={name} "{global}" work 2 300
 /// same run with `--huge-pages off` maps none.
 #[test]
 fn huge_pages_back_the_arena_when_asked_for_and_allowed() {
-    // SAFETY: plain query.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root; this test needs it"
-        );
-        eprintln!("SKIPPED: not root (needed for a private mount namespace)");
+    if !may_unshare() {
         return;
     }
     let guard = Cleanup::new("huge");
@@ -117,12 +126,7 @@ done
         dir = dir.display(),
         log = log.display(),
     );
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let (out, stdout, stderr) = in_private_mount_namespace(&script);
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     let all = format!("{stdout}\n{stderr}\nlog:\n{log_text}");
     assert!(out.status.success(), "in the namespace: {all}");
