@@ -41,7 +41,7 @@ step "no_std build" cargo build -p xalloc-core --target thumbv7em-none-eabihf
 # a `Box<u8>` a tag covering one byte, so the 8 bytes of free-list links that any in-band
 # allocator writes into the freed block would be flagged even through the owner's own pointer.
 MIRIFLAGS=-Zmiri-strict-provenance step "miri (stacked borrows)" \
-    cargo +nightly miri test -p xalloc-core --lib --test shadow --test checked_free
+    cargo +nightly miri test -p xalloc-core --lib --test shadow --test checked_free --test alignment
 MIRIFLAGS=-Zmiri-strict-provenance step "miri (doc tests)" \
     cargo +nightly miri test -p xalloc-core --doc
 MIRIFLAGS="-Zmiri-strict-provenance -Zmiri-tree-borrows" step "miri (tree borrows, global allocator)" \

@@ -288,8 +288,11 @@ impl Tlsf<InBand> {
         Self::with_store(InBand::empty())
     }
 
-    /// Gives the heap its first region, `size` bytes at `start`. The start needs no alignment;
-    /// up to 23 bytes are lost to aligning it and to the end sentinel.
+    /// Gives the heap its first region, `size` bytes at `start`. The start needs no alignment.
+    /// At most [`IN_BAND_MAX_LOSS`](store::IN_BAND_MAX_LOSS) bytes (38) of a region are in no
+    /// block: up to 15 before the first header (aligning the first payload to 16), the 8-byte
+    /// end sentinel, and up to 15 at the end that do not make a whole granule. (A region of
+    /// more than `16 * 2^30` bytes is used up to that size.)
     ///
     /// A region too small for one block, or a heap already initialised, leaves the heap as it
     /// was (allocations keep failing on an empty heap). Use [`try_init`](Self::try_init) to learn

@@ -364,10 +364,19 @@ impl Mapping {
             offset + size_of::<T>() <= self.len && offset.is_multiple_of(align_of::<T>())
         );
         // SAFETY: in bounds and aligned (the caller's contract); `SharedPlain` types are valid
-        // for every bit pattern and hold only atomics or plain integers, so a shared reference
-        // to memory that other processes change is sound; the reference lives no longer than
-        // the mapping.
+        // for every bit pattern and consist of atomics only, so a shared reference to memory
+        // that other processes change is sound; the reference lives no longer than the mapping.
         unsafe { &*self.ptr.as_ptr().add(offset).cast::<T>() }
+    }
+
+    /// The segment header's words at the start of the mapping, or `None` if the mapping is
+    /// shorter than a header. Read and write them with
+    /// [`SegmentHeader::load`](crate::wire::SegmentHeader::load) and
+    /// [`SegmentHeader::store`](crate::wire::SegmentHeader::store).
+    pub fn header(&self) -> Option<&crate::wire::HeaderWords> {
+        // SAFETY: offset 0 of a page-aligned mapping is aligned for the 64-byte-aligned words,
+        // which fit when `len` is at least their size.
+        (self.len >= size_of::<crate::wire::HeaderWords>()).then(|| unsafe { self.at(0) })
     }
 }
 

@@ -5,7 +5,7 @@
 //!
 //! | field        | meaning                                                        | valid when |
 //! | ------------ | -------------------------------------------------------------- | ---------- |
-//! | `size_flags` | size in granules `<< 1`, bit 0 set iff the block is free       | always     |
+//! | `size_flags` | size in granules `<< 2`; bit 0 set iff the block is free, bit 1 set iff the physically previous block is free | always |
 //! | `prev_size`  | size in granules of the physically previous block, 0 if none   | always     |
 //! | `next_free`  | next block in this block's free list, [`NIL`] at the end       | block free |
 //! | `prev_free`  | previous block in this block's free list, [`NIL`] at the head  | block free |
@@ -156,6 +156,16 @@ pub unsafe trait MetaStore {
     /// outside every region or not on a granule boundary. It does not check that a block starts
     /// there.
     fn block_of(&self, ptr: NonNull<u8>) -> Option<(BlockId, Self::Ptr)>;
+
+    /// For [`Tlsf::check_invariants`](crate::Tlsf::check_invariants): whether the store's
+    /// record of the granules strictly inside block `p` of `size` granules is clear, where the
+    /// store keeps one (out of band, every entry but a block's first is zero, which is what
+    /// lets a checked free tell a block start from any other offset). In band there is no such
+    /// record: the inside of a block is its payload.
+    fn interior_clear(&self, p: Self::Ptr, size: u32) -> bool {
+        let _ = (p, size);
+        true
+    }
 }
 
 /// Metadata kept in band, beside the blocks: the embedded layout. Granule: 16 bytes.
@@ -183,6 +193,11 @@ pub const IN_BAND_GRANULE_SHIFT: u32 = 4;
 
 /// The in-band per-block header size.
 pub const IN_BAND_HEADER: usize = 8;
+
+/// The most bytes of an in-band region (below [`MAX_REGION_GRANULES`] granules) that end up in
+/// no block: up to 15 to align the first payload, the end sentinel's header, and up to 15 that
+/// do not make a whole granule at the end.
+pub const IN_BAND_MAX_LOSS: usize = 15 + IN_BAND_HEADER + 15;
 
 impl InBand {
     /// A store with no regions.
@@ -555,6 +570,14 @@ unsafe impl MetaStore for OutOfBand {
         // SAFETY: `new` rejected a null start, and a block's payload lies at or above `base`,
         // inside the region.
         unsafe { NonNull::new_unchecked(self.base.wrapping_add(b << self.shift)) }
+    }
+
+    fn interior_clear(&self, p: *mut MetaEntry, size: u32) -> bool {
+        (1..size as usize).all(|i| {
+            // SAFETY: `p` is a block start of `size` granules inside the region (the caller walks
+            // the region's blocks), so `p + i` for `i < size` is an entry of the table.
+            unsafe { *p.wrapping_add(i) == MetaEntry::default() }
+        })
     }
 
     #[inline(always)]

@@ -410,10 +410,10 @@ impl<S: MetaStore> Tlsf<S> {
                 let b = self.blk(self.heads[c.0][c.1]);
                 // SAFETY: `b` heads list `c`, whose every block holds `g + pad` granules, enough
                 // for `g` at any alignment up to `granule << pad`.
-                return Some(unsafe { self.take(b, c, g, layout.align()) });
+                return Some(unsafe { self.take(b, c, g, layout.align(), 0) });
             }
         }
-        self.allocate_slow(layout)
+        self.allocate_slow(layout, 0)
     }
 
     /// Takes `g` granules from the first block of non-empty list `c`.
@@ -435,17 +435,33 @@ impl<S: MetaStore> Tlsf<S> {
     }
 
     /// [`allocate`](Self::allocate) for large or over-aligned requests, and for when no class
-    /// guarantees a fit.
+    /// guarantees a fit; the payload is aligned as seen at `payload_addr + delta` (see
+    /// [`front_pad`](Self::front_pad)).
     #[inline(never)]
-    fn allocate_slow(&mut self, layout: Layout) -> Option<NonNull<u8>> {
+    fn allocate_slow(&mut self, layout: Layout, delta: usize) -> Option<NonNull<u8>> {
         let g = self.granules_for(layout.size())?;
         let align = layout.align();
-        let (b, c) = match self.candidate(g, align) {
+        let (b, c) = match self.candidate(g, align, delta) {
             Some(found) => found,
-            None => self.exhaustive_candidate(g, align)?,
+            None => self.exhaustive_candidate(g, align, delta)?,
         };
-        // SAFETY: `b` is a free block of class `c` that holds `g` granules at `align`.
-        Some(unsafe { self.take(b, c, g, align) })
+        // SAFETY: `b` is a free block of class `c` that holds `g` granules at `align` (as seen
+        // with `delta`).
+        Some(unsafe { self.take(b, c, g, align, delta) })
+    }
+
+    /// Granules of padding an allocation at `align` may need in front of its payload, or
+    /// `None` if no block of this heap could hold that much (the heap cannot honour `align`).
+    #[inline(always)]
+    fn max_front_pad(&self, align: usize) -> Option<u32> {
+        let shift = self.store.granule_shift();
+        if align <= 1 << shift {
+            return Some(0);
+        }
+        // `align` is a power of two above the granule, so `align >> shift` is at least 2.
+        u32::try_from((align >> shift) - 1)
+            .ok()
+            .filter(|&pad| pad <= LOCAL_MASK / 2)
     }
 
     /// Picks, without unlinking it, the free block an allocation of `g` granules at `align`
@@ -462,20 +478,16 @@ impl<S: MetaStore> Tlsf<S> {
     /// workload needs, low. `None` means only
     /// [`exhaustive_candidate`](Self::exhaustive_candidate) can still find a block.
     #[inline(always)]
-    fn candidate(&self, g: u32, align: usize) -> Option<(Blk<S::Ptr>, Class)> {
+    fn candidate(&self, g: u32, align: usize, delta: usize) -> Option<(Blk<S::Ptr>, Class)> {
         let shift = self.store.granule_shift();
-        let pad = if align > 1 << shift {
-            (align >> shift) as u32 - 1
-        } else {
-            0
-        };
+        let pad = self.max_front_pad(align)?;
         let search = g.checked_add(pad).filter(|&s| s <= LOCAL_MASK / 2)?;
         let good = class_at_least(search);
         let big = ((g as usize) << shift) >= LOW_FIRST_BYTES;
         if big {
             let own = class_of(g);
             if own != good && self.has(own) {
-                if let Some(b) = self.first_fit_in(own, g, align, SCAN_LIMIT) {
+                if let Some(b) = self.first_fit_in(own, g, align, delta, SCAN_LIMIT) {
                     return Some((b, own));
                 }
             }
@@ -496,15 +508,22 @@ impl<S: MetaStore> Tlsf<S> {
     }
 
     /// The first of the first `limit` blocks of non-empty list `c` that holds `g` granules at
-    /// `align`.
+    /// `align` (as seen with `delta`).
     #[inline(always)]
-    fn first_fit_in(&self, c: Class, g: u32, align: usize, limit: u32) -> Option<Blk<S::Ptr>> {
+    fn first_fit_in(
+        &self,
+        c: Class,
+        g: u32,
+        align: usize,
+        delta: usize,
+        limit: u32,
+    ) -> Option<Blk<S::Ptr>> {
         let (mut id, mut n) = (self.heads[c.0][c.1], 0);
         while id != NIL && n < limit {
             let b = self.blk(id);
             // SAFETY: `b` is in a free list, so it is a free block.
             let size = size_of_flags(unsafe { self.store.size_flags(b.p) });
-            if size >= g && size - g >= self.front_pad(b, align) {
+            if size >= g && (size - g) as usize >= self.front_pad(b, align, delta) {
                 return Some(b);
             }
             // SAFETY: as above.
@@ -519,10 +538,16 @@ impl<S: MetaStore> Tlsf<S> {
     /// fitting block exists. Its cost is bounded by the free blocks of those classes, and it runs
     /// only when the heap is nearly exhausted for this size.
     #[cold]
-    fn exhaustive_candidate(&self, g: u32, align: usize) -> Option<(Blk<S::Ptr>, Class)> {
+    fn exhaustive_candidate(
+        &self,
+        g: u32,
+        align: usize,
+        delta: usize,
+    ) -> Option<(Blk<S::Ptr>, Class)> {
+        self.max_front_pad(align)?;
         let mut from = class_of(g);
         while let Some(c @ (fl, sl)) = self.find_class(from) {
-            if let Some(b) = self.first_fit_in(c, g, align, u32::MAX) {
+            if let Some(b) = self.first_fit_in(c, g, align, delta, u32::MAX) {
                 return Some((b, c));
             }
             if sl + 1 < SL {
@@ -536,26 +561,41 @@ impl<S: MetaStore> Tlsf<S> {
         None
     }
 
-    /// Granules from block `b`'s payload to the first payload position aligned to `align`.
+    /// Granules from block `b`'s payload to the first payload position aligned to `align`,
+    /// where a payload at `payload_addr` is seen at address `payload_addr + delta` (wrapping):
+    /// 0 for the heap's own addresses, or the distance to another mapping of the same region.
+    ///
+    /// Computed as the distance to the next multiple of `align` modulo `align`, so nothing can
+    /// overflow whatever the address and the alignment (a power of two); the result is below
+    /// `align >> granule_shift`, which [`max_front_pad`](Self::max_front_pad) bounds before any
+    /// block is looked at.
     #[inline(always)]
-    fn front_pad(&self, b: Blk<S::Ptr>, align: usize) -> u32 {
+    fn front_pad(&self, b: Blk<S::Ptr>, align: usize, delta: usize) -> usize {
         if align <= self.granule() {
             return 0;
         }
-        let addr = self.store.payload_addr(b.p);
-        let aligned = (addr + align - 1) & !(align - 1);
-        ((aligned - addr) >> self.store.granule_shift()) as u32
+        let seen = self.store.payload_addr(b.p).wrapping_add(delta);
+        (seen.wrapping_neg() & (align - 1)) >> self.store.granule_shift()
     }
 
-    /// Allocates `g` granules at `align` from free block `b` of class `c`: unlinks it, frees the
+    /// Allocates `g` granules at `align` (as seen with `delta`, see
+    /// [`front_pad`](Self::front_pad)) from free block `b` of class `c`: unlinks it, frees the
     /// granules in front of the aligned position and those past `g`, and returns the payload.
     ///
     /// # Safety
-    /// `b` is a free block in the list of class `c`, of at least `front_pad(b, align) + g`
-    /// granules.
+    /// `b` is a free block in the list of class `c`, of at least
+    /// `front_pad(b, align, delta) + g` granules.
     #[inline(always)]
-    unsafe fn take(&mut self, b: Blk<S::Ptr>, c: Class, g: u32, align: usize) -> NonNull<u8> {
-        let front = self.front_pad(b, align);
+    unsafe fn take(
+        &mut self,
+        b: Blk<S::Ptr>,
+        c: Class,
+        g: u32,
+        align: usize,
+        delta: usize,
+    ) -> NonNull<u8> {
+        // The caller guarantees the block holds `front + g` granules, so `front` fits in u32.
+        let front = self.front_pad(b, align, delta) as u32;
         // SAFETY: forwarded; `front` is the padding that aligns `b`'s payload.
         unsafe { self.take_after(b, c, front, g) }
     }
@@ -759,7 +799,7 @@ impl<S: MetaStore> Tlsf<S> {
         let (b, v) = unsafe { self.used_block(ptr) };
         let size = size_of_flags(v);
         let align = layout.align();
-        let found = self.candidate(g, align);
+        let found = self.candidate(g, align, 0);
         let copy_bytes = (size.min(g) as usize) << self.store.granule_shift();
         if let Some((c, class)) =
             found.filter(|(c, _)| c.id < b.id && copy_bytes <= MOVE_DOWN_MAX_BYTES)
@@ -774,7 +814,7 @@ impl<S: MetaStore> Tlsf<S> {
         }
         let (c, class) = match found {
             Some(found) => found,
-            None => self.exhaustive_candidate(g, align)?,
+            None => self.exhaustive_candidate(g, align, 0)?,
         };
         // SAFETY: `c` is a free block of class `class` holding `g` granules at `align`; `ptr` is
         // live.
@@ -839,7 +879,7 @@ impl<S: MetaStore> Tlsf<S> {
         new_size: usize,
     ) -> NonNull<u8> {
         // SAFETY: the caller's contract for `c`.
-        let new = unsafe { self.take(c, class, g, layout.align()) };
+        let new = unsafe { self.take(c, class, g, layout.align(), 0) };
         // SAFETY: `ptr` holds at least `layout.size()` bytes, `new` at least `new_size`; they
         // are distinct live blocks, so they do not overlap. Then `ptr` is freed once.
         unsafe {
@@ -872,7 +912,9 @@ impl<S: MetaStore> Tlsf<S> {
             region_bytes: self.total_granules << gs,
             used_bytes: self.used_granules << gs,
             free_bytes: (self.total_granules - self.used_granules) << gs,
-            largest_free_bytes: ((largest as usize) << gs).saturating_sub(S::OVERHEAD),
+            // One allocation takes at most `LOCAL_MASK / 2` granules (see `granules_for`).
+            largest_free_bytes: ((largest.min(LOCAL_MASK / 2) as usize) << gs)
+                .saturating_sub(S::OVERHEAD),
             live_blocks: self.live,
             free_blocks: self.free_blocks,
         }
@@ -902,6 +944,9 @@ impl<S: MetaStore> Tlsf<S> {
                 }
                 if (v & PREV_FREE != 0) != prev_free {
                     return fail("PREV_FREE bit differs from the previous block's state", id);
+                }
+                if !self.store.interior_clear(p, size) {
+                    return fail("metadata inside a block is not clear", id);
                 }
                 let is_free = v & FREE != 0;
                 if is_free {
@@ -1039,6 +1084,28 @@ impl<S: MetaStore> Tlsf<S> {
 }
 
 impl Tlsf<OutOfBand> {
+    /// Allocates a block for a process that maps the region at address `view`, and returns
+    /// its offset from the region's start: `view + offset` is a multiple of `layout.align()`
+    /// (the heap's own mapping does not matter). With `view = 0` the offset itself is aligned.
+    /// `None` when no free block can hold the request at that alignment, or when no block of
+    /// this heap ever could (an alignment beyond `granule * 2^29`).
+    ///
+    /// Only the low bits of `view` matter: any value congruent to the mapping's address modulo
+    /// the largest alignment asked for gives the same blocks.
+    ///
+    /// # Time complexity
+    /// As [`allocate`](Self::allocate).
+    pub fn allocate_offset(&mut self, layout: Layout, view: usize) -> Option<usize> {
+        let p = if layout.align() <= self.granule() {
+            // Every block is granule-aligned in every view: the fast path needs no view.
+            self.allocate(layout)?
+        } else {
+            let delta = view.wrapping_sub(self.store().base().addr());
+            self.allocate_slow(layout, delta)?
+        };
+        Some(self.offset_of(p))
+    }
+
     /// The size in bytes of the used block whose payload starts `offset` bytes into the region,
     /// or `None` if no used block starts there. O(1).
     pub fn block_size_at(&self, offset: usize) -> Option<usize> {

@@ -132,6 +132,36 @@ pub struct SegmentHeader {
     pub flags: u32,
 }
 
+/// Words in a [`SegmentHeader`].
+const HEADER_WORDS: usize = 8;
+
+/// Half `i` (0: the lower addressed) of word `w`'s bytes in memory order.
+fn half(w: u64, i: usize) -> [u8; 4] {
+    let b = w.to_ne_bytes();
+    [b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]
+}
+
+/// A [`SegmentHeader`]'s place in shared memory, as the atomic words that
+/// [`SegmentHeader::load`] and [`SegmentHeader::store`] read and write: every process sees the
+/// header of a segment another process may be rewriting (a daemon that re-attaches rewrites
+/// them), so it is never read or written as plain memory.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct HeaderWords(pub [AtomicU64; HEADER_WORDS]);
+
+impl HeaderWords {
+    /// All zero, as in a fresh segment.
+    pub fn new() -> Self {
+        Self(core::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl Default for HeaderWords {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Why a segment cannot be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LayoutError {
@@ -202,14 +232,48 @@ impl SegmentHeader {
         self
     }
 
-    /// Reads a header from shared memory that other processes may be writing.
-    ///
-    /// # Safety
-    /// `p` is valid for reads of a `SegmentHeader` and aligned.
-    pub unsafe fn load(p: *const Self) -> Self {
-        // SAFETY: the caller's contract; a volatile read takes whatever bytes are there, and
-        // every bit pattern is a valid `SegmentHeader` (integers only).
-        unsafe { p.read_volatile() }
+    /// Reads a header from shared memory that other processes may be writing, one atomic word
+    /// at a time (a header changing meanwhile reads as a mix, which [`check`](Self::check)
+    /// and [`same_instance`](Self::same_instance) are there to catch).
+    pub fn load(at: &HeaderWords) -> Self {
+        let w: [u64; HEADER_WORDS] = core::array::from_fn(|i| at.0[i].load(Ordering::Acquire));
+        let lo = |w: u64| u32::from_ne_bytes(half(w, 0));
+        let hi = |w: u64| u32::from_ne_bytes(half(w, 1));
+        Self {
+            magic: w[0],
+            version: lo(w[1]),
+            kind: hi(w[1]),
+            header_size: lo(w[2]),
+            slot_size: hi(w[2]),
+            slot_count: lo(w[3]),
+            granule: hi(w[3]),
+            arena_len: w[4],
+            generation: w[5],
+            daemon_pid: lo(w[6]),
+            flags: hi(w[6]),
+        }
+    }
+
+    /// Writes this header into shared memory, one atomic word at a time, in the byte layout of
+    /// the `#[repr(C)]` struct (the padding word reads 0).
+    pub fn store(&self, at: &HeaderWords) {
+        let pair = |a: u32, b: u32| {
+            let (a, b) = (a.to_ne_bytes(), b.to_ne_bytes());
+            u64::from_ne_bytes([a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]])
+        };
+        let w = [
+            self.magic,
+            pair(self.version, self.kind),
+            pair(self.header_size, self.slot_size),
+            pair(self.slot_count, self.granule),
+            self.arena_len,
+            self.generation,
+            pair(self.daemon_pid, self.flags),
+            0,
+        ];
+        for (slot, v) in at.0.iter().zip(w) {
+            slot.store(v, Ordering::Release);
+        }
     }
 
     /// Whether `other` describes a segment of the same daemon instance (generation, pid,
@@ -400,7 +464,7 @@ pub struct Ledger {
     pub cached_granules: AtomicU64,
     /// Set by the client after it releases a block; cleared by the daemon before it sweeps.
     pub pending: AtomicU32,
-    _pad: [u32; 13],
+    _pad: [AtomicU32; 13],
     /// The entries (0: empty).
     pub entries: [AtomicU64; LEDGER_ENTRIES],
 }
@@ -411,7 +475,7 @@ impl Ledger {
         Self {
             cached_granules: AtomicU64::new(0),
             pending: AtomicU32::new(0),
-            _pad: [0; 13],
+            _pad: core::array::from_fn(|_| AtomicU32::new(0)),
             entries: core::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -450,17 +514,17 @@ impl Ledger {
         false
     }
 
-    /// Client side: takes a cached block of `granules` granules whose offset is a multiple of
-    /// `align` granules; returns its offset in granules.
-    pub fn take(&self, granules: u32, align: u32, hint: usize) -> Option<u32> {
-        let align = align.max(1);
+    /// Client side: takes a cached block of `granules` granules whose offset (in granules)
+    /// `fits` accepts, such as one aligned as the client needs; returns its offset in granules.
+    /// The entry is the client's to write, so the caller checks the offset before use.
+    pub fn take(&self, granules: u32, hint: usize, fits: impl Fn(u32) -> bool) -> Option<u32> {
         for i in Self::order(hint) {
             let e = &self.entries[i];
             let word = e.load(Ordering::Relaxed);
             let Some(b) = LedgerBlock::decode(word) else {
                 continue;
             };
-            if b.released || b.granules != granules || !b.offset.is_multiple_of(align) {
+            if b.released || b.granules != granules || !fits(b.offset) {
                 continue;
             }
             if e.compare_exchange(word, 0, Ordering::Acquire, Ordering::Relaxed)
@@ -636,7 +700,8 @@ pub struct Request {
     pub size: u64,
     /// Alignment in bytes.
     pub align: u64,
-    /// Offset of a block in the arena's data.
+    /// Offset of a block in the arena's data; for [`Op::Allocate`], the client's view of the
+    /// arena (see [`RequestSlot::offset`]).
     pub offset: u64,
 }
 
@@ -663,7 +728,10 @@ pub struct RequestSlot {
     pub size: AtomicU64,
     /// Alignment in bytes.
     pub align: AtomicU64,
-    /// Offset of a block in the arena's data.
+    /// [`Op::Free`], [`Op::Reallocate`]: offset of a block in the arena's data.
+    /// [`Op::Allocate`]: the client's address of the arena's data modulo [`MAX_ALIGN`], so
+    /// that the block is aligned where the client sees it (the daemon's own mapping of the
+    /// arena is at another address, aligned only to [`HUGE_PAGE`]); 0 aligns the offset itself.
     pub offset: AtomicU64,
 }
 
@@ -1001,19 +1069,29 @@ impl Default for ResponseSlot {
     }
 }
 
-/// Types that live in memory shared with other processes, which may write any bytes into it.
+/// Types that live in memory shared with other processes, which may write any bytes into it
+/// at any time: the only types a shared reference into a mapping is made to
+/// ([`Mapping::at`](crate::os::Mapping::at)).
+///
+/// A type of plain integers is not one: a header is read through [`HeaderWords`].
+///
+/// ```compile_fail
+/// fn shared<T: xalloc_core::wire::SharedPlain>() {}
+/// shared::<xalloc_core::wire::SegmentHeader>();
+/// ```
 ///
 /// # Safety
 /// An implementor
 /// 1. is `#[repr(C)]` with a layout fixed by [`VERSION`];
-/// 2. holds no pointer or reference, only integers and atomics, so that it means the same at
-///    every address it is mapped to;
+/// 2. consists of atomic integers only (padding included), so that a shared reference to it
+///    stays sound while other processes write its bytes, and means the same at every address it
+///    is mapped to;
 /// 3. is valid for every bit pattern, all zeros included (a fresh segment);
 /// 4. has no `Drop`, since no process owns it alone.
 pub unsafe trait SharedPlain: Sized {}
 
-// SAFETY: 1. `#[repr(C)]`; 2-4. integers only, no `Drop`.
-unsafe impl SharedPlain for SegmentHeader {}
+// SAFETY: 1. `#[repr(C)]`; 2-4. atomic words only, no `Drop`.
+unsafe impl SharedPlain for HeaderWords {}
 // SAFETY: 1. `#[repr(C)]`; 2-4. atomics of plain integers only, no `Drop`.
 unsafe impl SharedPlain for Doorbell {}
 // SAFETY: as for `Doorbell`.
@@ -1022,7 +1100,7 @@ unsafe impl SharedPlain for RequestSlot {}
 unsafe impl SharedPlain for ResponseSlot {}
 // SAFETY: as for `Doorbell`.
 unsafe impl SharedPlain for DaemonStats {}
-// SAFETY: 1. `#[repr(C)]`; 2-4. atomics of plain integers and padding integers only, no `Drop`.
+// SAFETY: 1. `#[repr(C)]`; 2-4. atomics of plain integers only (the padding too), no `Drop`.
 unsafe impl SharedPlain for Ledger {}
 
 /// One granule's entry in the state segment: who owns the block that starts there, and its
@@ -1086,6 +1164,9 @@ pub const fn response_slot_offset(i: u32) -> usize {
     STATS_OFFSET + size_of::<DaemonStats>() + i as usize * size_of::<ResponseSlot>()
 }
 
+/// The largest alignment the daemon serves, in bytes.
+pub const MAX_ALIGN: u64 = 1 << 30;
+
 /// The most slots a segment may have (the daemon's `--slots` limit).
 pub const MAX_SLOTS: u32 = 4096;
 
@@ -1093,6 +1174,7 @@ pub const MAX_SLOTS: u32 = 4096;
 #[cfg(not(loom))]
 const _: () = {
     assert!(size_of::<SegmentHeader>() == 64 && align_of::<SegmentHeader>() == 64);
+    assert!(size_of::<HeaderWords>() == 64 && align_of::<HeaderWords>() == 64);
     assert!(size_of::<Doorbell>() == 64 && align_of::<Doorbell>() == 64);
     assert!(size_of::<RequestSlot>() == 64 && align_of::<RequestSlot>() == 64);
     assert!(size_of::<ResponseSlot>() == 64 && align_of::<ResponseSlot>() == 64);
@@ -1119,9 +1201,16 @@ mod tests {
         let h = SegmentHeader::new(SegmentKind::Request, 8, 4096, 1 << 30, 7, 42);
         let len = request_segment_len(8);
         assert_eq!(len, 64 + 64 + 8 * 64 + 8 * size_of::<Ledger>());
-        // SAFETY: `h` is a valid, aligned header.
-        let copy = unsafe { SegmentHeader::load(&h) };
-        assert_eq!(copy, h);
+        let words = HeaderWords::new();
+        h.store(&words);
+        assert_eq!(SegmentHeader::load(&words), h);
+        // The words hold the bytes of the `#[repr(C)]` struct: tools that dump a segment read
+        // the same fields.
+        // SAFETY: both are 64 bytes, and every byte of `words` is initialised.
+        let bytes: [u8; 64] = unsafe { core::mem::transmute_copy(&words) };
+        // SAFETY: `bytes` holds 64 initialised bytes; a `SegmentHeader` is integers only.
+        let plain: SegmentHeader = unsafe { core::mem::transmute(bytes) };
+        assert_eq!(plain, h);
         assert_eq!(h.check(SegmentKind::Request, len), Ok(()));
         assert_eq!(
             h.check(SegmentKind::Response, len),
@@ -1159,6 +1248,35 @@ mod tests {
         );
     }
 
+    /// A header rewritten while another thread reads it (a daemon re-attaching while clients
+    /// check their connection) is read word by word, atomically: every word read is one that
+    /// was written. Under Miri, a plain read here is a data race.
+    #[test]
+    fn a_header_read_while_it_is_rewritten_is_made_of_written_words() {
+        let a = SegmentHeader::new(SegmentKind::Request, 8, 4096, 1 << 30, 7, 42);
+        let b = SegmentHeader::new(SegmentKind::Request, 8, 4096, 1 << 30, 8, 43);
+        let words = Arc::new(HeaderWords::new());
+        a.store(&words);
+        let writer = {
+            let words = Arc::clone(&words);
+            thread::spawn(move || {
+                for i in 0..50 {
+                    if i % 2 == 0 { b } else { a }.store(&words);
+                }
+            })
+        };
+        for _ in 0..50 {
+            let h = SegmentHeader::load(&words);
+            assert!(h.generation == 7 || h.generation == 8, "{h:?}");
+            assert!(h.daemon_pid == 42 || h.daemon_pid == 43, "{h:?}");
+            assert_eq!(
+                h.check(SegmentKind::Request, request_segment_len(8)),
+                Ok(())
+            );
+        }
+        writer.join().unwrap();
+    }
+
     #[test]
     fn ledger_hands_each_block_to_one_side_only() {
         let b = |offset, granules, released| LedgerBlock {
@@ -1179,14 +1297,22 @@ mod tests {
         assert!(l.put(b(64, 2, true), 1));
         assert_eq!(l.cached_granules.load(Ordering::Relaxed), 8);
         assert_eq!(l.pending.load(Ordering::Relaxed), 1);
-        assert_eq!(l.take(4, 32, 0), Some(32), "aligned to 32 granules");
-        assert_eq!(l.take(2, 1, 0), None, "released blocks are not for reuse");
+        assert_eq!(
+            l.take(4, 0, |o| o % 32 == 0),
+            Some(32),
+            "aligned to 32 granules"
+        );
+        assert_eq!(
+            l.take(2, 0, |_| true),
+            None,
+            "released blocks are not for reuse"
+        );
         let mut freed = Vec::new();
         assert_eq!(l.sweep(|b| freed.push(b)), 1);
         assert_eq!(freed, [b(64, 2, true)]);
         assert_eq!(l.reclaim(|b| freed.push(b)), 1);
         assert_eq!(freed[1], b(16, 4, false));
-        assert_eq!(l.take(4, 1, 0), None, "reclaimed");
+        assert_eq!(l.take(4, 0, |_| true), None, "reclaimed");
         assert_eq!(l.cached_granules.load(Ordering::Relaxed), 0);
         for i in 0..LEDGER_ENTRIES as u32 {
             assert!(l.put(b(i, 1, false), i as usize));
@@ -1197,7 +1323,7 @@ mod tests {
             LEDGER_ENTRIES as u64
         );
         l.clear();
-        assert_eq!(l.take(1, 1, 0), None);
+        assert_eq!(l.take(1, 0, |_| true), None);
 
         // A client taking while the daemon reclaims: every block goes to exactly one of them.
         for _ in 0..50 {
@@ -1209,7 +1335,7 @@ mod tests {
                 let l = Arc::clone(&l);
                 thread::spawn(move || {
                     let mut got = Vec::new();
-                    while let Some(off) = l.take(1, 1, got.len()) {
+                    while let Some(off) = l.take(1, got.len(), |_| true) {
                         got.push(off);
                     }
                     got

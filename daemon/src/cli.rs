@@ -45,7 +45,9 @@ pub struct Instance {
     pub name: String,
 
     /// Pidfile, locked for the daemon's life. Default: /run/xalloc/NAME.pid for root,
-    /// else $XDG_RUNTIME_DIR/xalloc/NAME.pid, else /tmp/xalloc-UID/NAME.pid.
+    /// else $XDG_RUNTIME_DIR/xalloc/NAME.pid, else /tmp/xalloc-UID/NAME.pid; that directory is
+    /// created 0700 and refused unless it is yours and neither group nor others may write it.
+    /// A pidfile that is a symbolic link, or another user's file, is refused.
     #[arg(long, value_name = "PATH")]
     pub pidfile: Option<PathBuf>,
 }

@@ -7,25 +7,190 @@
 //! open file description, which the daemon inherits and keeps for its life, and the kernel drops
 //! it when the daemon dies, however it dies: a pidfile left by a killed daemon is stale and
 //! does not block a restart.
+//!
+//! Nothing about the pidfile is trusted before it is checked, since another user may have
+//! made it first: the default directory ([`default_dir`]) is created 0700 and must be a real
+//! directory (not a symbolic link) of this user that neither its group nor others may write;
+//! a pidfile is opened without following a final symbolic link, and must be a regular file of
+//! this user with no other name. [`Pidfile::lock`] (`start`) and [`holder`] (`stop`) make the
+//! same checks, so a planted pidfile can neither make `start` overwrite a file it points at nor
+//! name the pid `stop` signals.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// The default pidfile of instance `name`.
-pub fn default_pidfile(name: &str) -> PathBuf {
+/// This process's effective user id.
+fn euid() -> u32 {
     // SAFETY: always succeeds.
-    let uid = unsafe { libc::geteuid() };
-    let dir = if uid == 0 {
+    unsafe { libc::geteuid() }
+}
+
+/// The directory of the default pidfiles: `/run/xalloc` for root, else
+/// `$XDG_RUNTIME_DIR/xalloc`, else `/tmp/xalloc-UID`. [`Pidfile::lock`] creates it (mode 0700;
+/// its parent must exist) and refuses it unless it is private to this user.
+pub fn default_dir() -> PathBuf {
+    let uid = euid();
+    if uid == 0 {
         PathBuf::from("/run/xalloc")
     } else if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         PathBuf::from(d).join("xalloc")
     } else {
         PathBuf::from(format!("/tmp/xalloc-{uid}"))
+    }
+}
+
+/// The default pidfile of instance `name`: `NAME.pid` in [`default_dir`].
+pub fn default_pidfile(name: &str) -> PathBuf {
+    default_dir().join(format!("{name}.pid"))
+}
+
+/// `path`'s directory if it is [`default_dir`], whose privacy is checked (also for an explicit
+/// `--pidfile` there).
+fn in_default_dir(path: &Path) -> Option<&Path> {
+    path.parent().filter(|d| *d == default_dir())
+}
+
+/// Checks that `dir` is private to this user; creates it first (its last component only, mode
+/// 0700) if `create` and it is missing. Returns whether it exists (`false` only without
+/// `create`), or what is wrong with it and what to do.
+///
+/// It must be a directory, not a symbolic link to one, owned by this user, that neither group
+/// nor others may write. Then nobody else can add, remove or replace entries in it, and nobody
+/// else can replace `dir` itself between this check and the pidfile's open: its parent is
+/// /run (root's), /tmp (sticky: only `dir`'s owner may rename it) or `$XDG_RUNTIME_DIR` (the
+/// user's own).
+fn check_private_dir(dir: &Path, create: bool) -> Result<bool, String> {
+    let d = dir.display();
+    if create {
+        match DirBuilder::new().mode(0o700).create(dir) {
+            // mkdir(2) creates only the last component and never follows a link there (an
+            // existing link, even a dangling one, is `AlreadyExists` and refused below).
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let parent = dir.parent().unwrap_or(Path::new("/")).display();
+                return Err(format!(
+                    "cannot create directory {d}: {parent} does not exist; create it, or pass \
+                     --pidfile PATH"
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot create directory {d}: {e}; pass --pidfile PATH to put the pidfile \
+                     elsewhere"
+                ))
+            }
+        }
+    }
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if !create && e.kind() == ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(format!("directory {d}: {e}")),
     };
-    dir.join(format!("{name}.pid"))
+    let me = euid();
+    if meta.file_type().is_symlink() {
+        Err(format!(
+            "{d} is a symbolic link, not a directory: remove it, or pass --pidfile PATH"
+        ))
+    } else if !meta.is_dir() {
+        Err(format!(
+            "{d} is not a directory: remove it, or pass --pidfile PATH"
+        ))
+    } else if meta.uid() != me {
+        Err(format!(
+            "directory {d} is owned by uid {}, not by you (uid {me}): have it removed (by its \
+             owner or root), or pass --pidfile PATH",
+            meta.uid()
+        ))
+    } else if meta.mode() & 0o022 != 0 {
+        Err(format!(
+            "directory {d} is writable by its group or others (mode {:04o}), so another user \
+             could plant the pidfile: `chmod 700 {d}` or remove it, or pass --pidfile PATH",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        Ok(true)
+    }
+}
+
+/// What is wrong with pidfile `path`, given its metadata (from `fstat` once open, else
+/// `lstat`): anything but a regular file of this user with a single name.
+fn refuse_file(path: &Path, meta: &std::fs::Metadata) -> Option<String> {
+    let p = path.display();
+    let me = euid();
+    if meta.file_type().is_symlink() {
+        Some(format!(
+            "pidfile {p} is a symbolic link; refusing to follow it: remove it, or pass another \
+             --pidfile"
+        ))
+    } else if !meta.is_file() {
+        Some(format!(
+            "pidfile {p} is not a regular file: remove it, or pass another --pidfile"
+        ))
+    } else if meta.uid() != me {
+        Some(format!(
+            "pidfile {p} is owned by uid {}, not by you (uid {me}): have it removed (by its \
+             owner or root), or pass another --pidfile",
+            meta.uid()
+        ))
+    } else if meta.nlink() > 1 {
+        Some(format!(
+            "pidfile {p} has {} names (hard links), so writing it would change another file \
+             too: remove it, or pass another --pidfile",
+            meta.nlink()
+        ))
+    } else {
+        None
+    }
+}
+
+/// Opens pidfile `path`: creating it (0644) if missing and for reading and writing with
+/// `create`, else for reading only. Refuses it unless [`refuse_file`] finds nothing wrong.
+///
+/// A symbolic link as the last component is never followed (`O_NOFOLLOW`): a link to a file
+/// of this user would otherwise have the daemon overwrite that file with its pid.
+/// `O_NONBLOCK` keeps a FIFO from blocking the open (regular files ignore it); std adds
+/// `O_CLOEXEC`, and the lock is inherited across `fork`, not `exec`.
+fn open_checked(path: &Path, create: bool) -> Result<File, PidfileError> {
+    let refused = |why| PidfileError::Refused {
+        path: path.to_owned(),
+        why,
+    };
+    let opened = OpenOptions::new()
+        .read(true)
+        .write(create)
+        .create(create)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let file = match opened {
+        Ok(f) => f,
+        Err(error) => {
+            // ELOOP for a link; EACCES, typically, for another user's file: say which.
+            if let Some(why) = std::fs::symlink_metadata(path)
+                .ok()
+                .and_then(|m| refuse_file(path, &m))
+            {
+                return Err(refused(why));
+            }
+            return Err(PidfileError::Io {
+                path: path.to_owned(),
+                error,
+            });
+        }
+    };
+    let meta = file.metadata().map_err(|error| PidfileError::Io {
+        path: path.to_owned(),
+        error,
+    })?;
+    match refuse_file(path, &meta) {
+        Some(why) => Err(refused(why)),
+        None => Ok(file),
+    }
 }
 
 /// A locked pidfile. Dropping it removes and unlocks the file.
@@ -52,6 +217,14 @@ pub enum PidfileError {
         /// The error.
         error: std::io::Error,
     },
+    /// It, or the default directory it is in, is not private to this user: another user could
+    /// have planted it.
+    Refused {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the file or directory, and what to do.
+        why: String,
+    },
 }
 
 impl std::fmt::Display for PidfileError {
@@ -69,28 +242,35 @@ impl std::fmt::Display for PidfileError {
                 )
             }
             Self::Io { path, error } => write!(f, "pidfile {}: {error}", path.display()),
+            Self::Refused { why, .. } => f.write_str(why),
         }
     }
 }
 
+impl std::error::Error for PidfileError {}
+
 impl Pidfile {
-    /// Creates (if needed) and locks `path`, without writing a pid yet.
+    /// Creates (if needed) and locks `path`, without writing a pid yet (nor truncating: a
+    /// stale pid is replaced by [`Pidfile::write_pid`], once the lock is ours).
+    ///
+    /// In [`default_dir`], the directory is created 0700 if missing and refused unless private
+    /// to this user; elsewhere (an explicit `--pidfile`) missing directories are created.
+    /// Either way the file itself is refused if it is a symbolic link, not a regular file,
+    /// another user's, or has other names.
     pub fn lock(path: &Path) -> Result<Self, PidfileError> {
         let io = |error| PidfileError::Io {
             path: path.to_owned(),
             error,
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Some(dir) = in_default_dir(path) {
+            check_private_dir(dir, true).map_err(|why| PidfileError::Refused {
+                path: path.to_owned(),
+                why,
+            })?;
+        } else if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(path)
-            .map_err(io)?;
+        let mut file = open_checked(path, true)?;
         // SAFETY: plain call on an open descriptor.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = std::io::Error::last_os_error();
@@ -135,18 +315,31 @@ impl Drop for Pidfile {
 }
 
 /// What a pidfile says about its daemon.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Holder {
     /// Nobody holds it (no file, or a stale one).
     Nobody,
     /// A live daemon holds the lock; its pid as written, if readable.
     Daemon(Option<u32>),
+    /// The file or its directory fails the checks of [`Pidfile::lock`] (why, and what to do):
+    /// another user could have planted it, so the pid in it must not be trusted.
+    Refused(String),
 }
 
-/// Reads `path` and checks its lock without taking it.
+/// Reads `path` and checks its lock without taking it, after the checks [`Pidfile::lock`]
+/// makes (without creating anything).
 pub fn holder(path: &Path) -> Holder {
-    let Ok(mut file) = File::open(path) else {
-        return Holder::Nobody;
+    if let Some(dir) = in_default_dir(path) {
+        match check_private_dir(dir, false) {
+            Ok(true) => {}
+            Ok(false) => return Holder::Nobody,
+            Err(why) => return Holder::Refused(why),
+        }
+    }
+    let mut file = match open_checked(path, false) {
+        Ok(f) => f,
+        Err(PidfileError::Refused { why, .. }) => return Holder::Refused(why),
+        Err(_) => return Holder::Nobody,
     };
     // SAFETY: plain call on an open descriptor.
     let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;

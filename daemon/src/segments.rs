@@ -249,13 +249,12 @@ fn open_ours(name: ShmName, writable: bool) -> Result<Option<Existing>, SegmentE
         }));
     }
     let map = Mapping::new(&fd, len, writable).map_err(|e| os_err("mmap", e))?;
-    // SAFETY: the mapping holds a header at offset 0 (`len` covers it), page-aligned.
-    let header = unsafe { SegmentHeader::load(map.as_ptr().cast()) };
+    let header = map.header().map(SegmentHeader::load);
     Ok(Some(Existing {
         fd,
         len,
         map: Some(map),
-        header: Some(header),
+        header,
     }))
 }
 
@@ -332,8 +331,9 @@ pub fn reattach(names: Names, generation: u64, flags: u32) -> Result<Found, Segm
         let header =
             SegmentHeader::new(kind, h.slot_count, h.granule, h.arena_len, generation, pid)
                 .with_flags(flags);
-        // SAFETY: the mapping holds a header at offset 0; clients only read it.
-        unsafe { map.as_ptr().cast::<SegmentHeader>().write_volatile(header) };
+        if let Some(at) = map.header() {
+            header.store(at);
+        }
         Some(Ok((fd, map)))
     };
     let (Some(state), Some(arena), Some(response), Some(request)) = (
@@ -447,13 +447,9 @@ fn create_inner(
         (&response, SegmentKind::Response),
         (&request, SegmentKind::Request),
     ] {
-        // SAFETY: each mapping is at least a header long and page-aligned; the objects are
-        // new (O_EXCL), so no one else writes them yet.
-        unsafe {
-            map.as_ptr()
-                .cast::<SegmentHeader>()
-                .write_volatile(header(kind))
-        };
+        if let Some(at) = map.header() {
+            header(kind).store(at);
+        }
     }
     Ok(Segments {
         request: Arc::new(request),

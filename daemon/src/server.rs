@@ -28,7 +28,7 @@ use xalloc_core::os::{self, Fd, Mapping};
 use xalloc_core::wire::{
     self, Doorbell, Ledger, LedgerBlock, Op, OwnerEntry, Request, RequestSlot, Response,
     ResponseSlot, SegmentHeader, StatsSnapshot, Status, ARENA_DATA_OFFSET, DOORBELL_OFFSET,
-    FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES,
+    FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES, MAX_ALIGN,
 };
 use xalloc_core::{FreeError, MetaEntry, OobHeap, ResizeError};
 
@@ -39,9 +39,6 @@ pub const GRANULE: usize = 4096;
 
 /// Reservation and zero-tracking unit.
 const CHUNK: u64 = 2 << 20;
-
-/// The largest alignment served.
-const MAX_ALIGN: u64 = 1 << 30;
 
 /// How often the counters in the response segment are refreshed while requests keep coming
 /// (they are refreshed as soon as none is pending).
@@ -189,8 +186,10 @@ impl Server {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let reattached = seg.reattached;
-        // SAFETY: the arena mapping holds its header at offset 0, page-aligned.
-        let flags = unsafe { SegmentHeader::load(seg.arena.as_ptr().cast()) }.flags;
+        let flags = seg
+            .arena
+            .header()
+            .map_or(0, |h| SegmentHeader::load(h).flags);
         let huge_pages = flags & HEADER_FLAG_HUGE_PAGES != 0;
         if huge_pages {
             match seg.arena.advise_huge_pages(ARENA_DATA_OFFSET, bytes) {
@@ -378,6 +377,10 @@ impl Server {
             }
             match self.heap.allocate_at(g * GRANULE, bytes as usize) {
                 Ok(()) => {
+                    // The dead daemon reserved these pages before it handed the block out:
+                    // recorded as reserved, they are never populated (and on failure punched)
+                    // again while the block lives.
+                    self.mark_reserved((g * GRANULE) as u64, bytes);
                     self.chunks_hold((g * GRANULE) as u64, bytes);
                     kept += 1;
                     kept_bytes += bytes;
@@ -796,14 +799,15 @@ impl Server {
         else {
             return answer(Status::BadSize);
         };
-        let Some(p) = self.heap.allocate(layout).or_else(|| {
+        // Aligned where the client sees the arena, which is not where this process maps it.
+        let view = (req.offset & (MAX_ALIGN - 1)) as usize;
+        let Some(offset) = self.heap.allocate_offset(layout, view).or_else(|| {
             (self.take_back_caches() > 0)
-                .then(|| self.heap.allocate(layout))
+                .then(|| self.heap.allocate_offset(layout, view))
                 .flatten()
         }) else {
             return answer(Status::OutOfMemory);
         };
-        let offset = self.heap.offset_of(p);
         let size = self.heap.block_size_at(offset).unwrap_or(0) as u64;
         let fresh = match self.reserve(offset as u64, size) {
             Ok(fresh) => fresh,
@@ -903,6 +907,16 @@ impl Server {
         }
     }
 
+    /// Records the chunks that `[offset, offset + len)` of the data overlaps as reserved.
+    fn mark_reserved(&mut self, offset: u64, len: u64) {
+        for c in self.chunks_of(offset, len) {
+            if !self.reserved[c] {
+                self.reserved[c] = true;
+                self.reserved_bytes += CHUNK.min(self.seg.arena_bytes - c as u64 * CHUNK);
+            }
+        }
+    }
+
     /// Reserves the pages behind `[offset, offset + len)` of the data and marks its chunks
     /// handed out. Returns whether every chunk was untouched before (its memory is zero).
     fn reserve(&mut self, offset: u64, len: u64) -> Result<bool, ()> {
@@ -945,8 +959,7 @@ impl Server {
                 log::info!("arena pages can be reserved again");
                 self.shm_full = false;
             }
-            self.reserved[c] = true;
-            self.reserved_bytes += n;
+            self.mark_reserved(start, n);
         }
         let fresh = self.dirty[first..last].iter().all(|d| !d);
         self.dirty[first..last].fill(true);

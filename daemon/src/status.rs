@@ -16,6 +16,8 @@ use crate::segments::Names;
 
 /// What the response segment of an instance says.
 struct Seen {
+    /// The segment's owner.
+    owner: u32,
     header: SegmentHeader,
     stats: Option<StatsSnapshot>,
 }
@@ -33,14 +35,14 @@ fn read_response(names: &Names) -> Result<Seen, String> {
         return Err(format!("{name} is too short for an xalloc segment"));
     }
     let map = Mapping::new(&fd, len, false).map_err(|e| format!("mmap {name}: {e}"))?;
-    // SAFETY: the mapping holds a header at offset 0, page-aligned.
-    let header = unsafe { SegmentHeader::load(map.as_ptr().cast()) };
+    let header = SegmentHeader::load(map.header().expect("checked: longer than a header"));
     header
         .check(SegmentKind::Response, len)
         .map_err(|e| format!("{name}: {e}"))?;
     // SAFETY: `check` proved the segment holds the stats block at its 64-aligned offset.
     let stats: &DaemonStats = unsafe { map.at(STATS_OFFSET) };
     Ok(Seen {
+        owner: info.uid,
         header,
         stats: (0..1000).find_map(|_| {
             let s = stats.load(100);
@@ -58,11 +60,16 @@ fn daemon_pid(instance: &Instance, names: &Names) -> Option<u32> {
         .pidfile
         .clone()
         .unwrap_or_else(|| detach::default_pidfile(&instance.name));
-    if let Holder::Daemon(Some(pid)) = detach::holder(&path) {
-        return Some(pid);
+    match detach::holder(&path) {
+        Holder::Daemon(Some(pid)) => return Some(pid),
+        Holder::Refused(why) => eprintln!("xallocd: ignoring the pidfile: {why}"),
+        _ => {}
     }
+    // Without a pidfile, the pid in the response segment's header, if the segment is this
+    // user's: one planted by another user must not pick the process `stop` signals.
     read_response(names)
         .ok()
+        .filter(|s| s.owner == os::euid())
         .map(|s| s.header.daemon_pid)
         .filter(|&p| os::process_alive(p))
 }

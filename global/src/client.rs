@@ -211,8 +211,7 @@ fn attach(
         });
     }
     let map = Mapping::new(&fd, len, writable).map_err(|e| os_err("mmap", e))?;
-    // SAFETY: the mapping holds at least a header at offset 0, page-aligned.
-    let header = unsafe { SegmentHeader::load(map.as_ptr().cast()) };
+    let header = SegmentHeader::load(map.header().expect("checked: longer than a header"));
     header
         .check(kind, len)
         .map_err(|error| ConnectError::Layout { segment, error })?;
@@ -373,8 +372,9 @@ impl Connection {
     pub fn daemon_alive(&self) -> bool {
         let mut pid = self.daemon_pid.load(Ordering::Relaxed);
         if !os::process_alive(pid) {
-            // SAFETY: the request mapping holds a header at offset 0, page-aligned.
-            let h = unsafe { SegmentHeader::load(self.request.as_ptr().cast()) };
+            let Some(h) = self.request.header().map(SegmentHeader::load) else {
+                return false;
+            };
             let ours = h.check(SegmentKind::Request, self.request.len()).is_ok()
                 && h.slot_count == self.slot_count
                 && h.granule == self.granule;
@@ -484,7 +484,9 @@ impl Connection {
         zeroed: bool,
     ) -> Result<Block, RequestError> {
         let flags = if zeroed { FLAG_ZEROED } else { 0 };
-        let r = self.request(index, Op::Allocate, flags, size, align, 0)?;
+        // The daemon aligns the block where this process sees the arena.
+        let view = self.arena_base().addr() as u64 & (wire::MAX_ALIGN - 1);
+        let r = self.request(index, Op::Allocate, flags, size, align, view)?;
         let mut block = self.block(r)?;
         if self.private.load(Ordering::Relaxed) {
             // A private (copy-on-write) view may hold this process's own old writes where the

@@ -85,6 +85,9 @@ pub struct Counters {
     pub cached_bytes: u64,
     /// Large allocations served from the cache, without a round trip.
     pub cache_hits: u64,
+    /// Entries of this process's ledger that named no block inside the arena (written there by
+    /// something other than this process): dropped, never used.
+    pub bad_ledger_entries: u64,
 }
 
 /// One connection: the mapped segments and this process's slots in them.
@@ -146,6 +149,7 @@ struct State {
     arena_bytes: AtomicU64,
     arena_blocks: AtomicU64,
     cache_hits: AtomicU64,
+    bad_ledger_entries: AtomicU64,
     /// The cache's bound in bytes (`XALLOC_CACHE`), plus one; 0 until first read.
     cache_cap: AtomicU64,
 }
@@ -166,6 +170,7 @@ static STATE: State = State {
     arena_bytes: AtomicU64::new(0),
     arena_blocks: AtomicU64::new(0),
     cache_hits: AtomicU64::new(0),
+    bad_ledger_entries: AtomicU64::new(0),
     cache_cap: AtomicU64::new(0),
 };
 
@@ -184,6 +189,7 @@ pub fn counters() -> Counters {
         connections: STATE.count.load(Ordering::Relaxed) as u64,
         cached_bytes: STATE.conns().map(Conn::cached_bytes).sum(),
         cache_hits: STATE.cache_hits.load(Ordering::Relaxed),
+        bad_ledger_entries: STATE.bad_ledger_entries.load(Ordering::Relaxed),
     }
 }
 
@@ -435,22 +441,8 @@ impl State {
     fn arena_alloc(&self, name: &str, layout: Layout, zeroed: bool) -> Option<NonNull<u8>> {
         let c = self.live_conn(name)?;
         let (size, align) = (layout.size() as u64, layout.align() as u64);
-        let granule = c.conn.granule();
-        let granules = u32::try_from(layout.size().div_ceil(granule)).ok()?;
-        let align_granules = u32::try_from(layout.align().div_ceil(granule)).ok()?;
-        let cached = c
-            .ledger()
-            .and_then(|l| l.take(granules, align_granules, cpu_hint()));
-        if let Some(g) = cached {
-            self.cache_hits.fetch_add(1, Ordering::Relaxed);
-            self.forwarded.fetch_add(1, Ordering::Relaxed);
-            // SAFETY: the block lies inside the arena mapping and is this process's alone.
-            let p = unsafe { c.conn.arena_base().add(g as usize * granule) };
-            if zeroed {
-                // SAFETY: as above; the block is `granules` granules long.
-                unsafe { p.write_bytes(0, granules as usize * granule) };
-            }
-            return NonNull::new(p);
+        if let Some(p) = self.cached_block(c, layout, zeroed) {
+            return Some(p);
         }
         let block = self
             .with_slot(c, |i| c.conn.allocate(i, size, align, zeroed))?
@@ -459,6 +451,43 @@ impl State {
         self.arena_bytes.fetch_add(block.size, Ordering::Relaxed);
         self.arena_blocks.fetch_add(1, Ordering::Relaxed);
         NonNull::new(block.as_ptr())
+    }
+
+    /// A block of `layout` from this process's cache in `c`, zeroed if asked, or `None`.
+    ///
+    /// The ledger lives in memory that other processes of the instance can write, so an entry
+    /// is used only if the block it names lies inside the arena: one that does not is taken
+    /// out, counted in [`Counters::bad_ledger_entries`] and never used.
+    fn cached_block(&self, c: &Conn, layout: Layout, zeroed: bool) -> Option<NonNull<u8>> {
+        let ledger = c.ledger()?;
+        let granule = c.conn.granule();
+        let granules = u32::try_from(layout.size().div_ceil(granule)).ok()?;
+        let bytes = granules as usize * granule;
+        let base = c.conn.arena_base();
+        // Aligned as this process sees the block, checked on the address; out-of-range offsets
+        // pass here and are refused below, once taken out of the ledger.
+        let aligned = |g: u32| {
+            (base.addr().wrapping_add(g as usize * granule)).is_multiple_of(layout.align())
+        };
+        let g = ledger.take(granules, cpu_hint(), aligned)?;
+        let in_arena = (g as usize)
+            .checked_mul(granule)
+            .and_then(|off| off.checked_add(bytes))
+            .is_some_and(|end| end <= c.conn.arena_len());
+        if !in_arena {
+            self.bad_ledger_entries.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.cache_hits.fetch_add(1, Ordering::Relaxed);
+        self.forwarded.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `g * granule + bytes <= arena_len` (checked above), so the block lies inside
+        // the arena mapping; a cached block is this process's alone (the ledger's protocol).
+        let p = unsafe { base.add(g as usize * granule) };
+        if zeroed {
+            // SAFETY: as above; the block is `bytes` long.
+            unsafe { p.write_bytes(0, bytes) };
+        }
+        NonNull::new(p)
     }
 
     /// The cache's bound in bytes: `XALLOC_CACHE` if set (`0` turns the cache off, and the

@@ -1,0 +1,96 @@
+//! The arena at its edges: alignments larger than the mappings' own, ledger entries that do
+//! not name a block, and the record of reserved pages after a daemon restart.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const EDGE_CLIENT: &str = env!("CARGO_BIN_EXE_xalloc-edge-client");
+
+fn edge_client(d: &TestDaemon, args: &[&str]) -> Output {
+    Command::new(EDGE_CLIENT)
+        .args(args)
+        .env("XALLOC_NAME", &d.name)
+        .output()
+        .expect("run xalloc-edge-client")
+}
+
+/// Every alignment from 4 KiB to 256 MiB holds through `XallocGlobal` in a process whose arena
+/// mapping is not where the daemon's is modulo 256 MiB (each mapping is aligned only to 2 MiB),
+/// for blocks from the daemon and from the cache.
+#[test]
+fn every_alignment_holds_in_a_mapping_unlike_the_daemons() {
+    let d = TestDaemon::start("align", &["--arena-size", "1G"]);
+    let pid = d.pid.to_string();
+    // A fresh process maps the arena somewhere else; 3 means it landed where the daemon's
+    // mapping is, modulo 256 MiB (one chance in 128), and is run again.
+    let out = (0..8)
+        .map(|_| edge_client(&d, &["align", &pid]))
+        .find(|o| o.status.code() != Some(3))
+        .expect("eight processes in a row mapped the arena like the daemon");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("ok aligned=170 "), "{stdout}");
+    assert!(d.stats_line().contains("heap check ok"));
+}
+
+/// A ledger entry naming a block outside the arena, written by another process, is dropped
+/// and counted, never written through.
+#[test]
+fn planted_ledger_entries_are_dropped_not_used() {
+    let d = TestDaemon::start("ledger", &[]);
+    let out = edge_client(&d, &["plant-ledger"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{} (exit {:?})",
+        String::from_utf8_lossy(&out.stderr),
+        out.status
+    );
+    assert!(stdout.starts_with("ok bad_ledger_entries="), "{stdout}");
+    assert!(d.stats_line().contains("heap check ok"));
+}
+
+/// After a restart, the chunks that hold blocks kept for live clients are recorded as reserved
+/// (they were, by the daemon that died): a later failure to reserve pages in such a chunk must
+/// not give its pages back to the kernel, which would zero the blocks.
+#[test]
+fn a_restarted_daemon_records_the_pages_of_kept_blocks_as_reserved() {
+    let mut d = TestDaemon::start("reserved", &[]);
+    let mut holder = Child(
+        Command::new(CLIENT)
+            .args(["hold-then-free", &d.name, "3", "300000"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(holder.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("held "), "{line}");
+    let before = d.stat("reserved_bytes");
+    assert!(before >= 2 << 20, "{:?}", d.status());
+
+    d.signal(libc::SIGKILL);
+    assert!(d.wait_exit(Duration::from_secs(5)));
+    let out = d.start_command(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.adopt();
+    assert!(d.log().contains("kept 3 blocks"), "{}", d.log());
+    assert_eq!(d.stat("reserved_bytes"), before, "{:?}", d.status());
+    assert!(d.stats_line().contains("heap check ok"));
+}
