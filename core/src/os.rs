@@ -314,8 +314,7 @@ impl Mapping {
     /// (`MADV_POPULATE_WRITE`), honouring huge-page advice. Where memory runs out this fails
     /// (`EFAULT` or `ENOMEM`) instead of raising `SIGBUS` as a store would.
     pub fn populate(&self, offset: usize, len: usize) -> Result<(), Errno> {
-        const MADV_POPULATE_WRITE: libc::c_int = 23;
-        self.advise(offset, len, MADV_POPULATE_WRITE)
+        self.advise(offset, len, libc::MADV_POPULATE_WRITE)
     }
 
     fn advise(&self, offset: usize, len: usize, advice: libc::c_int) -> Result<(), Errno> {
