@@ -220,15 +220,20 @@ fn out_of_band_check_finds_a_non_zero_entry_inside_a_block() {
     const GRANULE: usize = 64;
     let size = 64 * GRANULE;
     let mut table = vec![MetaEntry::default(); OobHeap::table_entries(size, GRANULE)];
-    let mut h = oob_at(1 << 20, size, GRANULE, &mut table);
+    // One pointer for the heap and for the test's own write, so neither invalidates the other.
+    let tp = table.as_mut_ptr();
+    let start = core::ptr::without_provenance_mut::<u8>(1 << 20);
+    // SAFETY: 1. the heap never touches its region; 2. `table` outlives the heap and is written
+    // below only between heap calls, through the same pointer.
+    let mut h = unsafe { OobHeap::new(start, size, GRANULE, tp, table.len()) }.unwrap();
     let off = h
         .allocate_offset(Layout::from_size_align(4 * GRANULE, 1).unwrap(), 0)
         .unwrap();
     h.check_invariants().unwrap();
     let inside = off / GRANULE + 2;
-    // SAFETY: `table` holds `table_entries` entries of four u32 each (`repr(C)`); entry
-    // `inside` is one of them. The heap is not in use during the write.
-    unsafe { table.as_mut_ptr().add(inside).cast::<u32>().add(1).write(7) };
+    // SAFETY: entry `inside` is one of the table's (four u32 each, `repr(C)`); the heap is not in
+    // use during the write.
+    unsafe { tp.add(inside).cast::<u32>().add(1).write(7) };
     let err = h.check_invariants().unwrap_err();
     assert_eq!(err.block, (off / GRANULE) as u32, "{err}");
 }
