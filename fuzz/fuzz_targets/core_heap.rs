@@ -14,12 +14,34 @@ use xalloc_core::{Heap, MetaEntry, OobHeap};
 
 #[derive(Arbitrary, Debug)]
 enum Action {
-    Alloc { size: u16, align_log: u8 },
-    Free { index: u8 },
-    Realloc { index: u8, size: u16 },
-    FreeAt { offset: u32 },
-    ResizeAt { offset: u32, size: u16 },
-    AllocateAt { offset: u32, size: u16 },
+    Alloc {
+        size: u16,
+        align_log: u8,
+    },
+    Free {
+        index: u8,
+    },
+    Realloc {
+        index: u8,
+        size: u16,
+    },
+    FreeAt {
+        offset: u32,
+    },
+    ResizeAt {
+        offset: u32,
+        size: u16,
+    },
+    AllocateAt {
+        offset: u32,
+        size: u16,
+    },
+    /// Out of band only: a block aligned for a process that maps the region at `view`.
+    AllocFor {
+        size: u16,
+        align_log: u8,
+        view: u64,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -54,7 +76,13 @@ fuzz_target!(|input: Input| {
     let mut table = vec![MetaEntry::default(); OobHeap::table_entries(size, GRANULE)];
     // SAFETY: as above; the table outlives the heap.
     let mut oob = unsafe {
-        OobHeap::new(oregion.as_mut_ptr(), size, GRANULE, table.as_mut_ptr(), table.len())
+        OobHeap::new(
+            oregion.as_mut_ptr(),
+            size,
+            GRANULE,
+            table.as_mut_ptr(),
+            table.len(),
+        )
     }
     .unwrap();
     let mut olive: BTreeMap<usize, usize> = BTreeMap::new();
@@ -78,8 +106,31 @@ fuzz_target!(|input: Input| {
                     olive.insert(off, oob.block_size_at(off).unwrap());
                 }
             }
+            Action::AllocFor {
+                size,
+                align_log,
+                view,
+            } => {
+                let align = 1usize << (align_log % 64);
+                let Ok(layout) = Layout::from_size_align(usize::from(size), align) else {
+                    continue;
+                };
+                let before = oob.stats();
+                match oob.allocate_offset(layout, view as usize) {
+                    Some(off) => {
+                        assert_eq!((view as usize).wrapping_add(off) % align, 0, "misaligned");
+                        let len = oob.block_size_at(off).unwrap();
+                        assert!(len >= layout.size() && off + len <= oob.stats().region_bytes);
+                        olive.insert(off, len);
+                    }
+                    None => {
+                        assert_eq!(oob.stats(), before, "a refused allocation changed the heap")
+                    }
+                }
+            }
             Action::Free { index } if !live.is_empty() => {
-                let (&a, &(len, align, t)) = live.iter().nth(usize::from(index) % live.len()).unwrap();
+                let (&a, &(len, align, t)) =
+                    live.iter().nth(usize::from(index) % live.len()).unwrap();
                 check(a as *const u8, len, t);
                 let p = std::ptr::NonNull::new(a as *mut u8).unwrap();
                 // SAFETY: a live block of this heap with this layout.
@@ -87,7 +138,8 @@ fuzz_target!(|input: Input| {
                 live.remove(&a);
             }
             Action::Realloc { index, size } if !live.is_empty() => {
-                let (&a, &(len, align, t)) = live.iter().nth(usize::from(index) % live.len()).unwrap();
+                let (&a, &(len, align, t)) =
+                    live.iter().nth(usize::from(index) % live.len()).unwrap();
                 let new_len = usize::from(size).max(1);
                 let p = std::ptr::NonNull::new(a as *mut u8).unwrap();
                 // SAFETY: a live block of this heap with this layout.
