@@ -18,14 +18,18 @@
 //! written once under a flag: no heap allocation, no std lock, no formatting, no logging and no
 //! panic on any path. Each connection keeps a pool of up to [`POOL`] request slots; a thread
 //! borrows one for a round trip with an atomic bit operation and returns it after, so threads
-//! never wait on each other for a whole round trip. Connections are never torn down: their
-//! arena mappings stay valid for blocks already handed out, even after the daemon dies. A
-//! daemon that dies or stops answering is marked dead; later large requests go to the system
-//! allocator until a new daemon is found (at most [`MAX_CONNECTIONS`] in a process's life).
+//! never wait on each other for a whole round trip. A daemon that dies or stops answering is
+//! marked dead; later large requests go to the system allocator until a new daemon is found,
+//! however often the daemon is restarted. A connection's arena stays mapped while the program
+//! holds any of its blocks, even after the daemon dies; a connection whose daemon is gone, whose
+//! blocks are all freed and that no thread uses is unmapped when a new one is made, so that at
+//! most [`MAX_CONNECTIONS`] are kept at once (see `State` for how readers that take no lock
+//! are kept safe from that).
 //!
 //! # fork
 //!
-//! In a forked child (a `pthread_atfork` handler, registered at the first connection) every
+//! In a forked child (a `pthread_atfork` handler, registered before the first connection
+//! attempt) a connection attempt of another parent thread is abandoned, and every
 //! connection forgets the parent's slots and the arena becomes a private copy-on-write mapping.
 //! The child registers slots of its own on its next large request. Blocks it inherited stay
 //! readable and writable in the child without ever changing the parent's data; freeing one
@@ -35,6 +39,7 @@
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
+use core::ops::Deref;
 use core::ptr::{self, NonNull};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::alloc::System;
@@ -57,7 +62,9 @@ pub const RETRY_INTERVAL_NS: u64 = 1_000_000_000;
 pub const RETRY_INTERVAL: core::time::Duration =
     core::time::Duration::from_nanos(RETRY_INTERVAL_NS);
 
-/// Daemon instances a process connects to over its life (each restart of the daemon is one).
+/// Connections (one per daemon instance it met: each restart of the daemon that makes new
+/// segments is one) a process keeps at once. One whose daemon is gone and whose blocks the
+/// program has all freed makes room for the next; one whose blocks are still held stays.
 pub const MAX_CONNECTIONS: usize = 8;
 
 /// Request slots per connection and process.
@@ -78,7 +85,8 @@ pub struct Counters {
     pub arena_bytes: u64,
     /// Arena blocks this process holds now.
     pub arena_blocks: u64,
-    /// Connections made to a daemon.
+    /// Connections made to a daemon over the process's life (at most [`MAX_CONNECTIONS`] are
+    /// kept at once).
     pub connections: u64,
     /// Bytes of freed arena blocks kept for reuse (counted in `arena_bytes` too: the daemon
     /// still counts them as this process's).
@@ -134,16 +142,162 @@ fn cpu_hint() -> usize {
     os::current_cpu() as usize
 }
 
+/// [`Entry::state`]: no connection in the entry.
+const VACANT: u64 = 1 << 63;
+/// [`Entry::state`]: one arena block held by the program. The held count (bits 32 to 62) stays
+/// below [`VACANT`]: it counts blocks held at once, and a daemon's arena holds fewer than 2^30
+/// (the program would need 16 GiB only to keep 2^31 pointers).
+const HELD: u64 = 1 << 32;
+/// [`Entry::state`]: the pins (bits 0 to 31), one per thread using the connection now.
+const PINS: u64 = HELD - 1;
+/// No entry (for [`State::newest`]).
+const NO_ENTRY: usize = usize::MAX;
+
+/// A place for one connection in [`State::conns`].
+struct Entry {
+    /// [`VACANT`] while no connection is here; [`HELD`] times the blocks of this connection's
+    /// arena that the program holds; plus one per [`Pinned`] of it.
+    state: AtomicU64,
+    /// The arena's first byte and length, readable without a pin (by [`State::conn_of`]); a
+    /// match is confirmed under a pin. Stale while the entry is vacant.
+    base: AtomicUsize,
+    len: AtomicUsize,
+    conn: UnsafeCell<MaybeUninit<Conn>>,
+}
+
+impl Entry {
+    const fn new() -> Self {
+        Self {
+            state: AtomicU64::new(VACANT),
+            base: AtomicUsize::new(0),
+            len: AtomicUsize::new(0),
+            conn: UnsafeCell::new(MaybeUninit::uninit()),
+        }
+    }
+
+    /// Pins the connection here, or `None` if the entry is vacant.
+    fn pin(&self) -> Option<Pinned<'_>> {
+        if self.state.load(Ordering::Relaxed) & VACANT != 0 {
+            return None;
+        }
+        // Acquire: pairs with the Release that published the connection (`State::try_connect`).
+        if self.state.fetch_add(1, Ordering::Acquire) & VACANT != 0 {
+            self.state.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Pinned { entry: self })
+    }
+
+    /// The connection here.
+    ///
+    /// # Safety
+    /// The entry holds a connection, and keeps it while the reference lives: the caller holds a
+    /// pin of it, or holds [`State::connecting`] (only that thread empties entries) and has seen
+    /// the entry without [`VACANT`] since taking the flag.
+    unsafe fn conn_ref(&self) -> &Conn {
+        // SAFETY: 1. initialised: the caller saw the entry full, and full entries hold an
+        // initialised connection (published after being written). 2. Not dropped or written
+        // while the reference lives: the caller's pin or flag (see `State`).
+        unsafe { (*self.conn.get()).assume_init_ref() }
+    }
+}
+
+/// A connection that this thread uses: while it lives the entry is not emptied, so the
+/// connection's mappings stay.
+struct Pinned<'s> {
+    entry: &'s Entry,
+}
+
+impl Pinned<'_> {
+    /// Counts one more block of this connection held by the program, and unpins (one atomic
+    /// operation, so that the entry is never seen unpinned with the block uncounted).
+    fn hold_block_and_unpin(self) {
+        let entry = self.entry;
+        core::mem::forget(self);
+        // Release: as in `drop`.
+        entry.state.fetch_add(HELD - 1, Ordering::Release);
+    }
+
+    /// Counts one block fewer (the program freed one), and unpins.
+    fn free_block_and_unpin(self) {
+        let entry = self.entry;
+        core::mem::forget(self);
+        // Never below zero, even for a block freed twice (the caller's bug): the held count
+        // must not borrow from `VACANT`. Release: as in `drop`.
+        let _ = entry
+            .state
+            .fetch_update(Ordering::Release, Ordering::Relaxed, |s| {
+                Some(if s & !VACANT > HELD {
+                    s - HELD - 1
+                } else {
+                    s - 1
+                })
+            });
+    }
+}
+
+impl Deref for Pinned<'_> {
+    type Target = Conn;
+
+    fn deref(&self) -> &Conn {
+        // SAFETY: `self` is a pin of a full entry (`Entry::pin` checked).
+        unsafe { self.entry.conn_ref() }
+    }
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        // Release: everything this thread did with the connection happens before a thread that
+        // empties the entry (its compare-exchange reads this value or a later one, Acquire).
+        self.entry.state.fetch_sub(1, Ordering::Release);
+    }
+}
+
 /// The process's connections and counters, shared by every `XallocGlobal` value (a process
 /// installs one as its global allocator; it has one set of daemon connections).
+///
+/// # Invariants
+///
+/// Readers of `conns` take no lock; connections are made and recycled under `connecting`.
+///
+/// - `conns[i]` holds an initialised connection iff its `state` lacks [`VACANT`]. Only the
+///   thread holding `connecting` fills a vacant entry (writes the connection, then the bounds,
+///   then clears `VACANT` with Release) or empties a full one (sets `VACANT`, then drops the
+///   connection, which unmaps its segments).
+/// - Any other thread reads an entry's connection only under a pin ([`Pinned`]): it raises
+///   `state` by one (Acquire) and keeps the pin only if `VACANT` was clear; it drops the pin
+///   (Release) once done with the connection. The atfork handler, in a child that has one
+///   thread, clears the pins of the parent's threads.
+/// - `state`'s held count is the number of blocks of that arena the program holds. It is
+///   raised before `alloc` returns the block, in one step with the release of the pin the
+///   allocating thread took in `live_conn`, and lowered, under a pin, when the program frees
+///   one.
+///   Cached blocks are not held: they are reached only through the connection, under a pin.
+/// - An entry is emptied only by one compare-exchange of `state` from exactly 0 (full, no pin,
+///   no held block) to `VACANT`, and only when the connection's daemon is gone (checked with
+///   [`Connection::daemon_alive`] after a new connection was opened, so that its segments no
+///   longer bear the instance's name and no daemon will re-attach to them). At that instant no
+///   thread uses the connection and the program holds no pointer into its arena; from then on
+///   no pin of it succeeds. A thread that read `newest` or an entry's bounds before fails to
+///   pin it, or pins the connection put there later and checks it again.
+/// - At most [`MAX_CONNECTIONS`] connections are kept; a full entry is emptied only to make
+///   room for a new connection or right after one was made, so one still holding blocks stays.
+/// - `newest` names the entry of the connection made last ([`NO_ENTRY`] before the first);
+///   it may name an entry emptied since, which pins then refuse.
 struct State {
-    /// Connections made, published in order: `conns[..count]` are initialised.
-    count: AtomicUsize,
-    /// Held while connecting or reviving a connection; others wait for the result.
-    connecting: AtomicBool,
+    /// The entry of the newest connection.
+    newest: AtomicUsize,
+    /// Connections made over the process's life.
+    made: AtomicU64,
+    /// The atfork handler is registered (written under `connecting`).
+    atfork: AtomicBool,
+    /// Held while connecting or reviving a connection; others wait for the result. The pid of
+    /// the process whose thread holds it (0: free), so that a forked child, which does not have
+    /// that thread, takes it over even before the atfork handler is registered.
+    connecting: AtomicU32,
     /// When the next connection attempt may be made (monotonic ns).
     next_try: AtomicU64,
-    conns: [UnsafeCell<MaybeUninit<Conn>>; MAX_CONNECTIONS],
+    conns: [Entry; MAX_CONNECTIONS],
     forwarded: AtomicU64,
     fallbacks: AtomicU64,
     arena_bytes: AtomicU64,
@@ -154,17 +308,20 @@ struct State {
     cache_cap: AtomicU64,
 }
 
-// SAFETY: every field shared between threads is an atomic, except `conns`, whose entry `i` is
-// written once, by the thread holding `connecting`, before `count` is raised past `i` with
-// Release; readers read only entries below `count` (Acquire), which are never written again
-// (the atfork handler writes only their atomics).
+// SAFETY: every field shared between threads is an atomic, except the connections in `conns`,
+// which only the thread holding `connecting` writes or drops, and only in a vacant entry (or
+// one it has just made vacant, with no pin and no held block); other threads read them only
+// under a pin of a full entry (see `State`'s invariants), and only their atomics are written
+// by more than one thread.
 unsafe impl Sync for State {}
 
 static STATE: State = State {
-    count: AtomicUsize::new(0),
-    connecting: AtomicBool::new(false),
+    newest: AtomicUsize::new(NO_ENTRY),
+    made: AtomicU64::new(0),
+    atfork: AtomicBool::new(false),
+    connecting: AtomicU32::new(0),
     next_try: AtomicU64::new(0),
-    conns: [const { UnsafeCell::new(MaybeUninit::uninit()) }; MAX_CONNECTIONS],
+    conns: [const { Entry::new() }; MAX_CONNECTIONS],
     forwarded: AtomicU64::new(0),
     fallbacks: AtomicU64::new(0),
     arena_bytes: AtomicU64::new(0),
@@ -186,8 +343,8 @@ pub fn counters() -> Counters {
         fallbacks: STATE.fallbacks.load(Ordering::Relaxed),
         arena_bytes: STATE.arena_bytes.load(Ordering::Relaxed),
         arena_blocks: STATE.arena_blocks.load(Ordering::Relaxed),
-        connections: STATE.count.load(Ordering::Relaxed) as u64,
-        cached_bytes: STATE.conns().map(Conn::cached_bytes).sum(),
+        connections: STATE.made.load(Ordering::Relaxed),
+        cached_bytes: STATE.conns().map(|c| c.cached_bytes()).sum(),
         cache_hits: STATE.cache_hits.load(Ordering::Relaxed),
         bad_ledger_entries: STATE.bad_ledger_entries.load(Ordering::Relaxed),
     }
@@ -198,26 +355,36 @@ extern "C" fn after_fork_in_child() {
 }
 
 impl State {
-    fn conn(&self, i: usize) -> &Conn {
-        // SAFETY: callers pass `i < count` (Acquire), so entry `i` is initialised and never
-        // written again.
-        unsafe { (*self.conns[i].get()).assume_init_ref() }
+    /// Pins the connection in entry `i`, if there is one.
+    fn pin(&self, i: usize) -> Option<Pinned<'_>> {
+        self.conns.get(i)?.pin()
     }
 
-    fn conns(&self) -> impl Iterator<Item = &Conn> {
-        let n = self.count.load(Ordering::Acquire).min(MAX_CONNECTIONS);
-        (0..n).map(|i| self.conn(i))
+    /// Every connection, pinned in turn.
+    fn conns(&self) -> impl Iterator<Item = Pinned<'_>> {
+        self.conns.iter().filter_map(Entry::pin)
     }
 
-    /// The connection whose arena holds `addr`.
-    fn conn_of(&self, addr: usize) -> Option<&Conn> {
-        self.conns().find(|c| addr.wrapping_sub(c.base) < c.len)
+    /// The connection whose arena holds `addr`, pinned.
+    fn conn_of(&self, addr: usize) -> Option<Pinned<'_>> {
+        self.conns.iter().find_map(|e| {
+            // Unpinned first, so that a free touches no other connection's counter; a block
+            // the program holds keeps its entry full with these bounds (it happens after the
+            // publication), and any match is confirmed under the pin.
+            if e.state.load(Ordering::Acquire) & VACANT != 0
+                || addr.wrapping_sub(e.base.load(Ordering::Relaxed))
+                    >= e.len.load(Ordering::Relaxed)
+            {
+                return None;
+            }
+            let c = e.pin()?;
+            (addr.wrapping_sub(c.base) < c.len).then_some(c)
+        })
     }
 
-    /// The newest connection, if it is alive.
-    fn newest_live(&self) -> Option<&Conn> {
-        let n = self.count.load(Ordering::Acquire).min(MAX_CONNECTIONS);
-        let c = self.conn(n.checked_sub(1)?);
+    /// The newest connection, pinned, if it is alive.
+    fn newest_live(&self) -> Option<Pinned<'_>> {
+        let c = self.pin(self.newest.load(Ordering::Acquire))?;
         (!c.dead.load(Ordering::Relaxed)).then_some(c)
     }
 
@@ -225,40 +392,51 @@ impl State {
     /// is done and returns `None`: a connection attempt takes about 100 µs, and threads that
     /// arrive meanwhile use its result rather than fall back.
     fn exclusively<T>(&self, f: impl FnOnce() -> Option<T>) -> Option<T> {
-        if self.connecting.swap(true, Ordering::Acquire) {
-            while self.connecting.load(Ordering::Acquire) {
-                os::yield_now();
+        let me = os::pid();
+        loop {
+            let holder = self.connecting.load(Ordering::Acquire);
+            if holder == me {
+                while self.connecting.load(Ordering::Acquire) == me {
+                    os::yield_now();
+                }
+                return None;
             }
-            return None;
+            // Free, or held by a thread of a parent this process was forked from, which is not
+            // here to finish: taken.
+            if self
+                .connecting
+                .compare_exchange(holder, me, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                break;
+            }
         }
         let r = f();
-        self.connecting.store(false, Ordering::Release);
+        self.connecting.store(0, Ordering::Release);
         r
     }
 
-    /// The newest live connection; if there is none, revives the newest or connects anew (at
-    /// most once per [`RETRY_INTERVAL`]).
-    fn live_conn(&self, name: &str) -> Option<&Conn> {
-        if let Some(c) = self.newest_live() {
-            return Some(c);
-        }
-        self.exclusively(|| {
-            // Re-checked under the flag: another thread may have connected meanwhile.
-            if let Some(c) = self.newest_live() {
-                return Some(c);
-            }
-            if !self.may_try() {
-                return None;
-            }
-            let n = self.count.load(Ordering::Acquire).min(MAX_CONNECTIONS);
-            if let Some(c) = n.checked_sub(1).map(|i| self.conn(i)) {
-                if self.revive(c) {
+    /// The newest live connection, pinned; if there is none, revives the newest or connects
+    /// anew (at most once per [`RETRY_INTERVAL`]).
+    fn live_conn(&self, name: &str) -> Option<Pinned<'_>> {
+        self.newest_live().or_else(|| {
+            self.exclusively(|| {
+                // Re-checked under the flag: another thread may have connected meanwhile.
+                if let Some(c) = self.newest_live() {
                     return Some(c);
                 }
-            }
-            self.try_connect(n, name).then(|| self.conn(n))
+                if !self.may_try() {
+                    return None;
+                }
+                if let Some(c) = self.pin(self.newest.load(Ordering::Acquire)) {
+                    if self.revive(&c) {
+                        return Some(c);
+                    }
+                }
+                self.try_connect(name)
+            })
+            .or_else(|| self.newest_live())
         })
-        .or_else(|| self.newest_live())
     }
 
     /// Whether `c` may be used: its daemon lives, or (checked at most once per
@@ -310,24 +488,35 @@ impl State {
         true
     }
 
-    /// Makes connection number `n` to `XALLOC_NAME` if set, else to `name`. The caller holds
-    /// `connecting`, and `count == n`.
+    /// Connects to `XALLOC_NAME` if set, else to `name`, and publishes the connection as the
+    /// newest, in a vacant entry or in one emptied for it ([`State::recycle`]); then empties
+    /// every other entry whose connection nothing needs any more. The caller holds
+    /// `connecting`.
     #[cold]
-    fn try_connect(&self, n: usize, name: &str) -> bool {
-        if n >= MAX_CONNECTIONS {
-            return false;
+    fn try_connect(&self, name: &str) -> Option<Pinned<'_>> {
+        if !self.atfork.load(Ordering::Relaxed) {
+            // Before the first connection is published, so that every child forked while one
+            // exists forgets the parent's slots; marked after, so that a child forked before
+            // registers it itself (glibc serialises fork and registration).
+            // SAFETY: the handler only stores atomics and calls `mmap`, which is
+            // async-signal-safe; glibc registers it with libc's malloc, not this allocator.
+            unsafe { libc_atfork(after_fork_in_child) };
+            self.atfork.store(true, Ordering::Relaxed);
         }
         let mut buf = [0u8; 256];
         let name = env_str(c"XALLOC_NAME", &mut buf).unwrap_or(name);
-        let Ok(conn) = Connection::connect(name) else {
-            return false;
-        };
-        let base = conn.arena_base().addr();
-        let len = conn.arena_len();
-        // SAFETY: entry `n` is not initialised (`count == n`) and only this thread, holding
-        // `connecting`, writes it; readers see it only after `count` is raised below.
+        let conn = Connection::connect(name).ok()?;
+        let i = (0..MAX_CONNECTIONS)
+            .find(|&i| self.conns[i].state.load(Ordering::Acquire) & VACANT != 0)
+            .or_else(|| (0..MAX_CONNECTIONS).find(|&i| self.recycle(i)))?;
+        let e = &self.conns[i];
+        let (base, len) = (conn.arena_base().addr(), conn.arena_len());
+        // SAFETY: entry `i` is vacant, so no thread reads its connection (pins fail), and only
+        // this thread, holding `connecting`, writes it. Whatever it held before was dropped
+        // when it was emptied (or, in a forked child, is a parent thread's half-made
+        // connection, overwritten without being dropped: its mappings stay, unused).
         unsafe {
-            (*self.conns[n].get()).write(Conn {
+            (*e.conn.get()).write(Conn {
                 conn,
                 base,
                 len,
@@ -339,18 +528,63 @@ impl State {
                 home: AtomicU32::new(u32::MAX),
             });
         }
-        if n == 0 {
-            // SAFETY: the handler only stores atomics and calls `mmap`, which is
-            // async-signal-safe; glibc registers it with libc's malloc, not this allocator.
-            unsafe { libc_atfork(after_fork_in_child) };
+        e.base.store(base, Ordering::Relaxed);
+        e.len.store(len, Ordering::Relaxed);
+        // Release: the connection and bounds are visible to every thread that pins it. Pins
+        // that failed meanwhile left their counts, undone by themselves.
+        e.state.fetch_and(!VACANT, Ordering::Release);
+        self.newest.store(i, Ordering::Release);
+        self.made.fetch_add(1, Ordering::Relaxed);
+        for j in (0..MAX_CONNECTIONS).filter(|&j| j != i) {
+            self.recycle(j);
         }
-        self.count.store(n + 1, Ordering::Release);
+        self.pin(i)
+    }
+
+    /// Empties entry `i` if its connection's daemon is gone, the program holds none of its
+    /// blocks and no thread uses it, dropping the connection (which unmaps its segments);
+    /// whether it did. The caller holds `connecting` and has just opened a new connection to
+    /// the instance: a gone daemon's segments that differ from the new ones no longer bear
+    /// the name, so no daemon will re-attach to them (if the instance name changed meanwhile,
+    /// one might, and the slots this process registered there stay its own until it exits).
+    fn recycle(&self, i: usize) -> bool {
+        let e = &self.conns[i];
+        // Vacant, pinned, or holding blocks: kept. (Only this thread empties entries.)
+        if e.state.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        // SAFETY: 1. seen full just now, and this thread holds `connecting`: no one else
+        // empties it. 2. The reference is not used after the drop below.
+        let alive = unsafe { e.conn_ref() }.conn.daemon_alive();
+        // Acquire: every pinned thread's use of the connection happens before the drop.
+        if alive
+            || e.state
+                .compare_exchange(0, VACANT, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        // SAFETY: 1. initialised: the entry was full. 2. No thread uses it (no pin), none can
+        // from now on (`VACANT` set), and the program holds no pointer into its arena (no held
+        // block; cached blocks are reached only through the connection). 3. Dropped once:
+        // only this thread, holding `connecting`, empties entries.
+        unsafe { (*e.conn.get()).assume_init_drop() };
         true
     }
 
-    /// In a forked child: the parent's slots are not ours, the arena becomes private, and the
-    /// blocks it holds are the parent's (the child cannot free them).
+    /// In a forked child, which has one thread: the parent's other threads, and what they were
+    /// doing, are gone. A connection attempt or revival one of them was making is abandoned
+    /// (`connecting` cleared; an entry it was filling is still vacant, `newest` and every
+    /// connection are as one of its steps left them, each step consistent), and so are their
+    /// pins. The parent's slots are not ours, the arena becomes private, and the blocks it
+    /// holds are the parent's (the child cannot free them; it holds copies of the parent's
+    /// pointers, so they stay counted as held).
     fn forget_parent(&self) {
+        self.connecting.store(0, Ordering::Relaxed);
+        for e in &self.conns {
+            let s = e.state.load(Ordering::Relaxed);
+            e.state.store(s & !PINS, Ordering::Relaxed);
+        }
         self.arena_bytes.store(0, Ordering::Relaxed);
         self.arena_blocks.store(0, Ordering::Relaxed);
         // Every block cached or held now is the parent's, and so is the ledger: the child
@@ -441,16 +675,21 @@ impl State {
     fn arena_alloc(&self, name: &str, layout: Layout, zeroed: bool) -> Option<NonNull<u8>> {
         let c = self.live_conn(name)?;
         let (size, align) = (layout.size() as u64, layout.align() as u64);
-        if let Some(p) = self.cached_block(c, layout, zeroed) {
-            return Some(p);
-        }
-        let block = self
-            .with_slot(c, |i| c.conn.allocate(i, size, align, zeroed))?
-            .ok()?;
-        self.forwarded.fetch_add(1, Ordering::Relaxed);
-        self.arena_bytes.fetch_add(block.size, Ordering::Relaxed);
-        self.arena_blocks.fetch_add(1, Ordering::Relaxed);
-        NonNull::new(block.as_ptr())
+        let p = match self.cached_block(&c, layout, zeroed) {
+            Some(p) => p,
+            None => {
+                let block = self
+                    .with_slot(&c, |i| c.conn.allocate(i, size, align, zeroed))?
+                    .ok()?;
+                self.forwarded.fetch_add(1, Ordering::Relaxed);
+                self.arena_bytes.fetch_add(block.size, Ordering::Relaxed);
+                self.arena_blocks.fetch_add(1, Ordering::Relaxed);
+                NonNull::new(block.as_ptr())?
+            }
+        };
+        // Counted as held before the program has the pointer, in one step with the unpin.
+        c.hold_block_and_unpin();
+        Some(p)
     }
 
     /// A block of `layout` from this process's cache in `c`, zeroed if asked, or `None`.
@@ -702,9 +941,10 @@ fn env_str<'b>(key: &core::ffi::CStr, buf: &'b mut [u8]) -> Option<&'b str> {
 
 // SAFETY: every method returns memory from `System` under the caller's layout, or an arena
 // block of at least `layout.size()` bytes at `layout.align()` that no one else holds (the daemon
-// hands each block out once, and it stays mapped for the life of the process); `dealloc` and
-// `realloc` route each pointer back to where it came from: arena blocks are at least the
-// threshold long and lie inside a connection's mapping, system blocks never do.
+// hands each block out once, and its arena stays mapped while the program holds it: see
+// `State`'s invariants); `dealloc` and `realloc` route each pointer back to where it came from:
+// arena blocks are at least the threshold long and lie inside a connection's mapping, system
+// blocks never do.
 unsafe impl GlobalAlloc for XallocGlobal {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         self.alloc_impl(layout, false)
@@ -717,7 +957,8 @@ unsafe impl GlobalAlloc for XallocGlobal {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if layout.size() >= self.threshold() {
             if let Some(c) = STATE.conn_of(ptr.addr()) {
-                STATE.arena_free(c, ptr, layout.size());
+                STATE.arena_free(&c, ptr, layout.size());
+                c.free_block_and_unpin();
                 return;
             }
         }
@@ -748,7 +989,7 @@ unsafe impl GlobalAlloc for XallocGlobal {
         };
         match in_arena {
             Some(c) => {
-                if new_size >= threshold && STATE.arena_resize(c, ptr, layout.size(), new_size) {
+                if new_size >= threshold && STATE.arena_resize(&c, ptr, layout.size(), new_size) {
                     return ptr;
                 }
                 // Moves: to another arena block, or to the system below the threshold.

@@ -3,10 +3,12 @@
 //!
 //! ```text
 //! xalloc-global-client work THREADS MILLIS
-//!     std-heavy work on THREADS threads for MILLIS ms: maps of strings to vectors, strings,
-//!     vectors grown and shrunk across the threshold, zeroed buffers, threads that hand
-//!     buffers to each other; every content is checked. Prints `ok forwarded=N fallbacks=N
-//!     reentries=N arena_bytes=N` and exits 0, or prints what went wrong and exits 1.
+//!     std-heavy work on THREADS threads for MILLIS ms (MILLIS 0: until stdin closes, and each
+//!     line read makes every thread check and free all it keeps): maps of strings to vectors,
+//!     strings, vectors grown and shrunk across the threshold, zeroed buffers, threads that hand
+//!     buffers to each other; every content is checked. Prints
+//!     `ok forwarded=N fallbacks=N reentries=N arena_bytes=N ...` and exits 0, or prints what
+//!     went wrong and exits 1.
 //! xalloc-global-client fork
 //!     Allocates a shared buffer, forks; the child allocates and frees large buffers of its own,
 //!     writes into and frees the inherited buffer, and exits; the parent checks that its buffer
@@ -16,6 +18,23 @@
 //!     prints `freed cached_bytes=N arena_bytes=N`, and waits for a line on stdin, making no
 //!     request meanwhile; then allocates COUNT blocks of SIZE bytes again, checks and frees
 //!     them, and prints `ok ...` as above.
+//! xalloc-global-client fork-while-connecting FIFO
+//!     For an instance whose response segment is the FIFO at path FIFO, so that connecting
+//!     blocks until someone opens FIFO for writing: one thread makes a large allocation, and
+//!     so blocks inside the connection; once it is blocked there (its `/proc` syscall is
+//!     `openat`), the FIFO is renamed to FIFO.held (a connection attempt of the child fails at
+//!     once instead of blocking too) and the main thread forks. The child makes large
+//!     allocations and exits; it must do so within 5 s, or the parent kills it (by pid) and
+//!     fails. Then the parent opens FIFO.held for writing, which lets the blocked thread go on
+//!     (its connection fails and it falls back), and prints `ok ...` as above.
+//! xalloc-global-client restarts
+//!     Reads commands on stdin, one a line, while the test restarts the daemon in between:
+//!     `alloc GEN hold|free` frees the block of the previous command if that one said `free`,
+//!     then makes 1 MiB allocations (filled with a pattern of GEN) until one is served by a
+//!     daemon round trip (shared, counted as forwarded, not a cache hit), for at most 10 s; it
+//!     keeps that block and prints `served gen=GEN connections=N`, or prints `error: ...` and
+//!     exits 1. `check` checks that every block kept with `hold` still holds its pattern and
+//!     lies in an arena, frees them, and prints `ok ... connections=N`.
 //! ```
 //!
 //! The global allocator is wrapped in a counter of nesting depth: if `XallocGlobal` ever
@@ -26,7 +45,7 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -97,14 +116,34 @@ fn check(what: &str, seed: u64, v: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Set when `work` with MILLIS 0 finds stdin closed.
+static STOP: AtomicBool = AtomicBool::new(false);
+/// Lines `work` with MILLIS 0 has read: each makes the workers free all they keep.
+static LINES: AtomicU64 = AtomicU64::new(0);
+
 fn worker(t: u64, millis: u64, tx: mpsc::Sender<Vec<u64>>) -> Result<u64, String> {
-    let deadline = Instant::now() + Duration::from_millis(millis);
+    let deadline = Instant::now()
+        + if millis == 0 {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_millis(millis)
+        };
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t + 1));
     // Each value remembers the seed of its pattern, so that it can be checked.
     let mut map: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
     let mut tree: BTreeMap<u64, String> = BTreeMap::new();
     let mut ops = 0u64;
-    while Instant::now() < deadline {
+    let mut lines = 0;
+    while Instant::now() < deadline && !STOP.load(Ordering::Relaxed) {
+        if LINES.load(Ordering::Relaxed) != lines {
+            lines = LINES.load(Ordering::Relaxed);
+            for (seed, v) in map.values() {
+                check("map value", *seed, v)?;
+            }
+            map.clear();
+            map.shrink_to_fit();
+            tree.clear();
+        }
         let k = rng.next_u64();
         // Sizes from a few bytes to 512 KiB: both sides of the 4 KiB threshold.
         let len = match k % 4 {
@@ -154,6 +193,16 @@ fn worker(t: u64, millis: u64, tx: mpsc::Sender<Vec<u64>>) -> Result<u64, String
 }
 
 fn work(threads: u64, millis: u64) -> Result<(), String> {
+    if millis == 0 {
+        std::thread::spawn(|| {
+            let mut line = String::new();
+            while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+                LINES.fetch_add(1, Ordering::Relaxed);
+                line.clear();
+            }
+            STOP.store(true, Ordering::Relaxed);
+        });
+    }
     let (tx, rx) = mpsc::channel::<Vec<u64>>();
     let sink = std::thread::spawn(move || {
         let mut n = 0u64;
@@ -254,6 +303,151 @@ fn free_then_wait(count: usize, size: usize) -> Result<(), String> {
     check(&second, 1)
 }
 
+/// A large allocation on another thread blocks inside the connection (the response segment is
+/// a FIFO without a writer); a child forked meanwhile must still allocate, and exit.
+fn fork_while_connecting(fifo: &str) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel();
+    let connecting = std::thread::spawn(move || {
+        // SAFETY: plain system call.
+        let _ = tx.send(unsafe { libc::gettid() });
+        let v = vec![1u8; 1 << 20];
+        v.iter().all(|&b| b == 1)
+    });
+    let tid = rx.recv().map_err(|e| e.to_string())?;
+    let syscall = format!("/proc/self/task/{tid}/syscall");
+    let openat = format!("{} ", libc::SYS_openat);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&syscall).is_ok_and(|s| s.starts_with(&openat)) {
+        if Instant::now() > deadline {
+            return Err("the connecting thread never blocked opening the FIFO".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let held = format!("{fifo}.held");
+    std::fs::rename(fifo, &held).map_err(|e| format!("rename {fifo}: {e}"))?;
+    // SAFETY: the child only allocates, checks its memory and leaves with `_exit`.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err("fork failed".into());
+    }
+    if pid == 0 {
+        let mut ok = true;
+        for i in 0..4u64 {
+            let v = pattern(i, 512 << 10);
+            ok &= v == pattern(i, 512 << 10);
+        }
+        // SAFETY: leaving the child without running the parent's exit handlers.
+        unsafe { libc::_exit(if ok { 0 } else { 3 }) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut status = 0;
+    let hung = loop {
+        // SAFETY: polling our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break false;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: our own child, not yet reaped, so the pid is still its.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            break true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // A writer lets the blocked open go on; the connection then fails (a FIFO is no segment).
+    let writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&held)
+        .map_err(|e| format!("open {held} for writing: {e}"))?;
+    let filled = connecting
+        .join()
+        .map_err(|_| "the connecting thread panicked".to_owned())?;
+    drop(writer);
+    if hung {
+        return Err(
+            "the child forked while another thread connected hung (killed after 5 s)".into(),
+        );
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(format!("child failed: status {status:#x}"));
+    }
+    if !filled {
+        return Err("the connecting thread's buffer lost its contents".into());
+    }
+    Ok(())
+}
+
+/// Serves `alloc` and `check` commands from stdin (see the module docs).
+fn restarts() -> Result<(), String> {
+    const SIZE: usize = 1 << 20;
+    let mut held: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut last: Option<Vec<u8>> = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            return Err("stdin closed before `check`".into());
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["alloc", gen, mode] => {
+                let gen: u64 = gen.parse().map_err(|_| format!("bad gen {gen}"))?;
+                drop(last.take());
+                // Blocks that came from a cache or the system are kept until one came from a
+                // daemon, so that the loop drains the cache instead of cycling through it.
+                let mut tries = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let block = loop {
+                    let before = xalloc_global::counters();
+                    let v = pattern(gen, SIZE);
+                    let after = xalloc_global::counters();
+                    let served = xalloc_global::is_shared(v.as_ptr())
+                        && after.forwarded > before.forwarded
+                        && after.cache_hits == before.cache_hits;
+                    if served {
+                        break v;
+                    }
+                    if Instant::now() > deadline {
+                        return Err(format!(
+                            "no block from a daemon for gen {gen} within 10 s: {after:?}"
+                        ));
+                    }
+                    tries.push(v);
+                    std::thread::sleep(Duration::from_millis(20));
+                };
+                drop(tries);
+                match *mode {
+                    "hold" => held.push((gen, block)),
+                    _ => last = Some(block),
+                }
+                println!(
+                    "served gen={gen} connections={}",
+                    xalloc_global::counters().connections
+                );
+            }
+            ["check"] => {
+                drop(last.take());
+                for (gen, v) in &held {
+                    check(&format!("block of gen {gen}"), *gen, v)?;
+                    if !xalloc_global::is_shared(v.as_ptr()) {
+                        return Err(format!("the block of gen {gen} left its arena"));
+                    }
+                }
+                drop(held);
+                return Ok(());
+            }
+            _ => return Err(format!("unknown command {line:?}")),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let num = |i: usize| args.get(i).and_then(|s| s.parse::<u64>().ok());
@@ -267,23 +461,28 @@ fn main() -> ExitCode {
             (Some(n), Some(size)) => free_then_wait(n as usize, size as usize),
             _ => Err("usage: free-then-wait COUNT SIZE".into()),
         },
-        _ => Err(
-            "usage: xalloc-global-client work THREADS MILLIS | fork | free-then-wait COUNT SIZE"
-                .into(),
-        ),
+        Some("fork-while-connecting") => match args.get(1) {
+            Some(fifo) => fork_while_connecting(fifo),
+            None => Err("usage: fork-while-connecting FIFO".into()),
+        },
+        Some("restarts") => restarts(),
+        _ => Err("usage: xalloc-global-client work THREADS MILLIS | fork | \
+                  free-then-wait COUNT SIZE | fork-while-connecting FIFO | restarts"
+            .into()),
     };
     let c = xalloc_global::counters();
     match result {
         Ok(()) => {
             println!(
                 "ok forwarded={} fallbacks={} reentries={} arena_bytes={} cache_hits={} \
-                 cached_bytes={}",
+                 cached_bytes={} connections={}",
                 c.forwarded,
                 c.fallbacks,
                 REENTRIES.load(Ordering::Relaxed),
                 c.arena_bytes,
                 c.cache_hits,
-                c.cached_bytes
+                c.cached_bytes,
+                c.connections
             );
             ExitCode::SUCCESS
         }
