@@ -162,7 +162,10 @@ pub unsafe trait MetaStore {
     /// store keeps one (out of band, every entry but a block's first is zero, which is what
     /// lets a checked free tell a block start from any other offset). In band there is no such
     /// record: the inside of a block is its payload.
-    fn interior_clear(&self, p: Self::Ptr, size: u32) -> bool {
+    ///
+    /// # Safety
+    /// `p` is the handle of a block start whose `size` granules lie inside its region.
+    unsafe fn interior_clear(&self, p: Self::Ptr, size: u32) -> bool {
         let _ = (p, size);
         true
     }
@@ -572,10 +575,10 @@ unsafe impl MetaStore for OutOfBand {
         unsafe { NonNull::new_unchecked(self.base.wrapping_add(b << self.shift)) }
     }
 
-    fn interior_clear(&self, p: *mut MetaEntry, size: u32) -> bool {
+    unsafe fn interior_clear(&self, p: *mut MetaEntry, size: u32) -> bool {
         (1..size as usize).all(|i| {
-            // SAFETY: `p` is a block start of `size` granules inside the region (the caller walks
-            // the region's blocks), so `p + i` for `i < size` is an entry of the table.
+            // SAFETY: `p` is a block start of `size` granules inside the region (the caller's
+            // contract), so `p + i` for `i < size` is an entry of the table.
             unsafe { *p.wrapping_add(i) == MetaEntry::default() }
         })
     }

@@ -945,7 +945,9 @@ impl<S: MetaStore> Tlsf<S> {
                 if (v & PREV_FREE != 0) != prev_free {
                     return fail("PREV_FREE bit differs from the previous block's state", id);
                 }
-                if !self.store.interior_clear(p, size) {
+                // SAFETY: `p` is a block start of `size` granules inside the region (the walk
+                // checked `size <= end - id`).
+                if !unsafe { self.store.interior_clear(p, size) } {
                     return fail("metadata inside a block is not clear", id);
                 }
                 let is_free = v & FREE != 0;
@@ -1087,8 +1089,9 @@ impl Tlsf<OutOfBand> {
     /// Allocates a block for a process that maps the region at address `view`, and returns
     /// its offset from the region's start: `view + offset` is a multiple of `layout.align()`
     /// (the heap's own mapping does not matter). With `view = 0` the offset itself is aligned.
-    /// `None` when no free block can hold the request at that alignment, or when no block of
-    /// this heap ever could (an alignment beyond `granule * 2^29`).
+    /// `None` when no free block can hold the request at that alignment, when no block of this
+    /// heap ever could (an alignment beyond `granule * 2^29`), or when `view` is not a multiple
+    /// of the granule (offsets are, so such a view could not align even to the granule).
     ///
     /// Only the low bits of `view` matter: any value congruent to the mapping's address modulo
     /// the largest alignment asked for gives the same blocks.
@@ -1096,6 +1099,9 @@ impl Tlsf<OutOfBand> {
     /// # Time complexity
     /// As [`allocate`](Self::allocate).
     pub fn allocate_offset(&mut self, layout: Layout, view: usize) -> Option<usize> {
+        if !view.is_multiple_of(self.granule()) {
+            return None;
+        }
         let p = if layout.align() <= self.granule() {
             // Every block is granule-aligned in every view: the fast path needs no view.
             self.allocate(layout)?

@@ -43,7 +43,7 @@
 use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// Version of this layout. Bumped on any incompatible change.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// Magic numbers at the start of each segment (ASCII `XALLOC` and a kind letter).
 pub const MAGIC: [u64; 4] = [
@@ -232,10 +232,27 @@ impl SegmentHeader {
         self
     }
 
-    /// Reads a header from shared memory that other processes may be writing, one atomic word
-    /// at a time (a header changing meanwhile reads as a mix, which [`check`](Self::check)
-    /// and [`same_instance`](Self::same_instance) are there to catch).
+    /// Reads a header from shared memory that other processes may be writing, as atomic words.
+    ///
+    /// Headers change only when a daemon re-attaches (it rewrites `generation` and `daemon_pid`
+    /// once), so the words are read until two readings in a row agree: a reading that mixes the
+    /// old header with the new one is not returned unless the header keeps changing for 64
+    /// readings, which no daemon does (and whatever is returned is still checked like any
+    /// header: [`check`](Self::check), [`same_instance`](Self::same_instance)).
     pub fn load(at: &HeaderWords) -> Self {
+        let mut last = Self::load_once(at);
+        for _ in 0..64 {
+            let again = Self::load_once(at);
+            if again == last {
+                break;
+            }
+            last = again;
+        }
+        last
+    }
+
+    /// One reading of the header's words.
+    fn load_once(at: &HeaderWords) -> Self {
         let w: [u64; HEADER_WORDS] = core::array::from_fn(|i| at.0[i].load(Ordering::Acquire));
         let lo = |w: u64| u32::from_ne_bytes(half(w, 0));
         let hi = |w: u64| u32::from_ne_bytes(half(w, 1));

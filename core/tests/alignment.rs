@@ -152,8 +152,9 @@ proptest! {
     }
 }
 
-/// Alignments past what a region of 2^30 granules can ever pad for are refused, in the fast
-/// and the slow path, without touching the counters.
+/// Alignments past what a block can ever pad for (2^29 granules of 16 bytes: 2^33 bytes) are
+/// refused, in the fast and the slow path, without touching the counters, wherever the region
+/// lies. (Below that, whether a small region holds an aligned address depends on where it is.)
 #[test]
 fn alignments_beyond_the_heap_are_refused() {
     let mut buf = vec![0u128; 4096 / 16];
@@ -161,7 +162,7 @@ fn alignments_beyond_the_heap_are_refused() {
     // SAFETY: `buf` outlives the heap and is used by nothing else.
     unsafe { h.try_init(buf.as_mut_ptr().cast(), 4096) }.unwrap();
     let before = h.stats();
-    for k in 13..usize::BITS {
+    for k in 34..usize::BITS {
         for size in [0, 1, 16, 2000] {
             let Ok(l) = Layout::from_size_align(size, 1 << k) else {
                 continue;
@@ -171,6 +172,29 @@ fn alignments_beyond_the_heap_are_refused() {
         }
     }
     h.check_invariants().unwrap();
+}
+
+/// A view that is not on the granule cannot be aligned for (every offset is on the granule):
+/// refused without a change.
+#[test]
+fn a_view_off_the_granule_is_refused() {
+    const GRANULE: usize = 64;
+    let size = 64 * GRANULE;
+    let mut table = vec![MetaEntry::default(); OobHeap::table_entries(size, GRANULE)];
+    let mut h = oob_at(1 << 20, size, GRANULE, &mut table);
+    let before = h.stats();
+    for (align, view) in [(1, 1), (2, 1), (64, 32), (4096, 0x1001), (128, 8)] {
+        let l = Layout::from_size_align(1, align).unwrap();
+        assert_eq!(
+            h.allocate_offset(l, view),
+            None,
+            "align {align} view {view:#x}"
+        );
+        assert_eq!(h.stats(), before);
+    }
+    let l = Layout::from_size_align(1, 4096).unwrap();
+    let off = h.allocate_offset(l, 0x1040).unwrap();
+    assert_eq!((0x1040 + off) % 4096, 0);
 }
 
 /// Size 0 is served as the smallest block and freed as one.
@@ -246,13 +270,20 @@ fn out_of_band_check_finds_a_non_zero_entry_inside_a_block() {
 fn largest_free_bytes_is_an_allocation_that_succeeds() {
     let granules = (LOCAL_MASK as usize / 2) + 4096;
     let len = granules * 16 + 64;
-    let l = Layout::from_size_align(len, 16).unwrap();
-    // SAFETY: `l` has a non-zero size. Zeroed memory comes from fresh, lazily backed pages.
-    let region = unsafe { std::alloc::alloc_zeroed(l) };
-    assert!(
-        !region.is_null(),
-        "could not reserve {len} bytes of address space"
-    );
+    // Address space only (`MAP_NORESERVE`): pages are backed when the heap writes a header.
+    // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+    let region = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(region, libc::MAP_FAILED, "could not map {len} bytes");
+    let region = region.cast::<u8>();
     let mut h = Heap::empty();
     // SAFETY: `region` is ours until it is freed below, after the heap's last use.
     unsafe { h.try_init(region, len) }.unwrap();
@@ -263,6 +294,6 @@ fn largest_free_bytes_is_an_allocation_that_succeeds() {
         p.is_some(),
         "largest_free_bytes {largest} cannot be allocated"
     );
-    // SAFETY: allocated above with `l`; the heap is not used again.
-    unsafe { std::alloc::dealloc(region, l) };
+    // SAFETY: mapped above with `len`; the heap is not used again.
+    unsafe { libc::munmap(region.cast(), len) };
 }

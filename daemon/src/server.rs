@@ -426,11 +426,45 @@ impl Server {
                 }
             }
         }
+        let returned = self.return_unused_chunks();
         log::info!(
             "re-attached to the existing segments: kept {kept} blocks ({kept_bytes} bytes) and \
-             {slots} slots of {} live clients; freed {dropped} blocks of clients that are gone",
+             {slots} slots of {} live clients; freed {dropped} blocks of clients that are gone; \
+             returned {returned} bytes of pages no kept block uses to the kernel",
             self.clients.len()
         );
+    }
+
+    /// After a rebuild: gives back to the kernel the pages of every chunk that holds no block
+    /// (the dead daemon may have reserved them for blocks freed since, or for clients that are
+    /// gone); they read as fresh zeros after. Only chunks with a kept block are recorded as
+    /// reserved, so without this such pages would stay resident, uncounted and out of reach
+    /// of the decay. Returns the bytes given back (those of chunks where hole punching worked;
+    /// the others stay as they were).
+    fn return_unused_chunks(&mut self) -> u64 {
+        let chunks = self.chunk_used.len();
+        let mut returned = 0;
+        let mut c = 0;
+        while c < chunks {
+            if self.chunk_used[c] != 0 {
+                c += 1;
+                continue;
+            }
+            let run = c;
+            while c < chunks && self.chunk_used[c] == 0 {
+                c += 1;
+            }
+            let start = run as u64 * CHUNK;
+            let len = (c as u64 * CHUNK).min(self.seg.arena_bytes) - start;
+            match os::punch_hole(&self.seg.arena_fd, ARENA_DATA_OFFSET as u64 + start, len) {
+                Ok(()) => {
+                    self.dirty[run..c].fill(false);
+                    returned += len;
+                }
+                Err(e) => log::warn!("cannot give back idle arena pages after re-attaching: {e}"),
+            }
+        }
+        returned
     }
 
     /// Checks the whole state: the heap's invariants, and that the ownership record lists
@@ -799,8 +833,12 @@ impl Server {
         else {
             return answer(Status::BadSize);
         };
-        // Aligned where the client sees the arena, which is not where this process maps it.
+        // Aligned where the client sees the arena, which is not where this process maps it. A
+        // mapping starts on a page, and so does every block: a view off the page is no client's.
         let view = (req.offset & (MAX_ALIGN - 1)) as usize;
+        if !view.is_multiple_of(GRANULE) {
+            return answer(Status::BadOffset);
+        }
         let Some(offset) = self.heap.allocate_offset(layout, view).or_else(|| {
             (self.take_back_caches() > 0)
                 .then(|| self.heap.allocate_offset(layout, view))
@@ -1059,8 +1097,9 @@ impl Server {
                             .cached_granules
                             .load(Ordering::Relaxed)
                     })
-                    .sum::<u64>()
-                    * GRANULE as u64;
+                    // Client-written counters: saturating, whatever they say.
+                    .fold(0u64, u64::saturating_add)
+                    .saturating_mul(GRANULE as u64);
                 log::info!(
                     "client {pid}: {} blocks, {} bytes ({cached} of them cached for reuse), {} \
                      slots",

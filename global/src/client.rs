@@ -141,6 +141,9 @@ pub enum RequestError {
     /// The slot was abandoned by an earlier timeout, or the process forked and this is the
     /// parent's slot.
     SlotUnusable,
+    /// The daemon answered an allocation with a block not aligned as asked where this process
+    /// maps the arena; the block was freed again.
+    Misaligned,
 }
 
 impl fmt::Display for RequestError {
@@ -152,6 +155,7 @@ impl fmt::Display for RequestError {
             Self::Timeout => write!(f, "no answer within {ANSWER_TIMEOUT:?}"),
             Self::DaemonGone => f.write_str("the daemon exited"),
             Self::SlotUnusable => f.write_str("slot abandoned or inherited through fork"),
+            Self::Misaligned => f.write_str("the daemon answered with a misaligned block"),
         }
     }
 }
@@ -488,6 +492,11 @@ impl Connection {
         let view = self.arena_base().addr() as u64 & (wire::MAX_ALIGN - 1);
         let r = self.request(index, Op::Allocate, flags, size, align, view)?;
         let mut block = self.block(r)?;
+        if align == 0 || !block.as_ptr().addr().is_multiple_of(align as usize) {
+            // Not what was asked for: given back, never handed to the caller.
+            let _ = self.free(index, block.offset);
+            return Err(RequestError::Misaligned);
+        }
         if self.private.load(Ordering::Relaxed) {
             // A private (copy-on-write) view may hold this process's own old writes where the
             // object is fresh: the daemon's word on zeroes does not hold here.

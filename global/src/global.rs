@@ -131,7 +131,10 @@ impl Conn {
     /// Bytes this process keeps cached in this connection.
     fn cached_bytes(&self) -> u64 {
         self.ledger().map_or(0, |l| {
-            l.cached_granules.load(Ordering::Relaxed) * self.conn.granule() as u64
+            // The ledger is writable by other processes: saturating, whatever it says.
+            l.cached_granules
+                .load(Ordering::Relaxed)
+                .saturating_mul(self.conn.granule() as u64)
         })
     }
 }
@@ -706,7 +709,8 @@ impl State {
         // Aligned as this process sees the block, checked on the address; out-of-range offsets
         // pass here and are refused below, once taken out of the ledger.
         let aligned = |g: u32| {
-            (base.addr().wrapping_add(g as usize * granule)).is_multiple_of(layout.align())
+            (base.addr().wrapping_add((g as usize).wrapping_mul(granule)))
+                .is_multiple_of(layout.align())
         };
         let g = ledger.take(granules, cpu_hint(), aligned)?;
         let in_arena = (g as usize)
@@ -720,7 +724,10 @@ impl State {
         self.cache_hits.fetch_add(1, Ordering::Relaxed);
         self.forwarded.fetch_add(1, Ordering::Relaxed);
         // SAFETY: `g * granule + bytes <= arena_len` (checked above), so the block lies inside
-        // the arena mapping; a cached block is this process's alone (the ledger's protocol).
+        // the arena mapping: the write below stays in memory this process maps. That the block
+        // is this process's alone is the ledger's protocol, which only this process keeps: a
+        // planted entry inside the arena may name a block it holds, and its data would then be
+        // overwritten, as any process of the instance can overwrite it in the shared arena.
         let p = unsafe { base.add(g as usize * granule) };
         if zeroed {
             // SAFETY: as above; the block is `bytes` long.
@@ -768,7 +775,8 @@ impl State {
                 granules: u32::try_from(bytes / granule).unwrap_or(0),
                 released: false,
             };
-            let room = ledger.cached_granules.load(Ordering::Relaxed) * granule + bytes <= cap;
+            let cached = ledger.cached_granules.load(Ordering::Relaxed);
+            let room = cached.saturating_mul(granule).saturating_add(bytes) <= cap;
             if room && !c.conn.arena_is_low() && ledger.put(block, cpu_hint()) {
                 return;
             }

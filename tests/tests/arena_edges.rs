@@ -59,30 +59,53 @@ fn planted_ledger_entries_are_dropped_not_used() {
     assert!(d.stats_line().contains("heap check ok"));
 }
 
+/// Bytes of `/dev/shm/NAME.arena` backed by pages.
+fn arena_resident(name: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/dev/shm/{name}.arena"))
+        .expect("arena segment")
+        .blocks()
+        * 512
+}
+
 /// After a restart, the chunks that hold blocks kept for live clients are recorded as reserved
 /// (they were, by the daemon that died): a later failure to reserve pages in such a chunk must
-/// not give its pages back to the kernel, which would zero the blocks.
+/// not give its pages back to the kernel, which would zero the blocks. The pages of chunks that
+/// no kept block uses (here those of a client killed while no daemon ran) go back to the
+/// kernel.
 #[test]
-fn a_restarted_daemon_records_the_pages_of_kept_blocks_as_reserved() {
+fn a_restarted_daemon_records_the_pages_of_kept_blocks_and_returns_the_rest() {
     let mut d = TestDaemon::start("reserved", &[]);
-    let mut holder = Child(
-        Command::new(CLIENT)
-            .args(["hold-then-free", &d.name, "3", "300000"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(holder.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("held "), "{line}");
+    let spawn = |mode: &str, count: &str, size: &str| {
+        let mut c = Child(
+            Command::new(CLIENT)
+                .args([mode, &d.name, count, size])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut line = String::new();
+        BufReader::new(c.0.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("held "), "{line}");
+        c
+    };
+    let _holder = spawn("hold-then-free", "3", "300000");
     let before = d.stat("reserved_bytes");
     assert!(before >= 2 << 20, "{:?}", d.status());
+    let mut gone = spawn("hold", "4", "2000000");
+    let with_gone = arena_resident(&d.name);
+    assert!(
+        with_gone >= before + (8 << 20),
+        "{with_gone} bytes resident"
+    );
 
     d.signal(libc::SIGKILL);
     assert!(d.wait_exit(Duration::from_secs(5)));
+    gone.0.kill().unwrap();
+    gone.0.wait().unwrap();
     let out = d.start_command(&[]);
     assert!(
         out.status.success(),
@@ -92,5 +115,11 @@ fn a_restarted_daemon_records_the_pages_of_kept_blocks_as_reserved() {
     d.adopt();
     assert!(d.log().contains("kept 3 blocks"), "{}", d.log());
     assert_eq!(d.stat("reserved_bytes"), before, "{:?}", d.status());
+    // What stays resident: the kept blocks' chunks, and the arena's header (its first 2 MiB).
+    let after = arena_resident(&d.name);
+    assert!(
+        after <= before + (2 << 20),
+        "{after} bytes resident after the restart, {before} reserved"
+    );
     assert!(d.stats_line().contains("heap check ok"));
 }

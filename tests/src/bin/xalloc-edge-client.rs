@@ -14,8 +14,9 @@
 //!     Connects, then writes cached-block entries that lie outside the arena into every slot's
 //!     ledger of the instance (as any process that can write the request segment could), then
 //!     makes zeroed allocations of their size. Each must come from inside the arena, zeroed;
-//!     the entries must be counted as bad. Prints `ok bad_ledger_entries=N` and exits 0, or says
-//!     what went wrong and exits 1.
+//!     the entries must be counted as bad. Then sets every ledger's count of cached granules
+//!     near `u64::MAX` and allocates, frees and reads the counters. Prints
+//!     `ok bad_ledger_entries=N` and exits 0, or says what went wrong and exits 1.
 //! ```
 
 use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
@@ -144,6 +145,15 @@ fn plant_ledger() -> Result<String, (u8, String)> {
         unsafe { dealloc(p, l) };
     }
     result?;
+    // A cached-granule count no `put` made: freeing, and reading the counters, must go on.
+    for i in 0..conn.slot_count() {
+        let ledger = conn.ledger(i).expect("slot in range");
+        ledger
+            .cached_granules
+            .store(u64::MAX - 3, std::sync::atomic::Ordering::Relaxed);
+    }
+    one(Layout::from_size_align(size, granule).unwrap()).map_err(|e| (1, e))?;
+    let _ = counters().cached_bytes;
     let bad = counters().bad_ledger_entries;
     if bad < bogus.len() as u64 {
         return Err((
