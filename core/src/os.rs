@@ -146,12 +146,17 @@ pub fn shm_create(name: &CStr, len: u64, mode: u32) -> Result<Fd, Errno> {
 }
 
 /// Opens the existing shared-memory object `name`, read-write or read-only.
+///
+/// Never blocks: `/dev/shm` is writable by every user, and a FIFO planted under an instance's
+/// name would otherwise hold the open until someone writes to it (with `O_NONBLOCK` it opens at
+/// once, and mapping it fails with `ENODEV`). The flag changes nothing for a regular file.
 pub fn shm_open(name: &CStr, writable: bool) -> Result<Fd, Errno> {
     let flags = if writable {
         libc::O_RDWR
     } else {
         libc::O_RDONLY
-    } | libc::O_CLOEXEC;
+    } | libc::O_CLOEXEC
+        | libc::O_NONBLOCK;
     // SAFETY: `name` is NUL-terminated; no `O_CREAT`, so the mode is unused.
     let fd = check(unsafe { libc::shm_open(name.as_ptr(), flags, 0) })?;
     // SAFETY: `fd` was just opened and is owned here.

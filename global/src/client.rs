@@ -493,9 +493,12 @@ impl Connection {
         let r = self.request(index, Op::Allocate, flags, size, align, view)?;
         let mut block = self.block(r)?;
         if align == 0 || !block.as_ptr().addr().is_multiple_of(align as usize) {
-            // Not what was asked for: given back, never handed to the caller.
-            let _ = self.free(index, block.offset);
-            return Err(RequestError::Misaligned);
+            // Not what was asked for: given back, never handed to the caller. A free that got
+            // no answer is reported as such, so that the slot is not used again.
+            return Err(match self.free(index, block.offset) {
+                Err(e @ (RequestError::Timeout | RequestError::DaemonGone)) => e,
+                _ => RequestError::Misaligned,
+            });
         }
         if self.private.load(Ordering::Relaxed) {
             // A private (copy-on-write) view may hold this process's own old writes where the

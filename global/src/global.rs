@@ -28,8 +28,8 @@
 //!
 //! # fork
 //!
-//! In a forked child (a `pthread_atfork` handler, registered before the first connection
-//! attempt) a connection attempt of another parent thread is abandoned, and every
+//! In a forked child (a `pthread_atfork` handler, registered when the program is loaded) a
+//! connection attempt of another parent thread is abandoned, and every
 //! connection forgets the parent's slots and the arena becomes a private copy-on-write mapping.
 //! The child registers slots of its own on its next large request. Blocks it inherited stay
 //! readable and writable in the child without ever changing the parent's data; freeing one
@@ -61,6 +61,10 @@ pub const RETRY_INTERVAL_NS: u64 = 1_000_000_000;
 /// [`RETRY_INTERVAL_NS`] as a duration, for the docs.
 pub const RETRY_INTERVAL: core::time::Duration =
     core::time::Duration::from_nanos(RETRY_INTERVAL_NS);
+
+/// The longest a thread waits for another thread's connection attempt before it falls back to
+/// the system allocator.
+pub const CONNECT_WAIT_NS: u64 = 50_000_000;
 
 /// Connections (one per daemon instance it met: each restart of the daemon that makes new
 /// segments is one) a process keeps at once. One whose daemon is gone and whose blocks the
@@ -292,7 +296,7 @@ struct State {
     newest: AtomicUsize,
     /// Connections made over the process's life.
     made: AtomicU64,
-    /// The atfork handler is registered (written under `connecting`).
+    /// The atfork handler is registered.
     atfork: AtomicBool,
     /// Held while connecting or reviving a connection; others wait for the result. The pid of
     /// the process whose thread holds it (0: free), so that a forked child, which does not have
@@ -347,7 +351,10 @@ pub fn counters() -> Counters {
         arena_bytes: STATE.arena_bytes.load(Ordering::Relaxed),
         arena_blocks: STATE.arena_blocks.load(Ordering::Relaxed),
         connections: STATE.made.load(Ordering::Relaxed),
-        cached_bytes: STATE.conns().map(|c| c.cached_bytes()).sum(),
+        cached_bytes: STATE
+            .conns()
+            .map(|c| c.cached_bytes())
+            .fold(0, u64::saturating_add),
         cache_hits: STATE.cache_hits.load(Ordering::Relaxed),
         bad_ledger_entries: STATE.bad_ledger_entries.load(Ordering::Relaxed),
     }
@@ -392,14 +399,17 @@ impl State {
     }
 
     /// Runs `f` holding the `connecting` flag, or, if another thread holds it, waits until it
-    /// is done and returns `None`: a connection attempt takes about 100 µs, and threads that
-    /// arrive meanwhile use its result rather than fall back.
+    /// is done (at most [`CONNECT_WAIT_NS`]) and returns `None`: a connection attempt takes
+    /// about 100 µs, and threads that arrive meanwhile use its result rather than fall back,
+    /// but an attempt that hangs (whatever it waits for) makes no other thread wait with it.
     fn exclusively<T>(&self, f: impl FnOnce() -> Option<T>) -> Option<T> {
         let me = os::pid();
         loop {
             let holder = self.connecting.load(Ordering::Acquire);
             if holder == me {
-                while self.connecting.load(Ordering::Acquire) == me {
+                let deadline = os::monotonic_ns().saturating_add(CONNECT_WAIT_NS);
+                while self.connecting.load(Ordering::Acquire) == me && os::monotonic_ns() < deadline
+                {
                     os::yield_now();
                 }
                 return None;
@@ -497,14 +507,13 @@ impl State {
     /// `connecting`.
     #[cold]
     fn try_connect(&self, name: &str) -> Option<Pinned<'_>> {
+        // Normally registered when the program was loaded (`REGISTER_FORK_HANDLER`, which this
+        // reference also keeps in the link); registered here only where that did not run.
+        core::hint::black_box(&REGISTER_FORK_HANDLER);
         if !self.atfork.load(Ordering::Relaxed) {
             // Before the first connection is published, so that every child forked while one
-            // exists forgets the parent's slots; marked after, so that a child forked before
-            // registers it itself (glibc serialises fork and registration).
-            // SAFETY: the handler only stores atomics and calls `mmap`, which is
-            // async-signal-safe; glibc registers it with libc's malloc, not this allocator.
-            unsafe { libc_atfork(after_fork_in_child) };
-            self.atfork.store(true, Ordering::Relaxed);
+            // exists forgets the parent's slots.
+            register_fork_handler();
         }
         let mut buf = [0u8; 256];
         let name = env_str(c"XALLOC_NAME", &mut buf).unwrap_or(name);
@@ -587,6 +596,15 @@ impl State {
         for e in &self.conns {
             let s = e.state.load(Ordering::Relaxed);
             e.state.store(s & !PINS, Ordering::Relaxed);
+        }
+        // The handler is registered when the program is loaded: a parent that never connected
+        // leaves nothing to forget, and its child keeps the cache.
+        if self
+            .conns
+            .iter()
+            .all(|e| e.state.load(Ordering::Relaxed) & VACANT != 0)
+        {
+            return;
         }
         self.arena_bytes.store(0, Ordering::Relaxed);
         self.arena_blocks.store(0, Ordering::Relaxed);
@@ -900,6 +918,24 @@ impl XallocGlobal {
 
 /// Registers `child` to run in the child after every `fork`.
 ///
+/// Registers [`after_fork_in_child`] once (see `REGISTER_FORK_HANDLER`).
+extern "C" fn register_fork_handler() {
+    if STATE.atfork.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    // SAFETY: the handler only stores atomics and calls `mmap`, which is async-signal-safe;
+    // glibc records it with libc's malloc, not this allocator.
+    unsafe { libc_atfork(after_fork_in_child) };
+}
+
+/// Registers the fork handler when the program is loaded (an ELF constructor), before `main`
+/// and before the program can fork: `pthread_atfork` takes the lock that `fork` holds while it
+/// runs the handlers, so registering from inside the allocator, which a library's own fork
+/// handler may reach with its first large allocation, would deadlock.
+#[used]
+#[link_section = ".init_array"]
+static REGISTER_FORK_HANDLER: extern "C" fn() = register_fork_handler;
+
 /// # Safety
 /// `child` must be async-signal-safe.
 unsafe fn libc_atfork(child: extern "C" fn()) {

@@ -6,7 +6,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,17 +13,6 @@ use common::*;
 
 /// The program whose global allocator is `XallocGlobal` (4 KiB threshold).
 const GLOBAL_CLIENT: &str = env!("CARGO_BIN_EXE_xalloc-global-client");
-
-/// Files under `/dev/shm` made by a test, removed when dropped (also when the test fails).
-struct ShmFiles(Vec<PathBuf>);
-
-impl Drop for ShmFiles {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
 
 /// Waits up to `limit` for `child` to exit; kills it (by pid, through `Child`'s drop) if not.
 fn wait_with_timeout(mut child: Child, limit: Duration) -> (std::process::ExitStatus, String) {
@@ -44,33 +32,175 @@ fn wait_with_timeout(mut child: Child, limit: Duration) -> (std::process::ExitSt
     }
 }
 
+/// The lines a child process prints, read on a thread of their own so that a test can wait
+/// for one with a time limit.
+struct Lines(std::sync::mpsc::Receiver<String>);
+
+impl Lines {
+    fn of(child: &mut Child) -> Self {
+        let out = BufReader::new(child.0.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self(rx)
+    }
+
+    /// Waits up to `limit` for `child` to exit (killing it if it does not), and returns its
+    /// status with the lines it printed since the last `next`.
+    fn finish(self, mut child: Child, limit: Duration) -> (std::process::ExitStatus, String) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "client pid {} still runs after {limit:?}: killed",
+                child.0.id()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut out = String::new();
+        while let Ok(line) = self.0.recv_timeout(Duration::from_secs(5)) {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        (status, out)
+    }
+
+    fn next(&self, what: &str) -> String {
+        self.0
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("no {what} line from the client within 20 s: {e}"))
+    }
+}
+
+/// A thread of another process traced with ptrace (`PTRACE_SEIZE`): only that thread stops;
+/// the other threads of its process run on. Detached when dropped.
+struct Traced {
+    pid: u32,
+    tid: libc::pid_t,
+}
+
+impl Traced {
+    /// Seizes thread `tid` of process `pid` and stops it.
+    fn seize(pid: u32, tid: libc::pid_t) -> Self {
+        // SAFETY: ptrace requests on a thread of our own child process.
+        unsafe {
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_SEIZE, tid, 0, libc::PTRACE_O_TRACESYSGOOD),
+                0,
+                "PTRACE_SEIZE thread {tid}: {}",
+                std::io::Error::last_os_error()
+            );
+            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0), 0);
+        }
+        let t = Self { pid, tid };
+        t.wait_stop();
+        t
+    }
+
+    /// Waits for the thread's next stop; returns its wait status.
+    fn wait_stop(&self) -> i32 {
+        let mut status = 0;
+        // SAFETY: waiting for a thread this process traces.
+        let r = unsafe { libc::waitpid(self.tid, &mut status, libc::__WALL) };
+        assert_eq!(r, self.tid, "waitpid: {}", std::io::Error::last_os_error());
+        assert!(libc::WIFSTOPPED(status), "traced thread ended: {status:#x}");
+        status
+    }
+
+    /// Lets the thread run until it enters system call `nr`, and leaves it stopped there.
+    fn run_to_syscall(&self, nr: libc::c_long) {
+        let path = format!("/proc/{}/task/{}/syscall", self.pid, self.tid);
+        let mut inject = 0;
+        loop {
+            // SAFETY: the thread is in a ptrace stop.
+            let r = unsafe { libc::ptrace(libc::PTRACE_SYSCALL, self.tid, 0, inject) };
+            assert_eq!(r, 0);
+            let status = self.wait_stop();
+            let sig = libc::WSTOPSIG(status);
+            inject = 0;
+            if sig == libc::SIGTRAP | 0x80 {
+                // A system-call stop: `/proc` names the call (entry and exit stops alternate;
+                // the first stop at `nr` is its entry).
+                let now = std::fs::read_to_string(&path).unwrap_or_default();
+                if now.split(' ').next() == Some(&nr.to_string()) {
+                    return;
+                }
+            } else if status >> 16 == 0 {
+                // A signal for the thread: delivered as it would have been.
+                inject = sig;
+            }
+        }
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        // SAFETY: the thread is in a ptrace stop (or gone, which makes this fail harmlessly).
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.tid, 0, 0) };
+    }
+}
+
+/// A thread holds the connection flag (stopped by ptrace inside its connection attempt, at
+/// its first `openat`) while the main thread forks: the child connects by itself.
 #[test]
 fn a_child_forked_while_another_thread_connects_does_not_wait_for_that_connection() {
-    // Instance Y: the request segment of a real daemon X (so that its header checks out) and a
-    // FIFO for the response segment, whose read-only open blocks until a writer comes.
-    let x = TestDaemon::start("fork-conn-x", &[]);
-    let y = unique_name("fork-conn-y");
-    let request = PathBuf::from(format!("/dev/shm/{y}.request"));
-    let fifo = PathBuf::from(format!("/dev/shm/{y}.response"));
-    let held = PathBuf::from(format!("/dev/shm/{y}.response.held"));
-    let _files = ShmFiles(vec![request.clone(), fifo.clone(), held]);
-    std::fs::hard_link(format!("/dev/shm/{}.request", x.name), &request).unwrap();
-    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: plain system call on a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
-
-    let child = Child(
+    let d = TestDaemon::start("fork-conn", &[]);
+    let mut client = Child(
         Command::new(GLOBAL_CLIENT)
-            .args(["fork-while-connecting", fifo.to_str().unwrap()])
-            .env("XALLOC_NAME", &y)
+            .arg("fork-while-connecting")
+            .env("XALLOC_NAME", &d.name)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap(),
     );
-    let (status, out) = wait_with_timeout(child, Duration::from_secs(20));
+    let lines = Lines::of(&mut client);
+    let mut stdin = client.0.stdin.take().unwrap();
+    let line = lines.next("tid");
+    let tid: libc::pid_t = line
+        .strip_prefix("tid ")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    let traced = Traced::seize(client.0.id(), tid);
+    writeln!(stdin, "go").unwrap();
+    traced.run_to_syscall(libc::SYS_openat);
+    writeln!(stdin, "fork").unwrap();
+    let child = lines.next("child");
+    drop(traced);
+    writeln!(stdin, "done").unwrap();
+    drop(stdin);
+    let (status, out) = lines.finish(client, Duration::from_secs(20));
+    assert_eq!(child, "child exit=0", "{out}");
     assert!(status.success(), "client failed ({status:?}): {out}");
     assert!(out.contains("reentries=0"), "{out}");
+}
+
+/// The process's first large allocation is made in a `pthread_atfork` handler, so the
+/// allocator connects from inside `fork`: it must not register its own fork handler there
+/// (glibc holds the handlers' lock), or the process deadlocks.
+#[test]
+fn a_first_large_allocation_inside_a_fork_handler_does_not_deadlock() {
+    let d = TestDaemon::start("fork-handler", &[]);
+    let client = Child(
+        Command::new(GLOBAL_CLIENT)
+            .arg("alloc-in-fork-handler")
+            .env("XALLOC_NAME", &d.name)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let (status, out) = wait_with_timeout(client, Duration::from_secs(20));
+    assert!(status.success(), "client failed ({status:?}): {out}");
 }
 
 /// How the test restarts the daemon, by restart number.
@@ -107,12 +237,10 @@ fn a_process_keeps_using_the_daemon_across_more_restarts_than_it_keeps_connectio
             .unwrap(),
     );
     let mut stdin = client.0.stdin.take().unwrap();
-    let mut stdout = BufReader::new(client.0.stdout.take().unwrap());
+    let lines = Lines::of(&mut client);
     let mut ask = |cmd: &str| -> String {
         writeln!(stdin, "{cmd}").unwrap();
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        line
+        lines.next(cmd) + "\n"
     };
     // The blocks of the first two daemons are kept to the end: their connections must stay.
     let mode = |k: u64| if k < 2 { "hold" } else { "free" };
@@ -176,8 +304,8 @@ fn a_process_keeps_using_the_daemon_across_more_restarts_than_it_keeps_connectio
         expected > 8,
         "more daemons than kept connections: {expected}"
     );
-    let status = client.0.wait().unwrap();
-    assert!(status.success(), "{status:?}");
+    let (status, out) = lines.finish(client, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}: {out}");
 }
 
 #[test]

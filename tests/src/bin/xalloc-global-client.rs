@@ -18,15 +18,16 @@
 //!     prints `freed cached_bytes=N arena_bytes=N`, and waits for a line on stdin, making no
 //!     request meanwhile; then allocates COUNT blocks of SIZE bytes again, checks and frees
 //!     them, and prints `ok ...` as above.
-//! xalloc-global-client fork-while-connecting FIFO
-//!     For an instance whose response segment is the FIFO at path FIFO, so that connecting
-//!     blocks until someone opens FIFO for writing: one thread makes a large allocation, and
-//!     so blocks inside the connection; once it is blocked there (its `/proc` syscall is
-//!     `openat`), the FIFO is renamed to FIFO.held (a connection attempt of the child fails at
-//!     once instead of blocking too) and the main thread forks. The child makes large
-//!     allocations and exits; it must do so within 5 s, or the parent kills it (by pid) and
-//!     fails. Then the parent opens FIFO.held for writing, which lets the blocked thread go on
-//!     (its connection fails and it falls back), and prints `ok ...` as above.
+//! xalloc-global-client fork-while-connecting
+//!     One thread prints `tid TID` and, on `go` (stdin), makes a large allocation, which
+//!     connects; the test stops that thread inside the connection attempt (ptrace) and says
+//!     `fork`. The main thread forks: the child must connect by itself within 4 s (exit 0;
+//!     4 if it only fell back; killed after 8 s if it hangs). Prints `child exit=N` (or
+//!     `child hung`), waits for `done` (the test let the thread go on), and prints `ok ...`.
+//! xalloc-global-client alloc-in-fork-handler
+//!     Registers a `pthread_atfork` prepare handler that makes the first large allocation,
+//!     then forks: that allocation connects from inside `fork`. Prints `ok ...` if it was
+//!     forwarded.
 //! xalloc-global-client restarts
 //!     Reads commands on stdin, one a line, while the test restarts the daemon in between:
 //!     `alloc GEN hold|free` frees the block of the previous command if that one said `free`,
@@ -44,6 +45,7 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -305,41 +307,73 @@ fn free_then_wait(count: usize, size: usize) -> Result<(), String> {
 
 /// A large allocation on another thread blocks inside the connection (the response segment is
 /// a FIFO without a writer); a child forked meanwhile must still allocate, and exit.
-fn fork_while_connecting(fifo: &str) -> Result<(), String> {
+fn fork_while_connecting() -> Result<(), String> {
     let (tx, rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
     let connecting = std::thread::spawn(move || {
         // SAFETY: plain system call.
         let _ = tx.send(unsafe { libc::gettid() });
+        if go_rx.recv().is_err() {
+            return false;
+        }
         let v = vec![1u8; 1 << 20];
         v.iter().all(|&b| b == 1)
     });
     let tid = rx.recv().map_err(|e| e.to_string())?;
-    let syscall = format!("/proc/self/task/{tid}/syscall");
-    let openat = format!("{} ", libc::SYS_openat);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&syscall).is_ok_and(|s| s.starts_with(&openat)) {
-        if Instant::now() > deadline {
-            return Err("the connecting thread never blocked opening the FIFO".into());
+    println!("tid {tid}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    // Lines are read with `read(2)` into a small buffer: std's stdin would allocate an 8 KiB
+    // buffer, a large allocation here, and connect from this thread first.
+    let expect = |word: &str| -> Result<(), String> {
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        while n < buf.len() {
+            // SAFETY: reads one byte into `buf[n]`, which is in bounds.
+            let r = unsafe { libc::read(0, buf.as_mut_ptr().add(n).cast(), 1) };
+            if r <= 0 {
+                return Err(format!("stdin closed before `{word}`"));
+            }
+            if buf[n] == b'\n' {
+                break;
+            }
+            n += 1;
         }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let held = format!("{fifo}.held");
-    std::fs::rename(fifo, &held).map_err(|e| format!("rename {fifo}: {e}"))?;
+        if &buf[..n] == word.as_bytes() {
+            Ok(())
+        } else {
+            Err(format!("expected `{word}` on stdin, got {:?}", &buf[..n]))
+        }
+    };
+    expect("go")?;
+    go_tx.send(()).map_err(|e| e.to_string())?;
+    // The test stops the thread inside its connection attempt, then says `fork`.
+    expect("fork")?;
     // SAFETY: the child only allocates, checks its memory and leaves with `_exit`.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err("fork failed".into());
     }
     if pid == 0 {
-        let mut ok = true;
-        for i in 0..4u64 {
-            let v = pattern(i, 512 << 10);
-            ok &= v == pattern(i, 512 << 10);
+        // A connection of its own (the parent's last attempt was less than a second ago, so
+        // the first tries fall back), within 4 s.
+        let deadline = Instant::now() + Duration::from_secs(4);
+        let mut code = 4;
+        while Instant::now() < deadline {
+            let v = pattern(7, 512 << 10);
+            if v != pattern(7, 512 << 10) {
+                code = 3;
+                break;
+            }
+            if xalloc_global::counters().forwarded > 0 {
+                code = 0;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         // SAFETY: leaving the child without running the parent's exit handlers.
-        unsafe { libc::_exit(if ok { 0 } else { 3 }) };
+        unsafe { libc::_exit(code) };
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(8);
     let mut status = 0;
     let hung = loop {
         // SAFETY: polling our own child.
@@ -357,25 +391,65 @@ fn fork_while_connecting(fifo: &str) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    // A writer lets the blocked open go on; the connection then fails (a FIFO is no segment).
-    let writer = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&held)
-        .map_err(|e| format!("open {held} for writing: {e}"))?;
+    let child = if hung {
+        "hung".to_owned()
+    } else if libc::WIFEXITED(status) {
+        format!("exit={}", libc::WEXITSTATUS(status))
+    } else {
+        format!("status={status:#x}")
+    };
+    println!("child {child}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    // The test lets the stopped thread go on.
+    expect("done")?;
     let filled = connecting
         .join()
         .map_err(|_| "the connecting thread panicked".to_owned())?;
-    drop(writer);
-    if hung {
-        return Err(
-            "the child forked while another thread connected hung (killed after 5 s)".into(),
-        );
-    }
-    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        return Err(format!("child failed: status {status:#x}"));
+    if child != "exit=0" {
+        return Err(format!(
+            "the child forked while another thread connected did not connect itself: {child} \
+             (exit 4: fell back for 4 s; hung: killed after 8 s)"
+        ));
     }
     if !filled {
         return Err("the connecting thread's buffer lost its contents".into());
+    }
+    Ok(())
+}
+
+/// Registers a fork handler that makes the process's first large allocation, then forks: the
+/// allocator connects from inside `fork`, while glibc holds its lock of fork handlers.
+fn alloc_in_fork_handler() -> Result<(), String> {
+    extern "C" fn prepare() {
+        let v = vec![5u8; 1 << 20];
+        std::hint::black_box(&v);
+    }
+    extern "C" {
+        fn pthread_atfork(
+            prepare: Option<extern "C" fn()>,
+            parent: Option<extern "C" fn()>,
+            child: Option<extern "C" fn()>,
+        ) -> i32;
+    }
+    // SAFETY: `prepare` allocates, which glibc allows in a prepare handler (the process still
+    // has all its threads; only fork's own locks are held).
+    if unsafe { pthread_atfork(Some(prepare), None, None) } != 0 {
+        return Err("pthread_atfork failed".into());
+    }
+    // SAFETY: the child leaves at once with `_exit`.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err("fork failed".into());
+    }
+    if pid == 0 {
+        // SAFETY: leaving the child without running the parent's exit handlers.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if xalloc_global::counters().forwarded == 0 {
+        return Err("the allocation in the fork handler was not forwarded".into());
     }
     Ok(())
 }
@@ -461,13 +535,11 @@ fn main() -> ExitCode {
             (Some(n), Some(size)) => free_then_wait(n as usize, size as usize),
             _ => Err("usage: free-then-wait COUNT SIZE".into()),
         },
-        Some("fork-while-connecting") => match args.get(1) {
-            Some(fifo) => fork_while_connecting(fifo),
-            None => Err("usage: fork-while-connecting FIFO".into()),
-        },
+        Some("fork-while-connecting") => fork_while_connecting(),
+        Some("alloc-in-fork-handler") => alloc_in_fork_handler(),
         Some("restarts") => restarts(),
         _ => Err("usage: xalloc-global-client work THREADS MILLIS | fork | \
-                  free-then-wait COUNT SIZE | fork-while-connecting FIFO | restarts"
+                  free-then-wait COUNT SIZE | fork-while-connecting | alloc-in-fork-handler | restarts"
             .into()),
     };
     let c = xalloc_global::counters();
