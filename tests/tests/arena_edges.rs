@@ -123,3 +123,31 @@ fn a_restarted_daemon_records_the_pages_of_kept_blocks_and_returns_the_rest() {
     );
     assert!(d.stats_line().contains("heap check ok"));
 }
+
+/// A FIFO planted under an instance's name (anyone can create files in `/dev/shm`) makes a
+/// connection fail at once rather than block: the request segment is a real one (another
+/// daemon's, so that its header checks out) and the response segment a FIFO, whose read-only
+/// open would wait for a writer.
+#[test]
+fn a_fifo_planted_as_a_segment_makes_connect_fail_without_blocking() {
+    let x = TestDaemon::start("fifo-x", &[]);
+    let y = Cleanup::new("fifo-y");
+    std::fs::hard_link(
+        format!("/dev/shm/{}.request", x.name),
+        format!("/dev/shm/{}.request", y.name),
+    )
+    .unwrap();
+    let fifo = std::ffi::CString::new(format!("/dev/shm/{}.response", y.name)).unwrap();
+    // SAFETY: plain system call on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = y.name.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(xalloc_global::client::Connection::connect(&name).map(drop));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("connect still blocked after 5 s");
+    let err = r.expect_err("a FIFO is no segment");
+    assert!(err.to_string().contains("response"), "{err}");
+}
