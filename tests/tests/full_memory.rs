@@ -11,19 +11,9 @@ use common::*;
 
 const GLOBAL_CLIENT: &str = env!("CARGO_BIN_EXE_xalloc-global-client");
 
-/// Whether this process may make a private mount namespace (it is root). Outside CI a test
-/// that may not says so and skips; in CI, which runs as root, it fails.
+/// Whether this process may make a private mount namespace (it is root; see [`is_root`]).
 fn may_unshare() -> bool {
-    // SAFETY: plain query.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI runs as root; this test needs it"
-    );
-    eprintln!("SKIPPED: not root (needed for a private mount namespace)");
-    false
+    is_root("for a private mount namespace")
 }
 
 /// Runs shell `script` in a private mount namespace; its output, stdout and stderr.

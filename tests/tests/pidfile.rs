@@ -30,16 +30,7 @@ const USER: u32 = 4243;
 const NOBODY: u32 = 65534;
 
 fn is_root() -> bool {
-    // SAFETY: plain query.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root; these tests need it"
-        );
-        eprintln!("SKIPPED: not root (needed to run xallocd as another user in a private /tmp)");
-    }
-    root
+    common::is_root("to run xallocd as another user in a private /tmp")
 }
 
 /// Which default directory a case exercises.

@@ -16,16 +16,7 @@ const NOBODY: u32 = 65534;
 const GROUP: u32 = 4242;
 
 fn is_root() -> bool {
-    // SAFETY: plain query.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root; these tests need it"
-        );
-        eprintln!("SKIPPED: not root (needed to run clients as another user)");
-    }
-    root
+    common::is_root("to run clients as another user")
 }
 
 /// A copy of the `XallocGlobal` test program that user nobody can execute.

@@ -420,20 +420,13 @@ fn fork_while_connecting() -> Result<(), String> {
 /// Registers a fork handler that makes the process's first large allocation, then forks: the
 /// allocator connects from inside `fork`, while glibc holds its lock of fork handlers.
 fn alloc_in_fork_handler() -> Result<(), String> {
-    extern "C" fn prepare() {
+    unsafe extern "C" fn prepare() {
         let v = vec![5u8; 1 << 20];
         std::hint::black_box(&v);
     }
-    extern "C" {
-        fn pthread_atfork(
-            prepare: Option<extern "C" fn()>,
-            parent: Option<extern "C" fn()>,
-            child: Option<extern "C" fn()>,
-        ) -> i32;
-    }
     // SAFETY: `prepare` allocates, which glibc allows in a prepare handler (the process still
     // has all its threads; only fork's own locks are held).
-    if unsafe { pthread_atfork(Some(prepare), None, None) } != 0 {
+    if unsafe { libc::pthread_atfork(Some(prepare), None, None) } != 0 {
         return Err("pthread_atfork failed".into());
     }
     // SAFETY: the child leaves at once with `_exit`.

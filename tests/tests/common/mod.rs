@@ -280,3 +280,19 @@ pub fn proc_stat_field(pid: u32, n: usize) -> Option<i64> {
     let rest = &s[s.rfind(')')? + 2..];
     rest.split(' ').nth(n - 3)?.parse().ok()
 }
+
+/// Whether this process runs as root, which the tests that act as other users or mount a
+/// private `/tmp` need. Without root they are skipped with a line saying `why`, except under
+/// CI (`CI` set), which runs as root: there a missing root fails the test.
+pub fn is_root(why: &str) -> bool {
+    // SAFETY: plain query.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root; these tests need it"
+        );
+        eprintln!("SKIPPED: not root (needed {why})");
+    }
+    root
+}
