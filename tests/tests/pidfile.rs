@@ -136,10 +136,20 @@ impl Case {
             0 => String::new(),
             u => format!("setpriv --reuid {u} --regid {u} --clear-groups "),
         };
+        // The private directory covers /tmp (or /run). If the daemon's binary lives below it
+        // (a checkout in /tmp), it is bound to the same path inside the private directory
+        // first, and the directory is bound recursively, so that the path still works.
+        let cover = |top: &str| {
+            format!(
+                r#"case "$1" in {top}/*) rel="${{1#{top}}}" && mkdir -p "$0$(dirname "$rel")" && \
+                   touch "$0$rel" && mount --bind "$1" "$0$rel";; esac && \
+                   mount --rbind "$0" {top} && "#
+            )
+        };
         let mount = match self.form {
-            Form::Xdg => "",
-            Form::Tmp => r#"mount --bind "$0" /tmp && "#,
-            Form::Run => r#"mount --bind "$0" /run && "#,
+            Form::Xdg => String::new(),
+            Form::Tmp => cover("/tmp"),
+            Form::Run => cover("/run"),
         };
         let script = format!(r#"umask 022 && {mount}exec {setpriv}"$@""#);
         let mut cmd = match self.form {
