@@ -10,10 +10,11 @@
 //! the test does not own, such as the last bytes below `usize::MAX`.
 
 use std::alloc::Layout;
+use std::ptr::NonNull;
 
 use proptest::prelude::*;
 use xalloc_core::store::{IN_BAND_MAX_LOSS, LOCAL_MASK};
-use xalloc_core::{Heap, MetaEntry, OobHeap};
+use xalloc_core::{Heap, MetaEntry, OobHeap, RegionAllocator};
 
 #[cfg(not(miri))]
 const CASES: u32 = 256;
@@ -47,6 +48,34 @@ fn oob_at(addr: usize, size: usize, granule: usize, table: &mut [MetaEntry]) -> 
         .expect("region accepted")
 }
 
+/// Allocates `size` bytes at `align` from `h`, whose region spans `lo..end`: the block is
+/// aligned and inside the region, or the allocation is refused and the counters are unchanged;
+/// the heap's invariants hold either way. `None` also when no `Layout` has that size and
+/// alignment (at 2^63 only size 0 does: larger sizes round past `isize::MAX`).
+fn allocate_checked<H: RegionAllocator>(
+    h: &mut H,
+    size: usize,
+    align: usize,
+    lo: usize,
+    end: usize,
+) -> Result<Option<(NonNull<u8>, Layout)>, TestCaseError> {
+    let Ok(l) = Layout::from_size_align(size, align) else {
+        return Ok(None);
+    };
+    let before = h.stats();
+    let got = h.allocate(l);
+    match got {
+        Some(p) => {
+            let a = p.as_ptr().addr();
+            prop_assert_eq!(a % align, 0, "size {} align {:#x}", size, align);
+            prop_assert!(a >= lo && a <= end && size <= end - a, "outside the region");
+        }
+        None => prop_assert_eq!(h.stats(), before),
+    }
+    h.check_invariants().unwrap();
+    Ok(got.map(|p| (p, l)))
+}
+
 proptest! {
     #![proptest_config(config())]
 
@@ -66,19 +95,7 @@ proptest! {
         let (lo, hi) = (start.addr(), start.addr() + len);
         let mut live = Vec::new();
         for (size, align) in reqs {
-            // A `Layout` of alignment 2^63 has size 0; larger sizes round past `isize::MAX`.
-            let Ok(l) = Layout::from_size_align(size, align) else { continue };
-            let before = h.stats();
-            match h.allocate(l) {
-                Some(p) => {
-                    let a = p.as_ptr().addr();
-                    prop_assert_eq!(a % align, 0, "size {} align {:#x}", size, align);
-                    prop_assert!(a >= lo && a + size <= hi);
-                    live.push((p, l));
-                }
-                None => prop_assert_eq!(h.stats(), before),
-            }
-            h.check_invariants().unwrap();
+            live.extend(allocate_checked(&mut h, size, align, lo, hi)?);
         }
         // Alignments up to a quarter of the region always fit in an empty heap.
         for (p, l) in live.drain(..) {
@@ -103,18 +120,7 @@ proptest! {
         let mut table = vec![MetaEntry::default(); OobHeap::table_entries(region, granule)];
         let mut h = oob_at(addr, region, granule, &mut table);
         for (size, align) in reqs {
-            // A `Layout` of alignment 2^63 has size 0; larger sizes round past `isize::MAX`.
-            let Ok(l) = Layout::from_size_align(size, align) else { continue };
-            let before = h.stats();
-            match h.allocate(l) {
-                Some(p) => {
-                    let a = p.as_ptr().addr();
-                    prop_assert_eq!(a % align, 0, "size {} align {:#x}", size, align);
-                    prop_assert!(a >= addr && a - addr + size <= region);
-                }
-                None => prop_assert_eq!(h.stats(), before),
-            }
-            h.check_invariants().unwrap();
+            allocate_checked(&mut h, size, align, addr, addr + region)?;
         }
     }
 

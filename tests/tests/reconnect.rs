@@ -14,6 +14,20 @@ use common::*;
 /// The program whose global allocator is `XallocGlobal` (4 KiB threshold).
 const GLOBAL_CLIENT: &str = env!("CARGO_BIN_EXE_xalloc-global-client");
 
+/// The global-allocator client with `args`, using daemon `d`, its stdin and stdout piped.
+fn client(d: &TestDaemon, args: &[&str]) -> Child {
+    Child(
+        Command::new(GLOBAL_CLIENT)
+            .args(args)
+            .env("XALLOC_NAME", &d.name)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 /// Waits up to `limit` for `child` to exit; kills it (by pid, through `Child`'s drop) if not.
 fn wait_with_timeout(mut child: Child, limit: Duration) -> (std::process::ExitStatus, String) {
     let start = Instant::now();
@@ -153,16 +167,7 @@ impl Drop for Traced {
 #[test]
 fn a_child_forked_while_another_thread_connects_does_not_wait_for_that_connection() {
     let d = TestDaemon::start("fork-conn", &[]);
-    let mut client = Child(
-        Command::new(GLOBAL_CLIENT)
-            .arg("fork-while-connecting")
-            .env("XALLOC_NAME", &d.name)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let mut client = client(&d, &["fork-while-connecting"]);
     let lines = Lines::of(&mut client);
     let mut stdin = client.0.stdin.take().unwrap();
     let line = lines.next("tid");
@@ -190,15 +195,7 @@ fn a_child_forked_while_another_thread_connects_does_not_wait_for_that_connectio
 #[test]
 fn a_first_large_allocation_inside_a_fork_handler_does_not_deadlock() {
     let d = TestDaemon::start("fork-handler", &[]);
-    let client = Child(
-        Command::new(GLOBAL_CLIENT)
-            .arg("alloc-in-fork-handler")
-            .env("XALLOC_NAME", &d.name)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let client = client(&d, &["alloc-in-fork-handler"]);
     let (status, out) = wait_with_timeout(client, Duration::from_secs(20));
     assert!(status.success(), "client failed ({status:?}): {out}");
 }
@@ -226,16 +223,7 @@ fn restart_kind(k: u64) -> Restart {
 fn a_process_keeps_using_the_daemon_across_more_restarts_than_it_keeps_connections() {
     const RESTARTS: u64 = 14;
     let mut d = TestDaemon::start("restarts", &["--arena-size", "64M"]);
-    let mut client = Child(
-        Command::new(GLOBAL_CLIENT)
-            .arg("restarts")
-            .env("XALLOC_NAME", &d.name)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let mut client = client(&d, &["restarts"]);
     let mut stdin = client.0.stdin.take().unwrap();
     let lines = Lines::of(&mut client);
     let mut ask = |cmd: &str| -> String {
@@ -318,16 +306,7 @@ fn a_busy_process_reconnects_through_many_restarts_while_its_threads_free_old_bl
     // are still being freed.
     const RESTARTS: u64 = 9;
     let mut d = TestDaemon::start("restarts-busy", &["--arena-size", "256M"]);
-    let mut client = Child(
-        Command::new(GLOBAL_CLIENT)
-            .args(["work", "4", "0"])
-            .env("XALLOC_NAME", &d.name)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let mut client = client(&d, &["work", "4", "0"]);
     for k in 0..=RESTARTS {
         if k > 0 {
             let out = d.xallocd(&["stop"]);
