@@ -49,7 +49,7 @@ MIRIFLAGS="-Zmiri-strict-provenance -Zmiri-tree-borrows" step "miri (tree borrow
 # The slot protocol under loom, in its own target directory so that the --cfg loom build does
 # not evict the normal one.
 RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=target/loom step "loom" \
-    cargo test -p xalloc-core --test loom_wire --release
+    cargo test -p xalloc-proto --test loom_wire --release
 # The fuzz targets (fuzz/, nightly, cargo-fuzz): every input of the committed corpus once, then
 # a short run of each; new inputs go to a scratch directory, not into the repository.
 fuzz_scratch="$(mktemp -d)"

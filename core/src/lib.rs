@@ -14,11 +14,9 @@
 //! - [`LockedHeap`]: a [`Heap`] behind a spin lock, usable as `#[global_allocator]`.
 //! - [`FirstFit`]: the `linked_list_allocator` crate's heap behind the same [`RegionAllocator`]
 //!   trait, kept as the reference baseline.
-//! - `wire` (on targets with 64-bit atomics): the layout of the daemon's shared-memory segments
-//!   and the slot protocol, as plain data, so that the daemon and its clients share one
-//!   definition.
-//! - `os` (feature `os`, Linux): the system calls both sides of that protocol need (shared
-//!   memory, futexes, pidfds), kept thin and out of the default, OS-free build.
+//!
+//! The protocol between the daemon and its clients, and the OS layer beneath it, live in the
+//! `xalloc-proto` crate: this one is the allocation algorithms and nothing else.
 //!
 //! Every link the algorithm stores is a granule index from the start of its region, never an
 //! address, so a region can be mapped at a different address in each process that uses it.
@@ -40,13 +38,8 @@
 
 pub mod first_fit;
 pub mod locked;
-#[cfg(feature = "os")]
-pub mod os;
 pub mod store;
-pub mod sync;
 pub mod tlsf;
-#[cfg(target_has_atomic = "64")]
-pub mod wire;
 
 use core::alloc::Layout;
 use core::fmt;

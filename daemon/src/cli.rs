@@ -65,7 +65,7 @@ pub struct StartArgs {
 
     /// Request slots: how many client threads can talk to the daemon at once.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_SLOTS,
-          value_parser = clap::value_parser!(u32).range(1..=i64::from(xalloc_core::wire::MAX_SLOTS)))]
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(xalloc_proto::wire::MAX_SLOTS)))]
     pub slots: u32,
 
     /// Stay attached to the terminal (for systemd Type=notify: readiness goes to

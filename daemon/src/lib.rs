@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use xalloc_core::{os, wire};
+use xalloc_proto::{os, wire};
 
 use cli::{Cli, Command, HugePages, StartArgs};
 use detach::{Detached, Pidfile, Readiness};

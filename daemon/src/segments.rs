@@ -15,8 +15,8 @@ use std::ffi::CString;
 use std::fmt;
 use std::sync::Arc;
 
-use xalloc_core::os::{self, Errno, Fd, Mapping, ShmName};
-use xalloc_core::wire::{
+use xalloc_proto::os::{self, Errno, Fd, Mapping, ShmName};
+use xalloc_proto::wire::{
     self, DaemonStats, SegmentHeader, SegmentKind, ARENA_DATA_OFFSET, ARENA_HEADER_LEN,
     STATS_OFFSET,
 };

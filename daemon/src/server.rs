@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use xalloc_core::os::{self, Fd, Mapping};
-use xalloc_core::wire::{
+use xalloc_proto::os::{self, Fd, Mapping};
+use xalloc_proto::wire::{
     self, Doorbell, Ledger, LedgerBlock, Op, OwnerEntry, Request, RequestSlot, Response,
     ResponseSlot, SegmentHeader, StatsSnapshot, Status, ARENA_DATA_OFFSET, DOORBELL_OFFSET,
     FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES, MAX_ALIGN,

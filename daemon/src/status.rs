@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use xalloc_core::os::{self, Mapping};
-use xalloc_core::wire::{
+use xalloc_proto::os::{self, Mapping};
+use xalloc_proto::wire::{
     self, DaemonStats, SegmentHeader, SegmentKind, StatsSnapshot, STATS_OFFSET,
 };
 

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use xalloc_core::os::{self, Fd};
-use xalloc_core::wire::Request;
+use xalloc_proto::os::{self, Fd};
+use xalloc_proto::wire::Request;
 use xalloc_daemon::segments::{self, Access, Names};
 use xalloc_daemon::server::{Mailbox, Server, GRANULE};
 

@@ -22,8 +22,8 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use xalloc_core::os::{self, Errno, Fd, Mapping, ShmName, Wake};
-use xalloc_core::wire::{
+use xalloc_proto::os::{self, Errno, Fd, Mapping, ShmName, Wake};
+use xalloc_proto::wire::{
     self, DaemonStats, Doorbell, LayoutError, Ledger, Op, RequestSlot, Response, ResponseSlot,
     SegmentHeader, SegmentKind, StatsSnapshot, Status, ARENA_DATA_OFFSET, DOORBELL_OFFSET,
     FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES, STATS_OFFSET,

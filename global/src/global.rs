@@ -44,8 +44,8 @@ use core::ptr::{self, NonNull};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::alloc::System;
 
-use xalloc_core::os;
-use xalloc_core::wire::{self, Ledger, LedgerBlock};
+use xalloc_proto::os;
+use xalloc_proto::wire::{self, Ledger, LedgerBlock};
 
 use crate::client::{Connection, RequestError};
 

@@ -22,7 +22,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
-use xalloc_core::os;
+use xalloc_proto::os;
 
 /// The user that runs xallocd in the per-user forms (no passwd entry needed).
 const USER: u32 = 4243;

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
-use xalloc_core::wire::{Op, Request, Response, Status, PENDING};
+use xalloc_proto::wire::{Op, Request, Response, Status, PENDING};
 use xalloc_global::client::{Connection, RequestError};
 
 #[test]
@@ -86,7 +86,7 @@ fn raw(conn: &Connection, i: u32, r: Request) -> Response {
     let bell = conn.doorbell();
     bell.note_claim(i);
     bell.ring();
-    xalloc_core::os::futex_wake(&bell.rings, 1);
+    xalloc_proto::os::futex_wake(&bell.rings, 1);
     let t = Instant::now();
     loop {
         if let Some(r) = rs.read(seq) {

@@ -22,7 +22,7 @@
 use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
 use std::process::ExitCode;
 
-use xalloc_core::wire::LedgerBlock;
+use xalloc_proto::wire::LedgerBlock;
 use xalloc_global::client::Connection;
 use xalloc_global::{counters, is_shared, XallocGlobal};
 

@@ -193,10 +193,10 @@ fn die_at(phase: &str, name: &str) -> Result<(), String> {
         }
         "submitted" => {
             let rq = conn.request_slot(slot.index()).ok_or("slot")?;
-            rq.submit(xalloc_core::wire::Op::Allocate, 0, 1 << 20, 4096, 0);
+            rq.submit(xalloc_proto::wire::Op::Allocate, 0, 1 << 20, 4096, 0);
             let bell = conn.doorbell();
             if bell.ring() {
-                xalloc_core::os::futex_wake(&bell.rings, 1);
+                xalloc_proto::os::futex_wake(&bell.rings, 1);
             }
         }
         _ => return Err(format!("unknown phase {phase}")),

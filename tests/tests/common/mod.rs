@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use xalloc_core::os::{self, Fd};
+use xalloc_proto::os::{self, Fd};
 
 /// The daemon binary built with these tests.
 pub const XALLOCD: &str = env!("CARGO_BIN_EXE_xallocd-under-test");

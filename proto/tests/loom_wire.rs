@@ -1,10 +1,10 @@
-//! Model check of the slot protocol in `xalloc_core::wire` with loom: a client and the daemon,
+//! Model check of the slot protocol in `xalloc_proto::wire` with loom: a client and the daemon,
 //! each sleeping on a futex when it has nothing to do, exchange requests. loom explores every
 //! interleaving (up to its preemption bound) and fails on a deadlock, which is what a lost
 //! wake-up or a lost request would cause here, and the assertions check that every answer
 //! belongs to its request.
 //!
-//! Run: `RUSTFLAGS="--cfg loom" cargo test -p xalloc-core --test loom_wire --release`
+//! Run: `RUSTFLAGS="--cfg loom" cargo test -p xalloc-proto --test loom_wire --release`
 //! (`scripts/test.sh` does, with `LOOM_MAX_PREEMPTIONS=3`).
 #![cfg(loom)]
 
@@ -12,7 +12,7 @@ use loom::sync::atomic::{AtomicU32, Ordering};
 use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
 
-use xalloc_core::wire::{Doorbell, Op, RequestSlot, Response, ResponseSlot, Status};
+use xalloc_proto::wire::{Doorbell, Op, RequestSlot, Response, ResponseSlot, Status};
 
 /// A futex as the kernel gives it: `wait` sleeps only if the word still holds `expected`, and
 /// the check and the sleep are atomic with respect to `wake`.
@@ -52,7 +52,7 @@ struct Shared {
 
 const REQUESTS: u64 = 2;
 
-fn serve(sh: &Shared, req: xalloc_core::wire::Request) {
+fn serve(sh: &Shared, req: xalloc_proto::wire::Request) {
     let answer = Response {
         status: Status::Ok as u32,
         flags: 0,

@@ -34,7 +34,7 @@
 //! Both sleeps use the same handshake: the sleeper announces itself, issues a `SeqCst` fence and
 //! checks once more for work; the waker publishes its work, issues a `SeqCst` fence and loads the
 //! announcement. Between two `SeqCst` fences one side always sees the other's store, so no
-//! wake-up is lost (`core/tests/loom_wire.rs` model-checks this with loom, which models fences
+//! wake-up is lost (`proto/tests/loom_wire.rs` model-checks this with loom, which models fences
 //! exactly but treats `SeqCst` loads and stores as acquire/release).
 //!
 //! Every field is an atomic, so a client writing concurrently with the daemon's read is not a
@@ -1093,8 +1093,8 @@ impl Default for ResponseSlot {
 /// A type of plain integers is not one: a header is read through [`HeaderWords`].
 ///
 /// ```compile_fail
-/// fn shared<T: xalloc_core::wire::SharedPlain>() {}
-/// shared::<xalloc_core::wire::SegmentHeader>();
+/// fn shared<T: xalloc_proto::wire::SharedPlain>() {}
+/// shared::<xalloc_proto::wire::SegmentHeader>();
 /// ```
 ///
 /// # Safety

@@ -1,4 +1,4 @@
-//! The thin OS layer that the daemon and its clients share (feature `os`, Linux only): POSIX
+//! The thin OS layer that the daemon and its clients share (Linux only): POSIX
 //! shared memory, mappings, futexes, pidfds and the few process queries the protocol needs.
 //!
 //! Every system call of the shared-memory protocol goes through this module, so the rest of the
@@ -20,7 +20,7 @@ cfg_if::cfg_if! {
     if #[cfg(target_os = "linux")] {
         use libc::{c_int, c_void};
     } else {
-        compile_error!("the `os` feature of xalloc-core supports Linux only");
+        compile_error!("xalloc-proto supports Linux only");
     }
 }
 
