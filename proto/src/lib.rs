@@ -5,9 +5,11 @@
 //!   through, as plain `#[repr(C)]` data and atomics (model-checked with loom:
 //!   `tests/loom_wire.rs`).
 //! - [`os`]: the thin layer of Linux system calls both sides need (shared memory, futexes,
-//!   pidfds).
+//!   pidfds), and [`unix`]: the instance socket, descriptor passing, peer credentials and
+//!   sealed memfds.
 //! - `sync`: the atomics `wire` uses, swapped for loom's under `--cfg loom`.
 
 pub mod os;
 pub mod sync;
+pub mod unix;
 pub mod wire;

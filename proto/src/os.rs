@@ -322,8 +322,18 @@ impl Mapping {
         self.advise(offset, len, libc::MADV_POPULATE_WRITE)
     }
 
+    /// Keeps the mapping out of child processes (`MADV_DONTFORK`): after `fork`, the child has
+    /// no mapping at this address at all. For a client's private channel, which only the
+    /// process the daemon identified may use.
+    pub fn dont_fork(&self) -> Result<(), Errno> {
+        self.advise(0, self.len.next_multiple_of(PAGE), libc::MADV_DONTFORK)
+    }
+
     fn advise(&self, offset: usize, len: usize, advice: libc::c_int) -> Result<(), Errno> {
-        if offset.checked_add(len).is_none_or(|end| end > self.len) || !offset.is_multiple_of(PAGE)
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.len.next_multiple_of(PAGE))
+            || !offset.is_multiple_of(PAGE)
         {
             return Err(Errno(libc::EINVAL));
         }

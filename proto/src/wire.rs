@@ -1,41 +1,57 @@
-//! The layout of xallocd's shared-memory segments and the slot protocol between the daemon and
-//! its clients: plain `#[repr(C)]` data and atomics, no OS calls, so that the daemon and the
-//! client cannot disagree about it and the protocol can be model-checked (`--cfg loom`).
+//! What the daemon and a client exchange: the handshake on the instance socket, and the layout
+//! of the shared memory they exchange requests through: plain `#[repr(C)]` data and atomics, no
+//! OS calls, so that the daemon and the client cannot disagree about it and the protocol can be
+//! model-checked (`--cfg loom`).
 //!
-//! # Segments
+//! # Objects
 //!
-//! | segment | writers | layout |
+//! | object | who can write it | layout |
 //! | --- | --- | --- |
-//! | `/NAME.request` | clients and daemon | [`SegmentHeader`], [`Doorbell`], `slot_count` × [`RequestSlot`], `slot_count` × [`Ledger`] |
-//! | `/NAME.response` | daemon only (clients map it read-only) | [`SegmentHeader`], [`DaemonStats`], `slot_count` × [`ResponseSlot`] |
-//! | `/NAME.arena` | clients (their blocks) | [`SegmentHeader`] in the first [`ARENA_DATA_OFFSET`] bytes, then the data |
+//! | `/dev/shm/NAME.socket` | (a Unix socket) | [`Hello`] from the client, [`Welcome`] and three descriptors back, then one [`WAKE`] byte per wake-up |
+//! | request channel (memfd, one per client) | that client and the daemon | [`SegmentHeader`], [`ClientBell`], `slot_count` × [`RequestSlot`], one [`Ledger`] |
+//! | response channel (memfd, one per client) | the daemon only (the client gets a read-only descriptor) | [`SegmentHeader`], [`DaemonBell`], `slot_count` × [`ResponseSlot`] |
+//! | arena (memfd, one per instance) | every client (their blocks) | [`SegmentHeader`] in the first [`ARENA_DATA_OFFSET`] bytes, then the data |
+//! | `/dev/shm/NAME.state` | the daemon only | [`SegmentHeader`], one [`OwnerEntry`] per granule of arena data |
+//!
+//! The memfds are sealed against shrinking and growing before they are handed out, so no client
+//! can truncate what another process maps. A client's channel is its own: no other client maps
+//! it, so whatever a client writes there can only change what it asks for itself. The daemon
+//! trusts nothing in a request channel (it validates every request) and never reads back a
+//! header it wrote there.
 //!
 //! Every part is 64-byte aligned and a multiple of 64 bytes long, so two slots never share a
-//! cache line. The daemon writes each header before the segment is announced; everyone who attaches checks it
-//! with [`SegmentHeader::check`]. The daemon never trusts the request segment's header after
-//! creation, since clients can write it.
+//! cache line.
 //!
 //! # A request's life
 //!
-//! A client *owns* a slot after claiming it ([`RequestSlot::try_claim`]: `owner` from 0 to its
-//! client id). Then, per request:
+//! A thread of the client *owns* a slot of its channel after claiming it
+//! ([`RequestSlot::try_claim`]; the daemon ignores `owner`: it serves every slot of the channel
+//! for the client the kernel identified when it connected). Then, per request:
 //!
 //! 1. the client writes the fields, bumps `seq` and sets `state` to [`PENDING`]
-//!    ([`RequestSlot::submit`]), then rings the [`Doorbell`] and wakes the daemon's futex if the
-//!    daemon said it sleeps;
-//! 2. the daemon sees [`PENDING`], snapshots the request and sets `state` back to [`IDLE`]
-//!    ([`RequestSlot::take`]): from then on the slot is the client's again, and a client that
-//!    scribbles on it can only change what it asks next;
+//!    ([`RequestSlot::submit`]), then rings its [`ClientBell`] ([`ClientBell::ring`]), which
+//!    says whether the daemon watches this channel; if not, the client sends one [`WAKE`] byte on
+//!    its socket;
+//! 2. the daemon sees `rings` move, finds [`PENDING`], snapshots the request and sets `state`
+//!    back to [`IDLE`] ([`RequestSlot::take`]): from then on the slot is the client's again, and
+//!    a client that scribbles on it can only change what it asks next;
 //! 3. the daemon validates and executes the snapshot, publishes the answer under the request's
 //!    `seq` ([`ResponseSlot::publish`]) and wakes the client's futex if the client said it
 //!    sleeps ([`RequestSlot::waiting`]);
 //! 4. the client sees its `seq` in the response ([`ResponseSlot::read`]) and reads the answer.
 //!
-//! Both sleeps use the same handshake: the sleeper announces itself, issues a `SeqCst` fence and
-//! checks once more for work; the waker publishes its work, issues a `SeqCst` fence and loads the
-//! announcement. Between two `SeqCst` fences one side always sees the other's store, so no
-//! wake-up is lost (`proto/tests/loom_wire.rs` model-checks this with loom, which models fences
-//! exactly but treats `SeqCst` loads and stores as acquire/release).
+//! # Wake-ups
+//!
+//! Both waits use the same handshake: the waiter announces itself (the client's `waiting`; the
+//! daemon's `watching` cleared, i.e. "wake me"), issues a `SeqCst` fence and checks once more for
+//! work; the other side publishes its work, issues a `SeqCst` fence and loads the announcement.
+//! Between two `SeqCst` fences one side always sees the other's store, so no wake-up is lost
+//! (`proto/tests/loom_wire.rs` model-checks this with loom, which models fences exactly but
+//! treats `SeqCst` loads and stores as acquire/release).
+//!
+//! No word that several clients can write decides whether a request is seen: each client's
+//! `rings` and `watching` live in its own channel, so a client that lies in them (never rings,
+//! or never sends its wake byte) delays only its own requests.
 //!
 //! Every field is an atomic, so a client writing concurrently with the daemon's read is not a
 //! data race in the daemon: it sees some value, which it validates like any other.
@@ -43,7 +59,7 @@
 use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// Version of this layout. Bumped on any incompatible change.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 /// Magic numbers at the start of each segment (ASCII `XALLOC` and a kind letter).
 pub const MAGIC: [u64; 4] = [
@@ -52,6 +68,9 @@ pub const MAGIC: [u64; 4] = [
     u64::from_le_bytes(*b"XALLOCA\x01"),
     u64::from_le_bytes(*b"XALLOCS\x01"),
 ];
+
+/// Magic number at the start of a [`Hello`] and a [`Welcome`] (ASCII `XALLOCH` and 1).
+pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"XALLOCH\x01");
 
 /// A huge page (PMD size on x86-64 and arm64 with 4 KiB pages).
 pub const HUGE_PAGE: usize = 2 << 20;
@@ -73,11 +92,11 @@ pub const HEADER_FLAG_HUGE_PAGES: u32 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum SegmentKind {
-    /// `/NAME.request`.
+    /// A client's request channel.
     Request = 0,
-    /// `/NAME.response`.
+    /// A client's response channel.
     Response = 1,
-    /// `/NAME.arena`.
+    /// The arena.
     Arena = 2,
     /// `/NAME.state`: the daemon's own record of who owns which block, so that a daemon
     /// restarted after a crash can re-attach to the arena. Only the daemon maps it.
@@ -85,7 +104,7 @@ pub enum SegmentKind {
 }
 
 impl SegmentKind {
-    /// The suffix of the segment's name: `request`, `response` or `arena`.
+    /// A short name for messages: `request`, `response`, `arena` or `state`.
     pub const fn suffix(self) -> &'static str {
         match self {
             Self::Request => "request",
@@ -326,8 +345,8 @@ impl SegmentHeader {
             return Err(LayoutError::BadSizes);
         }
         let needed = match kind {
-            SegmentKind::Request => request_segment_len(self.slot_count),
-            SegmentKind::Response => response_segment_len(self.slot_count),
+            SegmentKind::Request => request_channel_len(self.slot_count),
+            SegmentKind::Response => response_channel_len(self.slot_count),
             SegmentKind::Arena => usize::try_from(self.arena_len).unwrap_or(usize::MAX),
             SegmentKind::State => state_segment_len(self.arena_len, self.granule),
         };
@@ -341,46 +360,30 @@ impl SegmentHeader {
     }
 }
 
-/// The daemon's wake-up word, right after the request segment's header.
+/// The client's side of its channel's wake-ups, right after the request channel's header.
+/// Written by the client; the daemon only reads it (a client that lies here delays only
+/// itself).
 #[repr(C, align(64))]
 #[derive(Debug)]
-pub struct Doorbell {
-    /// Bumped by a client after it submits a request; the daemon futex-waits on it.
+pub struct ClientBell {
+    /// Bumped by the client after every [`RequestSlot::submit`] and every released block put in
+    /// its [`Ledger`]: the daemon looks at the channel's slots only when it moved.
     pub rings: AtomicU32,
-    /// 1 while the daemon is asleep (or about to be) on `rings`: only then does a client make
-    /// the wake-up system call.
-    pub sleeping: AtomicU32,
-    /// One more than the highest slot index ever claimed: the daemon scans slots below it only.
-    /// Raised by a client ([`Doorbell::note_claim`]) before its first request in a slot.
+    /// One more than the highest slot index the client has used: the daemon scans slots below
+    /// it only (and never beyond the channel's slot count, whatever it says). Raised by the
+    /// client ([`ClientBell::note_claim`]) before its first request in a slot.
     pub slots_hi: AtomicU32,
-    /// Set by a client after it has released blocks into its [`Ledger`] (see
-    /// [`Doorbell::ring_sweep`]); the daemon clears it and sweeps the ledgers whose `pending` is
-    /// set.
-    pub sweep: AtomicU32,
+    _pad: [AtomicU32; 14],
 }
 
-impl Doorbell {
-    /// A silent doorbell (all zero, as in a fresh segment).
+impl ClientBell {
+    /// A silent bell (all zero, as in a fresh channel).
     pub fn new() -> Self {
         Self {
             rings: AtomicU32::new(0),
-            sleeping: AtomicU32::new(0),
             slots_hi: AtomicU32::new(0),
-            sweep: AtomicU32::new(0),
+            _pad: core::array::from_fn(|_| AtomicU32::new(0)),
         }
-    }
-
-    /// Client side, after [`Ledger::put`] of a released block: asks the daemon to sweep the
-    /// ledgers, and returns whether it must be woken (as [`Doorbell::ring`]). Nobody waits for
-    /// the sweep.
-    pub fn ring_sweep(&self) -> bool {
-        self.sweep.store(1, Ordering::Release);
-        self.ring()
-    }
-
-    /// Daemon side: whether a sweep was asked for since the last call.
-    pub fn take_sweep(&self) -> bool {
-        self.sweep.load(Ordering::Relaxed) != 0 && self.sweep.swap(0, Ordering::Acquire) != 0
     }
 
     /// Client side, after claiming slot `index` and before submitting in it: makes sure the
@@ -390,28 +393,90 @@ impl Doorbell {
             .fetch_max(index.saturating_add(1), Ordering::Release);
     }
 
-    /// Client side, after [`RequestSlot::submit`]: returns whether the daemon must be woken
-    /// (a futex wake on `rings`).
-    pub fn ring(&self) -> bool {
+    /// Client side, after [`RequestSlot::submit`] (or after putting a released block in the
+    /// ledger): rings, and returns whether the daemon must be woken (one [`WAKE`] byte on the
+    /// client's socket) because it does not watch this channel.
+    pub fn ring(&self, daemon: &DaemonBell) -> bool {
         self.rings.fetch_add(1, Ordering::Release);
         fence(Ordering::SeqCst);
-        self.sleeping.load(Ordering::Relaxed) != 0
-    }
-
-    /// Daemon side, before sleeping: announces the sleep and returns the value of `rings` to
-    /// wait on. The daemon must then scan the slots once more and sleep only if none is
-    /// pending; [`Doorbell::woke`] ends the sleep.
-    pub fn prepare_sleep(&self) -> u32 {
-        self.sleeping.store(1, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        self.rings.load(Ordering::Acquire)
-    }
-
-    /// Daemon side, after sleeping or deciding not to.
-    pub fn woke(&self) {
-        self.sleeping.store(0, Ordering::Relaxed);
+        daemon.watching.load(Ordering::Relaxed) == 0
     }
 }
+
+impl Default for ClientBell {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The daemon's side of a channel's wake-ups and its hints to the client, right after the
+/// response channel's header. Written by the daemon only.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct DaemonBell {
+    /// 1 while the daemon polls this channel's `rings` (it served it lately and is awake): the
+    /// client then needs no wake-up. 0 when the daemon must be woken.
+    pub watching: AtomicU32,
+    /// [`STATE_RUNNING`] or [`STATE_STOPPING`].
+    pub state: AtomicU32,
+    /// Bytes of arena data under management (a hint, with `free_bytes`).
+    pub arena_bytes: AtomicU64,
+    /// Bytes in free blocks when the daemon last answered this client (a hint, for clients that
+    /// keep freed blocks to give them back when the arena runs low).
+    pub free_bytes: AtomicU64,
+    _pad: [AtomicU64; 5],
+}
+
+/// [`DaemonBell::state`]: serving requests.
+pub const STATE_RUNNING: u32 = 1;
+/// [`DaemonBell::state`]: shutting down; new requests get [`Status::ShuttingDown`].
+pub const STATE_STOPPING: u32 = 2;
+
+impl DaemonBell {
+    /// A bell that asks to be woken (all zero, as in a fresh channel).
+    pub fn new() -> Self {
+        Self {
+            watching: AtomicU32::new(0),
+            state: AtomicU32::new(0),
+            arena_bytes: AtomicU64::new(0),
+            free_bytes: AtomicU64::new(0),
+            _pad: core::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    /// Daemon side: starts watching the channel (its `rings` is polled from now on; the client
+    /// stops sending wake-ups).
+    pub fn watch(&self) {
+        self.watching.store(1, Ordering::Relaxed);
+    }
+
+    /// Daemon side: stops watching the channel, and returns its `rings` read after the
+    /// handshake's fence: if it differs from the last value the daemon served, a request
+    /// arrived that no wake-up announces, and the daemon must look at the channel once more.
+    pub fn unwatch(&self, client: &ClientBell) -> u32 {
+        self.watching.store(0, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        client.rings.load(Ordering::Acquire)
+    }
+
+    /// Client side: whether the arena is low on free room (under an eighth free), as of the
+    /// daemon's last answer to this client.
+    pub fn arena_is_low(&self) -> bool {
+        let free = self.free_bytes.load(Ordering::Relaxed);
+        let arena = self.arena_bytes.load(Ordering::Relaxed);
+        free < arena / 8
+    }
+}
+
+impl Default for DaemonBell {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The byte a client sends on its socket to wake the daemon (any byte does; the daemon reads
+/// and drops them).
+pub const WAKE: u8 = b'!';
 
 /// Entries in a [`Ledger`].
 pub const LEDGER_ENTRIES: usize = 64;
@@ -456,8 +521,8 @@ impl LedgerBlock {
     }
 }
 
-/// A client's record of the arena blocks it has freed, in the request segment (one per slot;
-/// a process uses the ledger of its first slot): blocks *cached* for its own reuse, which the
+/// A client's record of the arena blocks it has freed, at the end of its request channel:
+/// blocks *cached* for its own reuse, which the
 /// daemon still counts as the client's and may take back when its arena runs low, and blocks
 /// *released*, which the client gave up without waiting for an answer and the daemon frees on
 /// its next sweep.
@@ -471,7 +536,7 @@ impl LedgerBlock {
 /// | cached | empty | the client ([`Ledger::take`]) or the daemon ([`Ledger::reclaim`]), whoever swaps first |
 /// | released | empty | the daemon only, after freeing the block ([`Ledger::sweep`]) |
 ///
-/// The daemon trusts no entry: it frees a block only if its record says the slot's owner
+/// The daemon trusts no entry: it frees a block only if its record says the channel's client
 /// holds a block at that offset.
 #[repr(C, align(64))]
 #[derive(Debug)]
@@ -593,7 +658,7 @@ impl Ledger {
         n
     }
 
-    /// Empties the ledger (the daemon, for a slot whose owner is gone or new).
+    /// Empties the ledger (the daemon, for a channel whose client is gone).
     pub fn clear(&self) {
         for e in &self.entries {
             e.store(0, Ordering::Relaxed);
@@ -614,16 +679,11 @@ pub const IDLE: u32 = 0;
 /// A slot's `state`: a request waits for the daemon.
 pub const PENDING: u32 = 1;
 
-/// What a request asks.
+/// What a request asks. (Codes 1 and 2 were the shared request segment's `Hello` and
+/// `Goodbye`: a connection now registers a client, and its end unregisters it.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Op {
-    /// Registers the slot for its owner (a process id): the daemon starts watching that
-    /// process and accepts requests from the slot. Needed after every claim.
-    Hello = 1,
-    /// The owner is done with the slot: the daemon frees the slot. Blocks belong to the
-    /// process, not the slot, and stay allocated until freed or until the process exits.
-    Goodbye = 2,
     /// Allocate `size` bytes at `align` (`flags`: [`FLAG_ZEROED`] asks for zeroed memory).
     Allocate = 3,
     /// Free the block at `offset`.
@@ -636,8 +696,6 @@ impl Op {
     /// The operation with this code, if any.
     pub const fn from_u32(v: u32) -> Option<Self> {
         Some(match v {
-            1 => Self::Hello,
-            2 => Self::Goodbye,
             3 => Self::Allocate,
             4 => Self::Free,
             5 => Self::Reallocate,
@@ -667,7 +725,8 @@ pub enum Status {
     AlreadyFree = 5,
     /// The block belongs to another client.
     NotOwner = 6,
-    /// The slot's owner has not said hello, or the slot is not owned.
+    /// Not used since channels replaced the shared request segment (code kept so that codes
+    /// never change meaning).
     BadSlot = 7,
     /// The operation code is unknown.
     UnknownOp = 8,
@@ -677,6 +736,9 @@ pub enum Status {
     ShuttingDown = 10,
     /// The request sets flag bits its operation does not define.
     BadFlags = 11,
+    /// The allocation would take the client's process or user over its quota
+    /// (`xallocd start --client-quota`, `--user-quota`).
+    OverQuota = 12,
 }
 
 impl Status {
@@ -695,6 +757,7 @@ impl Status {
             9 => Self::NotInPlace,
             10 => Self::ShuttingDown,
             11 => Self::BadFlags,
+            12 => Self::OverQuota,
             _ => return None,
         })
     }
@@ -703,8 +766,6 @@ impl Status {
 /// A request as the daemon took it: plain values, to be validated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Request {
-    /// The slot's owner when the request was taken.
-    pub owner: u32,
     /// Sequence number the answer must carry.
     pub seq: u32,
     /// [`Op`] code, unchecked.
@@ -726,7 +787,8 @@ pub struct Request {
 #[repr(C, align(64))]
 #[derive(Debug)]
 pub struct RequestSlot {
-    /// Client id (process id) of the owner; 0 when the slot is free.
+    /// Which thread of the client uses the slot (any non-zero value the client picks); 0 when
+    /// the slot is free. The client's own bookkeeping: the daemon ignores it.
     pub owner: AtomicU32,
     /// [`IDLE`] or [`PENDING`].
     pub state: AtomicU32,
@@ -769,37 +831,24 @@ impl RequestSlot {
         }
     }
 
-    /// Client side: takes the slot for `client` (non-zero) if it is free.
-    pub fn try_claim(&self, client: u32) -> bool {
-        client != 0
+    /// Client side: takes the slot for `owner` (non-zero) if it is free.
+    pub fn try_claim(&self, owner: u32) -> bool {
+        owner != 0
             && self
                 .owner
-                .compare_exchange(0, client, Ordering::AcqRel, Ordering::Relaxed)
+                .compare_exchange(0, owner, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
     }
 
-    /// Client side: frees the slot if `client` owns it. The owner calls it with no request in
-    /// flight, so the slot is idle; anyone else's call changes nothing.
-    pub fn release(&self, client: u32) -> bool {
+    /// Client side: frees the slot if `owner` holds it (with no request in flight).
+    pub fn release(&self, owner: u32) -> bool {
         self.owner
-            .compare_exchange(client, 0, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-    }
-
-    /// Daemon side: frees the slot of `client`, which has died (it cannot race with this), and
-    /// drops any request it left pending.
-    pub fn reclaim(&self, client: u32) -> bool {
-        if self.owner.load(Ordering::Acquire) != client {
-            return false;
-        }
-        self.state.store(IDLE, Ordering::Relaxed);
-        self.owner
-            .compare_exchange(client, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .compare_exchange(owner, 0, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
     }
 
     /// Client side, on an owned idle slot: writes a request and marks it pending. Returns the
-    /// sequence number its answer will carry. Ring the [`Doorbell`] next.
+    /// sequence number its answer will carry. Ring the [`ClientBell`] next.
     pub fn submit(&self, op: Op, flags: u32, size: u64, align: u64, offset: u64) -> u32 {
         self.op.store(op as u32, Ordering::Relaxed);
         self.flags.store(flags, Ordering::Relaxed);
@@ -808,7 +857,7 @@ impl RequestSlot {
         self.offset.store(offset, Ordering::Relaxed);
         let seq = self.seq.load(Ordering::Relaxed).wrapping_add(1);
         self.seq.store(seq, Ordering::Relaxed);
-        // Publishes the fields above; `Doorbell::ring` supplies the fence of the handshake.
+        // Publishes the fields above; `ClientBell::ring` supplies the fence of the handshake.
         self.state.store(PENDING, Ordering::Release);
         seq
     }
@@ -819,7 +868,6 @@ impl RequestSlot {
             return None;
         }
         let req = Request {
-            owner: self.owner.load(Ordering::Relaxed),
             seq: self.seq.load(Ordering::Relaxed),
             op: self.op.load(Ordering::Relaxed),
             flags: self.flags.load(Ordering::Relaxed),
@@ -920,161 +968,6 @@ impl ResponseSlot {
     }
 }
 
-/// The daemon's counters, right after the response segment's header: what `xallocd status`
-/// shows, readable by anyone who can map the response segment, without a request.
-///
-/// Written by the daemon only, under a sequence lock: [`DaemonStats::store`] makes `seq` odd,
-/// writes, and makes it even again; [`DaemonStats::load`] retries until it reads the same even
-/// `seq` before and after the fields.
-#[repr(C, align(64))]
-#[derive(Debug)]
-pub struct DaemonStats {
-    /// Sequence lock: odd while the daemon writes.
-    pub seq: AtomicU64,
-    /// The fields, in [`StatsSnapshot`] order.
-    pub fields: [AtomicU64; STATS_FIELDS],
-}
-
-/// Number of counters in [`DaemonStats`].
-pub const STATS_FIELDS: usize = 13;
-
-/// [`StatsSnapshot::state`]: serving requests.
-pub const STATE_RUNNING: u64 = 1;
-/// [`StatsSnapshot::state`]: shutting down; new requests get [`Status::ShuttingDown`].
-pub const STATE_STOPPING: u64 = 2;
-
-/// One consistent reading of [`DaemonStats`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StatsSnapshot {
-    /// [`STATE_RUNNING`] or [`STATE_STOPPING`] (0 before the daemon first writes).
-    pub state: u64,
-    /// The daemon's process id.
-    pub pid: u64,
-    /// Bytes of arena data under management.
-    pub arena_bytes: u64,
-    /// Bytes in allocated blocks.
-    pub used_bytes: u64,
-    /// Bytes in free blocks.
-    pub free_bytes: u64,
-    /// The largest block that can be allocated now.
-    pub largest_free_bytes: u64,
-    /// Allocated blocks.
-    pub live_blocks: u64,
-    /// Client processes registered.
-    pub clients: u64,
-    /// Slots registered.
-    pub slots: u64,
-    /// Requests answered since start.
-    pub requests: u64,
-    /// Requests refused since start (malformed, not the client's, or out of memory); a
-    /// resize answered [`Status::NotInPlace`] is not counted.
-    pub errors: u64,
-    /// Bytes of the arena reserved in `/dev/shm` (backed by pages).
-    pub reserved_bytes: u64,
-    /// Unix time (seconds) when the daemon started.
-    pub started_unix: u64,
-}
-
-impl StatsSnapshot {
-    fn to_array(self) -> [u64; STATS_FIELDS] {
-        [
-            self.state,
-            self.pid,
-            self.arena_bytes,
-            self.used_bytes,
-            self.free_bytes,
-            self.largest_free_bytes,
-            self.live_blocks,
-            self.clients,
-            self.slots,
-            self.requests,
-            self.errors,
-            self.reserved_bytes,
-            self.started_unix,
-        ]
-    }
-
-    fn from_array(a: [u64; STATS_FIELDS]) -> Self {
-        let [state, pid, arena_bytes, used_bytes, free_bytes, largest_free_bytes, live_blocks, clients, slots, requests, errors, reserved_bytes, started_unix] =
-            a;
-        Self {
-            state,
-            pid,
-            arena_bytes,
-            used_bytes,
-            free_bytes,
-            largest_free_bytes,
-            live_blocks,
-            clients,
-            slots,
-            requests,
-            errors,
-            reserved_bytes,
-            started_unix,
-        }
-    }
-}
-
-impl DaemonStats {
-    /// Daemon side (the only writer): publishes `s`.
-    pub fn store(&self, s: &StatsSnapshot) {
-        let seq = self.seq.load(Ordering::Relaxed);
-        self.seq.store(seq.wrapping_add(1) | 1, Ordering::Relaxed);
-        // Orders the odd `seq` before the field stores (the writer half of a sequence lock).
-        fence(Ordering::Release);
-        for (f, v) in self.fields.iter().zip(s.to_array()) {
-            f.store(v, Ordering::Relaxed);
-        }
-        self.seq
-            .store((seq.wrapping_add(1) | 1).wrapping_add(1), Ordering::Release);
-    }
-
-    /// Reader side, as a hint: `free_bytes` and `arena_bytes` read without the sequence lock
-    /// (each value is one the daemon wrote, the pair may straddle two writes).
-    pub fn free_and_arena_bytes(&self) -> (u64, u64) {
-        (
-            self.fields[4].load(Ordering::Relaxed),
-            self.fields[2].load(Ordering::Relaxed),
-        )
-    }
-
-    /// Reader side: one consistent snapshot, or `None` if the daemon was writing on each of
-    /// `tries` attempts.
-    pub fn load(&self, tries: u32) -> Option<StatsSnapshot> {
-        for _ in 0..tries {
-            let before = self.seq.load(Ordering::Acquire);
-            if before & 1 != 0 {
-                core::hint::spin_loop();
-                continue;
-            }
-            let mut a = [0u64; STATS_FIELDS];
-            for (v, f) in a.iter_mut().zip(&self.fields) {
-                *v = f.load(Ordering::Relaxed);
-            }
-            // Orders the field loads before the second `seq` load (the reader half).
-            fence(Ordering::Acquire);
-            if self.seq.load(Ordering::Relaxed) == before {
-                return Some(StatsSnapshot::from_array(a));
-            }
-        }
-        None
-    }
-}
-
-impl Default for DaemonStats {
-    fn default() -> Self {
-        Self {
-            seq: AtomicU64::new(0),
-            fields: core::array::from_fn(|_| AtomicU64::new(0)),
-        }
-    }
-}
-
-impl Default for Doorbell {
-    fn default() -> Self {
-        Self::new()
-    }
-}
 impl Default for RequestSlot {
     fn default() -> Self {
         Self::new()
@@ -1083,6 +976,199 @@ impl Default for RequestSlot {
 impl Default for ResponseSlot {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// What a peer wants from the instance socket: the first message it sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum HelloKind {
+    /// Become a client: the daemon answers with a [`Welcome`] and, if it accepts, the arena
+    /// and a fresh channel. The connection stays open for the client's life: its end (exit,
+    /// crash, `exec`) is how the daemon learns that the client is gone.
+    Client = 1,
+    /// Read the daemon's status: the daemon answers with a JSON document (in one or more
+    /// messages, ended by an empty one) and closes the connection.
+    Status = 2,
+}
+
+/// Why a handshake message cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeError {
+    /// Too short, or not an xalloc handshake.
+    BadMagic,
+    /// Made by an incompatible version of xalloc.
+    BadVersion(u32),
+    /// A field holds a value this build does not know.
+    BadField,
+}
+
+impl core::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::BadMagic => f.write_str("not an xalloc handshake"),
+            Self::BadVersion(v) => write!(f, "protocol version {v}, expected {VERSION}"),
+            Self::BadField => f.write_str("handshake field out of range"),
+        }
+    }
+}
+
+impl core::error::Error for HandshakeError {}
+
+fn word32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn word64(b: &[u8], at: usize) -> u64 {
+    u64::from(word32(b, at)) | u64::from(word32(b, at + 4)) << 32
+}
+
+/// Checks the magic and version at the start of a handshake message of at least `len` bytes.
+fn check_start(b: &[u8], len: usize) -> Result<(), HandshakeError> {
+    if b.len() < len || word64(b, 0) != HELLO_MAGIC {
+        return Err(HandshakeError::BadMagic);
+    }
+    match word32(b, 8) {
+        VERSION => Ok(()),
+        v => Err(HandshakeError::BadVersion(v)),
+    }
+}
+
+/// A peer's first message on the instance socket: [`HELLO_MAGIC`], [`VERSION`] and what it
+/// wants, little-endian, [`Hello::LEN`] bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// What the peer wants.
+    pub kind: HelloKind,
+}
+
+impl Hello {
+    /// Bytes of an encoded hello.
+    pub const LEN: usize = 16;
+
+    /// The message's bytes.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..8].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&(self.kind as u32).to_le_bytes());
+        b
+    }
+
+    /// Reads a hello; any other bytes are an error.
+    pub fn decode(b: &[u8]) -> Result<Self, HandshakeError> {
+        check_start(b, Self::LEN)?;
+        if b.len() != Self::LEN {
+            return Err(HandshakeError::BadField);
+        }
+        let kind = match word32(b, 12) {
+            1 => HelloKind::Client,
+            2 => HelloKind::Status,
+            _ => return Err(HandshakeError::BadField),
+        };
+        Ok(Self { kind })
+    }
+}
+
+/// Why the daemon refused a client ([`Welcome::refusal`]); the message says more, in words,
+/// after the fixed part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Refusal {
+    /// Accepted.
+    None = 0,
+    /// The daemon does not serve this user (see `xallocd start --group`).
+    NotServed = 1,
+    /// The client speaks another protocol version.
+    BadVersion = 2,
+    /// The daemon cannot take another client now (out of descriptors or memory).
+    Busy = 3,
+    /// The daemon is shutting down.
+    ShuttingDown = 4,
+    /// The first message was not a hello.
+    BadHello = 5,
+}
+
+impl Refusal {
+    /// The refusal with this code; unknown codes read as `None`.
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            0 => Self::None,
+            1 => Self::NotServed,
+            2 => Self::BadVersion,
+            3 => Self::Busy,
+            4 => Self::ShuttingDown,
+            5 => Self::BadHello,
+            _ => return None,
+        })
+    }
+}
+
+/// The daemon's answer to a client's [`Hello`]: [`Welcome::LEN`] bytes, little-endian, then (on
+/// a refusal) the reason in UTF-8. An accepted client receives three descriptors with it, in
+/// this order: the arena, its request channel (read-write), its response channel (read-only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Welcome {
+    /// [`Refusal`] code; 0 when accepted.
+    pub refusal: u32,
+    /// Slots in the client's channel.
+    pub slots: u32,
+    /// The arena's allocation granule, in bytes.
+    pub granule: u32,
+    /// `HEADER_FLAG_*` bits of the arena.
+    pub flags: u32,
+    /// The client's id in this daemon instance: the owner of its blocks in the state record.
+    pub client_id: u32,
+    /// The daemon's process id.
+    pub daemon_pid: u32,
+    /// Total length of the arena object, in bytes.
+    pub arena_len: u64,
+    /// The daemon instance's generation.
+    pub generation: u64,
+}
+
+impl Welcome {
+    /// Bytes of the fixed part.
+    pub const LEN: usize = 56;
+
+    /// The fixed part's bytes.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..8].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
+        let words = [
+            VERSION,
+            self.refusal,
+            self.slots,
+            self.granule,
+            self.flags,
+            self.client_id,
+            self.daemon_pid,
+            0,
+        ];
+        for (i, w) in words.into_iter().enumerate() {
+            b[8 + 4 * i..12 + 4 * i].copy_from_slice(&w.to_le_bytes());
+        }
+        b[40..48].copy_from_slice(&self.arena_len.to_le_bytes());
+        b[48..56].copy_from_slice(&self.generation.to_le_bytes());
+        b
+    }
+
+    /// Reads the fixed part of a welcome, and the reason that follows it (empty if none, or
+    /// not UTF-8).
+    pub fn decode(b: &[u8]) -> Result<(Self, &str), HandshakeError> {
+        check_start(b, Self::LEN)?;
+        let w = Self {
+            refusal: word32(b, 12),
+            slots: word32(b, 16),
+            granule: word32(b, 20),
+            flags: word32(b, 24),
+            client_id: word32(b, 28),
+            daemon_pid: word32(b, 32),
+            arena_len: word64(b, 40),
+            generation: word64(b, 48),
+        };
+        let reason = core::str::from_utf8(&b[Self::LEN..]).unwrap_or("");
+        Ok((w, reason))
     }
 }
 
@@ -1109,14 +1195,14 @@ pub unsafe trait SharedPlain: Sized {}
 
 // SAFETY: 1. `#[repr(C)]`; 2-4. atomic words only, no `Drop`.
 unsafe impl SharedPlain for HeaderWords {}
+// SAFETY: 1. `#[repr(C)]`; 2-4. atomics of plain integers only (the padding too), no `Drop`.
+unsafe impl SharedPlain for ClientBell {}
+// SAFETY: as for `ClientBell`.
+unsafe impl SharedPlain for DaemonBell {}
 // SAFETY: 1. `#[repr(C)]`; 2-4. atomics of plain integers only, no `Drop`.
-unsafe impl SharedPlain for Doorbell {}
-// SAFETY: as for `Doorbell`.
 unsafe impl SharedPlain for RequestSlot {}
-// SAFETY: as for `Doorbell`.
+// SAFETY: as for `RequestSlot`.
 unsafe impl SharedPlain for ResponseSlot {}
-// SAFETY: as for `Doorbell`.
-unsafe impl SharedPlain for DaemonStats {}
 // SAFETY: 1. `#[repr(C)]`; 2-4. atomics of plain integers only (the padding too), no `Drop`.
 unsafe impl SharedPlain for Ledger {}
 
@@ -1126,7 +1212,8 @@ unsafe impl SharedPlain for Ledger {}
 #[repr(C)]
 #[derive(Debug, Default)]
 pub struct OwnerEntry {
-    /// Process id of the block's owner; 0 if no used block starts at this granule.
+    /// Client id (see [`Welcome::client_id`]) of the block's owner; 0 if no used block starts
+    /// at this granule.
     pub owner: AtomicU32,
     /// Length of the block in granules (meaningful while `owner` is non-zero).
     pub granules: AtomicU32,
@@ -1149,42 +1236,40 @@ pub const fn state_segment_len(arena_len: u64, granule: u32) -> usize {
         + arena_granules(arena_len, granule).saturating_mul(size_of::<OwnerEntry>())
 }
 
-/// Bytes of a request segment with `slots` slots.
-pub const fn request_segment_len(slots: u32) -> usize {
-    ledger_offset(slots, slots)
-}
+/// Offset of the [`ClientBell`] in a request channel, and of the [`DaemonBell`] in a response
+/// channel: right after the header.
+pub const BELL_OFFSET: usize = size_of::<SegmentHeader>();
 
-/// Offset of the ledger of slot `i` in a request segment with `slots` slots: the ledgers
-/// follow the slots.
-pub const fn ledger_offset(slots: u32, i: u32) -> usize {
-    request_slot_offset(slots) + i as usize * size_of::<Ledger>()
-}
-
-/// Bytes of a response segment with `slots` slots.
-pub const fn response_segment_len(slots: u32) -> usize {
-    STATS_OFFSET + size_of::<DaemonStats>() + slots as usize * size_of::<ResponseSlot>()
-}
-
-/// Offset of the [`DaemonStats`] in the response segment.
-pub const STATS_OFFSET: usize = size_of::<SegmentHeader>();
-
-/// Offset of the [`Doorbell`] in the request segment.
-pub const DOORBELL_OFFSET: usize = size_of::<SegmentHeader>();
-
-/// Offset of request slot `i` in the request segment.
+/// Offset of request slot `i` in a request channel.
 pub const fn request_slot_offset(i: u32) -> usize {
-    DOORBELL_OFFSET + size_of::<Doorbell>() + i as usize * size_of::<RequestSlot>()
+    BELL_OFFSET + size_of::<ClientBell>() + i as usize * size_of::<RequestSlot>()
 }
 
-/// Offset of response slot `i` in the response segment.
+/// Offset of response slot `i` in a response channel.
 pub const fn response_slot_offset(i: u32) -> usize {
-    STATS_OFFSET + size_of::<DaemonStats>() + i as usize * size_of::<ResponseSlot>()
+    BELL_OFFSET + size_of::<DaemonBell>() + i as usize * size_of::<ResponseSlot>()
+}
+
+/// Offset of the [`Ledger`] in a request channel with `slots` slots: after the slots.
+pub const fn ledger_offset(slots: u32) -> usize {
+    request_slot_offset(slots)
+}
+
+/// Bytes of a request channel with `slots` slots.
+pub const fn request_channel_len(slots: u32) -> usize {
+    ledger_offset(slots) + size_of::<Ledger>()
+}
+
+/// Bytes of a response channel with `slots` slots.
+pub const fn response_channel_len(slots: u32) -> usize {
+    response_slot_offset(slots)
 }
 
 /// The largest alignment the daemon serves, in bytes.
 pub const MAX_ALIGN: u64 = 1 << 30;
 
-/// The most slots a segment may have (the daemon's `--slots` limit).
+/// The most slots a channel may have (the daemon's `--slots` limit): concurrent requests of one
+/// client.
 pub const MAX_SLOTS: u32 = 4096;
 
 // The layout is part of the protocol: any change here must bump `VERSION`.
@@ -1192,10 +1277,10 @@ pub const MAX_SLOTS: u32 = 4096;
 const _: () = {
     assert!(size_of::<SegmentHeader>() == 64 && align_of::<SegmentHeader>() == 64);
     assert!(size_of::<HeaderWords>() == 64 && align_of::<HeaderWords>() == 64);
-    assert!(size_of::<Doorbell>() == 64 && align_of::<Doorbell>() == 64);
+    assert!(size_of::<ClientBell>() == 64 && align_of::<ClientBell>() == 64);
+    assert!(size_of::<DaemonBell>() == 64 && align_of::<DaemonBell>() == 64);
     assert!(size_of::<RequestSlot>() == 64 && align_of::<RequestSlot>() == 64);
     assert!(size_of::<ResponseSlot>() == 64 && align_of::<ResponseSlot>() == 64);
-    assert!(size_of::<DaemonStats>() == 128 && align_of::<DaemonStats>() == 64);
     assert!(size_of::<OwnerEntry>() == 8);
     assert!(size_of::<Ledger>() == 64 + 8 * LEDGER_ENTRIES && align_of::<Ledger>() == 64);
     assert!(
@@ -1216,8 +1301,8 @@ mod tests {
     #[test]
     fn header_round_trips_and_rejects_what_is_not_ours() {
         let h = SegmentHeader::new(SegmentKind::Request, 8, 4096, 1 << 30, 7, 42);
-        let len = request_segment_len(8);
-        assert_eq!(len, 64 + 64 + 8 * 64 + 8 * size_of::<Ledger>());
+        let len = request_channel_len(8);
+        assert_eq!(len, 64 + 64 + 8 * 64 + size_of::<Ledger>());
         let words = HeaderWords::new();
         h.store(&words);
         assert_eq!(SegmentHeader::load(&words), h);
@@ -1287,7 +1372,7 @@ mod tests {
             assert!(h.generation == 7 || h.generation == 8, "{h:?}");
             assert!(h.daemon_pid == 42 || h.daemon_pid == 43, "{h:?}");
             assert_eq!(
-                h.check(SegmentKind::Request, request_segment_len(8)),
+                h.check(SegmentKind::Request, request_channel_len(8)),
                 Ok(())
             );
         }
@@ -1370,50 +1455,98 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for op in [
-            Op::Hello,
-            Op::Goodbye,
-            Op::Allocate,
-            Op::Free,
-            Op::Reallocate,
-        ] {
+        for op in [Op::Allocate, Op::Free, Op::Reallocate] {
             assert_eq!(Op::from_u32(op as u32), Some(op));
         }
-        assert_eq!(Op::from_u32(0), None);
-        assert_eq!(Op::from_u32(6), None);
-        for v in 0..=11 {
+        for retired_or_unknown in [0, 1, 2, 6] {
+            assert_eq!(Op::from_u32(retired_or_unknown), None);
+        }
+        for v in 0..=12 {
             assert_eq!(Status::from_u32(v).map(|s| s as u32), Some(v));
         }
-        assert_eq!(Status::from_u32(12), None);
+        assert_eq!(Status::from_u32(13), None);
     }
 
     #[test]
     fn offsets_follow_the_documented_layout() {
-        assert_eq!(DOORBELL_OFFSET, 64);
+        assert_eq!(BELL_OFFSET, 64);
         assert_eq!(request_slot_offset(0), 128);
         assert_eq!(request_slot_offset(3), 128 + 3 * 64);
-        assert_eq!(response_slot_offset(0), 64 + 128);
-        assert_eq!(response_segment_len(4), 64 + 128 + 4 * 64);
-        assert_eq!(ledger_offset(4, 0), 128 + 4 * 64);
-        assert_eq!(ledger_offset(4, 1), 128 + 4 * 64 + 576);
-        assert_eq!(request_segment_len(4), 128 + 4 * 64 + 4 * 576);
+        assert_eq!(response_slot_offset(0), 128);
+        assert_eq!(response_channel_len(4), 128 + 4 * 64);
+        assert_eq!(ledger_offset(4), 128 + 4 * 64);
+        assert_eq!(request_channel_len(4), 128 + 4 * 64 + 576);
+    }
+
+    #[test]
+    fn handshakes_round_trip_and_reject_what_is_not_ours() {
+        for kind in [HelloKind::Client, HelloKind::Status] {
+            let h = Hello { kind };
+            assert_eq!(Hello::decode(&h.encode()), Ok(h));
+        }
+        let mut b = Hello {
+            kind: HelloKind::Client,
+        }
+        .encode();
+        assert_eq!(Hello::decode(&b[..15]), Err(HandshakeError::BadMagic));
+        assert_eq!(Hello::decode(&[0u8; 16]), Err(HandshakeError::BadMagic));
+        b[12] = 9;
+        assert_eq!(Hello::decode(&b), Err(HandshakeError::BadField));
+        b[8] = 4;
+        assert_eq!(Hello::decode(&b), Err(HandshakeError::BadVersion(4)));
+        let mut long = [0u8; 17];
+        long[..16].copy_from_slice(
+            &Hello {
+                kind: HelloKind::Status,
+            }
+            .encode(),
+        );
+        assert_eq!(Hello::decode(&long), Err(HandshakeError::BadField));
+
+        let w = Welcome {
+            refusal: Refusal::NotServed as u32,
+            slots: 64,
+            granule: 4096,
+            flags: HEADER_FLAG_HUGE_PAGES,
+            client_id: 17,
+            daemon_pid: 4242,
+            arena_len: 1 << 33,
+            generation: u64::MAX - 1,
+        };
+        let mut msg = w.encode().to_vec();
+        assert_eq!(Welcome::decode(&msg), Ok((w, "")));
+        msg.extend_from_slice(b"not served");
+        assert_eq!(Welcome::decode(&msg), Ok((w, "not served")));
+        assert_eq!(
+            Welcome::decode(&msg[..Welcome::LEN - 1]),
+            Err(HandshakeError::BadMagic)
+        );
+        for code in 0..6 {
+            assert_eq!(Refusal::from_u32(code).map(|r| r as u32), Some(code));
+        }
+        assert_eq!(Refusal::from_u32(6), None);
     }
 
     #[test]
     fn one_request_cycle() {
-        let (slot, resp, bell) = (RequestSlot::new(), ResponseSlot::new(), Doorbell::new());
-        assert!(!slot.try_claim(0), "client id 0 means free");
+        let (slot, resp) = (RequestSlot::new(), ResponseSlot::new());
+        let (bell, daemon) = (ClientBell::new(), DaemonBell::new());
+        assert!(!slot.try_claim(0), "owner 0 means free");
         assert!(slot.try_claim(7));
         assert!(!slot.try_claim(8), "already owned");
         assert!(slot.take().is_none(), "nothing pending");
         let seq = slot.submit(Op::Allocate, FLAG_ZEROED, 4096, 64, 0);
-        assert!(!bell.ring(), "the daemon is awake");
+        assert!(
+            bell.ring(&daemon),
+            "an unwatched channel asks for a wake-up"
+        );
+        daemon.watch();
+        assert!(!bell.ring(&daemon), "a watched one does not");
         assert!(resp.read(seq).is_none());
         let req = slot.take().unwrap();
         assert_eq!(
             req,
             Request {
-                owner: 7,
                 seq,
                 op: Op::Allocate as u32,
                 flags: FLAG_ZEROED,
@@ -1438,61 +1571,29 @@ mod tests {
         slot.woke();
         assert_eq!(resp.read(seq), Some(answer));
         assert!(resp.read(seq + 1).is_none());
-        let seen = bell.prepare_sleep();
-        assert!(bell.ring(), "the daemon said it sleeps");
-        assert_ne!(
-            bell.rings.load(Ordering::SeqCst),
-            seen,
-            "a ring changes the futex word"
-        );
-        bell.woke();
+        let seen = bell.rings.load(Ordering::SeqCst);
+        assert_eq!(daemon.unwatch(&bell), seen, "nothing rang since");
+        assert!(bell.ring(&daemon), "unwatched again");
+        assert_ne!(daemon.unwatch(&bell), seen, "a ring moves the count");
         assert!(!slot.release(8), "only the owner releases");
         assert!(slot.release(7));
         assert!(slot.try_claim(8));
-        // A client that died with a request pending: the daemon reclaims the slot.
-        slot.submit(Op::Free, 0, 0, 0, 4096);
-        assert!(!slot.reclaim(9), "not the owner");
-        assert_eq!(slot.state.load(Ordering::SeqCst), PENDING, "untouched");
-        assert!(slot.reclaim(8));
-        assert!(
-            slot.take().is_none(),
-            "the dead client's request is dropped"
-        );
-        assert!(slot.try_claim(9));
     }
 
-    /// A client thread and a daemon thread over one slot, spinning instead of sleeping: every
-    /// answer matches its request, none is lost or read twice.
     #[test]
-    fn stats_readers_never_see_a_torn_snapshot() {
-        let n: u64 = if cfg!(miri) { 30 } else { 20_000 };
-        let stats = Arc::new(DaemonStats::default());
-        let writer = {
-            let stats = Arc::clone(&stats);
-            thread::spawn(move || {
-                for i in 1..=n {
-                    // Every field of snapshot i holds i: a mix of two snapshots shows.
-                    let a = [i; STATS_FIELDS];
-                    stats.store(&StatsSnapshot::from_array(a));
-                }
-            })
-        };
-        let mut last = 0;
-        while last < n {
-            if let Some(s) = stats.load(1_000_000) {
-                let a = s.to_array();
-                assert!(a.iter().all(|&v| v == a[0]), "torn snapshot {a:?}");
-                assert!(a[0] >= last, "went back from {last} to {}", a[0]);
-                last = a[0];
-            }
-        }
-        writer.join().unwrap();
+    fn low_arena_hint() {
+        let d = DaemonBell::new();
+        d.arena_bytes.store(800, Ordering::Relaxed);
+        d.free_bytes.store(100, Ordering::Relaxed);
+        assert!(!d.arena_is_low());
+        d.free_bytes.store(99, Ordering::Relaxed);
+        assert!(d.arena_is_low());
     }
 
     #[test]
     fn client_and_daemon_threads_agree() {
         let n: u32 = if cfg!(miri) { 50 } else { 20_000 };
-        let shared = Arc::new((RequestSlot::new(), ResponseSlot::new(), Doorbell::new()));
+        let shared = Arc::new((RequestSlot::new(), ResponseSlot::new(), ClientBell::new()));
         assert!(shared.0.try_claim(1));
         let daemon = {
             let shared = Arc::clone(&shared);
@@ -1519,7 +1620,7 @@ mod tests {
         let (slot, resp, bell) = &*shared;
         for i in 1..=u64::from(n) {
             let seq = slot.submit(Op::Allocate, 0, i, 16, 0);
-            bell.ring();
+            bell.ring(&DaemonBell::new());
             let answer = loop {
                 if let Some(a) = resp.read(seq) {
                     break a;
