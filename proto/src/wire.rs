@@ -988,8 +988,14 @@ pub enum HelloKind {
     /// crash, `exec`) is how the daemon learns that the client is gone.
     Client = 1,
     /// Read the daemon's status: the daemon answers with a JSON document (in one or more
-    /// messages, ended by an empty one) and closes the connection.
+    /// messages) and closes the connection.
     Status = 2,
+    /// Give the client's channel [`Hello::client_id`] a new connection: after a daemon crash,
+    /// the restarted daemon serves the channels it re-attached to, but their connections died
+    /// with the old daemon. The daemon accepts only the process it recorded for that channel,
+    /// and only while the channel has no connection; it answers with a [`Welcome`] without
+    /// descriptors. From then on the new connection is the client's, as if it had connected.
+    Rebind = 3,
 }
 
 /// Why a handshake message cannot be used.
@@ -1040,11 +1046,13 @@ fn check_start(b: &[u8], len: usize) -> Result<(), HandshakeError> {
 pub struct Hello {
     /// What the peer wants.
     pub kind: HelloKind,
+    /// For [`HelloKind::Rebind`]: the client id of the channel; 0 otherwise.
+    pub client_id: u32,
 }
 
 impl Hello {
     /// Bytes of an encoded hello.
-    pub const LEN: usize = 16;
+    pub const LEN: usize = 24;
 
     /// The message's bytes.
     pub fn encode(&self) -> [u8; Self::LEN] {
@@ -1052,6 +1060,7 @@ impl Hello {
         b[..8].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
         b[12..16].copy_from_slice(&(self.kind as u32).to_le_bytes());
+        b[16..20].copy_from_slice(&self.client_id.to_le_bytes());
         b
     }
 
@@ -1064,9 +1073,13 @@ impl Hello {
         let kind = match word32(b, 12) {
             1 => HelloKind::Client,
             2 => HelloKind::Status,
+            3 => HelloKind::Rebind,
             _ => return Err(HandshakeError::BadField),
         };
-        Ok(Self { kind })
+        Ok(Self {
+            kind,
+            client_id: word32(b, 16),
+        })
     }
 }
 
