@@ -1493,24 +1493,33 @@ mod tests {
 
     #[test]
     fn handshakes_round_trip_and_reject_what_is_not_ours() {
-        for kind in [HelloKind::Client, HelloKind::Status] {
-            let h = Hello { kind };
+        for (kind, client_id) in [
+            (HelloKind::Client, 0),
+            (HelloKind::Status, 0),
+            (HelloKind::Rebind, u32::MAX),
+        ] {
+            let h = Hello { kind, client_id };
             assert_eq!(Hello::decode(&h.encode()), Ok(h));
         }
         let mut b = Hello {
             kind: HelloKind::Client,
+            client_id: 0,
         }
         .encode();
-        assert_eq!(Hello::decode(&b[..15]), Err(HandshakeError::BadMagic));
-        assert_eq!(Hello::decode(&[0u8; 16]), Err(HandshakeError::BadMagic));
+        assert_eq!(
+            Hello::decode(&b[..Hello::LEN - 1]),
+            Err(HandshakeError::BadMagic)
+        );
+        assert_eq!(Hello::decode(&[0u8; 24]), Err(HandshakeError::BadMagic));
         b[12] = 9;
         assert_eq!(Hello::decode(&b), Err(HandshakeError::BadField));
         b[8] = 4;
         assert_eq!(Hello::decode(&b), Err(HandshakeError::BadVersion(4)));
-        let mut long = [0u8; 17];
-        long[..16].copy_from_slice(
+        let mut long = [0u8; Hello::LEN + 1];
+        long[..Hello::LEN].copy_from_slice(
             &Hello {
                 kind: HelloKind::Status,
+                client_id: 0,
             }
             .encode(),
         );
