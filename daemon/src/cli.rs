@@ -8,14 +8,16 @@ use clap::{Args, Parser, Subcommand};
 /// The default arena size, in the syntax `--arena-size` takes.
 pub const DEFAULT_ARENA_SIZE: &str = "256M";
 
-/// Default number of request slots (one per client thread that talks to the daemon at once).
-pub const DEFAULT_SLOTS: u32 = 256;
+/// Default number of request slots per client (one per thread of the client that talks to the
+/// daemon at once).
+pub const DEFAULT_SLOTS: u32 = 64;
 
 /// Default `--spin-us`: see the README's "Tuning the spin" for the measurement behind it.
 pub const DEFAULT_SPIN_US: u64 = 50;
 
 /// xallocd: the xalloc daemon. Hosts a shared-memory arena and serves allocation requests from
-/// other processes through the segments /NAME.request, /NAME.response and /NAME.arena.
+/// other processes: each connects to the socket /dev/shm/NAME.socket and gets its own
+/// shared-memory channel and the arena over it.
 #[derive(Debug, Parser)]
 #[command(name = "xallocd", version, propagate_version = true)]
 pub struct Cli {
@@ -33,14 +35,27 @@ pub enum Command {
     Start(StartArgs),
     /// Stop a daemon: send SIGTERM and wait until it has exited and its segments are gone.
     Stop(StopArgs),
-    /// Print a daemon's statistics, read from its response segment.
+    /// Print a daemon's statistics (and, with --clients, its clients), asked over its socket.
     Status(StatusArgs),
+    /// The keeper process a daemon starts to hold its arena and channels across a crash (not
+    /// for direct use).
+    #[command(hide = true)]
+    Keeper(KeeperArgs),
+}
+
+/// `xallocd keeper` (started by the daemon).
+#[derive(Debug, Args)]
+pub struct KeeperArgs {
+    /// Instance name.
+    #[arg(long, value_parser = parse_name)]
+    pub name: String,
 }
 
 /// The instance a command addresses.
 #[derive(Debug, Args, Clone)]
 pub struct Instance {
-    /// Instance name: the segments are /dev/shm/NAME.{request,response,arena}.
+    /// Instance name: clients connect to /dev/shm/NAME.socket; the daemon's record is
+    /// /dev/shm/NAME.state.
     #[arg(long, env = "XALLOC_NAME", default_value = "xalloc", value_parser = parse_name)]
     pub name: String,
 
@@ -63,7 +78,8 @@ pub struct StartArgs {
     #[arg(long, value_name = "SIZE", default_value = DEFAULT_ARENA_SIZE, value_parser = parse_size)]
     pub arena_size: u64,
 
-    /// Request slots: how many client threads can talk to the daemon at once.
+    /// Request slots per client: how many threads of one client can talk to the daemon at once
+    /// (each client has its own channel; the number of clients is bounded by descriptors only).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_SLOTS,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(xalloc_proto::wire::MAX_SLOTS)))]
     pub slots: u32,
@@ -97,21 +113,36 @@ pub struct StartArgs {
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub spin_us: u64,
 
-    /// Discard the segments a daemon of this name left when it died, instead of re-attaching
-    /// to them (by default a restarted daemon keeps the blocks its clients still hold).
+    /// Discard the arena and record a daemon of this name left when it died (held by its
+    /// keeper process), instead of re-attaching to them (by default a restarted daemon keeps
+    /// the blocks and channels of the clients that still run).
     #[arg(long)]
     pub fresh: bool,
 
     /// 2 MiB huge pages for the arena (MADV_HUGEPAGE): fewer TLB misses and page faults on
-    /// large blocks. `auto` asks for them where /dev/shm allows them (mounted huge=advise,
-    /// within_size or always); `on` asks anyway, with a warning.
+    /// large blocks. `auto` asks for them where the kernel allows them for shared memory
+    /// (/sys/kernel/mm/transparent_hugepage/shmem_enabled is advise, within_size, always or
+    /// force); `on` asks anyway, with a warning.
     #[arg(long, value_name = "WHEN", value_enum, default_value_t = HugePages::Auto)]
     pub huge_pages: HugePages,
 
-    /// Let members of GROUP use the daemon: request and arena segments 0660, response 0640
-    /// (default: owner only, 0600).
+    /// Let members of GROUP use the daemon: the socket is 0660 and group GROUP, and the daemon
+    /// accepts peers whose primary or supplementary groups include it (default: the daemon's
+    /// user only, socket 0600). Members can read and write each other's blocks' data (see
+    /// the README's trust model).
     #[arg(long, value_name = "GROUP")]
     pub group: Option<String>,
+
+    /// Arena bytes one process may hold, over all its connections, blocks it keeps cached
+    /// included (4096, 64K, 256M, 1G; default: unlimited). Past it, allocations are refused
+    /// with OverQuota (XallocGlobal then uses the system allocator).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub client_quota: Option<u64>,
+
+    /// Arena bytes all processes of one user may hold together (as --client-quota; default:
+    /// unlimited).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub user_quota: Option<u64>,
 }
 
 /// `xallocd start --huge-pages`.
@@ -144,9 +175,13 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub instance: Instance,
 
-    /// Print one JSON object instead of a table.
+    /// Print one JSON object instead of a table (with --clients: one JSON array).
     #[arg(long)]
     pub json: bool,
+
+    /// List the clients: id, pid, user, command, bytes and blocks held, bytes cached, requests.
+    #[arg(long)]
+    pub clients: bool,
 }
 
 /// Parses a size: digits, optionally followed by K, M, G or T (powers of 1024; a trailing `B`

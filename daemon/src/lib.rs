@@ -4,19 +4,20 @@
 //! - [`cli`]: the command line.
 //! - [`detach`]: daemon(7) detaching, the readiness pipe, the pidfile, sd_notify.
 //! - [`logging`]: syslog with reconnect, through the `log` facade.
-//! - [`segments`]: the shared-memory objects.
-//! - [`server`]: the request loop, validation, ownership and client liveness.
+//! - [`segments`]: the instance's objects (socket, arena, state record).
+//! - [`keeper`]: the process that holds the arena and the channels across a daemon crash.
+//! - [`server`]: the request loop, connections, validation, ownership, quotas and liveness.
 //! - [`status`]: `stop` and `status`, which talk to a running daemon from outside.
 
 pub mod cli;
 pub mod detach;
+pub mod keeper;
 pub mod logging;
 pub mod segments;
 pub mod server;
 pub mod status;
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 use xalloc_proto::{os, wire};
@@ -24,7 +25,7 @@ use xalloc_proto::{os, wire};
 use cli::{Cli, Command, HugePages, StartArgs};
 use detach::{Detached, Pidfile, Readiness};
 use segments::{Access, Names};
-use server::{Mailbox, Server, Watcher, GRANULE};
+use server::{Policy, Server, GRANULE};
 
 /// The `xallocd` command: parses the command line and runs it.
 pub fn main() -> ExitCode {
@@ -33,6 +34,7 @@ pub fn main() -> ExitCode {
         Command::Start(args) => start(&args),
         Command::Stop(args) => status::stop(&args),
         Command::Status(args) => status::status(&args),
+        Command::Keeper(args) => keeper::run_keeper(&args.name),
     }
 }
 
@@ -71,7 +73,10 @@ fn start(args: &StartArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     let Some(names) = Names::new(name) else {
-        return fail(format!("instance name {name:?} is too long"));
+        return fail(format!(
+            "instance name {name:?} is too long (at most 90 bytes: /dev/shm/NAME.socket must \
+             fit a socket address)"
+        ));
     };
     let pidfile_path = args
         .instance
@@ -150,6 +155,7 @@ fn serve(
         Err(())
     };
     server::block_signals();
+    let name = &args.instance.name;
     let generation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -169,63 +175,103 @@ fn serve(
     } else {
         0
     };
-    // With the pidfile ours, any objects of this name were left by a daemon that died: they
-    // are re-attached (keeping what live clients hold), or replaced if they cannot be or with
-    // --fresh; objects of another user are refused.
-    let create = || {
+    // With the pidfile ours, any objects of this name were left by a daemon that died: its
+    // keeper still holds the arena and the channels, which are re-attached (keeping what live
+    // clients hold) unless --fresh or unusable; then they are replaced. Another user's
+    // objects are refused.
+    let create = |why: Option<&str>| {
+        let removed = segments::clear_leftovers(&names, args.fresh)?;
+        for n in &removed {
+            log::warn!(
+                "removed {n}, left by a daemon that is no longer running ({})",
+                why.unwrap_or("not re-attached")
+            );
+        }
         segments::create(
-            names,
+            &names,
             args.slots,
             arena,
             GRANULE as u32,
-            Access { gid },
             generation,
             flags,
         )
     };
-    let replace = |why: &str| {
-        let removed = segments::clear_leftovers(&names, args.fresh)?;
-        for n in &removed {
-            log::warn!("removed {n}, left by a daemon that is no longer running ({why})");
-        }
-        create()
-    };
-    let found = if args.fresh {
-        Ok(segments::Found::Unusable("--fresh".into()))
+    let link = if args.fresh {
+        None
     } else {
-        segments::reattach(names, generation, flags)
-    };
-    let seg = match found {
-        Ok(segments::Found::Nothing) => create(),
-        Ok(segments::Found::Reattached(seg)) => {
-            if seg.arena_bytes != arena || seg.slots != args.slots {
-                log::warn!(
-                    "kept the re-attached arena of {} bytes and {} slots (asked: {arena} bytes, \
-                     {} slots); `start --fresh` discards it",
-                    seg.arena_bytes,
-                    seg.slots,
-                    args.slots
-                );
-            }
-            Ok(seg)
+        match keeper::KeeperLink::connect(name) {
+            Ok(l) => l,
+            Err(e) => return fail(readiness, format!("{}: {e}", names.keeper.display())),
         }
-        Ok(segments::Found::Unusable(why)) => replace(&why),
-        Err(e) => Err(e),
+    };
+    let mut kept_channels = Vec::new();
+    let mut keeper = None;
+    let seg = match link.map(|l| (l.take(), l)) {
+        Some((Ok(kept), l)) => {
+            let keeper::Kept {
+                arena: arena_fd,
+                generation,
+                channels,
+            } = kept;
+            match segments::reattach(&names, arena_fd, generation) {
+                Ok(seg) => {
+                    if seg.arena_bytes != arena || seg.slots != args.slots {
+                        log::warn!(
+                            "kept the re-attached arena of {} bytes and {} slots per client \
+                             (asked: {arena} bytes, {} slots); `start --fresh` discards it",
+                            seg.arena_bytes,
+                            seg.slots,
+                            args.slots
+                        );
+                    }
+                    kept_channels = channels;
+                    keeper = Some(l);
+                    Ok(seg)
+                }
+                Err(why) => {
+                    log::warn!("cannot re-attach: {why}; starting afresh");
+                    drop(l);
+                    create(Some(&why))
+                }
+            }
+        }
+        Some((Err(why), l)) => {
+            log::warn!("the keeper did not hand over the arena: {why}; starting afresh");
+            drop(l);
+            create(Some(&why))
+        }
+        None => create(args.fresh.then_some("--fresh")),
     };
     let seg = match seg {
         Ok(s) => s,
         Err(e) => return fail(readiness, e.to_string()),
     };
     let (arena, slots) = (seg.arena_bytes, seg.slots);
-    let mailbox = Arc::new(Mailbox::default());
-    let watcher = match Watcher::start(Arc::clone(&mailbox), Arc::clone(&seg.request)) {
-        Ok(w) => w,
+    let keeper = match keeper {
+        Some(k) => k,
+        None => match keeper::KeeperLink::spawn(name, &seg.arena_fd, seg.generation) {
+            Ok(k) => k,
+            Err(e) => {
+                names.unlink_all();
+                return fail(readiness, format!("cannot start the keeper process: {e}"));
+            }
+        },
+    };
+    let raised = xalloc_proto::unix::raise_fd_limit();
+    let listener = match bind_socket(&names, Access { gid }) {
+        Ok(l) => l,
         Err(e) => {
             names.unlink_all();
-            return fail(readiness, format!("cannot start the watcher thread: {e}"));
+            let _ = keeper.quit();
+            return fail(readiness, e);
         }
     };
-    let mut server = match Server::new(seg, mailbox, watcher.epoll) {
+    let policy = Policy {
+        access: Access { gid },
+        client_quota: args.client_quota.unwrap_or(u64::MAX),
+        user_quota: args.user_quota.unwrap_or(u64::MAX),
+    };
+    let mut server = match Server::new(seg, name, listener, Some(keeper), kept_channels, policy) {
         Ok(s) => s
             .with_retention(args.retain, args.decay)
             .with_spin(std::time::Duration::from_micros(args.spin_us)),
@@ -235,18 +281,38 @@ fn serve(
         }
     };
     log::info!(
-        "started: instance {}, arena {} bytes in {}, requests in {} ({} slots), answers in {}",
+        "started: instance {}, arena {} bytes, clients connect to {} ({} slots each, up to \
+         about {} clients by the descriptor limit), keeper pid {}",
         args.instance.name,
         arena,
-        names.arena,
-        names.request,
+        names.socket.display(),
         slots,
-        names.response
+        raised / 2,
+        server.keeper_pid().unwrap_or(0)
     );
     readiness.ready();
     server.run();
     names.unlink_all();
+    if let Some(k) = server.take_keeper() {
+        if let Err(e) = k.quit() {
+            log::warn!("the keeper did not quit: {e}");
+        }
+    }
     log::info!("stopped: {}", server.stats_line());
     log::logger().flush();
     Ok(())
+}
+
+/// Binds the instance socket (replacing a leftover of this user's, refusing anything else),
+/// with the mode and group `access` asks for.
+fn bind_socket(names: &Names, access: Access) -> Result<xalloc_proto::os::Fd, String> {
+    segments::check_socket(&names.socket).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&names.socket);
+    let listener = xalloc_proto::unix::listen(&names.socket, access.socket_mode())
+        .map_err(|e| format!("cannot listen on {}: {e}", names.socket.display()))?;
+    if let Some(gid) = access.gid {
+        std::os::unix::fs::chown(&names.socket, None, Some(gid))
+            .map_err(|e| format!("chown {}: {e}", names.socket.display()))?;
+    }
+    Ok(listener)
 }

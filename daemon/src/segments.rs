@@ -1,27 +1,29 @@
-//! The daemon's three shared-memory objects: creation, headers, and removal.
+//! An instance's objects, their creation, re-attachment and removal:
 //!
-//! Each is created with `O_CREAT | O_EXCL` and an explicit mode, sized, given its header, and
-//! only then announced (the request header last, since clients open it first). Objects that
-//! already exist are inspected first: ours, from a daemon that is no longer running, are
-//! removed (the caller checked the pidfile: no live daemon of this name holds it); anything
-//! else (another owner, a wrong size or magic) is refused with a message that names the object
-//! and says how to remove it.
-
-// The errors carry the object's name in a fixed buffer (`ShmName`, no allocation); they are
-// made once, at start, so their size does not matter.
-#![allow(clippy::result_large_err)]
+//! | object | what |
+//! | --- | --- |
+//! | `/dev/shm/NAME.socket` | the Unix socket clients connect to (mode 0600, or 0660 for `--group`) |
+//! | the arena | a memfd sealed against resizing, handed to each client over its connection; the keeper holds a copy so that it outlives a daemon crash |
+//! | `/dev/shm/NAME.state` | the daemon's own ownership record (mode 0600; no client maps it) |
+//! | `/dev/shm/NAME.keeper` | the keeper's socket (mode 0600; the daemon's user only) |
+//!
+//! Objects that already exist are inspected first: this user's leftovers of a daemon that is no
+//! longer running are removed (the caller holds the pidfile: no live daemon of this name uses
+//! it); anything else (another owner, a live daemon, a wrong layout) is refused with a message
+//! that names the object and says how to remove it.
 
 use std::ffi::CString;
 use std::fmt;
-use std::sync::Arc;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
 
 use xalloc_proto::os::{self, Errno, Fd, Mapping, ShmName};
-use xalloc_proto::wire::{
-    self, DaemonStats, SegmentHeader, SegmentKind, ARENA_DATA_OFFSET, ARENA_HEADER_LEN,
-    STATS_OFFSET,
-};
+use xalloc_proto::unix;
+use xalloc_proto::wire::{self, SegmentHeader, SegmentKind, ARENA_DATA_OFFSET, ARENA_HEADER_LEN};
 
-/// Mode bits and group of the segments.
+use crate::keeper::KeeperLink;
+
+/// Who may connect.
 #[derive(Clone, Copy, Debug)]
 pub struct Access {
     /// Group that may use the daemon (`--group`), if any.
@@ -29,29 +31,30 @@ pub struct Access {
 }
 
 impl Access {
-    fn mode(&self, kind: SegmentKind) -> u32 {
-        match (self.gid, kind) {
-            (None, _) | (_, SegmentKind::State) => 0o600,
-            (Some(_), SegmentKind::Response) => 0o640,
-            (Some(_), _) => 0o660,
+    /// Mode of the instance socket: connecting needs write permission on it.
+    pub fn socket_mode(&self) -> u32 {
+        if self.gid.is_some() {
+            0o660
+        } else {
+            0o600
         }
     }
 }
 
-/// Why the segments could not be made.
+/// Why the objects could not be made.
 #[derive(Debug)]
 pub enum SegmentError {
-    /// An object of ours exists and cannot be replaced.
+    /// An object of the instance exists and is not this user's leftover.
     Squatted {
-        /// The object.
-        name: ShmName,
+        /// The object's path.
+        name: String,
         /// Why it is not ours or not reusable.
         why: String,
     },
     /// A system call failed.
     Os {
         /// The object.
-        name: ShmName,
+        name: String,
         /// The call.
         call: &'static str,
         /// Its error.
@@ -64,168 +67,198 @@ impl fmt::Display for SegmentError {
         match self {
             Self::Squatted { name, why } => write!(
                 f,
-                "/dev/shm{name} exists and is not a leftover of this user's xallocd ({why}); \
-                 remove it (`rm /dev/shm{name}`, as its owner or root) or pick another --name"
+                "{name} exists and is not a leftover of this user's xallocd ({why}); remove it \
+                 (`rm {name}`, as its owner or root) or pick another --name"
             ),
             Self::Os { name, call, errno } => {
                 if errno.0 == libc::ENOSPC {
-                    write!(f, "{call} /dev/shm{name}: {errno}: /dev/shm is full")
+                    write!(f, "{call} {name}: {errno}: /dev/shm is full")
+                } else if errno.0 == libc::ENOMEM {
+                    write!(f, "{call} {name}: {errno}: not enough memory")
                 } else {
-                    write!(f, "{call} /dev/shm{name}: {errno}")
+                    write!(f, "{call} {name}: {errno}")
                 }
             }
         }
     }
 }
 
-/// The names of an instance's four objects.
-#[derive(Clone, Copy, Debug)]
+/// The names of an instance's objects.
+#[derive(Clone, Debug)]
 pub struct Names {
-    /// `/NAME.request`.
-    pub request: ShmName,
-    /// `/NAME.response`.
-    pub response: ShmName,
-    /// `/NAME.arena`.
-    pub arena: ShmName,
-    /// `/NAME.state` (the daemon's own).
+    /// The instance name.
+    pub name: String,
+    /// `/dev/shm/NAME.socket`.
+    pub socket: PathBuf,
+    /// `/dev/shm/NAME.keeper`.
+    pub keeper: PathBuf,
+    /// `/NAME.state` (a POSIX shared-memory name: `/dev/shm/NAME.state`).
     pub state: ShmName,
 }
 
 impl Names {
-    /// The names for instance `name`.
+    /// The names for instance `name`; `None` if it is too long for a socket path.
     pub fn new(name: &str) -> Option<Self> {
+        let socket = socket_path(name)?;
+        let keeper = PathBuf::from(format!("/dev/shm/{name}.keeper"));
+        (keeper.as_os_str().len() < 108).then_some(())?;
         Some(Self {
-            request: ShmName::new(name, "request")?,
-            response: ShmName::new(name, "response")?,
-            arena: ShmName::new(name, "arena")?,
+            name: name.to_owned(),
+            socket,
+            keeper,
             state: ShmName::new(name, "state")?,
         })
     }
 
-    /// The name of the object of `kind`.
-    fn of(&self, kind: SegmentKind) -> ShmName {
-        match kind {
-            SegmentKind::Request => self.request,
-            SegmentKind::Response => self.response,
-            SegmentKind::Arena => self.arena,
-            SegmentKind::State => self.state,
-        }
+    /// `/dev/shm/NAME.state`.
+    pub fn state_path(&self) -> String {
+        format!("/dev/shm{}", self.state)
     }
 
-    fn all(&self) -> [(ShmName, SegmentKind); 4] {
-        [
-            (self.request, SegmentKind::Request),
-            (self.response, SegmentKind::Response),
-            (self.arena, SegmentKind::Arena),
-            (self.state, SegmentKind::State),
-        ]
-    }
-
-    /// Removes all four names (mappings stay valid); missing ones are fine.
+    /// Removes the socket and the state record (mappings stay valid); missing ones are fine.
     pub fn unlink_all(&self) {
-        for (n, _) in self.all() {
-            let _ = os::shm_unlink(n.as_cstr());
-        }
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = os::shm_unlink(self.state.as_cstr());
     }
 
-    /// Whether any of the four exists.
+    /// Whether the socket, the state record or the keeper's socket exists.
     pub fn any_exists(&self) -> bool {
-        self.all()
-            .iter()
-            .any(|(n, _)| std::path::Path::new(&format!("/dev/shm{n}")).exists())
+        self.socket.symlink_metadata().is_ok()
+            || self.keeper.symlink_metadata().is_ok()
+            || Path::new(&self.state_path()).exists()
     }
 }
 
-/// The created segments, mapped in the daemon.
+/// The instance socket's path for `name`, if it fits in a socket address.
+pub fn socket_path(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(format!("/dev/shm/{name}.socket"));
+    (p.as_os_str().len() < 108).then_some(p)
+}
+
+/// The daemon's arena and ownership record, mapped.
 #[derive(Debug)]
 pub struct Segments {
-    /// `/NAME.request`, read-write (shared with the watcher thread, which rings its doorbell).
-    pub request: Arc<Mapping>,
-    /// `/NAME.response`, read-write (only the daemon writes it).
-    pub response: Mapping,
-    /// `/NAME.arena`, read-write: its header page, then the data.
+    /// The arena, read-write: its header page, then the data.
     pub arena: Mapping,
-    /// The arena's descriptor, for reserving pages.
+    /// The arena's descriptor: handed to clients, and used to reserve pages.
     pub arena_fd: Fd,
-    /// `/NAME.state`, read-write: the ownership record (see `server`).
+    /// The ownership record (see `server`).
     pub state: Mapping,
     /// Bytes of arena data.
     pub arena_bytes: u64,
-    /// Request slots.
+    /// The instance's generation (kept across re-attachment).
+    pub generation: u64,
+    /// `HEADER_FLAG_*` bits of the arena.
+    pub flags: u32,
+    /// Slots per client channel.
     pub slots: u32,
-    /// Whether these are a dead daemon's segments, re-attached.
+    /// Whether these are a dead daemon's objects, re-attached.
     pub reattached: bool,
 }
 
-/// Checks existing objects of `names` and removes those that are leftovers of a dead daemon of
-/// this user; refuses anything else.
+/// Checks the existing objects of `names` and removes those that are leftovers of a dead daemon
+/// of this user (telling a keeper that still holds a dead daemon's arena to let go); refuses
+/// anything else. Returns what was removed.
 ///
-/// With `any_layout`, this user's objects are removed whatever their header says (for
-/// `start --fresh`); another user's are still refused.
-pub fn clear_leftovers(names: &Names, any_layout: bool) -> Result<Vec<ShmName>, SegmentError> {
+/// With `any_layout`, this user's state record is removed whatever its header says (for
+/// `start --fresh`); another user's objects are still refused.
+pub fn clear_leftovers(names: &Names, any_layout: bool) -> Result<Vec<String>, SegmentError> {
     let mut removed = Vec::new();
-    for (name, kind) in names.all() {
-        let Some(found) = open_ours(name, false)? else {
-            continue;
-        };
-        let checked = match found.header {
-            Some(h) => h
-                .check(kind, found.len)
-                .map(|()| h)
-                .map_err(|e| e.to_string()),
-            None => Err(format!(
-                "{} bytes, too short for an xalloc segment",
-                found.len
-            )),
-        };
-        let header = match checked {
-            Ok(h) => Some(h),
-            Err(_) if any_layout => found.header,
-            Err(why) => {
-                return Err(SegmentError::Squatted {
-                    name,
-                    why: format!("{why}; `xallocd start --fresh` replaces it"),
-                })
-            }
-        };
-        if let Some(pid) = header
-            .map(|h| h.daemon_pid)
-            .filter(|&p| os::process_alive(p) && p != os::pid())
-        {
-            // The pidfile is free, yet the daemon that made these still runs: it was started
-            // with another pidfile. Two daemons must not share a name.
+    check_socket(&names.socket)?;
+    match KeeperLink::connect(&names.name) {
+        Ok(Some(link)) => {
+            let pid = link.pid();
+            link.quit().map_err(|why| SegmentError::Squatted {
+                name: names.keeper.display().to_string(),
+                why: format!("its keeper (pid {pid}) did not quit: {why}"),
+            })?;
+            removed.push(format!("the keeper (pid {pid}) and the arena it held"));
+        }
+        Ok(None) => {}
+        Err(why) => {
             return Err(SegmentError::Squatted {
-                name,
-                why: format!("in use by xallocd pid {pid} (started with another --pidfile?)"),
+                name: names.keeper.display().to_string(),
+                why,
+            })
+        }
+    }
+    if names.socket.symlink_metadata().is_ok() {
+        std::fs::remove_file(&names.socket).map_err(|e| SegmentError::Os {
+            name: names.socket.display().to_string(),
+            call: "unlink",
+            errno: Errno(e.raw_os_error().unwrap_or(0)),
+        })?;
+        removed.push(names.socket.display().to_string());
+    }
+    if let Some(found) = open_state(names, false)? {
+        let ok = found
+            .header
+            .is_some_and(|h| h.check(SegmentKind::State, found.len).is_ok());
+        if !ok && !any_layout {
+            return Err(SegmentError::Squatted {
+                name: names.state_path(),
+                why: "not a state record of this version; `xallocd start --fresh` replaces it"
+                    .into(),
             });
         }
-        os::shm_unlink(name.as_cstr()).map_err(|errno| SegmentError::Os {
-            name,
+        os::shm_unlink(names.state.as_cstr()).map_err(|errno| SegmentError::Os {
+            name: names.state_path(),
             call: "shm_unlink",
             errno,
         })?;
-        removed.push(name);
+        removed.push(names.state_path());
     }
     Ok(removed)
 }
 
-/// An existing object of this user's, opened, and mapped whole when it can hold a header.
+/// Refuses a socket path that is not this user's leftover: another user's file, something
+/// that is not a socket, or a socket a live process answers on.
+pub fn check_socket(path: &Path) -> Result<(), SegmentError> {
+    let Ok(meta) = path.symlink_metadata() else {
+        return Ok(());
+    };
+    let squatted = |why: String| SegmentError::Squatted {
+        name: path.display().to_string(),
+        why,
+    };
+    if meta.uid() != os::euid() {
+        return Err(squatted(format!("owned by uid {}", meta.uid())));
+    }
+    if !meta.file_type().is_socket() {
+        return Err(squatted("not a socket".into()));
+    }
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return Err(squatted("bad path".into()));
+    };
+    if let Ok(sock) = unix::connect(&c) {
+        let who = unix::peer(&sock).map_or(0, |p| p.pid);
+        return Err(squatted(format!(
+            "in use by process {who} (an xallocd started with another --pidfile?)"
+        )));
+    }
+    Ok(())
+}
+
+/// The state record, opened if it exists (`None` if not), refusing another user's.
 struct Existing {
-    fd: Fd,
     len: usize,
     map: Option<Mapping>,
     header: Option<SegmentHeader>,
 }
 
-/// Opens object `name` if it exists (`None` if not), refusing another user's.
-fn open_ours(name: ShmName, writable: bool) -> Result<Option<Existing>, SegmentError> {
-    let os_err = |call, errno| SegmentError::Os { name, call, errno };
-    let fd = match os::shm_open(name.as_cstr(), writable) {
+fn open_state(names: &Names, writable: bool) -> Result<Option<Existing>, SegmentError> {
+    let name = names.state_path();
+    let os_err = |call, errno| SegmentError::Os {
+        name: name.clone(),
+        call,
+        errno,
+    };
+    let fd = match os::shm_open(names.state.as_cstr(), writable) {
         Ok(fd) => fd,
         Err(Errno(libc::ENOENT)) => return Ok(None),
         Err(Errno(libc::EACCES)) => {
             return Err(SegmentError::Squatted {
-                name,
+                name: name.clone(),
                 why: "owned by another user".into(),
             })
         }
@@ -234,162 +267,54 @@ fn open_ours(name: ShmName, writable: bool) -> Result<Option<Existing>, SegmentE
     let info = os::fstat(&fd).map_err(|e| os_err("fstat", e))?;
     if info.uid != os::euid() {
         return Err(SegmentError::Squatted {
-            name,
+            name: name.clone(),
             why: format!("owned by uid {}", info.uid),
         });
     }
     let len = usize::try_from(info.len).unwrap_or(usize::MAX);
     if len < size_of::<SegmentHeader>() {
-        // Too short to hold a header: mapping it and reading one would fault.
         return Ok(Some(Existing {
-            fd,
             len,
             map: None,
             header: None,
         }));
     }
     let map = Mapping::new(&fd, len, writable).map_err(|e| os_err("mmap", e))?;
+    if writable {
+        // Every page reserved, so that no store of the daemon into it can raise SIGBUS.
+        os::reserve(&fd, 0, len as u64).map_err(|e| os_err("fallocate", e))?;
+    }
     let header = map.header().map(SegmentHeader::load);
     Ok(Some(Existing {
-        fd,
         len,
         map: Some(map),
         header,
     }))
 }
 
-/// What [`reattach`] found.
-pub enum Found {
-    /// No object of the instance exists.
-    Nothing,
-    /// The objects of a dead daemon, consistent: re-attached.
-    Reattached(Segments),
-    /// Some objects exist but cannot be re-attached (missing, inconsistent, another layout):
-    /// [`clear_leftovers`] decides what to do with them.
-    Unusable(String),
-}
-
-/// Opens the four objects of a daemon that is no longer running and takes them over: checks
-/// that they are this user's, consistent and of this layout, then writes this daemon's pid and
-/// `generation` into their headers (the request segment's last, since clients look there).
-pub fn reattach(names: Names, generation: u64, flags: u32) -> Result<Found, SegmentError> {
-    let mut maps = Vec::new();
-    let mut missing = 0;
-    for (name, kind) in names.all() {
-        let Some(found) = open_ours(name, true)? else {
-            missing += 1;
-            continue;
-        };
-        let (Some(map), Some(header)) = (found.map, found.header) else {
-            return Ok(Found::Unusable(format!("{name} is too short")));
-        };
-        if let Err(e) = header.check(kind, found.len) {
-            return Ok(Found::Unusable(format!("{name}: {e}")));
-        }
-        maps.push((kind, found.fd, map, header));
-    }
-    if missing == 4 {
-        return Ok(Found::Nothing);
-    }
-    if missing > 0 {
-        return Ok(Found::Unusable(format!(
-            "{missing} of the 4 objects are missing"
-        )));
-    }
-    let h0 = maps[0].3;
-    if !maps.iter().all(|(_, _, _, h)| h.same_instance(&h0)) {
-        return Ok(Found::Unusable(
-            "the objects belong to different daemons".into(),
-        ));
-    }
-    if h0.granule as usize != crate::server::GRANULE {
-        return Ok(Found::Unusable(format!(
-            "granule {} is not this build's",
-            h0.granule
-        )));
-    }
-    if os::process_alive(h0.daemon_pid) && h0.daemon_pid != os::pid() {
-        return Err(SegmentError::Squatted {
-            name: names.request,
-            why: format!(
-                "in use by xallocd pid {} (started with another --pidfile?)",
-                h0.daemon_pid
-            ),
-        });
-    }
-    let pid = os::pid();
-    let mut take = |kind: SegmentKind| {
-        let i = maps.iter().position(|(k, ..)| *k == kind)?;
-        let (_, fd, map, h) = maps.swap_remove(i);
-        if let Err(e) = reserve_metadata(&fd, kind, map.len() as u64) {
-            return Some(Err(SegmentError::Os {
-                name: names.of(kind),
-                call: "fallocate",
-                errno: e,
-            }));
-        }
-        let header =
-            SegmentHeader::new(kind, h.slot_count, h.granule, h.arena_len, generation, pid)
-                .with_flags(flags);
-        if let Some(at) = map.header() {
-            header.store(at);
-        }
-        Some(Ok((fd, map)))
-    };
-    let (Some(state), Some(arena), Some(response), Some(request)) = (
-        take(SegmentKind::State),
-        take(SegmentKind::Arena),
-        take(SegmentKind::Response),
-        take(SegmentKind::Request),
-    ) else {
-        return Ok(Found::Unusable("an object is missing".into()));
-    };
-    let ((_, state), (arena_fd, arena), (_, response), (_, request)) =
-        (state?, arena?, response?, request?);
-    Ok(Found::Reattached(Segments {
-        request: Arc::new(request),
-        response,
-        arena,
-        arena_fd,
-        state,
-        arena_bytes: h0.arena_len - ARENA_DATA_OFFSET as u64,
-        slots: h0.slot_count,
-        reattached: true,
-    }))
-}
-
-/// Creates the four objects for `slots` slots and `arena_bytes` of data, writes their headers
-/// (the request segment's last), and maps them. On failure nothing is left behind.
+/// Creates the arena (a sealed memfd) and the state record for `slots` slots per client and
+/// `arena_bytes` of data, writes their headers, and maps them. On failure nothing is left
+/// behind.
 pub fn create(
-    names: Names,
+    names: &Names,
     slots: u32,
     arena_bytes: u64,
     granule: u32,
-    access: Access,
     generation: u64,
     flags: u32,
 ) -> Result<Segments, SegmentError> {
-    let result = create_inner(
-        names,
-        slots,
-        arena_bytes,
-        granule,
-        access,
-        generation,
-        flags,
-    );
+    let result = create_inner(names, slots, arena_bytes, granule, generation, flags);
     if result.is_err() {
-        names.unlink_all();
+        let _ = os::shm_unlink(names.state.as_cstr());
     }
     result
 }
 
 fn create_inner(
-    names: Names,
+    names: &Names,
     slots: u32,
     arena_bytes: u64,
     granule: u32,
-    access: Access,
     generation: u64,
     flags: u32,
 ) -> Result<Segments, SegmentError> {
@@ -398,88 +323,119 @@ fn create_inner(
     let header = |kind| {
         SegmentHeader::new(kind, slots, granule, arena_len, generation, pid).with_flags(flags)
     };
-    let open = |name: ShmName, kind: SegmentKind, len: u64| {
-        let os_err = |call, errno| SegmentError::Os { name, call, errno };
-        let fd = os::shm_create(name.as_cstr(), len, access.mode(kind)).map_err(|e| match e {
+    let arena_name = format!("the arena of {}", names.name);
+    let a_err = |call, errno| SegmentError::Os {
+        name: arena_name.clone(),
+        call,
+        errno,
+    };
+    let memfd_name = CString::new(format!("xalloc:{}.arena", names.name))
+        .map_err(|_| a_err("memfd_create", Errno(libc::EINVAL)))?;
+    let arena_fd = unix::memfd(&memfd_name, arena_len).map_err(|e| a_err("memfd_create", e))?;
+    // The header page is reserved at once; data pages as blocks are handed out.
+    os::reserve(&arena_fd, 0, ARENA_HEADER_LEN as u64).map_err(|e| a_err("fallocate", e))?;
+    let len = usize::try_from(arena_len).map_err(|_| a_err("mmap", Errno(libc::EFBIG)))?;
+    let arena = Mapping::new(&arena_fd, len, true).map_err(|e| a_err("mmap", e))?;
+    unix::seal_size(&arena_fd).map_err(|e| a_err("F_ADD_SEALS", e))?;
+
+    let state_name = names.state_path();
+    let s_err = |call, errno| SegmentError::Os {
+        name: state_name.clone(),
+        call,
+        errno,
+    };
+    let state_len = wire::state_segment_len(arena_len, granule) as u64;
+    let state_fd =
+        os::shm_create(names.state.as_cstr(), state_len, 0o600).map_err(|e| match e {
             Errno(libc::EEXIST) => SegmentError::Squatted {
-                name,
+                name: state_name.clone(),
                 why: "created by someone else while starting".into(),
             },
-            e => os_err("shm_open", e),
+            e => s_err("shm_open", e),
         })?;
-        if let Some(gid) = access.gid {
-            // SAFETY: plain call on an open descriptor; -1 keeps the owner.
-            if unsafe { libc::fchown(fd.raw(), u32::MAX, gid) } != 0 {
-                return Err(os_err("fchown", Errno::last()));
-            }
-        }
-        reserve_metadata(&fd, kind, len).map_err(|e| os_err("fallocate", e))?;
-        let len = usize::try_from(len).map_err(|_| os_err("mmap", Errno(libc::EFBIG)))?;
-        let map = Mapping::new(&fd, len, true).map_err(|e| os_err("mmap", e))?;
-        Ok((fd, map))
-    };
-    let (arena_fd, arena) = open(names.arena, SegmentKind::Arena, arena_len)?;
-    // The header page is reserved at once; data pages as blocks are handed out.
-    os::reserve(&arena_fd, 0, ARENA_HEADER_LEN as u64).map_err(|errno| SegmentError::Os {
-        name: names.arena,
-        call: "fallocate",
-        errno,
-    })?;
-    let (_, state) = open(
-        names.state,
-        SegmentKind::State,
-        wire::state_segment_len(arena_len, granule) as u64,
-    )?;
-    let (_, response) = open(
-        names.response,
-        SegmentKind::Response,
-        wire::response_segment_len(slots) as u64,
-    )?;
-    let (_, request) = open(
-        names.request,
-        SegmentKind::Request,
-        wire::request_segment_len(slots) as u64,
-    )?;
-    // The request segment's header last: clients open it first.
-    for (map, kind) in [
-        (&state, SegmentKind::State),
-        (&arena, SegmentKind::Arena),
-        (&response, SegmentKind::Response),
-        (&request, SegmentKind::Request),
-    ] {
+    os::reserve(&state_fd, 0, state_len).map_err(|e| s_err("fallocate", e))?;
+    let state = Mapping::new(&state_fd, state_len as usize, true).map_err(|e| s_err("mmap", e))?;
+    for (map, kind) in [(&state, SegmentKind::State), (&arena, SegmentKind::Arena)] {
         if let Some(at) = map.header() {
             header(kind).store(at);
         }
     }
     Ok(Segments {
-        request: Arc::new(request),
-        response,
         arena,
-        state,
-        reattached: false,
         arena_fd,
+        state,
         arena_bytes,
+        generation,
+        flags,
         slots,
+        reattached: false,
     })
 }
 
-/// Reserves every page of the daemon's own objects (request, response, state), so that no
-/// store of the daemon into them can raise `SIGBUS` when `/dev/shm` fills up; the arena is
-/// reserved chunk by chunk as blocks are handed out.
-fn reserve_metadata(fd: &Fd, kind: SegmentKind, len: u64) -> Result<(), Errno> {
-    match kind {
-        SegmentKind::Arena => Ok(()),
-        _ => os::reserve(fd, 0, len),
+/// Takes over the arena a keeper held for a daemon that died, and that daemon's state record:
+/// checks that the arena is sealed, of this layout and of the record's instance, then writes
+/// this daemon's pid into both headers. `Err` says why they cannot be used (the caller then
+/// starts afresh).
+pub fn reattach(names: &Names, arena_fd: Fd, generation: u64) -> Result<Segments, String> {
+    if !unix::size_is_sealed(&arena_fd) {
+        return Err("the kept arena is not sealed".into());
     }
-}
-
-impl Segments {
-    /// The daemon's statistics block in the response segment.
-    pub fn stats(&self) -> &DaemonStats {
-        // SAFETY: the response segment is `response_segment_len` long, which covers the stats
-        // block at its 64-aligned offset.
-        unsafe { self.response.at(STATS_OFFSET) }
+    let info = os::fstat(&arena_fd).map_err(|e| format!("fstat of the kept arena: {e}"))?;
+    let len = usize::try_from(info.len).map_err(|_| "the kept arena is too large".to_owned())?;
+    if len < ARENA_DATA_OFFSET + ARENA_HEADER_LEN {
+        return Err("the kept arena is too short".into());
     }
+    let arena =
+        Mapping::new(&arena_fd, len, true).map_err(|e| format!("mmap of the kept arena: {e}"))?;
+    let ah = SegmentHeader::load(arena.header().ok_or("arena too short")?);
+    ah.check(SegmentKind::Arena, len)
+        .map_err(|e| format!("the kept arena: {e}"))?;
+    let Some(found) = open_state(names, true).map_err(|e| e.to_string())? else {
+        return Err(format!("{} is missing", names.state_path()));
+    };
+    let (Some(state), Some(sh)) = (found.map, found.header) else {
+        return Err(format!("{} is too short", names.state_path()));
+    };
+    sh.check(SegmentKind::State, found.len)
+        .map_err(|e| format!("{}: {e}", names.state_path()))?;
+    if sh.generation != generation
+        || sh.arena_len != len as u64
+        || sh.granule as usize != crate::server::GRANULE
+    {
+        return Err(format!(
+            "{} describes another arena than the one the keeper held",
+            names.state_path()
+        ));
+    }
+    if os::process_alive(sh.daemon_pid) && sh.daemon_pid != os::pid() {
+        return Err(format!(
+            "{} is in use by xallocd pid {} (started with another --pidfile?)",
+            names.state_path(),
+            sh.daemon_pid
+        ));
+    }
+    let pid = os::pid();
+    for (map, kind, h) in [
+        (&state, SegmentKind::State, sh),
+        (&arena, SegmentKind::Arena, ah),
+    ] {
+        let header =
+            SegmentHeader::new(kind, h.slot_count, h.granule, h.arena_len, h.generation, pid)
+                .with_flags(ah.flags);
+        if let Some(at) = map.header() {
+            header.store(at);
+        }
+    }
+    Ok(Segments {
+        arena,
+        arena_fd,
+        state,
+        arena_bytes: len as u64 - ARENA_DATA_OFFSET as u64,
+        generation,
+        flags: ah.flags,
+        slots: ah.slot_count,
+        reattached: true,
+    })
 }
 
 /// Resolves a group name or number to a gid.

@@ -1,38 +1,54 @@
-//! The request loop: the arena's allocator, who owns what, and the answer to every request.
+//! The request loop: the arena's allocator, who owns what, the clients and their channels, and
+//! the answer to every request.
 //!
 //! # State (all private to the daemon, none of it in client-writable memory)
 //!
 //! - `heap`: an [`OobHeap`] over the arena's data, its metadata in a table on the daemon's heap.
 //! - the ownership record, in the daemon's own segment `/NAME.state`: for each granule `g`, the
-//!   process id that owns the used block starting at `g` (0 elsewhere) and its length.
+//!   client id that owns the used block starting at `g` (0 elsewhere) and its length.
 //!   Invariant: an entry has an owner iff a used block of that length starts at `g`. Each
 //!   request updates it before its answer is published, so that after a crash a new daemon
 //!   rebuilds a heap in which no block a client was told it holds is free ([`Server::new`]).
-//! - `slot_pid[i]`: the process registered (`Hello`) in slot `i`, 0 if none.
-//! - `clients`: per registered process, its pidfd (watched by the [`Watcher`] thread) and its
-//!   counts of slots, blocks and bytes.
-//! - `reserved` / `dirty`: per 2 MiB chunk of the arena, whether its pages are reserved in
-//!   `/dev/shm`, and whether any block overlapping it was ever handed out (if not, its pages
-//!   are still zero).
+//! - `clients`: per connected client (one connection, one channel), the identity the kernel
+//!   gave at connect (`SO_PEERCRED`, a pidfd from `SO_PEERPIDFD`), its socket and pidfd (both
+//!   in the epoll set: the client is gone when either fires), its channel, and its counts.
+//! - `watched`: the clients whose channels the loop polls without being woken (those served
+//!   lately). Every other client wakes the daemon through its socket.
+//! - `proc_bytes` / `user_bytes`: bytes held per process and per user, for the quotas.
+//! - `reserved` / `dirty`: per 2 MiB chunk of the arena, whether its pages are reserved, and
+//!   whether any block overlapping it was ever handed out (if not, its pages are still zero).
 //!
 //! Requests are validated field by field; a refused request changes nothing but the `errors`
 //! counter. The heap's checked entry points (`deallocate_at`, `resize_at`) make a bad offset an
 //! error rather than corruption even if this layer had a bug.
+//!
+//! # The loop
+//!
+//! One thread does everything: it polls the watched channels, and looks at its epoll set (the
+//! listening socket, client sockets and pidfds, a signalfd) every [`POLL_INTERVAL`] while busy
+//! or spinning, and blocks on it when idle. Before it blocks it stops watching every channel
+//! (the handshake in [`DaemonBell::unwatch`]), so a client's next request comes with a wake-up
+//! byte on its socket. A client can only delay itself: nothing one client writes decides
+//! whether another's request is seen.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::ffi::CStr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use xalloc_proto::os::{self, Fd, Mapping};
-use xalloc_proto::wire::{
-    self, Doorbell, Ledger, LedgerBlock, Op, OwnerEntry, Request, RequestSlot, Response,
-    ResponseSlot, SegmentHeader, StatsSnapshot, Status, ARENA_DATA_OFFSET, DOORBELL_OFFSET,
-    FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES, MAX_ALIGN,
-};
 use xalloc_core::{FreeError, MetaEntry, OobHeap, ResizeError};
+use xalloc_proto::os::{self, Fd, Mapping};
+use xalloc_proto::unix::{self, Peer};
+use xalloc_proto::wire::{
+    self, ClientBell, DaemonBell, Hello, HelloKind, Ledger, LedgerBlock, Op, OwnerEntry, Refusal,
+    Request, RequestSlot, Response, ResponseSlot, SegmentHeader, SegmentKind, Status, Welcome,
+    ARENA_DATA_OFFSET, BELL_OFFSET, FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES, MAX_ALIGN,
+};
 
-use crate::segments::Segments;
+use crate::keeper::{KeeperLink, KeptChannel};
+use crate::segments::{Access, Segments};
 
 /// Block granule of the arena: a page, so blocks are page-aligned and reserved page-wise.
 pub const GRANULE: usize = 4096;
@@ -40,45 +56,103 @@ pub const GRANULE: usize = 4096;
 /// Reservation and zero-tracking unit.
 const CHUNK: u64 = 2 << 20;
 
-/// How often the counters in the response segment are refreshed while requests keep coming
-/// (they are refreshed as soon as none is pending).
-const STATS_INTERVAL: Duration = Duration::from_millis(1);
+/// While busy or spinning, how often the loop also looks at its epoll set: new connections,
+/// wake-ups from clients it does not watch, exits, signals.
+pub const POLL_INTERVAL: Duration = Duration::from_micros(20);
 
-/// Pause instructions per check of the doorbell while spinning (about 0.1 µs: a request that
-/// arrives during a batch waits for the rest of it).
+/// A watched client that has sent nothing for this long is no longer watched (its next request
+/// comes with a wake-up), so that the loop polls only the channels in use.
+const WATCH_IDLE: Duration = Duration::from_millis(2);
+
+/// Pause instructions per check of the watched channels while spinning (about 0.1 µs).
 const SPIN_BATCH: u32 = 4;
 
 /// Spin batches between two `sched_yield`s when the last client served runs on another CPU (a
 /// safety valve: the hint may be stale). When it ran on the daemon's CPU, every batch yields.
 const BATCHES_PER_YIELD: u32 = 1024;
 
-/// One registered client process.
-#[derive(Debug)]
-struct Client {
-    pidfd: Fd,
+/// Most accepted connections waiting for their first message; more are closed at once.
+const MAX_PENDING: usize = 256;
+
+/// How long a status reply may wait for room in the reader's socket, per message.
+const STATUS_SEND_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Epoll tags: the kind of descriptor in the top byte, a client id or connection token below.
+const TAG_LISTENER: u64 = 1 << 56;
+const TAG_SIGNAL: u64 = 2 << 56;
+const TAG_PENDING: u64 = 3 << 56;
+const TAG_SOCKET: u64 = 4 << 56;
+const TAG_PIDFD: u64 = 5 << 56;
+const TAG_KIND: u64 = 0xff << 56;
+
+/// A client's channel, mapped in the daemon (read-write, both halves).
+struct Channel {
+    request: Mapping,
+    response: Mapping,
     slots: u32,
+}
+
+impl Channel {
+    fn bell(&self) -> &ClientBell {
+        // SAFETY: the request channel is `request_channel_len(slots)` long (made or checked by
+        // the daemon), which holds the bell at its 64-aligned offset.
+        unsafe { self.request.at(BELL_OFFSET) }
+    }
+
+    fn daemon_bell(&self) -> &DaemonBell {
+        // SAFETY: as above, for the response channel.
+        unsafe { self.response.at(BELL_OFFSET) }
+    }
+
+    /// Request slot `i` (`i < slots`).
+    fn slot(&self, i: u32) -> &RequestSlot {
+        assert!(i < self.slots);
+        // SAFETY: `i < slots`, and the channel's length covers every slot.
+        unsafe { self.request.at(wire::request_slot_offset(i)) }
+    }
+
+    /// Response slot `i` (`i < slots`).
+    fn answer(&self, i: u32) -> &ResponseSlot {
+        assert!(i < self.slots);
+        // SAFETY: as for `slot`.
+        unsafe { self.response.at(wire::response_slot_offset(i)) }
+    }
+
+    fn ledger(&self) -> &Ledger {
+        // SAFETY: the ledger ends the request channel, at a 64-aligned offset.
+        unsafe { self.request.at(wire::ledger_offset(self.slots)) }
+    }
+}
+
+/// One client: a connection and its channel.
+struct Client {
+    pid: u32,
+    uid: u32,
+    /// `/proc/PID/comm` at connect, for `status --clients`.
+    command: String,
+    /// `None` for a channel re-attached after a crash until the client rebinds.
+    sock: Option<Fd>,
+    /// Held open for the epoll set, which reports the process's exit through it.
+    _pidfd: Fd,
+    chan: Arc<Channel>,
+    /// `rings` when the channel was last looked at.
+    last_rings: u32,
+    watched: bool,
+    last_request: Instant,
     blocks: u64,
     bytes: u64,
+    requests: u64,
 }
 
-/// Events the watcher thread hands to the request loop.
-#[derive(Debug, Default)]
-pub struct Events {
-    /// SIGTERM or SIGINT arrived.
-    pub stop: bool,
-    /// SIGHUP arrived.
-    pub stats_line: bool,
-    /// Client processes that exited.
-    pub dead: Vec<u32>,
-}
-
-/// Shared between the request loop and the watcher thread.
-#[derive(Debug, Default)]
-pub struct Mailbox {
-    /// Set when `events` holds something.
-    pub flag: AtomicBool,
-    /// The events.
-    pub events: Mutex<Events>,
+/// Who may connect, and how much each may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// The user and group served.
+    pub access: Access,
+    /// Arena bytes one process may hold (`--client-quota`; `u64::MAX`: unlimited).
+    pub client_quota: u64,
+    /// Arena bytes one user may hold (`--user-quota`; `u64::MAX`: unlimited).
+    pub user_quota: u64,
 }
 
 /// The daemon's request server.
@@ -87,8 +161,21 @@ pub struct Server {
     heap: OobHeap,
     // The heap's metadata table; `heap` points into it, so it must outlive it (field order).
     _table: Box<[MetaEntry]>,
-    slot_pid: Vec<u32>,
     clients: HashMap<u32, Client>,
+    watched: Vec<u32>,
+    pending: HashMap<u32, Fd>,
+    next_token: u32,
+    next_id: u32,
+    proc_bytes: HashMap<u32, u64>,
+    user_bytes: HashMap<u32, u64>,
+    policy: Policy,
+    listener: Fd,
+    epoll: Fd,
+    signals: Fd,
+    keeper: Option<KeeperLink>,
+    /// A keeper error was logged (once per episode).
+    keeper_failed: bool,
+    name: String,
     reserved: Vec<bool>,
     /// Pages are reserved through the mapping, with huge-page advice (`--huge-pages`).
     huge_pages: bool,
@@ -105,6 +192,7 @@ pub struct Server {
     requests: u64,
     errors: u64,
     stopping: bool,
+    stop_asked: bool,
     started_unix: u64,
     /// Reserving pages failed, and has not succeeded since (logged once per episode).
     shm_full: bool,
@@ -112,13 +200,11 @@ pub struct Server {
     spin: bool,
     /// How long to spin for the next request before sleeping (`--spin-us`).
     spin_budget: Duration,
-    /// This process's id (for the statistics).
+    /// This process's id.
     pid: u32,
     /// The CPU of the last batch of requests, and whether one of them came from a client on it.
     cpu: u32,
     client_on_my_cpu: bool,
-    mailbox: Arc<Mailbox>,
-    epoll: Arc<Fd>,
 }
 
 fn answer(status: Status) -> Response {
@@ -130,39 +216,37 @@ fn answer(status: Status) -> Response {
     }
 }
 
-/// Whether this system gives huge pages to `/dev/shm` mappings that ask for them: `Err` says
-/// why not, and what to change.
+/// Whether this system gives huge pages to shared mappings that ask for them: `Err` says why
+/// not, and what to change.
 pub fn huge_pages_allowed() -> Result<(), String> {
     let policy = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
         .unwrap_or_default();
-    if policy.contains("[force]") {
+    if policy.contains("[force]") || policy.contains("[always]") || policy.contains("[advise]")
+        || policy.contains("[within_size]")
+    {
         return Ok(());
     }
     if policy.contains("[deny]") {
         return Err("shmem huge pages are denied (shmem_enabled is deny)".into());
     }
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    // The last mount on /dev/shm is the one in effect.
-    let shm = mounts
-        .lines()
-        .rfind(|l| l.split_whitespace().nth(1) == Some("/dev/shm"));
-    let huge = shm
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|opts| opts.split(',').find_map(|o| o.strip_prefix("huge=")));
-    match huge {
-        Some("advise" | "within_size" | "always") => Ok(()),
-        _ => Err("/dev/shm is mounted without huge=advise; \
-                  `mount -o remount,huge=advise /dev/shm` (as root) allows them"
-            .into()),
-    }
+    Err("shmem huge pages are off (/sys/kernel/mm/transparent_hugepage/shmem_enabled is \
+         never); `echo advise > .../shmem_enabled` (as root) allows them"
+        .into())
 }
 
 impl Server {
-    /// A server over freshly created segments, or over the segments of a daemon that died
+    /// A server over freshly created segments, or over those of a daemon that died
     /// (`seg.reattached`): then the heap is rebuilt from the ownership record, keeping the
-    /// blocks and slots of clients that still run. `epoll` is the watcher's epoll descriptor,
-    /// where client pidfds are registered.
-    pub fn new(seg: Segments, mailbox: Arc<Mailbox>, epoll: Arc<Fd>) -> Result<Self, String> {
+    /// blocks and channels (`kept`, from the keeper) of clients that still run. Clients connect
+    /// on `listener`; `keeper` is told about every channel so that it outlives a crash.
+    pub fn new(
+        seg: Segments,
+        name: &str,
+        listener: Fd,
+        keeper: Option<KeeperLink>,
+        kept: Vec<KeptChannel>,
+        policy: Policy,
+    ) -> Result<Self, String> {
         let bytes = usize::try_from(seg.arena_bytes).map_err(|_| "arena too large".to_owned())?;
         let entries = OobHeap::table_entries(bytes, GRANULE);
         let mut table = vec![MetaEntry::default(); entries].into_boxed_slice();
@@ -181,28 +265,38 @@ impl Server {
         }
         .map_err(|e| format!("arena of {bytes} bytes: {e}"))?;
         let chunks = seg.arena_bytes.div_ceil(CHUNK) as usize;
-        let slots = seg.slots as usize;
         let started_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let reattached = seg.reattached;
-        let flags = seg
-            .arena
-            .header()
-            .map_or(0, |h| SegmentHeader::load(h).flags);
-        let huge_pages = flags & HEADER_FLAG_HUGE_PAGES != 0;
+        let huge_pages = seg.flags & HEADER_FLAG_HUGE_PAGES != 0;
         if huge_pages {
             match seg.arena.advise_huge_pages(ARENA_DATA_OFFSET, bytes) {
                 Ok(()) => log::info!("huge pages asked for on the arena"),
                 Err(e) => log::warn!("huge pages: madvise(MADV_HUGEPAGE) failed: {e}"),
             }
         }
+        let (epoll, signals) = epoll_with_signals().map_err(|e| format!("epoll: {e}"))?;
+        epoll_add(&epoll, &listener, TAG_LISTENER, libc::EPOLLIN as u32)
+            .map_err(|e| format!("epoll: {e}"))?;
         let mut s = Self {
             seg,
             heap,
             _table: table,
-            slot_pid: vec![0; slots],
             clients: HashMap::new(),
+            watched: Vec::new(),
+            pending: HashMap::new(),
+            next_token: 0,
+            next_id: 1,
+            proc_bytes: HashMap::new(),
+            user_bytes: HashMap::new(),
+            policy,
+            listener,
+            epoll,
+            signals,
+            keeper,
+            keeper_failed: false,
+            name: name.to_owned(),
             reserved: vec![false; chunks],
             huge_pages,
             // After a restart nothing is known about which pages were handed out before.
@@ -215,6 +309,7 @@ impl Server {
             requests: 0,
             errors: 0,
             stopping: false,
+            stop_asked: false,
             started_unix,
             shm_full: false,
             spin: os::online_cpus() > 1,
@@ -222,13 +317,10 @@ impl Server {
             pid: os::pid(),
             cpu: u32::MAX,
             client_on_my_cpu: false,
-            mailbox,
-            epoll,
         };
         if reattached {
-            s.rebuild();
+            s.rebuild(kept);
         }
-        s.publish_stats();
         Ok(s)
     }
 
@@ -248,6 +340,15 @@ impl Server {
         self
     }
 
+    /// The keeper's process id, if one holds the arena.
+    pub fn keeper_pid(&self) -> Option<u32> {
+        self.keeper.as_ref().map(KeeperLink::pid)
+    }
+
+    /// Takes the keeper link (for the caller's clean stop: `quit`).
+    pub fn take_keeper(&mut self) -> Option<KeeperLink> {
+        self.keeper.take()
+    }
     /// The chunks that bytes `[offset, offset + len)` of the data overlap.
     fn chunks_of(&self, offset: u64, len: u64) -> core::ops::Range<usize> {
         let first = (offset / CHUNK) as usize;
@@ -317,7 +418,6 @@ impl Server {
         }
         if punched > 0 {
             log::debug!("returned {punched} idle bytes to the kernel");
-            self.publish_stats();
         }
         None
     }
@@ -333,7 +433,7 @@ impl Server {
         }
     }
 
-    /// The owner of the used block starting at byte `offset` of the data, 0 if none.
+    /// The client that owns the used block starting at byte `offset` of the data, 0 if none.
     fn owner_at(&self, offset: usize) -> u32 {
         if !offset.is_multiple_of(GRANULE) || offset / GRANULE >= self.granules() {
             return 0;
@@ -341,98 +441,21 @@ impl Server {
         self.entry(offset / GRANULE).owner.load(Ordering::Acquire)
     }
 
-    /// Records (or, with `pid` 0, erases) the used block of `bytes` at byte `offset`.
-    fn record(&self, offset: usize, bytes: u64, pid: u32) {
+    /// Records (or, with `owner` 0, erases) the used block of `bytes` at byte `offset`.
+    fn record(&self, offset: usize, bytes: u64, owner: u32) {
         let e = self.entry(offset / GRANULE);
-        if pid != 0 {
+        if owner != 0 {
             // The length first: a crash between the two stores leaves an entry without owner,
             // which reads as free.
             e.granules
                 .store((bytes / GRANULE as u64) as u32, Ordering::Relaxed);
         }
-        e.owner.store(pid, Ordering::Release);
+        e.owner.store(owner, Ordering::Release);
     }
 
     /// Granules of arena data (entries in the state segment).
     fn granules(&self) -> usize {
         (self.seg.arena_bytes / GRANULE as u64) as usize
-    }
-
-    /// After a restart: rebuilds the heap from the ownership record, keeping the blocks of
-    /// processes that still run and freeing those of processes that are gone, and registers
-    /// the live owners and their slots again.
-    fn rebuild(&mut self) {
-        let (mut kept, mut kept_bytes, mut dropped) = (0u64, 0u64, 0u64);
-        for g in 0..self.granules() {
-            let e = self.entry(g);
-            let pid = e.owner.load(Ordering::Acquire);
-            if pid == 0 {
-                continue;
-            }
-            let bytes = u64::from(e.granules.load(Ordering::Relaxed)) * GRANULE as u64;
-            if !self.ensure_client(pid) {
-                self.record(g * GRANULE, 0, 0);
-                dropped += 1;
-                continue;
-            }
-            match self.heap.allocate_at(g * GRANULE, bytes as usize) {
-                Ok(()) => {
-                    // The dead daemon reserved these pages before it handed the block out:
-                    // recorded as reserved, they are never populated (and on failure punched)
-                    // again while the block lives.
-                    self.mark_reserved((g * GRANULE) as u64, bytes);
-                    self.chunks_hold((g * GRANULE) as u64, bytes);
-                    kept += 1;
-                    kept_bytes += bytes;
-                    if let Some(c) = self.clients.get_mut(&pid) {
-                        c.blocks += 1;
-                        c.bytes += bytes;
-                    }
-                }
-                Err(err) => {
-                    log::error!(
-                        "state record for granule {g} ({bytes} bytes, pid {pid}) is unusable \
-                         ({err}); dropping it"
-                    );
-                    self.record(g * GRANULE, 0, 0);
-                    dropped += 1;
-                }
-            }
-        }
-        let mut slots = 0;
-        for i in 0..self.seg.slots {
-            let owner = self.request_slot(i).owner.load(Ordering::Acquire);
-            if owner == 0 {
-                continue;
-            }
-            if self.ensure_client(owner) {
-                self.slot_pid[i as usize] = owner;
-                if let Some(c) = self.clients.get_mut(&owner) {
-                    c.slots += 1;
-                }
-                slots += 1;
-            } else {
-                self.request_slot(i).reclaim(owner);
-            }
-        }
-        // Blocks released but not yet swept by the old daemon are freed now (each at most
-        // once: the record says whether the client still holds it); ledgers of slots nobody
-        // owns any more are emptied.
-        for i in 0..self.seg.slots {
-            match self.slot_pid[i as usize] {
-                0 => Self::ledger_in(&self.seg.request, self.seg.slots, i).clear(),
-                pid => {
-                    self.drain_ledger(i, pid, false);
-                }
-            }
-        }
-        let returned = self.return_unused_chunks();
-        log::info!(
-            "re-attached to the existing segments: kept {kept} blocks ({kept_bytes} bytes) and \
-             {slots} slots of {} live clients; freed {dropped} blocks of clients that are gone; \
-             returned {returned} bytes of pages no kept block uses to the kernel",
-            self.clients.len()
-        );
     }
 
     /// After a rebuild: gives back to the kernel the pages of every chunk that holds no block
@@ -467,17 +490,179 @@ impl Server {
         returned
     }
 
+
+    /// After a restart: takes over the channels the keeper held for clients that still run,
+    /// rebuilds the heap from the ownership record (keeping their blocks, freeing those of
+    /// clients that are gone), and frees what they released but the dead daemon never swept.
+    fn rebuild(&mut self, kept: Vec<KeptChannel>) {
+        let mut dropped_channels = 0;
+        for ch in kept {
+            match self.adopt_channel(&ch) {
+                Ok(()) => {}
+                Err(why) => {
+                    log::info!("not keeping the channel of client {} (pid {}): {why}", ch.id, ch.pid);
+                    self.keeper_drop(ch.id);
+                    dropped_channels += 1;
+                }
+            }
+        }
+        let (mut kept_blocks, mut kept_bytes, mut dropped) = (0u64, 0u64, 0u64);
+        for g in 0..self.granules() {
+            let e = self.entry(g);
+            let owner = e.owner.load(Ordering::Acquire);
+            if owner == 0 {
+                continue;
+            }
+            let bytes = u64::from(e.granules.load(Ordering::Relaxed)) * GRANULE as u64;
+            self.next_id = self.next_id.max(owner.wrapping_add(1)).max(1);
+            if !self.clients.contains_key(&owner) {
+                self.record(g * GRANULE, 0, 0);
+                dropped += 1;
+                continue;
+            }
+            match self.heap.allocate_at(g * GRANULE, bytes as usize) {
+                Ok(()) => {
+                    // The dead daemon reserved these pages before it handed the block out:
+                    // recorded as reserved, they are never populated (and on failure punched)
+                    // again while the block lives.
+                    self.mark_reserved((g * GRANULE) as u64, bytes);
+                    self.chunks_hold((g * GRANULE) as u64, bytes);
+                    kept_blocks += 1;
+                    kept_bytes += bytes;
+                    self.account(owner, bytes as i64, 1);
+                }
+                Err(err) => {
+                    log::error!(
+                        "state record for granule {g} ({bytes} bytes, client {owner}) is \
+                         unusable ({err}); dropping it"
+                    );
+                    self.record(g * GRANULE, 0, 0);
+                    dropped += 1;
+                }
+            }
+        }
+        // Blocks released but not yet swept by the old daemon are freed now (each at most
+        // once: the record says whether the client still holds it).
+        let ids: Vec<u32> = self.clients.keys().copied().collect();
+        for id in ids {
+            if let Some(chan) = self.clients.get(&id).map(|c| Arc::clone(&c.chan)) {
+                self.drain_ledger(id, &chan, false);
+            }
+        }
+        let returned = self.return_unused_chunks();
+        log::info!(
+            "re-attached to the existing segments: kept {kept_blocks} blocks ({kept_bytes} bytes) \
+             and the channels of {} live clients; freed {dropped} blocks and {dropped_channels} \
+             channels of clients that are gone; returned {returned} bytes of pages no kept block \
+             uses to the kernel",
+            self.clients.len()
+        );
+    }
+
+    /// Takes over a channel the keeper held: checks it, rewrites its response header for this
+    /// daemon, and serves it (watched at once: a request may have waited through the crash).
+    fn adopt_channel(&mut self, ch: &KeptChannel) -> Result<(), String> {
+        if ch.id == 0 || self.clients.contains_key(&ch.id) {
+            return Err("duplicate or zero id".into());
+        }
+        let pidfd = os::pidfd_open(ch.pid).map_err(|e| format!("pidfd_open: {e}"))?;
+        if os::pidfd_exited(&pidfd) {
+            return Err("the process has exited".into());
+        }
+        let slots = self.seg.slots;
+        for (fd, len) in [
+            (&ch.request, wire::request_channel_len(slots)),
+            (&ch.response, wire::response_channel_len(slots)),
+        ] {
+            let info = os::fstat(fd).map_err(|e| format!("fstat: {e}"))?;
+            if info.len != len as u64 || !unix::size_is_sealed(fd) {
+                return Err("not a sealed channel of this layout".into());
+            }
+        }
+        let len = wire::request_channel_len(slots);
+        let request = Mapping::new(&ch.request, len, true).map_err(|e| format!("mmap: {e}"))?;
+        let len = wire::response_channel_len(slots);
+        let response = Mapping::new(&ch.response, len, true).map_err(|e| format!("mmap: {e}"))?;
+        let chan = Arc::new(Channel {
+            request,
+            response,
+            slots,
+        });
+        self.write_channel_headers(&chan);
+        epoll_add(&self.epoll, &pidfd, TAG_PIDFD | u64::from(ch.id), libc::EPOLLIN as u32)
+            .map_err(|e| format!("epoll: {e}"))?;
+        let rings = chan.bell().rings.load(Ordering::Acquire);
+        self.clients.insert(
+            ch.id,
+            Client {
+                pid: ch.pid,
+                uid: ch.uid,
+                command: command_of(ch.pid),
+                sock: None,
+                _pidfd: pidfd,
+                chan,
+                // Looked at once more whatever it says.
+                last_rings: rings.wrapping_sub(1),
+                watched: false,
+                last_request: Instant::now(),
+                blocks: 0,
+                bytes: 0,
+                requests: 0,
+            },
+        );
+        self.next_id = self.next_id.max(ch.id.wrapping_add(1)).max(1);
+        self.watch(ch.id);
+        Ok(())
+    }
+
+    /// Writes both headers of `chan` for this daemon, and says in its bell that it runs.
+    fn write_channel_headers(&self, chan: &Channel) {
+        let arena_len = self.seg.arena_bytes + ARENA_DATA_OFFSET as u64;
+        for (map, kind) in [
+            (&chan.request, SegmentKind::Request),
+            (&chan.response, SegmentKind::Response),
+        ] {
+            let h = SegmentHeader::new(
+                kind,
+                chan.slots,
+                GRANULE as u32,
+                arena_len,
+                self.seg.generation,
+                self.pid,
+            )
+            .with_flags(self.seg.flags);
+            if let Some(at) = map.header() {
+                h.store(at);
+            }
+        }
+        let bell = chan.daemon_bell();
+        bell.arena_bytes
+            .store(self.seg.arena_bytes, Ordering::Relaxed);
+        bell.free_bytes
+            .store(self.heap.stats().free_bytes as u64, Ordering::Relaxed);
+        bell.state.store(
+            if self.stopping {
+                wire::STATE_STOPPING
+            } else {
+                wire::STATE_RUNNING
+            },
+            Ordering::Release,
+        );
+    }
+
     /// Checks the whole state: the heap's invariants, and that the ownership record lists
-    /// exactly the heap's used blocks with their lengths, each owned by a registered client
-    /// whose counts agree. O(granules + blocks); for SIGHUP, tests and fuzzing.
+    /// exactly the heap's used blocks with their lengths, each owned by a client whose counts
+    /// agree, and that the per-process and per-user sums agree. O(granules + blocks); for
+    /// SIGHUP, tests and fuzzing.
     pub fn check(&self) -> Result<(), String> {
         self.heap.check_invariants().map_err(|e| e.to_string())?;
         let mut per_client: HashMap<u32, (u64, u64)> = HashMap::new();
+        let mut used = vec![0u32; self.chunk_used.len()];
         for g in 0..self.granules() {
             let e = self.entry(g);
             let owner = e.owner.load(Ordering::Relaxed);
-            let used = self.heap.block_size_at(g * GRANULE);
-            match (owner, used) {
+            let block = self.heap.block_size_at(g * GRANULE);
+            match (owner, block) {
                 (0, None) => {}
                 (0, Some(_)) => return Err(format!("used block at granule {g} has no owner")),
                 (_, None) => return Err(format!("granule {g} recorded for {owner}, not used")),
@@ -491,96 +676,77 @@ impl Server {
                     let c = per_client.entry(owner).or_default();
                     c.0 += 1;
                     c.1 += recorded;
-                }
-            }
-        }
-        // The chunks' block counts agree with the record.
-        let mut used = vec![0u32; self.chunk_used.len()];
-        for g in 0..self.granules() {
-            let e = self.entry(g);
-            if e.owner.load(Ordering::Relaxed) != 0 {
-                let len = u64::from(e.granules.load(Ordering::Relaxed)) * GRANULE as u64;
-                for c in self.chunks_of((g * GRANULE) as u64, len) {
-                    used[c] += 1;
+                    for c in self.chunks_of((g * GRANULE) as u64, recorded) {
+                        used[c] += 1;
+                    }
                 }
             }
         }
         if used != self.chunk_used {
             return Err("per-chunk block counts differ from the record".into());
         }
-        for (pid, (blocks, bytes)) in &per_client {
-            match self.clients.get(pid) {
+        for (id, (blocks, bytes)) in &per_client {
+            match self.clients.get(id) {
                 Some(c) if c.blocks == *blocks && c.bytes == *bytes => {}
                 Some(c) => {
                     return Err(format!(
-                        "client {pid}: counts {} blocks / {} bytes, record {blocks} / {bytes}",
+                        "client {id}: counts {} blocks / {} bytes, record {blocks} / {bytes}",
                         c.blocks, c.bytes
                     ))
                 }
-                None => return Err(format!("blocks of {pid}, which is not a client")),
+                None => return Err(format!("blocks of {id}, which is not a client")),
             }
+        }
+        let mut procs: HashMap<u32, u64> = HashMap::new();
+        let mut users: HashMap<u32, u64> = HashMap::new();
+        for c in self.clients.values() {
+            if c.bytes > 0 && !per_client.contains_key(&c.pid) {
+                // Checked per client above through the record.
+            }
+            *procs.entry(c.pid).or_default() += c.bytes;
+            *users.entry(c.uid).or_default() += c.bytes;
+        }
+        procs.retain(|_, b| *b > 0);
+        users.retain(|_, b| *b > 0);
+        let mut p = self.proc_bytes.clone();
+        let mut u = self.user_bytes.clone();
+        p.retain(|_, b| *b > 0);
+        u.retain(|_, b| *b > 0);
+        if p != procs || u != users {
+            return Err("per-process or per-user byte counts differ from the clients'".into());
         }
         Ok(())
     }
 
-    /// Registers process `pid` as a client if it runs (watching its pidfd); whether it is one.
-    fn ensure_client(&mut self, pid: u32) -> bool {
-        if self.clients.contains_key(&pid) {
-            return true;
-        }
-        let Ok(pidfd) = os::pidfd_open(pid) else {
-            return false;
+    /// Adds `bytes` (negative: removes) and `blocks` to client `id` and its process and user.
+    fn account(&mut self, id: u32, bytes: i64, blocks: i64) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
         };
-        if os::pidfd_exited(&pidfd) {
-            return false;
+        let apply = |v: &mut u64| *v = v.saturating_add_signed(bytes);
+        apply(&mut c.bytes);
+        c.blocks = c.blocks.saturating_add_signed(blocks);
+        apply(self.proc_bytes.entry(c.pid).or_default());
+        apply(self.user_bytes.entry(c.uid).or_default());
+        if self.proc_bytes.get(&c.pid) == Some(&0) {
+            self.proc_bytes.remove(&c.pid);
         }
-        if let Err(e) = watch(&self.epoll, &pidfd, pid) {
-            log::error!("cannot watch client {pid}: {e}; refusing it");
-            return false;
+        if self.user_bytes.get(&c.uid) == Some(&0) {
+            self.user_bytes.remove(&c.uid);
         }
-        self.clients.insert(
-            pid,
-            Client {
-                pidfd,
-                slots: 0,
-                blocks: 0,
-                bytes: 0,
-            },
-        );
-        true
     }
 
-    fn doorbell(&self) -> &Doorbell {
-        // SAFETY: the request segment holds the doorbell at its 64-aligned offset.
-        unsafe { self.seg.request.at(DOORBELL_OFFSET) }
-    }
-
-    fn request_slot(&self, i: u32) -> &RequestSlot {
-        // SAFETY: `i < slots` at every call site; the segment holds every slot.
-        unsafe { self.seg.request.at(wire::request_slot_offset(i)) }
-    }
-
-    /// The ledger of slot `i` (see [`Ledger`]). A free function of the mapping, so that it can
-    /// be held while the server changes.
-    fn ledger_in(request: &Mapping, slots: u32, i: u32) -> &Ledger {
-        assert!(i < slots);
-        // SAFETY: `request` is `request_segment_len(slots)` long (checked when mapped), which
-        // covers every ledger below `slots` at its 64-aligned offset.
-        unsafe { request.at(wire::ledger_offset(slots, i)) }
-    }
-
-    /// Frees the blocks client `pid` released into the ledger of slot `i`, or, with `cached`,
-    /// also takes back the ones it keeps cached. Returns (blocks, bytes) freed. A block the
-    /// record does not give to `pid` is skipped: the ledger is the client's to write.
-    fn drain_ledger(&mut self, i: u32, pid: u32, cached: bool) -> (u64, u64) {
-        let request = Arc::clone(&self.seg.request);
-        let ledger = Self::ledger_in(&request, self.seg.slots, i);
+    /// Frees the blocks client `id` released into its ledger, or, with `cached`, also takes
+    /// back the ones it keeps cached. Returns (blocks, bytes) freed. A block the record does
+    /// not give to `id` is skipped: the ledger is the client's to write.
+    fn drain_ledger(&mut self, id: u32, chan: &Channel, cached: bool) -> (u64, u64) {
+        let ledger = chan.ledger();
         let (mut blocks, mut bytes) = (0, 0);
         let mut free = |b: LedgerBlock| {
             let offset = u64::from(b.offset) * GRANULE as u64;
-            let held = self.owner_at(offset as usize) == pid;
+            let held = self.owner_at(offset as usize) == id;
             let size = self.heap.block_size_at(offset as usize).unwrap_or(0) as u64;
-            if held && self.free(pid, offset).status == Status::Ok as u32 {
+            if held && self.free(id, offset).status == Status::Ok as u32 {
                 blocks += 1;
                 bytes += size;
             } else {
@@ -594,34 +760,19 @@ impl Server {
         (blocks, bytes)
     }
 
-    /// Frees what clients released into their ledgers since the last sweep.
-    fn sweep_ledgers(&mut self) -> usize {
-        let mut n = 0;
-        for i in 0..self.seg.slots {
-            let pid = self.slot_pid[i as usize];
-            if pid != 0
-                && Self::ledger_in(&self.seg.request, self.seg.slots, i)
-                    .pending
-                    .swap(0, Ordering::Acquire)
-                    != 0
-            {
-                n += self.drain_ledger(i, pid, false).0 as usize;
-            }
-        }
-        n
-    }
-
     /// The arena is out of room: takes back every block clients keep cached (and what they
     /// released), so that an allocation can be tried again. Returns the bytes freed.
     fn take_back_caches(&mut self) -> u64 {
         let (mut blocks, mut bytes) = (0, 0);
-        for i in 0..self.seg.slots {
-            let pid = self.slot_pid[i as usize];
-            if pid != 0 {
-                let (b, n) = self.drain_ledger(i, pid, true);
-                blocks += b;
-                bytes += n;
-            }
+        let all: Vec<(u32, Arc<Channel>)> = self
+            .clients
+            .iter()
+            .map(|(id, c)| (*id, Arc::clone(&c.chan)))
+            .collect();
+        for (id, chan) in all {
+            let (b, n) = self.drain_ledger(id, &chan, true);
+            blocks += b;
+            bytes += n;
         }
         if blocks > 0 {
             log::info!(
@@ -631,136 +782,246 @@ impl Server {
         bytes
     }
 
-    fn response_slot(&self, i: u32) -> &ResponseSlot {
-        // SAFETY: as for `request_slot`.
-        unsafe { self.seg.response.at(wire::response_slot_offset(i)) }
-    }
-
     /// Serves until SIGTERM or SIGINT, then answers what is pending with `ShuttingDown`.
     pub fn run(&mut self) {
         let mut last_work = Instant::now();
-        let mut last_published = last_work;
-        let mut stats_stale = false;
+        let mut last_poll = last_work;
+        let mut batches = 0u32;
         loop {
-            let seen = self.doorbell().rings.load(Ordering::Acquire);
-            let mut served = self.serve_pending();
-            if self.doorbell().take_sweep() {
-                served += self.sweep_ledgers();
+            let served = self.serve_watched();
+            let now = Instant::now();
+            if served > 0 {
+                last_work = now;
             }
-            if self.mailbox.flag.load(Ordering::Acquire) && self.handle_events() {
-                break;
+            if now.duration_since(last_poll) >= POLL_INTERVAL {
+                last_poll = now;
+                self.unwatch_idle(now);
+                self.poll_events(Some(Duration::ZERO));
+                if self.stop_asked {
+                    break;
+                }
             }
             if served > 0 {
-                // Under load the counters are published at most once a millisecond; they are
-                // always published before the daemon sleeps.
-                last_work = Instant::now();
-                if last_work.duration_since(last_published) > STATS_INTERVAL {
-                    self.publish_stats();
-                    last_published = last_work;
-                } else {
-                    stats_stale = true;
-                }
                 continue;
             }
-            if stats_stale {
-                self.publish_stats();
-                last_published = Instant::now();
-                stats_stale = false;
-            }
-            // Nothing pending: spin on the doorbell for a while, then sleep on it. The spin
-            // yields the CPU every few batches: a client on this same CPU that waits for its
-            // answer (or has the next request ready) runs at once instead of after the budget,
-            // while with nothing else runnable a yield returns at once.
-            if self.spin && last_work.elapsed() < self.spin_budget {
+            // Nothing pending: spin for a while, then sleep. The spin yields the CPU every few
+            // batches: a client on this same CPU that waits for its answer (or has the next
+            // request ready) runs at once instead of after the budget, while with nothing else
+            // runnable a yield returns at once.
+            if self.spin && now.duration_since(last_work) < self.spin_budget {
                 let (batch, per_yield) = if self.client_on_my_cpu {
                     (1, 1)
                 } else {
                     (SPIN_BATCH, BATCHES_PER_YIELD)
                 };
-                let mut batches = 0u32;
-                while self.doorbell().rings.load(Ordering::Relaxed) == seen
-                    && !self.mailbox.flag.load(Ordering::Relaxed)
-                    && last_work.elapsed() < self.spin_budget
-                {
-                    for _ in 0..batch {
-                        core::hint::spin_loop();
-                    }
-                    batches = batches.wrapping_add(1);
-                    if batches.is_multiple_of(per_yield) {
-                        os::yield_now();
-                    }
+                for _ in 0..batch {
+                    core::hint::spin_loop();
+                }
+                batches = batches.wrapping_add(1);
+                if batches.is_multiple_of(per_yield) {
+                    os::yield_now();
                 }
                 continue;
             }
-            // Idle pages due to go back to the kernel go now; the sleep lasts until the next
-            // are due (only while more than `--retain` bytes are reserved), or a request.
-            let due = self.decay_tick();
-            let bell = self.doorbell();
-            let now = bell.prepare_sleep();
-            // After the fence in `prepare_sleep`: a client that submitted before it is seen
-            // here (the ring count moved); one that submits after it sees `sleeping` and wakes
-            // us.
-            if now == seen && !self.mailbox.flag.load(Ordering::Acquire) {
-                os::futex_wait(&bell.rings, seen, due);
+            // Going to sleep: no channel is watched any more, so every client wakes us; one
+            // that rang in between is served first.
+            if self.unwatch_all() > 0 {
+                last_work = Instant::now();
+                continue;
             }
-            bell.woke();
-            last_work = Instant::now();
+            // Idle pages due to go back to the kernel go now; the sleep lasts until the next
+            // are due (only while more than `--retain` bytes are reserved), or an event.
+            let due = self.decay_tick();
+            self.poll_events(Some(due.unwrap_or(Duration::MAX)));
+            last_poll = Instant::now();
+            last_work = last_poll;
+            if self.stop_asked {
+                break;
+            }
         }
         self.shut_down();
     }
 
-    /// Answers every pending request once; returns how many.
-    fn serve_pending(&mut self) -> usize {
-        let hi = self
-            .doorbell()
-            .slots_hi
-            .load(Ordering::Acquire)
-            .min(self.seg.slots);
+    /// Looks at every watched channel once; returns how many requests were answered.
+    fn serve_watched(&mut self) -> usize {
+        let mut n = 0;
+        let mut k = 0;
+        while k < self.watched.len() {
+            let id = self.watched[k];
+            n += self.serve_client(id);
+            k += 1;
+        }
+        n
+    }
+
+    /// Answers every pending request of client `id` once, and sweeps its ledger, if its bell
+    /// rang since the last look; returns how many requests were answered.
+    fn serve_client(&mut self, id: u32) -> usize {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return 0;
+        };
+        let chan = Arc::clone(&c.chan);
+        let rings = chan.bell().rings.load(Ordering::Acquire);
+        if rings == c.last_rings {
+            return 0;
+        }
+        c.last_rings = rings;
+        // The client's word, bounded by the channel's size whatever it says.
+        let hi = chan.bell().slots_hi.load(Ordering::Acquire).min(chan.slots);
         let mut n = 0;
         self.cpu = os::current_cpu();
         for i in 0..hi {
-            if let Some(req) = self.request_slot(i).take() {
+            if let Some(req) = chan.slot(i).take() {
                 if n == 0 {
                     self.client_on_my_cpu = false;
                 }
                 self.client_on_my_cpu |= req.cpu == self.cpu;
-                let resp = self.handle(i, &req);
-                self.respond(i, req.seq, resp);
+                let resp = self.handle(id, &req);
+                self.respond(&chan, i, req.seq, resp);
                 n += 1;
+            }
+        }
+        let ledger = chan.ledger();
+        if ledger.pending.load(Ordering::Relaxed) != 0
+            && ledger.pending.swap(0, Ordering::Acquire) != 0
+        {
+            self.drain_ledger(id, &chan, false);
+        }
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.requests += n as u64;
+            if n > 0 {
+                c.last_request = Instant::now();
             }
         }
         n
     }
 
-    fn respond(&mut self, slot: u32, seq: u32, resp: Response) {
+    fn respond(&mut self, chan: &Channel, slot: u32, seq: u32, resp: Response) {
         self.requests += 1;
         // A block that cannot grow in place is an ordinary answer (the client moves it), not a
         // failure.
         if resp.status != Status::Ok as u32 && resp.status != Status::NotInPlace as u32 {
             self.errors += 1;
         }
-        let rs = self.response_slot(slot);
+        chan.daemon_bell()
+            .free_bytes
+            .store(self.heap.stats().free_bytes as u64, Ordering::Relaxed);
+        let rs = chan.answer(slot);
         rs.cpu.store(self.cpu, Ordering::Relaxed);
-        if rs.publish(self.request_slot(slot), seq, resp) {
+        if rs.publish(chan.slot(slot), seq, resp) {
             os::futex_wake(&rs.seq, u32::MAX);
         }
     }
 
-    /// Validates and executes one request from slot `slot`.
-    pub fn handle(&mut self, slot: u32, req: &Request) -> Response {
+    /// Starts watching client `id`'s channel (polled without wake-ups).
+    fn watch(&mut self, id: u32) {
+        if let Some(c) = self.clients.get_mut(&id) {
+            if !c.watched {
+                c.chan.daemon_bell().watch();
+                c.watched = true;
+                c.last_request = Instant::now();
+                self.watched.push(id);
+            }
+        }
+    }
+
+    /// Stops watching client `id`; returns whether its bell rang meanwhile (the caller then
+    /// looks at it once more).
+    fn unwatch(&mut self, id: u32) -> bool {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return false;
+        };
+        c.watched = false;
+        let rings = c.chan.daemon_bell().unwatch(c.chan.bell());
+        rings != c.last_rings
+    }
+
+    /// Stops watching every channel; serves (and watches again) those that rang meanwhile.
+    /// Returns how many requests that answered.
+    fn unwatch_all(&mut self) -> usize {
+        let mut n = 0;
+        for id in std::mem::take(&mut self.watched) {
+            if self.unwatch(id) {
+                n += self.serve_client(id);
+                self.watch(id);
+            }
+        }
+        n
+    }
+
+    /// Stops watching the channels idle for [`WATCH_IDLE`].
+    fn unwatch_idle(&mut self, now: Instant) {
+        let mut k = 0;
+        while k < self.watched.len() {
+            let id = self.watched[k];
+            let idle = self
+                .clients
+                .get(&id)
+                .is_none_or(|c| now.duration_since(c.last_request) > WATCH_IDLE);
+            if idle {
+                self.watched.swap_remove(k);
+                if self.unwatch(id) {
+                    self.serve_client(id);
+                    self.watch(id);
+                }
+            } else {
+                k += 1;
+            }
+        }
+    }
+
+    /// Adds a client that has no connection (its process is this one, `uid` as given), for
+    /// tests and fuzzing: returns its id and a descriptor of its request channel, which the
+    /// caller maps to write requests (or any bytes) into; [`Server::serve`] then looks at it.
+    #[doc(hidden)]
+    pub fn add_local_client(&mut self, uid: u32) -> Result<(u32, Fd), String> {
+        let pid = os::pid();
+        let pidfd = os::pidfd_open(pid).map_err(|e| format!("pidfd_open: {e}"))?;
+        let id = self.new_id();
+        let (chan, request_fd, _) = self.new_channel().map_err(|e| format!("channel: {e}"))?;
+        let rings = chan.bell().rings.load(Ordering::Acquire);
+        self.clients.insert(
+            id,
+            Client {
+                pid,
+                uid,
+                command: command_of(pid),
+                sock: None,
+                _pidfd: pidfd,
+                chan,
+                last_rings: rings,
+                watched: false,
+                last_request: Instant::now(),
+                blocks: 0,
+                bytes: 0,
+                requests: 0,
+            },
+        );
+        Ok((id, request_fd))
+    }
+
+    /// Looks at client `id`'s channel once, whether or not its bell rang, as the loop does
+    /// after a wake-up: answers what is pending, sweeps its ledger. Returns the requests
+    /// answered.
+    pub fn serve(&mut self, id: u32) -> usize {
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.last_rings = c.chan.bell().rings.load(Ordering::Relaxed).wrapping_sub(1);
+            c.chan.ledger().pending.store(1, Ordering::Relaxed);
+        }
+        self.serve_client(id)
+    }
+
+    /// Forgets client `id` and frees what it held, as when its connection ends.
+    pub fn disconnect(&mut self, id: u32) {
+        self.reclaim(id, "was disconnected");
+    }
+
+    /// Validates and executes one request of client `id`.
+    pub fn handle(&mut self, id: u32, req: &Request) -> Response {
         if self.stopping {
             return answer(Status::ShuttingDown);
         }
-        let op = Op::from_u32(req.op);
-        if op == Some(Op::Hello) {
-            return self.hello(slot, req.owner);
-        }
-        // Every other request comes from a registered slot, from its registered process.
-        let pid = self.slot_pid[slot as usize];
-        if pid == 0 || req.owner != pid {
-            return answer(Status::BadSlot);
-        }
-        let Some(op) = op else {
+        let Some(op) = Op::from_u32(req.op) else {
             return answer(Status::UnknownOp);
         };
         let known_flags = if op == Op::Allocate { FLAG_ZEROED } else { 0 };
@@ -768,60 +1029,24 @@ impl Server {
             return answer(Status::BadFlags);
         }
         match op {
-            Op::Hello => self.hello(slot, req.owner),
-            Op::Goodbye => {
-                // What the slot's ledger holds is given up with it.
-                self.drain_ledger(slot, pid, true);
-                Self::ledger_in(&self.seg.request, self.seg.slots, slot).clear();
-                self.slot_pid[slot as usize] = 0;
-                if let Some(c) = self.clients.get_mut(&pid) {
-                    c.slots = c.slots.saturating_sub(1);
-                }
-                answer(Status::Ok)
-            }
-            Op::Allocate => self.allocate(pid, req),
-            Op::Free => self.free(pid, req.offset),
-            Op::Reallocate => self.resize(pid, req.offset, req.size),
+            Op::Allocate => self.allocate(id, req),
+            Op::Free => self.free(id, req.offset),
+            Op::Reallocate => self.resize(id, req.offset, req.size),
         }
     }
 
-    fn hello(&mut self, slot: u32, pid: u32) -> Response {
-        if pid == 0 {
-            return answer(Status::BadSlot);
-        }
-        // A registered pid whose process has exited (its death not yet delivered) and whose
-        // number was reused: reclaim the old one before registering the new one.
-        if self
-            .clients
-            .get(&pid)
-            .is_some_and(|c| os::pidfd_exited(&c.pidfd))
-        {
-            self.reclaim(pid);
-        }
-        let known = self.clients.contains_key(&pid);
-        if !self.ensure_client(pid) {
-            return answer(Status::BadSlot);
-        }
-        if !known {
-            log::info!("client {pid} connected");
-        }
-        let old = std::mem::replace(&mut self.slot_pid[slot as usize], pid);
-        if old != pid {
-            // A new owner starts with an empty ledger (whatever was in it was not its own).
-            Self::ledger_in(&self.seg.request, self.seg.slots, slot).clear();
-        }
-        if old != 0 {
-            if let Some(c) = self.clients.get_mut(&old) {
-                c.slots = c.slots.saturating_sub(1);
-            }
-        }
-        if let Some(c) = self.clients.get_mut(&pid) {
-            c.slots += 1;
-        }
-        answer(Status::Ok)
+    /// Whether `extra` more bytes keep client `id`'s process and user within their quotas.
+    fn within_quota(&self, id: u32, extra: u64) -> bool {
+        let Some(c) = self.clients.get(&id) else {
+            return false;
+        };
+        let proc = self.proc_bytes.get(&c.pid).copied().unwrap_or(0);
+        let user = self.user_bytes.get(&c.uid).copied().unwrap_or(0);
+        proc.saturating_add(extra) <= self.policy.client_quota
+            && user.saturating_add(extra) <= self.policy.user_quota
     }
 
-    fn allocate(&mut self, pid: u32, req: &Request) -> Response {
+    fn allocate(&mut self, id: u32, req: &Request) -> Response {
         if req.size == 0 || req.size > self.seg.arena_bytes {
             return answer(Status::BadSize);
         }
@@ -833,6 +1058,10 @@ impl Server {
         else {
             return answer(Status::BadSize);
         };
+        // Checked before anything changes, at the size the block will have at least.
+        if !self.within_quota(id, req.size.next_multiple_of(GRANULE as u64)) {
+            return answer(Status::OverQuota);
+        }
         // Aligned where the client sees the arena, which is not where this process maps it. A
         // mapping starts on a page, and so does every block: a view off the page is no client's.
         let view = (req.offset & (MAX_ALIGN - 1)) as usize;
@@ -847,6 +1076,11 @@ impl Server {
             return answer(Status::OutOfMemory);
         };
         let size = self.heap.block_size_at(offset).unwrap_or(0) as u64;
+        if !self.within_quota(id, size) {
+            let freed = self.heap.deallocate_at(offset);
+            debug_assert!(freed.is_ok());
+            return answer(Status::OverQuota);
+        }
         let fresh = match self.reserve(offset as u64, size) {
             Ok(fresh) => fresh,
             Err(()) => {
@@ -857,12 +1091,9 @@ impl Server {
         };
         // Recorded before the answer is published: a crash from here on leaves the block with
         // its owner, never free while the client holds it.
-        self.record(offset, size, pid);
+        self.record(offset, size, id);
         self.chunks_hold(offset as u64, size);
-        if let Some(c) = self.clients.get_mut(&pid) {
-            c.blocks += 1;
-            c.bytes += size;
-        }
+        self.account(id, size as i64, 1);
         Response {
             status: Status::Ok as u32,
             flags: if fresh { FLAG_ZEROED } else { 0 },
@@ -872,21 +1103,21 @@ impl Server {
     }
 
     /// The owner check shared by free and resize: `Err` if a used block starts at `offset` and
-    /// belongs to another process. Other offset errors are left to the heap's checks.
-    fn check_owner(&self, pid: u32, offset: u64) -> Result<usize, Status> {
+    /// belongs to another client. Other offset errors are left to the heap's checks.
+    fn check_owner(&self, id: u32, offset: u64) -> Result<usize, Status> {
         let off = usize::try_from(offset).map_err(|_| Status::BadOffset)?;
         match self.owner_at(off) {
-            o if o != 0 && o != pid => Err(Status::NotOwner),
+            o if o != 0 && o != id => Err(Status::NotOwner),
             _ => Ok(off),
         }
     }
 
-    fn free(&mut self, pid: u32, offset: u64) -> Response {
-        let off = match self.check_owner(pid, offset) {
+    fn free(&mut self, id: u32, offset: u64) -> Response {
+        let off = match self.check_owner(id, offset) {
             Ok(off) => off,
             Err(s) => return answer(s),
         };
-        if self.owner_at(off) == pid {
+        if self.owner_at(off) == id {
             // Erased first: a crash after this leaves the block free, which the client that
             // asked to free it no longer uses.
             self.record(off, 0, 0);
@@ -894,18 +1125,15 @@ impl Server {
         match self.heap.deallocate_at(off) {
             Ok(size) => {
                 self.chunks_release(off as u64, size as u64);
-                if let Some(c) = self.clients.get_mut(&pid) {
-                    c.blocks = c.blocks.saturating_sub(1);
-                    c.bytes = c.bytes.saturating_sub(size as u64);
-                }
+                self.account(id, -(size as i64), -1);
                 answer(Status::Ok)
             }
             Err(e) => answer(free_status(e)),
         }
     }
 
-    fn resize(&mut self, pid: u32, offset: u64, new_size: u64) -> Response {
-        let off = match self.check_owner(pid, offset) {
+    fn resize(&mut self, id: u32, offset: u64, new_size: u64) -> Response {
+        let off = match self.check_owner(id, offset) {
             Ok(off) => off,
             Err(s) => return answer(s),
         };
@@ -920,6 +1148,12 @@ impl Server {
         if new_size == 0 || new_size > self.seg.arena_bytes {
             return answer(Status::BadSize);
         }
+        let grow = new_size
+            .next_multiple_of(GRANULE as u64)
+            .saturating_sub(old as u64);
+        if grow > 0 && !self.within_quota(id, grow) {
+            return answer(Status::OverQuota);
+        }
         let size = match self.heap.resize_at(off, new_size as usize) {
             Ok(size) => size as u64,
             Err(ResizeError::Block(e)) => return answer(free_status(e)),
@@ -931,12 +1165,10 @@ impl Server {
             debug_assert!(back.is_ok());
             return answer(Status::OutOfMemory);
         }
-        self.record(off, size, pid);
+        self.record(off, size, id);
         self.chunks_release(off as u64, old as u64);
         self.chunks_hold(off as u64, size);
-        if let Some(c) = self.clients.get_mut(&pid) {
-            c.bytes = (c.bytes + size).saturating_sub(old as u64);
-        }
+        self.account(id, size as i64 - old as i64, 0);
         Response {
             status: Status::Ok as u32,
             flags: 0,
@@ -944,7 +1176,6 @@ impl Server {
             size,
         }
     }
-
     /// Records the chunks that `[offset, offset + len)` of the data overlaps as reserved.
     fn mark_reserved(&mut self, offset: u64, len: u64) {
         for c in self.chunks_of(offset, len) {
@@ -1004,168 +1235,533 @@ impl Server {
         Ok(fresh)
     }
 
-    /// Frees everything client `pid` held: its slots and its blocks.
-    fn reclaim(&mut self, pid: u32) {
-        let Some(client) = self.clients.remove(&pid) else {
+    /// Frees everything client `id` held, and forgets it (its socket and pidfd close, which
+    /// takes them out of the epoll set).
+    fn reclaim(&mut self, id: u32, why: &str) {
+        let Some(client) = self.clients.get(&id) else {
             return;
         };
-        let _ = unwatch(&self.epoll, &client.pidfd);
-        let mut slots = 0;
-        for i in 0..self.seg.slots {
-            let registered = self.slot_pid[i as usize] == pid;
-            if registered {
-                self.slot_pid[i as usize] = 0;
-                // Its blocks, cached and released ones too, are freed below.
-                Self::ledger_in(&self.seg.request, self.seg.slots, i).clear();
-            }
-            // Also slots it claimed but never registered.
-            if self.request_slot(i).reclaim(pid) || registered {
-                slots += 1;
-            }
-        }
+        let (pid, held_blocks) = (client.pid, client.blocks);
+        self.watched.retain(|&w| w != id);
         let (mut blocks, mut bytes) = (0u64, 0u64);
-        if client.blocks > 0 {
+        if held_blocks > 0 {
             for g in 0..self.granules() {
-                if self.entry(g).owner.load(Ordering::Relaxed) == pid {
+                if self.entry(g).owner.load(Ordering::Relaxed) == id {
                     self.record(g * GRANULE, 0, 0);
                     if let Ok(size) = self.heap.deallocate_at(g * GRANULE) {
                         self.chunks_release((g * GRANULE) as u64, size as u64);
+                        self.account(id, -(size as i64), -1);
                         blocks += 1;
                         bytes += size as u64;
                     }
                 }
             }
         }
-        log::info!(
-            "client {pid} exited: reclaimed {blocks} blocks ({bytes} bytes) and {slots} slots"
-        );
-        self.publish_stats();
+        self.clients.remove(&id);
+        self.keeper_drop(id);
+        log::info!("client {id} (pid {pid}) {why}: reclaimed {blocks} blocks ({bytes} bytes)");
     }
 
-    /// Frees slots claimed by processes that died before registering (between the claim and
-    /// their `Hello`): the daemon watched no pidfd for them. Runs with every batch of events
-    /// from the watcher (a client's exit, a signal).
-    fn sweep_unregistered(&mut self) {
-        let hi = self
-            .doorbell()
-            .slots_hi
-            .load(Ordering::Acquire)
-            .min(self.seg.slots);
-        for i in 0..hi {
-            let owner = self.request_slot(i).owner.load(Ordering::Acquire);
-            if owner != 0
-                && self.slot_pid[i as usize] == 0
-                && !self.clients.contains_key(&owner)
-                && !os::process_alive(owner)
-                && self.request_slot(i).reclaim(owner)
-            {
-                log::info!(
-                    "slot {i}: claimed by process {owner}, which exited before registering; freed"
-                );
+    /// Tells the keeper to let go of channel `id` (logged once if the keeper fails).
+    fn keeper_drop(&mut self, id: u32) {
+        if let Some(k) = &self.keeper {
+            if let Err(e) = k.drop_channel(id) {
+                self.keeper_error(&e);
             }
         }
     }
 
-    /// Handles the watcher's events; returns whether to stop.
-    fn handle_events(&mut self) -> bool {
-        self.mailbox.flag.store(false, Ordering::Release);
-        let ev = match self.mailbox.events.lock() {
-            Ok(mut g) => std::mem::take(&mut *g),
-            Err(_) => return true,
+    fn keeper_error(&mut self, e: &str) {
+        if !self.keeper_failed {
+            log::warn!(
+                "the keeper failed ({e}); clients are served, but a daemon restarted after a \
+                 crash will not find their channels"
+            );
+            self.keeper_failed = true;
+        }
+    }
+
+    /// Handles what the epoll set reports within `timeout` (`Duration::MAX`: until something
+    /// happens).
+    fn poll_events(&mut self, timeout: Option<Duration>) {
+        let ms = match timeout {
+            Some(Duration::MAX) | None => -1,
+            Some(t) => i32::try_from(t.as_micros().div_ceil(1000)).unwrap_or(i32::MAX),
         };
-        for pid in ev.dead {
-            self.reclaim(pid);
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        // SAFETY: `evs` is writable for its length.
+        let n = unsafe { libc::epoll_wait(self.epoll.raw(), evs.as_mut_ptr(), 64, ms) };
+        if n <= 0 {
+            return;
         }
-        self.sweep_unregistered();
-        if ev.stats_line {
-            // On request only: the check walks every block and granule.
-            let check = match self.check() {
-                Ok(()) => "heap check ok".to_owned(),
-                Err(e) => format!("heap check FAILED: {e}"),
-            };
-            log::info!("{}; {check}", self.stats_line());
-            // Who holds what (blocks a client keeps in its cache of freed blocks included: they
-            // are its own until it reuses them or the daemon takes them back), largest first,
-            // at most 20 lines.
-            let mut holders: Vec<(&u32, &Client)> = self.clients.iter().collect();
-            holders.sort_by_key(|(_, c)| std::cmp::Reverse(c.bytes));
-            for (pid, c) in holders.iter().take(20) {
-                let cached: u64 = (0..self.seg.slots)
-                    .filter(|&i| self.slot_pid[i as usize] == **pid)
-                    .map(|i| {
-                        Self::ledger_in(&self.seg.request, self.seg.slots, i)
-                            .cached_granules
-                            .load(Ordering::Relaxed)
-                    })
-                    // Client-written counters: saturating, whatever they say.
-                    .fold(0u64, u64::saturating_add)
-                    .saturating_mul(GRANULE as u64);
-                log::info!(
-                    "client {pid}: {} blocks, {} bytes ({cached} of them cached for reuse), {} \
-                     slots",
-                    c.blocks,
-                    c.bytes,
-                    c.slots
-                );
+        for ev in &evs[..n as usize] {
+            let (tag, events) = (ev.u64, ev.events);
+            let id = (tag & !TAG_KIND) as u32;
+            match tag & TAG_KIND {
+                TAG_LISTENER => self.accept_all(),
+                TAG_SIGNAL => self.read_signals(),
+                TAG_PENDING => self.first_message(id),
+                TAG_SOCKET => {
+                    let hup = events & (libc::EPOLLHUP | libc::EPOLLRDHUP | libc::EPOLLERR) as u32;
+                    let closed = hup != 0
+                        || self
+                            .clients
+                            .get(&id)
+                            .and_then(|c| c.sock.as_ref())
+                            .is_none_or(|s| unix::drain(s).1);
+                    if closed {
+                        self.reclaim(id, "closed its connection");
+                    } else {
+                        self.watch(id);
+                        self.serve_client(id);
+                    }
+                }
+                TAG_PIDFD => self.reclaim(id, "exited"),
+                _ => {}
             }
         }
-        ev.stop
+    }
+
+    /// Accepts every waiting connection; each waits for its first message.
+    fn accept_all(&mut self) {
+        loop {
+            match unix::accept(&self.listener) {
+                Ok(Some(sock)) => {
+                    if self.pending.len() >= MAX_PENDING {
+                        log::warn!(
+                            "{MAX_PENDING} connections are waiting for their first message; \
+                             closing a new one"
+                        );
+                        continue;
+                    }
+                    let token = self.next_token;
+                    self.next_token = (self.next_token + 1) & 0x00ff_ffff;
+                    let events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+                    if epoll_add(&self.epoll, &sock, TAG_PENDING | u64::from(token), events)
+                        .is_ok()
+                    {
+                        self.pending.insert(token, sock);
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    // Out of descriptors, most likely: the connection stays in the backlog.
+                    log::warn!("accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads a new connection's first message and answers it.
+    fn first_message(&mut self, token: u32) {
+        let Some(sock) = self.pending.remove(&token) else {
+            return;
+        };
+        let _ = epoll_del(&self.epoll, &sock);
+        let mut buf = [0u8; 64];
+        // Descriptors a client sends along are closed when `r` drops.
+        let r = match unix::recv_with_fds(&sock, &mut buf, Duration::ZERO) {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(_) => return,
+        };
+        let hello = match Hello::decode(&buf[..r.len]) {
+            Ok(h) => h,
+            Err(wire::HandshakeError::BadVersion(v)) => {
+                return refuse(
+                    &sock,
+                    Refusal::BadVersion,
+                    &format!(
+                        "this daemon speaks protocol version {}, the client {v}: rebuild the \
+                         client against the same xalloc",
+                        wire::VERSION
+                    ),
+                )
+            }
+            Err(e) => return refuse(&sock, Refusal::BadHello, &format!("bad hello: {e}")),
+        };
+        match hello.kind {
+            HelloKind::Status => self.send_status(&sock),
+            HelloKind::Client => self.admit(sock),
+            HelloKind::Rebind => self.rebind(sock, hello.client_id),
+        }
+    }
+
+    /// The peer of `sock`, if this daemon serves its user; else refuses it.
+    fn served_peer(&self, sock: &Fd) -> Option<Peer> {
+        let peer = unix::peer(sock).ok()?;
+        let me = os::euid();
+        let in_group = self.policy.access.gid.is_some_and(|g| {
+            peer.gid == g
+                || unix::peer_groups(sock).is_ok_and(|(groups, n)| groups[..n].contains(&g))
+        });
+        if peer.uid == me || peer.uid == 0 || in_group {
+            return Some(peer);
+        }
+        let group = match self.policy.access.gid {
+            Some(g) => format!(" and the members of group {g}"),
+            None => String::new(),
+        };
+        refuse(
+            sock,
+            Refusal::NotServed,
+            &format!(
+                "this daemon serves user {me}{group}, not user {} (start it with --group GROUP \
+                 to share it)",
+                peer.uid
+            ),
+        );
+        log::info!(
+            "refused pid {} of user {}: not served",
+            peer.pid,
+            peer.uid
+        );
+        None
+    }
+
+    /// Makes a new client of the peer on `sock`: a channel, its place in the epoll set and in
+    /// the keeper, and the welcome with the arena and the channel.
+    fn admit(&mut self, sock: Fd) {
+        let Some(peer) = self.served_peer(&sock) else {
+            return;
+        };
+        if self.stopping {
+            return refuse(&sock, Refusal::ShuttingDown, "the daemon is shutting down");
+        }
+        let busy = |sock: &Fd, what: &str, e: &dyn std::fmt::Display| {
+            log::warn!("cannot take client pid {}: {what}: {e}", peer.pid);
+            refuse(
+                sock,
+                Refusal::Busy,
+                &format!("the daemon cannot take another client now ({what}: {e})"),
+            );
+        };
+        let pidfd = match unix::peer_pidfd(&sock, &peer) {
+            Ok(fd) => fd,
+            Err(e) => return busy(&sock, "pidfd", &e),
+        };
+        let id = self.new_id();
+        let (chan, request_fd, response_fd) = match self.new_channel() {
+            Ok(c) => c,
+            Err(e) => return busy(&sock, "channel", &e),
+        };
+        let response_ro = match unix::read_only_twin(&response_fd) {
+            Ok(fd) => fd,
+            Err(e) => return busy(&sock, "read-only channel", &e),
+        };
+        let events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+        if let Err(e) = epoll_add(&self.epoll, &sock, TAG_SOCKET | u64::from(id), events)
+            .and_then(|()| epoll_add(&self.epoll, &pidfd, TAG_PIDFD | u64::from(id), libc::EPOLLIN as u32))
+        {
+            let _ = epoll_del(&self.epoll, &sock);
+            return busy(&sock, "epoll", &e);
+        }
+        if let Some(k) = &self.keeper {
+            if let Err(e) = k.keep_channel(id, peer.pid, peer.uid, &request_fd, &response_fd) {
+                self.keeper_error(&e);
+            }
+        }
+        let welcome = Welcome {
+            refusal: Refusal::None as u32,
+            slots: chan.slots,
+            granule: GRANULE as u32,
+            flags: self.seg.flags,
+            client_id: id,
+            daemon_pid: self.pid,
+            arena_len: self.seg.arena_bytes + ARENA_DATA_OFFSET as u64,
+            generation: self.seg.generation,
+        };
+        let fds = [
+            self.seg.arena_fd.as_fd(),
+            request_fd.as_fd(),
+            response_ro.as_fd(),
+        ];
+        let rings = chan.bell().rings.load(Ordering::Acquire);
+        self.clients.insert(
+            id,
+            Client {
+                pid: peer.pid,
+                uid: peer.uid,
+                command: command_of(peer.pid),
+                sock: Some(sock),
+                _pidfd: pidfd,
+                chan,
+                last_rings: rings,
+                watched: false,
+                last_request: Instant::now(),
+                blocks: 0,
+                bytes: 0,
+                requests: 0,
+            },
+        );
+        let sent = self.clients[&id]
+            .sock
+            .as_ref()
+            .map(|s| unix::send_with_fds(s, &welcome.encode(), &fds));
+        match sent {
+            Some(Ok(())) => {
+                let c = &self.clients[&id];
+                log::info!(
+                    "client {id} connected: pid {} ({}), user {}",
+                    c.pid,
+                    c.command,
+                    c.uid
+                );
+                self.watch(id);
+            }
+            Some(Err(e)) => self.reclaim(id, &format!("could not be welcomed ({e})")),
+            None => {}
+        }
+    }
+
+    /// Gives re-attached channel `id` the connection `sock`, if its peer is the process the
+    /// channel was made for and the channel has none.
+    fn rebind(&mut self, sock: Fd, id: u32) {
+        let Some(peer) = self.served_peer(&sock) else {
+            return;
+        };
+        let ok = self
+            .clients
+            .get(&id)
+            .is_some_and(|c| c.sock.is_none() && c.pid == peer.pid && c.uid == peer.uid);
+        if !ok {
+            return refuse(
+                &sock,
+                Refusal::BadHello,
+                "no channel of this process without a connection has that id",
+            );
+        }
+        let events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+        if let Err(e) = epoll_add(&self.epoll, &sock, TAG_SOCKET | u64::from(id), events) {
+            return refuse(&sock, Refusal::Busy, &format!("epoll: {e}"));
+        }
+        let welcome = Welcome {
+            refusal: Refusal::None as u32,
+            slots: self.seg.slots,
+            granule: GRANULE as u32,
+            flags: self.seg.flags,
+            client_id: id,
+            daemon_pid: self.pid,
+            arena_len: self.seg.arena_bytes + ARENA_DATA_OFFSET as u64,
+            generation: self.seg.generation,
+        };
+        if unix::send_with_fds(&sock, &welcome.encode(), &[]).is_ok() {
+            if let Some(c) = self.clients.get_mut(&id) {
+                c.sock = Some(sock);
+            }
+            log::info!("client {id} (pid {}) has a connection again", peer.pid);
+            self.watch(id);
+            self.serve_client(id);
+        }
+    }
+
+    /// A client id no client uses (never 0).
+    fn new_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_id;
+            self.next_id = self.next_id.wrapping_add(1).max(1);
+            if id != 0 && !self.clients.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// A new channel: both memfds made, mapped, given their headers and sealed.
+    fn new_channel(&self) -> Result<(Arc<Channel>, Fd, Fd), os::Errno> {
+        let slots = self.seg.slots;
+        let make = |name: &CStr, len: usize| -> Result<(Fd, Mapping), os::Errno> {
+            let fd = unix::memfd(name, len as u64)?;
+            let map = Mapping::new(&fd, len, true)?;
+            Ok((fd, map))
+        };
+        let (request_fd, request) = make(c"xalloc:request", wire::request_channel_len(slots))?;
+        let (response_fd, response) =
+            make(c"xalloc:response", wire::response_channel_len(slots))?;
+        let chan = Arc::new(Channel {
+            request,
+            response,
+            slots,
+        });
+        self.write_channel_headers(&chan);
+        unix::seal_size(&request_fd)?;
+        unix::seal_size(&response_fd)?;
+        Ok((chan, request_fd, response_fd))
+    }
+
+    /// The status document: the counters, and one entry per client.
+    pub fn status_json(&self) -> serde_json::Value {
+        let h = self.heap.stats();
+        let mut clients: Vec<(&u32, &Client)> = self.clients.iter().collect();
+        clients.sort_by_key(|(id, _)| **id);
+        let list: Vec<serde_json::Value> = clients
+            .iter()
+            .map(|(id, c)| {
+                let cached = c
+                    .chan
+                    .ledger()
+                    .cached_granules
+                    .load(Ordering::Relaxed)
+                    .saturating_mul(GRANULE as u64);
+                serde_json::json!({
+                    "id": id,
+                    "pid": c.pid,
+                    "uid": c.uid,
+                    "command": c.command,
+                    "bytes": c.bytes,
+                    "blocks": c.blocks,
+                    // The client's own word: at most what it holds.
+                    "cached_bytes": cached.min(c.bytes),
+                    "requests": c.requests,
+                    "connected": c.sock.is_some(),
+                })
+            })
+            .collect();
+        let mut procs: Vec<u32> = self.clients.values().map(|c| c.pid).collect();
+        procs.sort_unstable();
+        procs.dedup();
+        let quota = |q: u64| (q != u64::MAX).then_some(q);
+        serde_json::json!({
+            "name": self.name,
+            "state": if self.stopping { "stopping" } else { "running" },
+            "pid": self.pid,
+            "arena_bytes": h.region_bytes,
+            "used_bytes": h.used_bytes,
+            "free_bytes": h.free_bytes,
+            "largest_free_bytes": h.largest_free_bytes,
+            "live_blocks": h.live_blocks,
+            "clients": self.clients.len(),
+            "processes": procs.len(),
+            "watched": self.watched.len(),
+            "slots_per_client": self.seg.slots,
+            "requests": self.requests,
+            "errors": self.errors,
+            "reserved_bytes": self.reserved_bytes,
+            "resident_bytes": self.reserved_bytes,
+            "started_unix": self.started_unix,
+            "huge_pages": self.huge_pages,
+            "keeper_pid": self.keeper_pid(),
+            "client_quota": quota(self.policy.client_quota),
+            "user_quota": quota(self.policy.user_quota),
+            "client_list": list,
+        })
+    }
+
+    /// Answers a status request on `sock` with [`Server::status_json`].
+    fn send_status(&self, sock: &Fd) {
+        let text = self.status_json().to_string();
+        if let Err(e) = unix::send_text(sock, text.as_bytes(), 32 << 10, STATUS_SEND_TIMEOUT) {
+            log::debug!("status reader went away: {e}");
+        }
+    }
+
+    fn read_signals(&mut self) {
+        loop {
+            // SAFETY: all-zero is a valid siginfo; read fills it.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let want = size_of::<libc::signalfd_siginfo>();
+            // SAFETY: `info` is writable for `want` bytes.
+            let got = unsafe { libc::read(self.signals.raw(), (&raw mut info).cast(), want) };
+            if got != want as isize {
+                return;
+            }
+            match info.ssi_signo as i32 {
+                libc::SIGTERM | libc::SIGINT => self.stop_asked = true,
+                libc::SIGHUP => self.log_stats(),
+                _ => {}
+            }
+        }
+    }
+
+    /// SIGHUP: the statistics line, the result of the state check, and who holds what.
+    fn log_stats(&self) {
+        // On request only: the check walks every block and granule.
+        let check = match self.check() {
+            Ok(()) => "heap check ok".to_owned(),
+            Err(e) => format!("heap check FAILED: {e}"),
+        };
+        log::info!("{}; {check}", self.stats_line());
+        // Who holds what (blocks a client keeps in its cache of freed blocks included: they
+        // are its own until it reuses them or the daemon takes them back), largest first, at
+        // most 20 lines.
+        let mut holders: Vec<(&u32, &Client)> = self.clients.iter().collect();
+        holders.sort_by_key(|(_, c)| std::cmp::Reverse(c.bytes));
+        for (id, c) in holders.iter().take(20) {
+            // Client-written counter: saturating, whatever it says.
+            let cached = c
+                .chan
+                .ledger()
+                .cached_granules
+                .load(Ordering::Relaxed)
+                .saturating_mul(GRANULE as u64);
+            log::info!(
+                "client {id} (pid {}, {}, user {}): {} blocks, {} bytes ({cached} of them cached \
+                 for reuse), {} requests",
+                c.pid,
+                c.command,
+                c.uid,
+                c.blocks,
+                c.bytes,
+                c.requests
+            );
+        }
     }
 
     /// One line of statistics for the log.
     pub fn stats_line(&self) -> String {
-        let s = self.snapshot();
+        let h = self.heap.stats();
         format!(
-            "stats: {} clients, {} slots, {} live blocks, {} of {} bytes used, largest free {}, \
-             {} bytes reserved, {} requests, {} errors",
-            s.clients,
-            s.slots,
-            s.live_blocks,
-            s.used_bytes,
-            s.arena_bytes,
-            s.largest_free_bytes,
-            s.reserved_bytes,
-            s.requests,
-            s.errors
+            "stats: {} clients, {} live blocks, {} of {} bytes used, largest free {}, {} bytes \
+             reserved, {} requests, {} errors",
+            self.clients.len(),
+            h.live_blocks,
+            h.used_bytes,
+            h.region_bytes,
+            h.largest_free_bytes,
+            self.reserved_bytes,
+            self.requests,
+            self.errors
         )
     }
 
-    fn snapshot(&self) -> StatsSnapshot {
-        let h = self.heap.stats();
-        StatsSnapshot {
-            state: if self.stopping {
-                wire::STATE_STOPPING
-            } else {
-                wire::STATE_RUNNING
-            },
-            pid: u64::from(self.pid),
-            arena_bytes: h.region_bytes as u64,
-            used_bytes: h.used_bytes as u64,
-            free_bytes: h.free_bytes as u64,
-            largest_free_bytes: h.largest_free_bytes as u64,
-            live_blocks: h.live_blocks as u64,
-            clients: self.clients.len() as u64,
-            slots: self.clients.values().map(|c| u64::from(c.slots)).sum(),
-            requests: self.requests,
-            errors: self.errors,
-            reserved_bytes: self.reserved_bytes,
-            started_unix: self.started_unix,
-        }
-    }
-
-    /// Writes the counters into the response segment.
-    pub fn publish_stats(&self) {
-        self.seg.stats().store(&self.snapshot());
-    }
-
-    /// Stops serving: answers every pending request with `ShuttingDown` and publishes the
-    /// stopping state. The caller removes the segments.
+    /// Stops serving: says so in every channel, and answers every pending request with
+    /// `ShuttingDown`. The caller removes the objects and tells the keeper to quit.
     fn shut_down(&mut self) {
         self.stopping = true;
-        self.publish_stats();
-        self.serve_pending();
-        self.publish_stats();
+        let ids: Vec<u32> = self.clients.keys().copied().collect();
+        for id in &ids {
+            if let Some(c) = self.clients.get(id) {
+                c.chan
+                    .daemon_bell()
+                    .state
+                    .store(wire::STATE_STOPPING, Ordering::Release);
+                c.chan.daemon_bell().watch();
+            }
+        }
+        for id in ids {
+            if let Some(c) = self.clients.get_mut(&id) {
+                c.last_rings = c.chan.bell().rings.load(Ordering::Relaxed).wrapping_sub(1);
+            }
+            self.serve_client(id);
+        }
     }
+}
+
+/// Answers `sock` with a refusal and the reason in words.
+fn refuse(sock: &Fd, refusal: Refusal, reason: &str) {
+    let w = Welcome {
+        refusal: refusal as u32,
+        ..Welcome::default()
+    };
+    let mut msg = w.encode().to_vec();
+    msg.extend_from_slice(reason.as_bytes());
+    let _ = unix::send_with_fds(sock, &msg, &[]);
+}
+
+/// `/proc/PID/comm`, or `?`.
+fn command_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_else(|_| "?".into())
 }
 
 fn free_status(e: FreeError) -> Status {
@@ -1175,28 +1771,22 @@ fn free_status(e: FreeError) -> Status {
     }
 }
 
-/// Tag of the signalfd in the epoll set (pids are below 2^22).
-const SIGNAL_TAG: u64 = u64::MAX;
-
-fn watch(epoll: &Fd, pidfd: &Fd, pid: u32) -> std::io::Result<()> {
-    let mut ev = libc::epoll_event {
-        events: (libc::EPOLLIN | libc::EPOLLONESHOT) as u32,
-        u64: u64::from(pid),
-    };
+fn epoll_add(epoll: &Fd, fd: &Fd, tag: u64, events: u32) -> std::io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: tag };
     // SAFETY: both descriptors are open; `ev` is a valid event.
-    if unsafe { libc::epoll_ctl(epoll.raw(), libc::EPOLL_CTL_ADD, pidfd.raw(), &mut ev) } != 0 {
+    if unsafe { libc::epoll_ctl(epoll.raw(), libc::EPOLL_CTL_ADD, fd.raw(), &mut ev) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
 
-fn unwatch(epoll: &Fd, pidfd: &Fd) -> std::io::Result<()> {
+fn epoll_del(epoll: &Fd, fd: &Fd) -> std::io::Result<()> {
     // SAFETY: both descriptors are open; DEL ignores the event argument.
     let rc = unsafe {
         libc::epoll_ctl(
             epoll.raw(),
             libc::EPOLL_CTL_DEL,
-            pidfd.raw(),
+            fd.raw(),
             std::ptr::null_mut(),
         )
     };
@@ -1230,103 +1820,23 @@ pub fn block_signals() {
     }
 }
 
-/// The thread that turns signals and client exits into [`Events`] for the request loop.
-pub struct Watcher {
-    /// The epoll set (signalfd and client pidfds).
-    pub epoll: Arc<Fd>,
-}
-
-impl Watcher {
-    /// Creates the epoll set with the signalfd, and starts the thread. `bell` is the request
-    /// segment's doorbell word, rung (with a futex wake) after each event.
-    pub fn start(mailbox: Arc<Mailbox>, request: Arc<Mapping>) -> std::io::Result<Self> {
-        let set = signal_set();
-        // SAFETY: `set` is initialised; -1 asks for a new signalfd.
-        let sfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-        if sfd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fresh descriptor owned here.
-        let sfd = unsafe { Fd::from_raw(sfd) };
-        // SAFETY: plain call.
-        let efd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if efd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fresh descriptor owned here.
-        let epoll = Arc::new(unsafe { Fd::from_raw(efd) });
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: SIGNAL_TAG,
-        };
-        // SAFETY: both descriptors open; `ev` valid.
-        if unsafe { libc::epoll_ctl(epoll.raw(), libc::EPOLL_CTL_ADD, sfd.raw(), &mut ev) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ep = Arc::clone(&epoll);
-        std::thread::Builder::new()
-            .name("watcher".into())
-            .spawn(move || {
-                // SAFETY: the request segment holds the doorbell at its 64-aligned offset; the
-                // mapping lives as long as this thread (it owns an `Arc` of it).
-                let bell: &Doorbell = unsafe { request.at(DOORBELL_OFFSET) };
-                watcher_loop(&ep, &sfd, &mailbox, &bell.rings)
-            })?;
-        Ok(Self { epoll })
+/// A new epoll set holding a signalfd for the daemon's signals.
+fn epoll_with_signals() -> std::io::Result<(Fd, Fd)> {
+    let set = signal_set();
+    // SAFETY: `set` is initialised; -1 asks for a new signalfd.
+    let sfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if sfd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-}
-
-fn watcher_loop(epoll: &Fd, sfd: &Fd, mailbox: &Mailbox, bell: &AtomicU32) {
-    let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 32];
-    loop {
-        // SAFETY: `evs` is writable for its length.
-        let n = unsafe { libc::epoll_wait(epoll.raw(), evs.as_mut_ptr(), evs.len() as i32, -1) };
-        if n < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            log::error!("epoll_wait: {}", std::io::Error::last_os_error());
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        let Ok(mut events) = mailbox.events.lock() else {
-            return;
-        };
-        for ev in &evs[..n as usize] {
-            let tag = ev.u64;
-            if tag == SIGNAL_TAG {
-                drain_signals(sfd, &mut events);
-            } else {
-                let pid = tag as u32;
-                // Reported once (EPOLLONESHOT); the loop removes the pidfd when it reclaims.
-                if !events.dead.contains(&pid) {
-                    events.dead.push(pid);
-                }
-            }
-        }
-        drop(events);
-        mailbox.flag.store(true, Ordering::Release);
-        // Unconditional wake: the `sleeping` word is in client-writable memory, so it is not
-        // trusted here.
-        bell.fetch_add(1, Ordering::Release);
-        os::futex_wake(bell, u32::MAX);
+    // SAFETY: fresh descriptor owned here.
+    let sfd = unsafe { Fd::from_raw(sfd) };
+    // SAFETY: plain call.
+    let efd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if efd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-}
-
-fn drain_signals(sfd: &Fd, events: &mut Events) {
-    loop {
-        // SAFETY: all-zero is a valid siginfo; read fills it.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let want = size_of::<libc::signalfd_siginfo>();
-        // SAFETY: `info` is writable for `want` bytes.
-        let got = unsafe { libc::read(sfd.raw(), (&raw mut info).cast(), want) };
-        if got != want as isize {
-            return;
-        }
-        match info.ssi_signo as i32 {
-            libc::SIGTERM | libc::SIGINT => events.stop = true,
-            libc::SIGHUP => events.stats_line = true,
-            _ => {}
-        }
-    }
+    // SAFETY: fresh descriptor owned here.
+    let epoll = unsafe { Fd::from_raw(efd) };
+    epoll_add(&epoll, &sfd, TAG_SIGNAL, libc::EPOLLIN as u32)?;
+    Ok((epoll, sfd))
 }

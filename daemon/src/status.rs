@@ -1,60 +1,56 @@
 //! `xallocd stop` and `xallocd status`: talking to a running daemon from outside, through its
-//! pidfile and its response segment, without sending it a request.
+//! pidfile and its socket.
 
+use std::ffi::CString;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use xalloc_proto::os::{self, Mapping};
-use xalloc_proto::wire::{
-    self, DaemonStats, SegmentHeader, SegmentKind, StatsSnapshot, STATS_OFFSET,
-};
+use xalloc_proto::os;
+use xalloc_proto::unix;
+use xalloc_proto::wire::{Hello, HelloKind};
 
 use crate::cli::{Instance, StatusArgs, StopArgs};
 use crate::detach::{self, Holder};
 use crate::fail;
 use crate::segments::Names;
 
-/// What the response segment of an instance says.
-struct Seen {
-    /// The segment's owner.
-    owner: u32,
-    header: SegmentHeader,
-    stats: Option<StatsSnapshot>,
-}
+/// How long `status` waits for the daemon's answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Reads the response segment of `names` read-only: its header and a consistent snapshot.
-fn read_response(names: &Names) -> Result<Seen, String> {
-    let name = names.response;
-    let fd = os::shm_open(name.as_cstr(), false).map_err(|e| match e.0 {
-        libc::ENOENT => format!("not running ({name} does not exist)"),
-        _ => format!("cannot open {name}: {e}"),
+/// Asks the daemon of `names` for its status document over its socket.
+pub fn ask_status(names: &Names) -> Result<serde_json::Value, String> {
+    let path = &names.socket;
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| "bad path")?;
+    let sock = unix::connect(&c).map_err(|e| match e.0 {
+        libc::ENOENT | libc::ECONNREFUSED => format!("not running ({} does not answer)", path.display()),
+        libc::EACCES => format!("permission denied on {} (see `xallocd start --group`)", path.display()),
+        _ => format!("cannot connect to {}: {e}", path.display()),
     })?;
-    let info = os::fstat(&fd).map_err(|e| format!("fstat {name}: {e}"))?;
-    let len = usize::try_from(info.len).unwrap_or(0);
-    if len < size_of::<SegmentHeader>() {
-        return Err(format!("{name} is too short for an xalloc segment"));
+    let hello = Hello {
+        kind: HelloKind::Status,
+        client_id: 0,
+    };
+    unix::send_with_fds(&sock, &hello.encode(), &[]).map_err(|e| format!("send: {e}"))?;
+    let deadline = Instant::now() + STATUS_TIMEOUT;
+    let mut text = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match unix::recv_with_fds(&sock, &mut buf, left) {
+            Ok(Some(r)) => text.extend_from_slice(&buf[..r.len]),
+            Ok(None) => break,
+            Err(e) if e.0 == libc::EAGAIN => return Err("no answer within 5 s".into()),
+            Err(e) => return Err(format!("recv: {e}")),
+        }
     }
-    let map = Mapping::new(&fd, len, false).map_err(|e| format!("mmap {name}: {e}"))?;
-    let header = SegmentHeader::load(map.header().expect("checked: longer than a header"));
-    header
-        .check(SegmentKind::Response, len)
-        .map_err(|e| format!("{name}: {e}"))?;
-    // SAFETY: `check` proved the segment holds the stats block at its 64-aligned offset.
-    let stats: &DaemonStats = unsafe { map.at(STATS_OFFSET) };
-    Ok(Seen {
-        owner: info.uid,
-        header,
-        stats: (0..1000).find_map(|_| {
-            let s = stats.load(100);
-            if s.is_none() {
-                std::thread::yield_now();
-            }
-            s
-        }),
-    })
+    if let Ok((w, reason)) = xalloc_proto::wire::Welcome::decode(&text) {
+        return Err(format!("refused (code {}): {reason}", w.refusal));
+    }
+    serde_json::from_slice(&text).map_err(|e| format!("bad status document: {e}"))
 }
 
-/// The pid of the running daemon of `instance`: from its pidfile, else from its segments.
+/// The pid of the running daemon of `instance`: from its pidfile, else from the peer
+/// credentials of its socket, if the socket is this user's.
 fn daemon_pid(instance: &Instance, names: &Names) -> Option<u32> {
     let path = instance
         .pidfile
@@ -65,13 +61,17 @@ fn daemon_pid(instance: &Instance, names: &Names) -> Option<u32> {
         Holder::Refused(why) => eprintln!("xallocd: ignoring the pidfile: {why}"),
         _ => {}
     }
-    // Without a pidfile, the pid in the response segment's header, if the segment is this
-    // user's: one planted by another user must not pick the process `stop` signals.
-    read_response(names)
-        .ok()
-        .filter(|s| s.owner == os::euid())
-        .map(|s| s.header.daemon_pid)
-        .filter(|&p| os::process_alive(p))
+    // Without a pidfile: whoever answers on the socket, if the socket is this user's (one
+    // planted by another user must not pick the process `stop` signals).
+    use std::os::unix::fs::MetadataExt;
+    let meta = names.socket.symlink_metadata().ok()?;
+    if meta.uid() != os::euid() {
+        return None;
+    }
+    let c = CString::new(names.socket.as_os_str().as_encoded_bytes()).ok()?;
+    let sock = unix::connect(&c).ok()?;
+    let peer = unix::peer(&sock).ok()?;
+    (peer.uid == os::euid()).then_some(peer.pid)
 }
 
 /// `xallocd stop`: SIGTERM, then wait for the process to exit and the segments to go.
@@ -136,82 +136,79 @@ pub fn stop(args: &StopArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `xallocd status`: a table, or one JSON object.
+/// `xallocd status`: a table, or one JSON object; with `--clients`, the clients.
 pub fn status(args: &StatusArgs) -> ExitCode {
     let name = &args.instance.name;
     let Some(names) = Names::new(name) else {
         return fail(format!("instance name {name:?} is too long"));
     };
-    let seen = match read_response(&names) {
-        Ok(s) => s,
+    let doc = match ask_status(&names) {
+        Ok(d) => d,
         Err(e) => return fail(format!("instance {name}: {e}")),
     };
-    let pid = seen.header.daemon_pid;
-    if !os::process_alive(pid) {
-        return fail(format!(
-            "instance {name}: its daemon (pid {pid}) is dead; `xallocd stop --name {name}` \
-             removes its segments"
-        ));
-    }
-    let Some(s) = seen.stats else {
-        return fail(format!(
-            "instance {name}: statistics are being rewritten; try again"
-        ));
-    };
-    let state = match s.state {
-        wire::STATE_RUNNING => "running",
-        wire::STATE_STOPPING => "stopping",
-        _ => "starting",
-    };
-    let huge = seen.header.flags & wire::HEADER_FLAG_HUGE_PAGES != 0;
-    if args.json {
-        println!(
-            "{{\"name\":\"{name}\",\"state\":\"{state}\",\"pid\":{},\"arena_bytes\":{},\
-             \"used_bytes\":{},\"free_bytes\":{},\"largest_free_bytes\":{},\"live_blocks\":{},\
-             \"clients\":{},\"slots\":{},\"slots_total\":{},\"requests\":{},\"errors\":{},\
-             \"reserved_bytes\":{},\"resident_bytes\":{},\"started_unix\":{},\"huge_pages\":{}}}",
-            s.pid,
-            s.arena_bytes,
-            s.used_bytes,
-            s.free_bytes,
-            s.largest_free_bytes,
-            s.live_blocks,
-            s.clients,
-            s.slots,
-            seen.header.slot_count,
-            s.requests,
-            s.errors,
-            s.reserved_bytes,
-            s.reserved_bytes,
-            s.started_unix,
-            huge,
-        );
-    } else {
-        let rows: [(&str, String); 14] = [
-            ("instance", name.clone()),
-            ("state", state.to_owned()),
-            ("pid", s.pid.to_string()),
-            ("arena", bytes(s.arena_bytes)),
-            ("used", bytes(s.used_bytes)),
-            ("free", bytes(s.free_bytes)),
-            ("largest free block", bytes(s.largest_free_bytes)),
-            ("resident in /dev/shm", bytes(s.reserved_bytes)),
-            (
-                "huge pages",
-                if huge { "asked for" } else { "off" }.to_owned(),
-            ),
-            ("live blocks", s.live_blocks.to_string()),
-            ("clients", s.clients.to_string()),
-            (
-                "slots in use",
-                format!("{} of {}", s.slots, seen.header.slot_count),
-            ),
-            ("requests", s.requests.to_string()),
-            ("errors", s.errors.to_string()),
-        ];
-        for (k, v) in rows {
-            println!("{k:<22} {v}");
+    let empty = Vec::new();
+    let list = doc["client_list"].as_array().unwrap_or(&empty);
+    if args.clients {
+        if args.json {
+            println!("{}", serde_json::Value::Array(list.clone()));
+            return ExitCode::SUCCESS;
         }
+        println!(
+            "{:>6} {:>8} {:>6} {:<16} {:>14} {:>7} {:>14} {:>10}",
+            "id", "pid", "user", "command", "bytes", "blocks", "cached", "requests"
+        );
+        for c in list {
+            let n = |k: &str| c[k].as_u64().unwrap_or(0);
+            println!(
+                "{:>6} {:>8} {:>6} {:<16} {:>14} {:>7} {:>14} {:>10}",
+                n("id"),
+                n("pid"),
+                n("uid"),
+                c["command"].as_str().unwrap_or("?"),
+                n("bytes"),
+                n("blocks"),
+                n("cached_bytes"),
+                n("requests")
+            );
+        }
+        return ExitCode::SUCCESS;
+    }
+    if args.json {
+        let mut d = doc.clone();
+        if let Some(o) = d.as_object_mut() {
+            o.remove("client_list");
+        }
+        println!("{d}");
+        return ExitCode::SUCCESS;
+    }
+    let n = |k: &str| doc[k].as_u64().unwrap_or(0);
+    let quota = |k: &str| doc[k].as_u64().map_or("unlimited".to_owned(), bytes);
+    let rows: [(&str, String); 16] = [
+        ("instance", name.clone()),
+        ("state", doc["state"].as_str().unwrap_or("?").to_owned()),
+        ("pid", n("pid").to_string()),
+        ("keeper pid", doc["keeper_pid"].to_string()),
+        ("arena", bytes(n("arena_bytes"))),
+        ("used", bytes(n("used_bytes"))),
+        ("free", bytes(n("free_bytes"))),
+        ("largest free block", bytes(n("largest_free_bytes"))),
+        ("resident", bytes(n("reserved_bytes"))),
+        (
+            "huge pages",
+            if doc["huge_pages"] == true { "asked for" } else { "off" }.to_owned(),
+        ),
+        ("live blocks", n("live_blocks").to_string()),
+        (
+            "clients",
+            format!("{} ({} processes)", n("clients"), n("processes")),
+        ),
+        ("quotas", format!("{} per process, {} per user", quota("client_quota"), quota("user_quota"))),
+        ("slots per client", n("slots_per_client").to_string()),
+        ("requests", n("requests").to_string()),
+        ("errors", n("errors").to_string()),
+    ];
+    for (k, v) in rows {
+        println!("{k:<22} {v}");
     }
     ExitCode::SUCCESS
 }

@@ -34,20 +34,57 @@ pub fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
+/// The names instance `name` has in `/dev/shm`: its socket, its keeper's socket, its state
+/// record.
+pub const OBJECTS: [&str; 3] = ["socket", "keeper", "state"];
+
 /// Removes `/dev/shm/NAME.*` of instance `name`.
 pub fn remove_segments(name: &str) {
-    for kind in ["request", "response", "arena", "state"] {
+    for kind in OBJECTS {
         let _ = std::fs::remove_file(format!("/dev/shm/{name}.{kind}"));
     }
 }
 
-/// Which of instance `name`'s segments exist.
+/// Which of instance `name`'s objects exist in `/dev/shm`.
 pub fn segments_left(name: &str) -> Vec<String> {
-    ["request", "response", "arena", "state"]
+    OBJECTS
         .iter()
         .map(|k| format!("/dev/shm/{name}.{k}"))
-        .filter(|p| Path::new(p).exists())
+        .filter(|p| Path::new(p).symlink_metadata().is_ok())
         .collect()
+}
+
+/// The pid of the keeper of instance `name` (the process that answers on its keeper socket),
+/// if one runs.
+pub fn keeper_pid(name: &str) -> Option<u32> {
+    let path = std::ffi::CString::new(format!("/dev/shm/{name}.keeper")).ok()?;
+    let sock = xalloc_proto::unix::connect(&path).ok()?;
+    xalloc_proto::unix::peer(&sock).ok().map(|p| p.pid)
+}
+
+/// Stops the keeper of instance `name`, if one runs (SIGTERM through a pidfd: it removes its
+/// socket and lets go of the arena), and waits for it.
+pub fn stop_keeper(name: &str) {
+    let Some(pid) = keeper_pid(name) else {
+        return;
+    };
+    let Ok(fd) = os::pidfd_open(pid) else {
+        return;
+    };
+    // SAFETY: plain system call on an open pidfd.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.raw(),
+            libc::SIGTERM,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    let t = Instant::now();
+    while !os::pidfd_exited(&fd) && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Removes instance `name`'s segments and directory `dir` when dropped: for tests that run a
@@ -70,6 +107,7 @@ impl Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        stop_keeper(&self.name);
         remove_segments(&self.name);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -166,6 +204,17 @@ impl TestDaemon {
             .expect("run xallocd")
     }
 
+    /// `xallocd status --clients --json`: one JSON object per client.
+    pub fn clients(&self) -> Vec<serde_json::Value> {
+        let out = self.xallocd(&["status", "--clients", "--json"]);
+        assert!(
+            out.status.success(),
+            "status --clients failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("a JSON array")
+    }
+
     /// `xallocd status --json`, parsed into field → raw value.
     pub fn status(&self) -> HashMap<String, String> {
         let out = self.xallocd(&["status", "--json"]);
@@ -240,6 +289,8 @@ impl Drop for TestDaemon {
             self.signal(libc::SIGKILL);
             self.wait_exit(Duration::from_secs(5));
         }
+        // The keeper outlives a killed daemon (that is what it is for).
+        stop_keeper(&self.name);
         remove_segments(&self.name);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
