@@ -143,6 +143,12 @@ pub struct StartArgs {
     /// unlimited).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub user_quota: Option<u64>,
+
+    /// Connections one user may have open at once (XallocGlobal keeps one per process, and a
+    /// few more across daemon restarts). Keeps one user from taking every descriptor of the
+    /// daemon.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub max_clients_per_user: usize,
 }
 
 /// `xallocd start --huge-pages`.

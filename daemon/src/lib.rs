@@ -196,6 +196,9 @@ fn serve(
             flags,
         )
     };
+    // Before the keeper hands over a descriptor per channel, and before clients connect: one
+    // descriptor per client (its socket) plus its pidfd.
+    let raised = xalloc_proto::unix::raise_fd_limit();
     let link = if args.fresh {
         None
     } else {
@@ -257,7 +260,6 @@ fn serve(
             }
         },
     };
-    let raised = xalloc_proto::unix::raise_fd_limit();
     let listener = match bind_socket(&names, Access { gid }) {
         Ok(l) => l,
         Err(e) => {
@@ -270,6 +272,7 @@ fn serve(
         access: Access { gid },
         client_quota: args.client_quota.unwrap_or(u64::MAX),
         user_quota: args.user_quota.unwrap_or(u64::MAX),
+        max_clients_per_user: args.max_clients_per_user,
     };
     let mut server = match Server::new(seg, name, listener, Some(keeper), kept_channels, policy) {
         Ok(s) => s

@@ -153,6 +153,9 @@ pub struct Policy {
     pub client_quota: u64,
     /// Arena bytes one user may hold (`--user-quota`; `u64::MAX`: unlimited).
     pub user_quota: u64,
+    /// Connections one user may have at once (`--max-clients-per-user`): what keeps one user
+    /// from taking every descriptor the daemon has.
+    pub max_clients_per_user: usize,
 }
 
 /// The daemon's request server.
@@ -1328,11 +1331,16 @@ impl Server {
             match unix::accept(&self.listener) {
                 Ok(Some(sock)) => {
                     if self.pending.len() >= MAX_PENDING {
-                        log::warn!(
-                            "{MAX_PENDING} connections are waiting for their first message; \
-                             closing a new one"
-                        );
-                        continue;
+                        // The oldest goes: a peer that opens connections and never speaks
+                        // cannot keep newer ones out.
+                        let oldest = self
+                            .pending
+                            .keys()
+                            .copied()
+                            .max_by_key(|t| self.next_token.wrapping_sub(*t) & 0x00ff_ffff);
+                        if let Some(t) = oldest {
+                            self.pending.remove(&t);
+                        }
                     }
                     let token = self.next_token;
                     self.next_token = (self.next_token + 1) & 0x00ff_ffff;
@@ -1427,6 +1435,23 @@ impl Server {
         };
         if self.stopping {
             return refuse(&sock, Refusal::ShuttingDown, "the daemon is shutting down");
+        }
+        let of_user = self.clients.values().filter(|c| c.uid == peer.uid).count();
+        if of_user >= self.policy.max_clients_per_user {
+            log::warn!(
+                "refused pid {}: user {} already has {of_user} connections",
+                peer.pid,
+                peer.uid
+            );
+            return refuse(
+                &sock,
+                Refusal::Busy,
+                &format!(
+                    "user {} already has {of_user} connections, the most this daemon takes \
+                     from one user (--max-clients-per-user)",
+                    peer.uid
+                ),
+            );
         }
         let busy = |sock: &Fd, what: &str, e: &dyn std::fmt::Display| {
             log::warn!("cannot take client pid {}: {what}: {e}", peer.pid);
