@@ -7,18 +7,26 @@
 //! allocator. Errors are the raw `errno` ([`Errno`]); callers map them to their own error enums
 //! where the failure is decided.
 //!
+//! The calls go through `rustix` (raw system calls, typed flags, owned descriptors). `libc` is
+//! left for the few things rustix lacks or does worse on the allocator's path, each marked where
+//! it is used: `strerror_r`, `clock_gettime`, `sched_getcpu` and `sysconf`.
+//!
 //! Descriptors are owned by [`Fd`] and mappings by [`Mapping`]; both release their resource on
 //! drop, ignoring errors (nothing useful can be done about a failed `close` or `munmap`).
 
-use core::ffi::CStr;
+use core::ffi::{c_void, CStr};
 use core::fmt;
 use core::ptr::NonNull;
 use core::sync::atomic::AtomicU32;
 use core::time::Duration;
+use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
 
 cfg_if::cfg_if! {
     if #[cfg(target_os = "linux")] {
-        use libc::{c_int, c_void};
+        use rustix::fs::{FallocateFlags, Mode};
+        use rustix::io::Errno as SysErrno;
+        use rustix::mm::{Advice, MapFlags, ProtFlags};
+        use rustix::thread::futex;
     } else {
         compile_error!("xalloc-proto supports Linux only");
     }
@@ -29,16 +37,19 @@ cfg_if::cfg_if! {
 pub struct Errno(pub i32);
 
 impl Errno {
-    /// The calling thread's current `errno`.
+    /// The calling thread's current `errno`: the error of the last failed `libc` call. (The
+    /// calls in this crate that go through rustix return their error and leave `errno` alone.)
     pub fn last() -> Self {
-        // SAFETY: `__errno_location` returns a valid pointer to this thread's errno.
-        Self(unsafe { *libc::__errno_location() })
+        // `last_os_error` only reads `errno`; it allocates nothing.
+        Self(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
     }
 }
 
 impl fmt::Display for Errno {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut buf = [0u8; 128];
+        // libc: rustix has no `strerror`; its `Errno`'s `Display` goes through `std::io::Error`,
+        // which allocates the message and words it differently.
         // SAFETY: `buf` is writable for its length; the XSI `strerror_r` writes a NUL-terminated
         // string of at most that length, or returns an error and leaves it unspecified.
         let rc = unsafe { libc::strerror_r(self.0, buf.as_mut_ptr().cast(), buf.len()) };
@@ -58,48 +69,61 @@ impl fmt::Display for Errno {
 
 impl core::error::Error for Errno {}
 
+/// A rustix error as the raw `errno` value.
+const fn errno(e: SysErrno) -> Errno {
+    Errno(e.raw_os_error())
+}
+
 /// The page size this crate assumes (x86-64, and arm64 with 4 KiB pages).
 const PAGE: usize = 4096;
 
-/// Turns a `-1` return into the current `errno`.
-fn check(rc: c_int) -> Result<c_int, Errno> {
-    if rc == -1 {
-        Err(Errno::last())
-    } else {
-        Ok(rc)
-    }
+/// A file offset or length as the kernel's signed `loff_t`, or `EFBIG` (rustix takes `u64` and
+/// leaves the range to the kernel, which would answer `EINVAL`).
+fn file_offset(v: u64) -> Result<u64, Errno> {
+    i64::try_from(v)
+        .map(|_| v)
+        .map_err(|_| errno(SysErrno::FBIG))
 }
 
 /// An owned file descriptor, closed on drop.
+///
+/// Deliberately not an `OwnedFd`: `OwnedFd::from_raw_fd` asserts that the value is not `-1`, a
+/// panic path that [`Fd::from_raw`] (called inside the global allocator) does not have.
 #[derive(Debug)]
-pub struct Fd(c_int);
+pub struct Fd(RawFd);
 
 impl Fd {
     /// Takes ownership of `fd`.
     ///
     /// # Safety
     /// `fd` is an open descriptor that nothing else closes.
-    pub unsafe fn from_raw(fd: c_int) -> Self {
+    pub unsafe fn from_raw(fd: RawFd) -> Self {
         Self(fd)
     }
 
     /// The raw descriptor, still owned by `self`.
-    pub fn raw(&self) -> c_int {
+    pub fn raw(&self) -> RawFd {
         self.0
     }
 
     /// Gives up ownership: the caller closes the descriptor.
-    pub fn into_raw(self) -> c_int {
+    pub fn into_raw(self) -> RawFd {
         let fd = self.0;
         core::mem::forget(self);
         fd
+    }
+
+    /// Takes over a descriptor that rustix returned.
+    fn own(fd: OwnedFd) -> Self {
+        Self(fd.into_raw_fd())
     }
 }
 
 impl Drop for Fd {
     fn drop(&mut self) {
-        // SAFETY: `self` owns the descriptor and closes it once.
-        unsafe { libc::close(self.0) };
+        // SAFETY: `self` owns the descriptor, which is open (`from_raw`'s contract), and closes
+        // it once; nothing uses the number afterwards.
+        unsafe { rustix::io::close(self.0) };
     }
 }
 
@@ -116,31 +140,43 @@ pub struct ObjectInfo {
     pub mode: u32,
 }
 
+/// The `shm_open` flags beyond the access mode, as glibc's `shm_open` sets them: `O_NOFOLLOW`
+/// (glibc adds it; rustix, which adds only `O_CLOEXEC`, does not) and, when opening an existing
+/// object, `O_NONBLOCK` (see [`shm_open`]).
+fn shm_extra_flags(nonblock: bool) -> rustix::shm::OFlags {
+    let mut extra = rustix::fs::OFlags::NOFOLLOW;
+    if nonblock {
+        extra |= rustix::fs::OFlags::NONBLOCK;
+    }
+    rustix::shm::OFlags::from_bits_retain(extra.bits())
+}
+
+/// `shm_open` through rustix, with glibc's error for a directory (`EINVAL`, not `EISDIR`).
+fn shm_open_raw(name: &CStr, flags: rustix::shm::OFlags, mode: u32) -> Result<Fd, Errno> {
+    match rustix::shm::open(name, flags, Mode::from_raw_mode(mode)) {
+        Ok(fd) => Ok(Fd::own(fd)),
+        Err(SysErrno::ISDIR) => Err(errno(SysErrno::INVAL)),
+        Err(e) => Err(errno(e)),
+    }
+}
+
 /// Creates the shared-memory object `name` (`/NAME`, as for `shm_open`) with `mode`, exclusively
 /// (`O_CREAT | O_EXCL`: fails with `EEXIST` if it exists), sized to `len` bytes of zeros.
 ///
 /// The mode is set with `fchmod` after creation, so the process umask does not narrow it. On
 /// failure after creation the object is unlinked again.
 pub fn shm_create(name: &CStr, len: u64, mode: u32) -> Result<Fd, Errno> {
-    let len = libc::off_t::try_from(len).map_err(|_| Errno(libc::EFBIG))?;
-    // SAFETY: `name` is NUL-terminated.
-    let fd = check(unsafe {
-        libc::shm_open(
-            name.as_ptr(),
-            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
-            mode as libc::mode_t,
-        )
-    })?;
-    // SAFETY: `fd` was just opened and is owned here.
-    let fd = unsafe { Fd::from_raw(fd) };
-    // SAFETY: plain calls on an owned descriptor.
-    let sized = check(unsafe { libc::fchmod(fd.raw(), mode as libc::mode_t) })
-        .and_then(|_| check(unsafe { libc::ftruncate(fd.raw(), len) }));
+    use rustix::shm::OFlags;
+    let len = file_offset(len)?;
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | shm_extra_flags(false);
+    let fd = shm_open_raw(name, flags, mode)?;
+    let sized = rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))
+        .and_then(|()| rustix::fs::ftruncate(&fd, len));
     match sized {
-        Ok(_) => Ok(fd),
+        Ok(()) => Ok(fd),
         Err(e) => {
             shm_unlink(name).ok();
-            Err(e)
+            Err(errno(e))
         }
     }
 }
@@ -151,30 +187,24 @@ pub fn shm_create(name: &CStr, len: u64, mode: u32) -> Result<Fd, Errno> {
 /// name would otherwise hold the open until someone writes to it (with `O_NONBLOCK` it opens at
 /// once, and mapping it fails with `ENODEV`). The flag changes nothing for a regular file.
 pub fn shm_open(name: &CStr, writable: bool) -> Result<Fd, Errno> {
-    let flags = if writable {
-        libc::O_RDWR
+    use rustix::shm::OFlags;
+    let access = if writable {
+        OFlags::RDWR
     } else {
-        libc::O_RDONLY
-    } | libc::O_CLOEXEC
-        | libc::O_NONBLOCK;
-    // SAFETY: `name` is NUL-terminated; no `O_CREAT`, so the mode is unused.
-    let fd = check(unsafe { libc::shm_open(name.as_ptr(), flags, 0) })?;
-    // SAFETY: `fd` was just opened and is owned here.
-    Ok(unsafe { Fd::from_raw(fd) })
+        OFlags::RDONLY
+    };
+    // No `O_CREAT`, so the mode is unused.
+    shm_open_raw(name, access | shm_extra_flags(true), 0)
 }
 
 /// Removes the name `name`; mappings and descriptors of the object stay valid.
 pub fn shm_unlink(name: &CStr) -> Result<(), Errno> {
-    // SAFETY: `name` is NUL-terminated.
-    check(unsafe { libc::shm_unlink(name.as_ptr()) }).map(drop)
+    rustix::shm::unlink(name).map_err(errno)
 }
 
 /// Size, owner and mode of the object behind `fd`.
 pub fn fstat(fd: &Fd) -> Result<ObjectInfo, Errno> {
-    // SAFETY: all-zero is a valid `stat`; `fstat` fills it for an open descriptor.
-    let mut st: libc::stat = unsafe { core::mem::zeroed() };
-    // SAFETY: `st` is writable; `fd` is open.
-    check(unsafe { libc::fstat(fd.raw(), &mut st) })?;
+    let st = rustix::fs::fstat(fd).map_err(errno)?;
     Ok(ObjectInfo {
         len: st.st_size as u64,
         uid: st.st_uid,
@@ -183,35 +213,30 @@ pub fn fstat(fd: &Fd) -> Result<ObjectInfo, Errno> {
     })
 }
 
+/// `fallocate` with `mode`, retried on `EINTR`.
+fn fallocate(fd: &Fd, mode: FallocateFlags, offset: u64, len: u64) -> Result<(), Errno> {
+    let (offset, len) = (file_offset(offset)?, file_offset(len)?);
+    loop {
+        match rustix::fs::fallocate(fd, mode, offset, len) {
+            Err(SysErrno::INTR) => continue,
+            r => return r.map_err(errno),
+        }
+    }
+}
+
 /// Reserves the pages behind bytes `[offset, offset + len)` of the object (`fallocate`), so that
 /// touching them later cannot fail. On a full `/dev/shm` this fails with `ENOSPC`, where a
 /// store into an unreserved page would raise `SIGBUS`.
 pub fn reserve(fd: &Fd, offset: u64, len: u64) -> Result<(), Errno> {
-    let off = libc::off_t::try_from(offset).map_err(|_| Errno(libc::EFBIG))?;
-    let len = libc::off_t::try_from(len).map_err(|_| Errno(libc::EFBIG))?;
-    loop {
-        // SAFETY: plain call on an open descriptor.
-        match check(unsafe { libc::fallocate(fd.raw(), 0, off, len) }) {
-            Err(Errno(libc::EINTR)) => continue,
-            r => return r.map(drop),
-        }
-    }
+    fallocate(fd, FallocateFlags::empty(), offset, len)
 }
 
 /// Returns the pages behind bytes `[offset, offset + len)` of the object to the kernel
 /// (`fallocate` with `FALLOC_FL_PUNCH_HOLE`): they read as zeros afterwards, in every mapping,
 /// and take no memory until written again. The object keeps its size.
 pub fn punch_hole(fd: &Fd, offset: u64, len: u64) -> Result<(), Errno> {
-    let off = libc::off_t::try_from(offset).map_err(|_| Errno(libc::EFBIG))?;
-    let len = libc::off_t::try_from(len).map_err(|_| Errno(libc::EFBIG))?;
-    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    loop {
-        // SAFETY: plain call on an open descriptor.
-        match check(unsafe { libc::fallocate(fd.raw(), mode, off, len) }) {
-            Err(Errno(libc::EINTR)) => continue,
-            r => return r.map(drop),
-        }
-    }
+    let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    fallocate(fd, mode, offset, len)
 }
 
 /// A shared mapping of a whole object, unmapped on drop.
@@ -235,76 +260,66 @@ impl Mapping {
     pub fn new(fd: &Fd, len: usize, writable: bool) -> Result<Self, Errno> {
         const HUGE: usize = crate::wire::HUGE_PAGE;
         let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
+            ProtFlags::READ | ProtFlags::WRITE
         } else {
-            libc::PROT_READ
+            ProtFlags::READ
         };
         if len < HUGE {
-            // SAFETY: a fresh mapping chosen by the kernel; it aliases nothing of ours.
+            // SAFETY: a fresh mapping chosen by the kernel (no address given, no MAP_FIXED); it
+            // aliases nothing of ours.
             let p = unsafe {
-                libc::mmap(
-                    core::ptr::null_mut(),
-                    len,
-                    prot,
-                    libc::MAP_SHARED,
-                    fd.raw(),
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(Errno::last());
+                rustix::mm::mmap(core::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)
             }
-            let ptr = NonNull::new(p.cast()).ok_or(Errno(libc::ENOMEM))?;
+            .map_err(errno)?;
+            let ptr = NonNull::new(p.cast()).ok_or(errno(SysErrno::NOMEM))?;
             return Ok(Self { ptr, len });
         }
         // Reserve a huge page more address space than needed, place the object on the first
         // huge-page boundary inside it, and give back the rest.
-        let span = len.checked_add(HUGE).ok_or(Errno(libc::ENOMEM))?;
+        let span = len.checked_add(HUGE).ok_or(errno(SysErrno::NOMEM))?;
         // SAFETY: a fresh inaccessible reservation chosen by the kernel; it aliases nothing.
         let r = unsafe {
-            libc::mmap(
+            rustix::mm::mmap_anonymous(
                 core::ptr::null_mut(),
                 span,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
             )
-        };
-        if r == libc::MAP_FAILED {
-            return Err(Errno::last());
         }
+        .map_err(errno)?;
         let start = r.addr().next_multiple_of(HUGE);
         // SAFETY: `[start, start + len)` lies inside the reservation just made, which is ours
         // alone; MAP_FIXED replaces that part of it.
-        let p = unsafe {
-            libc::mmap(
+        let mapped = unsafe {
+            rustix::mm::mmap(
                 r.with_addr(start),
                 len,
                 prot,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                fd.raw(),
+                MapFlags::SHARED | MapFlags::FIXED,
+                fd,
                 0,
             )
         };
-        if p == libc::MAP_FAILED {
-            let e = Errno::last();
-            // SAFETY: the reservation made above; nothing uses it.
-            unsafe { libc::munmap(r, span) };
-            return Err(e);
-        }
+        let p = match mapped {
+            Ok(p) => p,
+            Err(e) => {
+                // SAFETY: the reservation made above; nothing uses it.
+                let _ = unsafe { rustix::mm::munmap(r, span) };
+                return Err(errno(e));
+            }
+        };
         let end = (start + len).next_multiple_of(PAGE);
         // SAFETY: the unused head and tail of the reservation, outside the object's mapping;
         // nothing uses them.
         unsafe {
             if start > r.addr() {
-                libc::munmap(r, start - r.addr());
+                let _ = rustix::mm::munmap(r, start - r.addr());
             }
             if r.addr() + span > end {
-                libc::munmap(r.with_addr(end), r.addr() + span - end);
+                let _ = rustix::mm::munmap(r.with_addr(end), r.addr() + span - end);
             }
         }
-        let ptr = NonNull::new(p.cast()).ok_or(Errno(libc::ENOMEM))?;
+        let ptr = NonNull::new(p.cast()).ok_or(errno(SysErrno::NOMEM))?;
         Ok(Self { ptr, len })
     }
 
@@ -312,38 +327,39 @@ impl Mapping {
     /// them for shared memory only where the tmpfs allows it (`/dev/shm` mounted with
     /// `huge=advise`, `within_size` or `always`); elsewhere the advice changes nothing.
     pub fn advise_huge_pages(&self, offset: usize, len: usize) -> Result<(), Errno> {
-        self.advise(offset, len, libc::MADV_HUGEPAGE)
+        self.advise(offset, len, Advice::LinuxHugepage)
     }
 
     /// Backs bytes `[offset, offset + len)` with memory now, as if each page were written
     /// (`MADV_POPULATE_WRITE`), honouring huge-page advice. Where memory runs out this fails
     /// (`EFAULT` or `ENOMEM`) instead of raising `SIGBUS` as a store would.
     pub fn populate(&self, offset: usize, len: usize) -> Result<(), Errno> {
-        self.advise(offset, len, libc::MADV_POPULATE_WRITE)
+        self.advise(offset, len, Advice::LinuxPopulateWrite)
     }
 
     /// Keeps the mapping out of child processes (`MADV_DONTFORK`): after `fork`, the child has
     /// no mapping at this address at all. For a client's private channel, which only the
     /// process the daemon identified may use.
     pub fn dont_fork(&self) -> Result<(), Errno> {
-        self.advise(0, self.len.next_multiple_of(PAGE), libc::MADV_DONTFORK)
+        self.advise(0, self.len.next_multiple_of(PAGE), Advice::LinuxDontFork)
     }
 
-    fn advise(&self, offset: usize, len: usize, advice: libc::c_int) -> Result<(), Errno> {
+    fn advise(&self, offset: usize, len: usize, advice: Advice) -> Result<(), Errno> {
         if offset
             .checked_add(len)
             .is_none_or(|end| end > self.len.next_multiple_of(PAGE))
             || !offset.is_multiple_of(PAGE)
         {
-            return Err(Errno(libc::EINVAL));
+            return Err(errno(SysErrno::INVAL));
         }
         loop {
             // SAFETY: a page-aligned range inside this mapping; the advice changes no content
             // (populating writes nothing: pages read as before).
-            let r = unsafe { libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice) };
-            match check(r) {
-                Err(Errno(libc::EINTR)) => continue,
-                r => return r.map(drop),
+            let r =
+                unsafe { rustix::mm::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice) };
+            match r {
+                Err(SysErrno::INTR) => continue,
+                r => return r.map_err(errno),
             }
         }
     }
@@ -405,20 +421,18 @@ pub unsafe fn remap_private(map: &Mapping, fd: &Fd) -> Result<(), Errno> {
     // SAFETY: MAP_FIXED over our own mapping, same length, same object: the caller's contract
     // rules out concurrent access; the range stays mapped throughout (the kernel replaces it
     // in one step).
-    let p = unsafe {
-        libc::mmap(
-            map.as_ptr().cast(),
+    unsafe {
+        rustix::mm::mmap(
+            map.as_ptr().cast::<c_void>(),
             map.len(),
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_FIXED,
-            fd.raw(),
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::FIXED,
+            fd,
             0,
         )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(Errno::last());
     }
-    Ok(())
+    .map(drop)
+    .map_err(errno)
 }
 
 /// Nanoseconds on the monotonic clock.
@@ -427,6 +441,9 @@ pub fn monotonic_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // libc: rustix's `clock_gettime` finds the vDSO through the auxiliary vector on its first
+    // call, which can allocate (it reads `/proc/self/auxv` into a `Vec` before Linux 6.4) and
+    // panic; this runs inside the global allocator. glibc uses the vDSO it found at start-up.
     // SAFETY: `ts` is writable; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64)
@@ -438,7 +455,7 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `self` owns the mapping; nothing refers to it once `self` is gone (`at`
         // borrows `self`).
-        unsafe { libc::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len) };
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len) };
     }
 }
 
@@ -456,74 +473,44 @@ pub enum Wake {
 /// a shared mapping, read-only included: the futex is keyed by the object, not the address, so
 /// [`futex_wake`] from another process reaches it.
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> Wake {
-    let ts = timeout.map(|d| libc::timespec {
-        tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: d.subsec_nanos() as libc::c_long,
+    let ts = timeout.map(|d| futex::Timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: i64::from(d.subsec_nanos()),
     });
-    let ts_ptr = ts
-        .as_ref()
-        .map_or(core::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: `word` is a valid, aligned u32 for the duration of the call; the timeout pointer
-    // is null or points at `ts`, alive until the call returns. FUTEX_WAIT (not PRIVATE) works
-    // across processes.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            ts_ptr,
-            core::ptr::null::<u32>(),
-            0u32,
-        )
-    };
-    if rc == -1 && Errno::last().0 == libc::ETIMEDOUT {
-        Wake::TimedOut
-    } else {
-        Wake::Woken
+    // Flags empty, not PRIVATE: FUTEX_WAIT keyed by the object, so it works across processes.
+    match futex::wait(word, futex::Flags::empty(), expected, ts.as_ref()) {
+        Err(SysErrno::TIMEDOUT) => Wake::TimedOut,
+        _ => Wake::Woken,
     }
 }
 
 /// Wakes up to `n` waiters on `word` (in any process); returns how many were woken.
 pub fn futex_wake(word: &AtomicU32, n: u32) -> usize {
-    // SAFETY: FUTEX_WAKE reads nothing through the pointer; it only keys the wait queue.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE,
-            n.min(i32::MAX as u32),
-            core::ptr::null::<libc::timespec>(),
-            core::ptr::null::<u32>(),
-            0u32,
-        )
-    };
-    usize::try_from(rc).unwrap_or(0)
+    futex::wake(word, futex::Flags::empty(), n.min(i32::MAX as u32)).unwrap_or(0)
 }
 
 /// A pidfd for process `pid`: readable once the process has exited. Fails with `ESRCH` if no
 /// such process exists.
 pub fn pidfd_open(pid: u32) -> Result<Fd, Errno> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| Errno(libc::ESRCH))?;
-    // SAFETY: plain system call with integer arguments.
-    let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
-    if rc < 0 {
-        return Err(Errno::last());
-    }
-    // SAFETY: a fresh descriptor owned here.
-    Ok(unsafe { Fd::from_raw(rc as c_int) })
+    let pid = i32::try_from(pid).map_err(|_| errno(SysErrno::SRCH))?;
+    // Pid 0 is no process; the kernel answers `EINVAL` for it, and so does this.
+    let pid = rustix::process::Pid::from_raw(pid).ok_or(errno(SysErrno::INVAL))?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK)
+        .map(Fd::own)
+        .map_err(errno)
 }
 
 /// Whether the process behind `pidfd` has exited (its pidfd is readable).
 pub fn pidfd_exited(pidfd: &Fd) -> bool {
-    let mut p = libc::pollfd {
-        fd: pidfd.raw(),
-        events: libc::POLLIN,
-        revents: 0,
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut p = [PollFd::new(pidfd, PollFlags::IN)];
+    // A zero timeout never blocks.
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    // SAFETY: `p` is one valid pollfd; a zero timeout never blocks.
-    let rc = unsafe { libc::poll(&mut p, 1, 0) };
-    rc == 1 && p.revents & libc::POLLIN != 0
+    let ready = rustix::event::poll(&mut p, Some(&now));
+    ready == Ok(1) && p[0].revents().contains(PollFlags::IN)
 }
 
 /// Whether process `pid` runs (exists and has not exited: a zombie counts as gone). It may
@@ -537,18 +524,18 @@ pub fn process_alive(pid: u32) -> bool {
 
 /// This process's id.
 pub fn pid() -> u32 {
-    // SAFETY: always succeeds.
-    unsafe { libc::getpid() as u32 }
+    rustix::process::getpid().as_raw_pid() as u32
 }
 
 /// The effective user id.
 pub fn euid() -> u32 {
-    // SAFETY: always succeeds.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 /// CPUs online now (at least 1).
 pub fn online_cpus() -> usize {
+    // libc: rustix has no `_SC_NPROCESSORS_ONLN` (glibc reads `/sys/devices/system/cpu/online`);
+    // `sched_getaffinity` counts the CPUs this thread may use, not those online.
     // SAFETY: plain query.
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     usize::try_from(n).unwrap_or(1).max(1)
@@ -557,15 +544,17 @@ pub fn online_cpus() -> usize {
 /// The CPU the calling thread runs on now (a hint: it may move at any time), or `u32::MAX` if
 /// unknown.
 pub fn current_cpu() -> u32 {
-    // SAFETY: plain query (a vDSO call on x86-64).
+    // libc: as for `monotonic_ns`, rustix's `sched_getcpu` looks up the vDSO through the
+    // auxiliary vector on its first call (which can allocate or panic, inside the allocator);
+    // glibc's reads the thread's rseq area.
+    // SAFETY: plain query.
     let c = unsafe { libc::sched_getcpu() };
     u32::try_from(c).unwrap_or(u32::MAX)
 }
 
 /// Gives the CPU to another runnable thread, if any.
 pub fn yield_now() {
-    // SAFETY: always safe.
-    unsafe { libc::sched_yield() };
+    rustix::thread::sched_yield();
 }
 
 /// A shared-memory name `/NAME.KIND` built without allocating: a NUL-terminated buffer.
