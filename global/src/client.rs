@@ -1,32 +1,65 @@
-//! A connection to `xallocd`: the three mapped segments, request slots, and the round trip.
+//! A connection to `xallocd`: the instance socket, this client's own channel, the arena, and
+//! the round trip.
 //!
 //! # Model
 //!
-//! - A [`Connection`] maps `/NAME.request` read-write, `/NAME.response` read-only and
-//!   `/NAME.arena` read-write, after checking each segment's header (magic, version, sizes) and
-//!   that one user owns all three.
-//! - A [`Slot`] is one request slot, claimed for this process and registered with the daemon
-//!   (`Hello`). One request is in flight per slot, so a thread uses its own slot; the
-//!   [`Connection`] can be shared between threads. Dropping a slot says `Goodbye` and frees it.
-//! - Blocks belong to the process, not to the slot: any slot of the process may free them, and
-//!   the daemon frees the rest when the process exits (it watches a pidfd), however it exits.
+//! - [`Connection::connect`] connects to the instance's Unix socket `/dev/shm/NAME.socket`,
+//!   says [`Hello`] and receives a [`Welcome`] with three descriptors: the arena, this client's
+//!   request channel (read-write) and its response channel (read-only). It checks that the
+//!   arena and the request channel are sealed against resizing, that every header describes
+//!   one daemon instance and agrees with the welcome, and that the daemon (the socket's peer,
+//!   as the kernel reports it) is the user who owns the objects. Nothing in it allocates: it is
+//!   called from inside a global allocator.
+//! - The connection *is* the registration: the daemon knows this client by the kernel's word
+//!   about the socket's peer, and when the socket closes (drop, exit, crash, `exec`: it is
+//!   close-on-exec) the daemon frees the client's blocks. Blocks belong to the connection, not
+//!   to the process: a block must be freed through the connection that allocated it.
+//! - The channel is this client's alone. Its threads share its slots among themselves: a
+//!   [`Slot`] is one slot claimed by a thread ([`Connection::claim`], or
+//!   [`Connection::register`] for callers that keep their own pool), with one request in flight
+//!   at a time; the [`Connection`] can be shared between threads.
+//! - A request is written into the slot, the [`ClientBell`] is rung, and one wake byte goes to
+//!   the socket if the daemon does not watch the channel ([`Connection::ring`]). The waiter
+//!   spins briefly, then sleeps on the answer's futex in slices, checking between slices that
+//!   the daemon lives.
 //!
-//! Nothing on the request path allocates, formats or takes a lock. A request waits at most
-//! [`ANSWER_TIMEOUT`]; after a timeout the slot is abandoned (never reused, since the daemon may
-//! still answer it), and the daemon reclaims it when the process exits. If the daemon dies, a
-//! request waits up to [`RESTART_GRACE`] for a new daemon to re-attach to the segments (which
-//! then answers it) before it fails with [`RequestError::DaemonGone`].
+//! # Daemon liveness
+//!
+//! The daemon's pid comes from the response channel's header, which only the daemon can write.
+//! A daemon restarted after a crash re-attaches to the channels and rewrites that header's pid
+//! and generation; the connection follows it ([`Connection::daemon_alive`]). The socket's
+//! hang-up is not a sign of death: a restarted daemon serves the old channels without the old
+//! socket. A request waits at most [`ANSWER_TIMEOUT`]; after a timeout its slot is abandoned
+//! (never reused: the daemon may still answer it). If the daemon dies, a request waits up to
+//! [`RESTART_GRACE`] for a new daemon to re-attach before it fails with
+//! [`RequestError::DaemonGone`].
+//!
+//! # fork
+//!
+//! The channel is mapped with `MADV_DONTFORK`: a forked child has no mapping of it, and the
+//! addresses may hold other mappings there later. Every method that touches the channel checks
+//! first that it runs in the process that connected, and refuses otherwise
+//! ([`RequestError::SlotUnusable`], `None`, `false`); dropping the connection in a child never
+//! unmaps those addresses. The child keeps a mapping of the arena (see
+//! [`Connection::privatize_arena_after_fork`]) and a copy of the socket, which it should close
+//! ([`Connection::close_inherited_socket`]) so that the daemon sees the parent's exit or
+//! `exec`; it makes a connection of its own for its own requests.
+//!
+//! Nothing on the request path allocates, formats or takes a lock.
 
+use core::ffi::CStr;
 use core::fmt;
+use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use xalloc_proto::os::{self, Errno, Fd, Mapping, ShmName, Wake};
+use xalloc_proto::os::{self, Errno, Fd, Mapping, Wake};
+use xalloc_proto::unix;
 use xalloc_proto::wire::{
-    self, DaemonStats, Doorbell, LayoutError, Ledger, Op, RequestSlot, Response, ResponseSlot,
-    SegmentHeader, SegmentKind, StatsSnapshot, Status, ARENA_DATA_OFFSET, DOORBELL_OFFSET,
-    FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES, STATS_OFFSET,
+    self, ClientBell, DaemonBell, HandshakeError, Hello, HelloKind, LayoutError, Ledger, Op,
+    Refusal, RequestSlot, Response, ResponseSlot, SegmentHeader, SegmentKind, Status, Welcome,
+    ARENA_DATA_OFFSET, FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES,
 };
 
 /// How long a request waits for its answer before the client gives up on the daemon.
@@ -34,6 +67,9 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a request waits for a new daemon to re-attach after its daemon died.
 pub const RESTART_GRACE: Duration = Duration::from_millis(500);
+
+/// How long [`Connection::connect`] waits for the daemon's [`Welcome`].
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a waiter spins (when more than one CPU is online) before it sleeps on the futex.
 const SPIN_BUDGET: Duration = Duration::from_micros(20);
@@ -45,21 +81,41 @@ const SPINS_PER_YIELD: u32 = 256;
 /// The longest single futex sleep: between sleeps the waiter checks that the daemon lives.
 const SLEEP_SLICE: Duration = Duration::from_millis(50);
 
+/// Shortest time between two attempts to rebind a channel to a restarted daemon.
+const REBIND_INTERVAL_NS: u64 = 100_000_000;
+
+/// Bytes of a welcome message this client reads: the fixed part and a reason of a few lines.
+const WELCOME_BUF: usize = 512;
+
+/// Where an instance's socket lives: `/dev/shm/NAME.socket`.
+const SOCKET_DIR: &[u8] = b"/dev/shm/";
+/// The socket's suffix.
+const SOCKET_SUFFIX: &[u8] = b".socket";
+/// Bytes of a Unix socket path, NUL included (`sun_path`).
+const SOCKET_PATH_CAP: usize = 108;
+
 /// Why [`Connection::connect`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConnectError {
-    /// The instance name is empty, too long, or holds a `/`.
+    /// The instance name is empty, too long for a socket path, or holds a `/` or NUL.
     BadName,
-    /// A segment does not exist: no daemon of this name runs.
-    NotRunning {
-        /// The missing segment.
-        segment: SegmentKind,
+    /// No daemon of this name runs: its socket does not exist, or nobody listens on it.
+    NotRunning,
+    /// The socket exists but this user may not connect to it.
+    PermissionDenied,
+    /// The daemon did not answer within [`HANDSHAKE_TIMEOUT`], or its queue of new connections
+    /// is full.
+    Busy,
+    /// The daemon refused this client.
+    Refused {
+        /// Why.
+        refusal: Refusal,
     },
-    /// A segment exists but this user may not open it.
-    PermissionDenied {
-        /// The segment.
-        segment: SegmentKind,
+    /// The daemon's answer to the handshake is not one this build understands.
+    Protocol {
+        /// What was wrong with it.
+        what: &'static str,
     },
     /// A segment's header is not what this build expects.
     Layout {
@@ -68,13 +124,18 @@ pub enum ConnectError {
         /// What is wrong with it.
         error: LayoutError,
     },
-    /// The segments are not owned by one user, or the response segment is writable by others:
-    /// they were not all made by one daemon.
+    /// A segment can change size (it is not a memfd sealed against shrinking and growing): a
+    /// daemon that hands out such objects is not ours.
+    NotSealed {
+        /// The segment.
+        segment: SegmentKind,
+    },
+    /// A segment is not owned by the user the daemon runs as.
     Ownership {
         /// The segment that differs.
         segment: SegmentKind,
     },
-    /// The segments belong to different daemon instances (a restart raced with the connect).
+    /// The segments, or the segments and the welcome, describe different daemon instances.
     Mismatch,
     /// The daemon that made the segments no longer runs.
     DaemonGone {
@@ -83,8 +144,6 @@ pub enum ConnectError {
     },
     /// Another system call failed.
     Os {
-        /// The segment concerned.
-        segment: SegmentKind,
         /// The call.
         call: &'static str,
         /// Its error.
@@ -92,32 +151,54 @@ pub enum ConnectError {
     },
 }
 
+/// A fixed sentence for a refusal, for [`ConnectError`]'s `Display`.
+fn refusal_text(r: Refusal) -> &'static str {
+    match r {
+        Refusal::None => "the daemon refused without saying why",
+        Refusal::NotServed => "the daemon does not serve this user (see `xallocd start --group`)",
+        Refusal::BadVersion => {
+            "the daemon speaks another protocol version (this program and xallocd come from \
+             different xalloc builds)"
+        }
+        Refusal::Busy => {
+            "the daemon cannot take another client now (out of descriptors or memory); \
+             try again later"
+        }
+        Refusal::ShuttingDown => "the daemon is shutting down",
+        Refusal::BadHello => "the daemon did not understand this client's hello",
+    }
+}
+
 impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::BadName => f.write_str("bad instance name (empty, too long, or contains '/')"),
-            Self::NotRunning { segment } => write!(
-                f,
-                "no xallocd instance: its {segment} does not exist (start one with `xallocd start`)"
+            Self::BadName => f.write_str(
+                "bad instance name (empty, too long for a socket path, or contains '/')",
             ),
-            Self::PermissionDenied { segment } => {
-                write!(
-                    f,
-                    "permission denied opening the {segment} (see `xallocd start --group`)"
-                )
-            }
+            Self::NotRunning => f.write_str(
+                "no xallocd instance of this name runs (start one with `xallocd start`)",
+            ),
+            Self::PermissionDenied => f.write_str(
+                "permission denied connecting to the daemon (see `xallocd start --group`)",
+            ),
+            Self::Busy => write!(
+                f,
+                "the daemon did not take the connection within {HANDSHAKE_TIMEOUT:?}"
+            ),
+            Self::Refused { refusal } => f.write_str(refusal_text(*refusal)),
+            Self::Protocol { what } => write!(f, "bad handshake from the daemon: {what}"),
             Self::Layout { segment, error } => write!(f, "the {segment}: {error}"),
+            Self::NotSealed { segment } => write!(
+                f,
+                "the {segment} the daemon handed over can change size; refusing it"
+            ),
             Self::Ownership { segment } => write!(
                 f,
-                "the {segment} is not owned like the others of its instance; refusing it"
+                "the {segment} is not owned by the daemon's user; refusing it"
             ),
-            Self::Mismatch => f.write_str("segments belong to different daemon instances"),
+            Self::Mismatch => f.write_str("the segments belong to different daemon instances"),
             Self::DaemonGone { pid } => write!(f, "the daemon (pid {pid}) no longer runs"),
-            Self::Os {
-                segment,
-                call,
-                errno,
-            } => write!(f, "{call} of the {segment}: {errno}"),
+            Self::Os { call, errno } => write!(f, "{call}: {errno}"),
         }
     }
 }
@@ -132,14 +213,14 @@ pub enum RequestError {
     Refused(Status),
     /// The daemon answered with a status this build does not know.
     UnknownStatus(u32),
-    /// Every slot is taken.
+    /// Every slot of the channel is taken.
     NoFreeSlot,
     /// No answer within [`ANSWER_TIMEOUT`]; the slot is abandoned.
     Timeout,
     /// The daemon exited; the slot is abandoned.
     DaemonGone,
-    /// The slot was abandoned by an earlier timeout, or the process forked and this is the
-    /// parent's slot.
+    /// The slot was abandoned by an earlier timeout, or this process is not the one that
+    /// connected (a forked child: the channel is not mapped here).
     SlotUnusable,
     /// The daemon answered an allocation with a block not aligned as asked where this process
     /// maps the arena; the block was freed again.
@@ -154,7 +235,9 @@ impl fmt::Display for RequestError {
             Self::NoFreeSlot => f.write_str("all request slots are taken"),
             Self::Timeout => write!(f, "no answer within {ANSWER_TIMEOUT:?}"),
             Self::DaemonGone => f.write_str("the daemon exited"),
-            Self::SlotUnusable => f.write_str("slot abandoned or inherited through fork"),
+            Self::SlotUnusable => {
+                f.write_str("slot abandoned, or connection inherited through fork")
+            }
             Self::Misaligned => f.write_str("the daemon answered with a misaligned block"),
         }
     }
@@ -162,19 +245,37 @@ impl fmt::Display for RequestError {
 
 impl std::error::Error for RequestError {}
 
-/// One instance's segments, mapped and checked.
+/// One client connection: the socket, this client's channel and the arena, mapped and checked.
 #[derive(Debug)]
 pub struct Connection {
-    request: Mapping,
-    response: Mapping,
+    /// The socket's descriptor (-1 once closed in a forked child).
+    sock: AtomicI32,
+    /// The request channel, read-write, `MADV_DONTFORK`: unmapped on drop only in `pid`.
+    request: ManuallyDrop<Mapping>,
+    /// The response channel, read-only, `MADV_DONTFORK`: as `request`.
+    response: ManuallyDrop<Mapping>,
     arena: Mapping,
     arena_fd: Fd,
     slot_count: u32,
     granule: u32,
+    client_id: u32,
+    /// The process that connected: the only one that maps the channel.
+    pid: u32,
+    /// The socket's path, NUL-terminated, for [`HelloKind::Rebind`].
+    path: [u8; SOCKET_PATH_CAP],
+    /// The user the daemon runs as (who owns the arena and the channel).
+    daemon_uid: u32,
     /// The serving daemon's generation and pid: updated when a restarted daemon re-attaches to
-    /// these same segments (see [`Connection::daemon_alive`]).
+    /// this channel (see [`Connection::daemon_alive`]).
     generation: AtomicU64,
     daemon_pid: AtomicU32,
+    /// The daemon whose connection the socket is: differs from `daemon_pid` after a restarted
+    /// daemon re-attached, until the channel is rebound to it.
+    bound_pid: AtomicU32,
+    /// A thread is rebinding the channel.
+    rebinding: AtomicBool,
+    /// When the next attempt to rebind may be made (monotonic ns).
+    next_rebind: AtomicU64,
     spin: bool,
     /// The CPU the daemon last answered from (`u32::MAX`: not known yet).
     daemon_cpu: AtomicU32,
@@ -182,25 +283,71 @@ pub struct Connection {
     private: AtomicBool,
 }
 
-/// Opens and maps segment `kind` of `name`, and checks its header.
+/// `/dev/shm/{name}.socket` as a C string in `buf`, or `None` if the name is empty, holds a
+/// `/` or NUL, or makes the path too long for a Unix socket.
+fn socket_path<'b>(name: &str, buf: &'b mut [u8; SOCKET_PATH_CAP]) -> Option<&'b CStr> {
+    let n = name.as_bytes();
+    let len = SOCKET_DIR.len() + n.len() + SOCKET_SUFFIX.len();
+    if n.is_empty() || n.iter().any(|&c| c == b'/' || c == 0) || len + 1 > SOCKET_PATH_CAP {
+        return None;
+    }
+    let (dir, rest) = buf.split_at_mut(SOCKET_DIR.len());
+    dir.copy_from_slice(SOCKET_DIR);
+    rest[..n.len()].copy_from_slice(n);
+    rest[n.len()..n.len() + SOCKET_SUFFIX.len()].copy_from_slice(SOCKET_SUFFIX);
+    rest[n.len() + SOCKET_SUFFIX.len()] = 0;
+    CStr::from_bytes_with_nul(&buf[..=len]).ok()
+}
+
+/// What a connected socket's error means for a connection attempt.
+fn socket_error(call: &'static str, e: Errno) -> ConnectError {
+    match e.0 {
+        libc::ENOENT | libc::ECONNREFUSED | libc::ECONNRESET | libc::EPIPE => {
+            ConnectError::NotRunning
+        }
+        libc::EACCES | libc::EPERM => ConnectError::PermissionDenied,
+        libc::EAGAIN => ConnectError::Busy,
+        _ => ConnectError::Os { call, errno: e },
+    }
+}
+
+/// Waits for the daemon's one answer on `sock` until `deadline`, retrying calls a signal
+/// interrupted.
+fn receive(sock: &Fd, buf: &mut [u8], deadline: Instant) -> Result<unix::Received, ConnectError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ConnectError::Busy);
+        }
+        match unix::recv_with_fds(sock, buf, left) {
+            Ok(Some(r)) => return Ok(r),
+            Ok(None) => {
+                return Err(ConnectError::Protocol {
+                    what: "the daemon closed the connection without an answer",
+                })
+            }
+            Err(Errno(libc::EINTR)) => continue,
+            Err(Errno(libc::EAGAIN)) => {
+                // A timeout, or a wake-up with nothing to read: look again until the deadline.
+                continue;
+            }
+            Err(e) => return Err(socket_error("recvmsg", e)),
+        }
+    }
+}
+
+/// Maps descriptor `fd` of segment `kind` whole and checks its header; returns the mapping,
+/// the header and the object's owner.
 fn attach(
-    name: &str,
+    fd: &Fd,
     kind: SegmentKind,
     writable: bool,
-) -> Result<(Mapping, SegmentHeader, os::ObjectInfo, Fd), ConnectError> {
-    let shm = ShmName::new(name, kind.suffix()).ok_or(ConnectError::BadName)?;
+) -> Result<(Mapping, SegmentHeader, u32), ConnectError> {
     let segment = kind;
-    let os_err = |call, errno| ConnectError::Os {
-        segment,
-        call,
+    let info = os::fstat(fd).map_err(|errno| ConnectError::Os {
+        call: "fstat",
         errno,
-    };
-    let fd = os::shm_open(shm.as_cstr(), writable).map_err(|e| match e.0 {
-        libc_codes::ENOENT => ConnectError::NotRunning { segment },
-        libc_codes::EACCES | libc_codes::EPERM => ConnectError::PermissionDenied { segment },
-        _ => os_err("shm_open", e),
     })?;
-    let info = os::fstat(&fd).map_err(|e| os_err("fstat", e))?;
     let len = usize::try_from(info.len).map_err(|_| ConnectError::Layout {
         segment,
         error: LayoutError::BadSizes,
@@ -214,66 +361,167 @@ fn attach(
             },
         });
     }
-    let map = Mapping::new(&fd, len, writable).map_err(|e| os_err("mmap", e))?;
-    let header = SegmentHeader::load(map.header().expect("checked: longer than a header"));
+    let map = Mapping::new(fd, len, writable).map_err(|errno| ConnectError::Os {
+        call: "mmap",
+        errno,
+    })?;
+    let Some(words) = map.header() else {
+        return Err(ConnectError::Layout {
+            segment,
+            error: LayoutError::TooShort {
+                needed: size_of::<SegmentHeader>(),
+                actual: len,
+            },
+        });
+    };
+    let header = SegmentHeader::load(words);
     header
         .check(kind, len)
         .map_err(|error| ConnectError::Layout { segment, error })?;
-    Ok((map, header, info, fd))
+    Ok((map, header, info.uid))
 }
 
-/// The errno values this module tells apart (the `libc` crate is not a dependency here).
-mod libc_codes {
-    pub const EPERM: i32 = 1;
-    pub const ENOENT: i32 = 2;
-    pub const EACCES: i32 = 13;
+/// Connects to the socket at `path`, says `hello` and waits (at most [`HANDSHAKE_TIMEOUT`])
+/// for the daemon's answer, read into `buf`. Returns the socket, its peer (the daemon, as the
+/// kernel saw it listen), the welcome and the message with its descriptors; a refusal is an
+/// error.
+fn handshake(
+    path: &CStr,
+    hello: Hello,
+    buf: &mut [u8],
+) -> Result<(Fd, unix::Peer, Welcome, unix::Received), ConnectError> {
+    let sock = unix::connect(path).map_err(|e| socket_error("connect", e))?;
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    unix::send_with_fds(&sock, &hello.encode(), &[]).map_err(|e| socket_error("sendmsg", e))?;
+    let msg = receive(&sock, buf, deadline)?;
+    let (welcome, _reason) =
+        Welcome::decode(&buf[..msg.len]).map_err(|e| ConnectError::Protocol {
+            what: match e {
+                HandshakeError::BadMagic => "not an xalloc welcome",
+                HandshakeError::BadVersion(_) => "a welcome of another protocol version",
+                HandshakeError::BadField => "a welcome field out of range",
+            },
+        })?;
+    if welcome.refusal != 0 {
+        // Descriptors sent with a refusal, if any, are closed with `msg`.
+        return Err(match Refusal::from_u32(welcome.refusal) {
+            Some(refusal) => ConnectError::Refused { refusal },
+            None => ConnectError::Protocol {
+                what: "a refusal code this build does not know",
+            },
+        });
+    }
+    let daemon = unix::peer(&sock).map_err(|errno| ConnectError::Os {
+        call: "getsockopt(SO_PEERCRED)",
+        errno,
+    })?;
+    Ok((sock, daemon, welcome, msg))
+}
+
+/// Keeps a mapping out of forked children (`MADV_DONTFORK`).
+fn dont_fork(map: &Mapping) -> Result<(), ConnectError> {
+    map.dont_fork().map_err(|errno| ConnectError::Os {
+        call: "madvise(MADV_DONTFORK)",
+        errno,
+    })
 }
 
 impl Connection {
-    /// Connects to the daemon instance `name` (the `--name` it was started with).
+    /// Connects to the daemon instance `name` (the `--name` it was started with). Allocates
+    /// nothing; waits at most [`HANDSHAKE_TIMEOUT`] for the daemon's answer.
     pub fn connect(name: &str) -> Result<Self, ConnectError> {
-        let (request, rq, rq_info, _) = attach(name, SegmentKind::Request, true)?;
-        let (response, rs, rs_info, _) = attach(name, SegmentKind::Response, false)?;
-        let (arena, ar, ar_info, arena_fd) = attach(name, SegmentKind::Arena, true)?;
-        // One owner for all three, and nobody but the owner may write the answers: otherwise
-        // another user could have planted one of them.
-        if rs_info.uid != rq_info.uid || rs_info.mode & 0o022 != 0 {
-            return Err(ConnectError::Ownership {
-                segment: SegmentKind::Response,
+        let mut path = [0u8; SOCKET_PATH_CAP];
+        socket_path(name, &mut path).ok_or(ConnectError::BadName)?;
+        let hello = Hello {
+            kind: HelloKind::Client,
+            client_id: 0,
+        };
+        let mut buf = [0u8; WELCOME_BUF];
+        let cpath = CStr::from_bytes_until_nul(&path).map_err(|_| ConnectError::BadName)?;
+        let (sock, daemon, welcome, mut msg) = handshake(cpath, hello, &mut buf)?;
+        if msg.truncated || msg.fds_truncated || msg.fds[3..].iter().any(Option::is_some) {
+            return Err(ConnectError::Protocol {
+                what: "more in the welcome than a welcome holds",
             });
         }
-        if ar_info.uid != rq_info.uid {
-            return Err(ConnectError::Ownership {
+        let (Some(arena_fd), Some(request_fd), Some(response_fd)) =
+            (msg.fds[0].take(), msg.fds[1].take(), msg.fds[2].take())
+        else {
+            return Err(ConnectError::Protocol {
+                what: "an acceptance without its three descriptors",
+            });
+        };
+        // Nobody can resize what this process maps: a truncated object would raise SIGBUS.
+        if !unix::size_is_sealed(&arena_fd) {
+            return Err(ConnectError::NotSealed {
                 segment: SegmentKind::Arena,
             });
         }
-        if !rq.same_instance(&rs) || !rq.same_instance(&ar) || ar.arena_len as usize != arena.len()
-        {
+        if !unix::size_is_sealed(&request_fd) {
+            return Err(ConnectError::NotSealed {
+                segment: SegmentKind::Request,
+            });
+        }
+        let (request, rq, rq_uid) = attach(&request_fd, SegmentKind::Request, true)?;
+        let (response, rs, rs_uid) = attach(&response_fd, SegmentKind::Response, false)?;
+        let (arena, ar, ar_uid) = attach(&arena_fd, SegmentKind::Arena, true)?;
+        dont_fork(&request)?;
+        dont_fork(&response)?;
+        // The peer is the daemon as the kernel saw it listen: it must own what it handed over.
+        for (segment, uid) in [
+            (SegmentKind::Arena, ar_uid),
+            (SegmentKind::Request, rq_uid),
+            (SegmentKind::Response, rs_uid),
+        ] {
+            if uid != daemon.uid {
+                return Err(ConnectError::Ownership { segment });
+            }
+        }
+        let agrees = rq.same_instance(&rs)
+            && rq.same_instance(&ar)
+            && ar.arena_len as usize == arena.len()
+            && welcome.slots == rq.slot_count
+            && welcome.granule == rq.granule
+            && welcome.arena_len == rq.arena_len
+            && welcome.generation == rq.generation
+            && welcome.daemon_pid == rq.daemon_pid;
+        if !agrees || rq.slot_count == 0 || rq.granule == 0 {
             return Err(ConnectError::Mismatch);
         }
-        if !os::process_alive(rq.daemon_pid) {
-            return Err(ConnectError::DaemonGone { pid: rq.daemon_pid });
+        if !os::process_alive(rs.daemon_pid) {
+            return Err(ConnectError::DaemonGone { pid: rs.daemon_pid });
         }
         if ar.flags & HEADER_FLAG_HUGE_PAGES != 0 {
             // Advice only: where it is refused the arena works the same with 4 KiB pages.
             let _ = arena.advise_huge_pages(ARENA_DATA_OFFSET, arena.len() - ARENA_DATA_OFFSET);
         }
+        // The channel's descriptors are not needed once mapped; the arena's is, to remap it
+        // privately in a forked child.
+        drop((request_fd, response_fd));
         Ok(Self {
-            request,
-            response,
+            sock: AtomicI32::new(sock.into_raw()),
+            request: ManuallyDrop::new(request),
+            response: ManuallyDrop::new(response),
             arena,
             arena_fd,
             slot_count: rq.slot_count,
             granule: rq.granule,
-            generation: AtomicU64::new(rq.generation),
-            daemon_pid: AtomicU32::new(rq.daemon_pid),
+            client_id: welcome.client_id,
+            pid: os::pid(),
+            path,
+            daemon_uid: daemon.uid,
+            generation: AtomicU64::new(rs.generation),
+            daemon_pid: AtomicU32::new(rs.daemon_pid),
+            bound_pid: AtomicU32::new(rs.daemon_pid),
+            rebinding: AtomicBool::new(false),
+            next_rebind: AtomicU64::new(0),
             spin: os::online_cpus() > 1,
             daemon_cpu: AtomicU32::new(u32::MAX),
             private: AtomicBool::new(false),
         })
     }
 
-    /// Number of request slots.
+    /// Number of request slots in this client's channel.
     pub fn slot_count(&self) -> u32 {
         self.slot_count
     }
@@ -293,6 +541,21 @@ impl Connection {
         self.daemon_pid.load(Ordering::Relaxed)
     }
 
+    /// This client's id in the daemon instance (from the welcome): the owner of its blocks.
+    pub fn client_id(&self) -> u32 {
+        self.client_id
+    }
+
+    /// The process that made the connection: the only one in which its channel is mapped.
+    pub fn connected_pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether this process made the connection (not a forked child of the one that did).
+    pub fn in_connecting_process(&self) -> bool {
+        os::pid() == self.pid
+    }
+
     /// The first byte of the arena's data: block offsets count from here.
     pub fn arena_base(&self) -> *mut u8 {
         // SAFETY: the arena segment is longer than `ARENA_DATA_OFFSET` (checked at connect).
@@ -309,79 +572,92 @@ impl Connection {
         addr.wrapping_sub(self.arena_base().addr()) < self.arena_len()
     }
 
-    /// The daemon's counters, read from the response segment without a request.
-    pub fn stats(&self) -> Option<StatsSnapshot> {
-        // SAFETY: the response segment holds the stats block at `STATS_OFFSET` (its length was
-        // checked against the header).
-        let stats: &DaemonStats = unsafe { self.response.at(STATS_OFFSET) };
-        // The daemon may be preempted in the middle of a write: yield to it between bursts.
-        for _ in 0..1000 {
-            if let Some(s) = stats.load(100) {
-                return Some(s);
-            }
-            os::yield_now();
-        }
-        None
+    /// This client's bell (in the request channel), or `None` in a process other than the one
+    /// that connected.
+    pub fn bell(&self) -> Option<&ClientBell> {
+        // SAFETY: checked to be the connecting process.
+        self.in_connecting_process()
+            .then(|| unsafe { self.bell_here() })
     }
 
-    /// Whether the daemon's arena is low on free room (under an eighth free): a hint, read
-    /// without the statistics' sequence lock, for clients that keep freed blocks to give them
-    /// back.
-    pub fn arena_is_low(&self) -> bool {
-        // SAFETY: as in `stats`.
-        let stats: &DaemonStats = unsafe { self.response.at(STATS_OFFSET) };
-        let (free, arena) = stats.free_and_arena_bytes();
-        free < arena / 8
+    /// The daemon's bell and hints for this client (in the response channel), or `None` in a
+    /// process other than the one that connected.
+    pub fn daemon_bell(&self) -> Option<&DaemonBell> {
+        // SAFETY: checked to be the connecting process.
+        self.in_connecting_process()
+            .then(|| unsafe { self.daemon_bell_here() })
     }
 
-    /// The daemon's doorbell.
-    pub fn doorbell(&self) -> &Doorbell {
-        // SAFETY: checked length; 64-aligned offset.
-        unsafe { self.request.at(DOORBELL_OFFSET) }
+    /// This client's ledger: where it keeps the blocks it caches for reuse and releases
+    /// without a round trip (see [`Ledger`]); `None` in a process other than the one that
+    /// connected. Ring ([`Connection::ring`]) after putting a released block in it.
+    pub fn ledger(&self) -> Option<&Ledger> {
+        // SAFETY: checked to be the connecting process; the channel's length covers the
+        // ledger (checked at connect) and its offset is 64-aligned.
+        self.in_connecting_process()
+            .then(|| unsafe { self.request.at(wire::ledger_offset(self.slot_count)) })
     }
 
-    /// Request slot `i` (for tests and tools that write raw requests; `i < slot_count`).
+    /// Request slot `i` (`i < slot_count`, in the connecting process), for tests and tools that
+    /// write raw requests.
     pub fn request_slot(&self, i: u32) -> Option<&RequestSlot> {
-        // SAFETY: `i < slot_count`, and the segment's length covers every slot (checked).
-        (i < self.slot_count).then(|| unsafe { self.request.at(wire::request_slot_offset(i)) })
-    }
-
-    /// The ledger of slot `i` (`i < slot_count`): where this process keeps the blocks it
-    /// caches for reuse and releases without a round trip (see [`Ledger`]).
-    pub fn ledger(&self, i: u32) -> Option<&Ledger> {
-        // SAFETY: as for `request_slot`: the segment's length covers every ledger.
-        (i < self.slot_count)
-            .then(|| unsafe { self.request.at(wire::ledger_offset(self.slot_count, i)) })
-    }
-
-    /// Asks the daemon to sweep the ledgers (after [`Ledger::put`] of a released block),
-    /// waking it if it sleeps; waits for nothing.
-    pub fn ring_sweep(&self) {
-        let bell = self.doorbell();
-        if bell.ring_sweep() {
-            os::futex_wake(&bell.rings, 1);
+        if i >= self.slot_count || !self.in_connecting_process() {
+            return None;
         }
+        // SAFETY: the connecting process, and `i < slot_count`.
+        Some(unsafe { self.request_slot_here(i) })
     }
 
-    /// Response slot `i` (`i < slot_count`).
+    /// Response slot `i` (`i < slot_count`, in the connecting process).
     pub fn response_slot(&self, i: u32) -> Option<&ResponseSlot> {
-        // SAFETY: as for `request_slot`.
-        (i < self.slot_count).then(|| unsafe { self.response.at(wire::response_slot_offset(i)) })
+        if i >= self.slot_count || !self.in_connecting_process() {
+            return None;
+        }
+        // SAFETY: the connecting process, and `i < slot_count`.
+        Some(unsafe { self.response_slot_here(i) })
     }
 
-    /// Whether a daemon runs and serves these segments. When the daemon that this connection
-    /// was made with has died and a new one has re-attached to the same segments (it rewrote
-    /// their headers), the connection follows it: requests in flight are answered by the new
-    /// daemon, and the slots and blocks of this process are still its own.
+    /// Whether the daemon's arena is low on free room (under an eighth free) as of its last
+    /// answer to this client: a hint for clients that keep freed blocks, to give them back.
+    /// `false` in a process other than the one that connected.
+    pub fn arena_is_low(&self) -> bool {
+        self.daemon_bell().is_some_and(DaemonBell::arena_is_low)
+    }
+
+    /// Rings this client's bell, and wakes the daemon (one byte on the socket) if it does not
+    /// watch the channel: after a request is submitted in a slot, or a released block put in
+    /// the ledger. Waits for nothing. Returns `false`, having done nothing, in a process other
+    /// than the one that connected.
+    pub fn ring(&self) -> bool {
+        if !self.in_connecting_process() {
+            return false;
+        }
+        // SAFETY: the connecting process.
+        unsafe { self.ring_here() };
+        true
+    }
+
+    /// Whether a daemon runs and serves this channel. When the daemon this connection was made
+    /// with has died and a new one has re-attached to the channel (it rewrote the response
+    /// channel's header), the connection follows it: requests in flight are answered by the
+    /// new daemon, and the slots and blocks of this client are still its own. The channel then
+    /// gets a connection to the new daemon ([`HelloKind::Rebind`], at most one attempt per
+    /// 100 ms, waiting up to [`HANDSHAKE_TIMEOUT`]), so that wake-ups reach it and it sees
+    /// this process's exit or `exec`. `false` in a process other than the one that connected,
+    /// and once the daemon is shutting down.
     pub fn daemon_alive(&self) -> bool {
+        if !self.in_connecting_process() {
+            return false;
+        }
         let mut pid = self.daemon_pid.load(Ordering::Relaxed);
         if !os::process_alive(pid) {
-            let Some(h) = self.request.header().map(SegmentHeader::load) else {
+            let Some(h) = self.response.header().map(SegmentHeader::load) else {
                 return false;
             };
-            let ours = h.check(SegmentKind::Request, self.request.len()).is_ok()
+            let ours = h.check(SegmentKind::Response, self.response.len()).is_ok()
                 && h.slot_count == self.slot_count
-                && h.granule == self.granule;
+                && h.granule == self.granule
+                && h.arena_len as usize == self.arena.len();
             if !ours || h.daemon_pid == pid || !os::process_alive(h.daemon_pid) {
                 return false;
             }
@@ -389,66 +665,63 @@ impl Connection {
             self.generation.store(h.generation, Ordering::Relaxed);
             self.daemon_pid.store(pid, Ordering::Relaxed);
         }
-        self.stats().is_none_or(|s| s.state != wire::STATE_STOPPING)
+        self.rebind_to(pid);
+        // SAFETY: the connecting process.
+        let bell = unsafe { self.daemon_bell_here() };
+        bell.state.load(Ordering::Relaxed) != wire::STATE_STOPPING
     }
 
-    /// Claims a free slot for this process and registers it with the daemon.
+    /// Claims a free slot of the channel for the calling thread.
     pub fn claim(&self) -> Result<Slot<'_>, RequestError> {
         let index = self.register()?;
         Ok(Slot {
             conn: self,
             index,
-            pid: os::pid(),
             usable: true,
         })
     }
 
-    /// Claims a free slot for this process, registers it with the daemon (`Hello`) and returns
-    /// its index: the lower-level form of [`Connection::claim`] for callers that keep their own
-    /// pool of slots. Give it back with [`Connection::unregister`].
+    /// Claims a free slot of the channel and returns its index: the lower-level form of
+    /// [`Connection::claim`] for callers that keep their own pool of slots. No round trip: the
+    /// channel is this client's, and the daemon serves every slot of it. Give it back with
+    /// [`Connection::unregister`].
     pub fn register(&self) -> Result<u32, RequestError> {
-        let pid = os::pid();
-        let start = pid % self.slot_count;
-        for k in 0..self.slot_count {
-            let i = (start + k) % self.slot_count;
-            let Some(rs) = self.request_slot(i) else {
-                continue;
-            };
-            if !rs.try_claim(pid) {
+        if !self.in_connecting_process() {
+            return Err(RequestError::SlotUnusable);
+        }
+        for i in 0..self.slot_count {
+            // SAFETY: the connecting process, and `i < slot_count`.
+            let rs = unsafe { self.request_slot_here(i) };
+            if rs.owner.load(Ordering::Relaxed) != 0 || !rs.try_claim(self.owner()) {
                 continue;
             }
-            self.doorbell().note_claim(i);
-            return match self.request(i, Op::Hello, 0, 0, 0, 0) {
-                Ok(_) => Ok(i),
-                Err(e @ (RequestError::Timeout | RequestError::DaemonGone)) => Err(e),
-                Err(e) => {
-                    rs.release(pid);
-                    Err(e)
-                }
-            };
+            // SAFETY: the connecting process.
+            unsafe { self.bell_here() }.note_claim(i);
+            return Ok(i);
         }
         Err(RequestError::NoFreeSlot)
     }
 
-    /// Says `Goodbye` in slot `index` and frees it. The slot must be owned by this process with
-    /// no request in flight.
+    /// Gives slot `index` back. The slot must be claimed by this client with no request in
+    /// flight (not after [`RequestError::Timeout`] or [`RequestError::DaemonGone`]: the daemon
+    /// may still answer it).
     pub fn unregister(&self, index: u32) {
-        match self.request(index, Op::Goodbye, 0, 0, 0, 0) {
-            // The request may still be in flight: the slot stays claimed until the process
-            // exits, when the daemon frees it.
-            Err(RequestError::Timeout) => {}
-            _ => {
-                if let Some(rq) = self.request_slot(index) {
-                    rq.release(os::pid());
-                }
-            }
+        if let Some(rq) = self.request_slot(index) {
+            rq.release(self.owner());
         }
     }
 
+    /// The owner token this client's threads claim slots with (any non-zero value does: the
+    /// daemon ignores it).
+    fn owner(&self) -> u32 {
+        self.pid.max(1)
+    }
+
     /// Sends a request in slot `index` and waits for the answer; an answer other than `Ok` is
-    /// an error. The slot must be registered by this process, with no other request in flight
-    /// on it (one thread at a time). After [`RequestError::Timeout`] the slot must not be used
-    /// again: the daemon may still answer it.
+    /// an error. The slot must be claimed, with no other request in flight on it (one thread at
+    /// a time). After [`RequestError::Timeout`] the slot must not be used again: the daemon may
+    /// still answer it. Refused with [`RequestError::SlotUnusable`] in a process other than the
+    /// one that connected.
     pub fn request(
         &self,
         index: u32,
@@ -458,16 +731,21 @@ impl Connection {
         align: u64,
         offset: u64,
     ) -> Result<Response, RequestError> {
-        let (Some(rq), Some(rs)) = (self.request_slot(index), self.response_slot(index)) else {
+        if index >= self.slot_count || !self.in_connecting_process() {
             return Err(RequestError::SlotUnusable);
+        }
+        // SAFETY: the connecting process, and `index < slot_count`.
+        let (rq, rs) = unsafe {
+            (
+                self.request_slot_here(index),
+                self.response_slot_here(index),
+            )
         };
         let cpu = os::current_cpu();
         rq.cpu.store(cpu, Ordering::Relaxed);
         let seq = rq.submit(op, flags, size, align, offset);
-        let bell = self.doorbell();
-        if bell.ring() {
-            os::futex_wake(&bell.rings, 1);
-        }
+        // SAFETY: the connecting process.
+        unsafe { self.ring_here() };
         let r = self.wait(rq, rs, seq, cpu);
         self.daemon_cpu
             .store(rs.cpu.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -512,7 +790,7 @@ impl Connection {
         Ok(block)
     }
 
-    /// Frees the block at `offset` through slot `index`.
+    /// Frees the block at `offset` (allocated through this connection) through slot `index`.
     pub fn free(&self, index: u32, offset: u64) -> Result<(), RequestError> {
         self.request(index, Op::Free, 0, 0, 0, offset).map(drop)
     }
@@ -524,7 +802,7 @@ impl Connection {
     }
 
     /// The block an answer describes, checked to lie inside the arena.
-    fn block(&self, r: Response) -> Result<Block, RequestError> {
+    pub fn block(&self, r: Response) -> Result<Block, RequestError> {
         let in_range = r
             .offset
             .checked_add(r.size)
@@ -547,7 +825,7 @@ impl Connection {
     /// In a child process right after `fork`: replaces this process's shared mapping of the
     /// arena with a private copy-on-write mapping of the same object, at the same address, so
     /// that the child's writes into blocks it inherited never reach the parent. Blocks the
-    /// child allocates afterwards live in private pages too, which only this process uses.
+    /// child allocates through its own connection live in that connection's mapping.
     ///
     /// # Safety
     /// Only in a freshly forked child that has one thread, before anything else touches the
@@ -558,6 +836,154 @@ impl Connection {
         unsafe { os::remap_private(&self.arena, &self.arena_fd) }?;
         self.private.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// In a process other than the one that connected (a forked child): closes this process's
+    /// copy of the socket, so that the daemon sees the connecting process's exit or `exec` (a
+    /// connection ends only when every copy of its socket is closed). Does nothing in the
+    /// connecting process, or when done before. Async-signal-safe: it may run in a `fork`
+    /// handler.
+    pub fn close_inherited_socket(&self) {
+        if self.in_connecting_process() {
+            return;
+        }
+        let fd = self.sock.swap(-1, Ordering::Relaxed);
+        if fd >= 0 {
+            // SAFETY: the descriptor was this connection's and nothing else closes it: it is
+            // taken out of `sock` (swapped to -1) and closed once, here.
+            drop(unsafe { Fd::from_raw(fd) });
+        }
+    }
+
+    /// Gives the channel a connection to daemon `pid` (which re-attached to it) unless the
+    /// socket is one already, or another thread is at it, or the last attempt was less than
+    /// [`REBIND_INTERVAL_NS`] ago. In the connecting process only.
+    fn rebind_to(&self, pid: u32) {
+        if self.bound_pid.load(Ordering::Acquire) == pid {
+            return;
+        }
+        let now = os::monotonic_ns();
+        if now < self.next_rebind.load(Ordering::Relaxed)
+            || self.rebinding.swap(true, Ordering::Acquire)
+        {
+            return;
+        }
+        self.next_rebind
+            .store(now.saturating_add(REBIND_INTERVAL_NS), Ordering::Relaxed);
+        match self.rebind(pid) {
+            // Tried again later: the daemon may not listen yet, or is busy.
+            Err(
+                ConnectError::NotRunning
+                | ConnectError::Busy
+                | ConnectError::Mismatch
+                | ConnectError::Os { .. },
+            ) => {}
+            // Done, or refused for good by this daemon: not asked again.
+            _ => self.bound_pid.store(pid, Ordering::Release),
+        }
+        self.rebinding.store(false, Ordering::Release);
+    }
+
+    /// Connects to the instance's socket again and asks daemon `pid` to make the new
+    /// connection this channel's ([`HelloKind::Rebind`]); on success, the new socket takes the
+    /// old one's descriptor number (`dup3`), so that a thread using the old one meanwhile uses
+    /// one or the other, never a closed or reused descriptor. Then wakes the daemon once.
+    fn rebind(&self, pid: u32) -> Result<(), ConnectError> {
+        let path = CStr::from_bytes_until_nul(&self.path).map_err(|_| ConnectError::BadName)?;
+        let hello = Hello {
+            kind: HelloKind::Rebind,
+            client_id: self.client_id,
+        };
+        let mut buf = [0u8; WELCOME_BUF];
+        let (sock, daemon, welcome, _msg) = handshake(path, hello, &mut buf)?;
+        if daemon.uid != self.daemon_uid {
+            return Err(ConnectError::Ownership {
+                segment: SegmentKind::Arena,
+            });
+        }
+        if welcome.daemon_pid != pid || welcome.client_id != self.client_id {
+            return Err(ConnectError::Mismatch);
+        }
+        let old = self.sock.load(Ordering::Relaxed);
+        if old < 0 {
+            return Ok(());
+        }
+        // SAFETY: both descriptors are open and this connection's; `dup3` closes what `old`
+        // named and makes it name the new socket in one step, close-on-exec. `sock` is closed
+        // below, the socket living on as `old`.
+        let rc = unsafe { libc::dup3(sock.raw(), old, libc::O_CLOEXEC) };
+        if rc < 0 {
+            return Err(ConnectError::Os {
+                call: "dup3",
+                errno: Errno::last(),
+            });
+        }
+        drop(sock);
+        // SAFETY: `old` is open (it names the new socket now); borrowed, never closed here.
+        let sock = ManuallyDrop::new(unsafe { Fd::from_raw(old) });
+        let _ = unix::send_wake(&sock);
+        Ok(())
+    }
+
+    /// The client's bell.
+    ///
+    /// # Safety
+    /// Called in the connecting process (the channel is mapped there only).
+    unsafe fn bell_here(&self) -> &ClientBell {
+        // SAFETY: 1. mapped (the caller's contract); the channel's length covers the bell
+        // (checked at connect) and its offset is 64-aligned.
+        unsafe { self.request.at(wire::BELL_OFFSET) }
+    }
+
+    /// The daemon's bell.
+    ///
+    /// # Safety
+    /// Called in the connecting process.
+    unsafe fn daemon_bell_here(&self) -> &DaemonBell {
+        // SAFETY: as in `bell_here`, for the response channel.
+        unsafe { self.response.at(wire::BELL_OFFSET) }
+    }
+
+    /// Request slot `i`.
+    ///
+    /// # Safety
+    /// 1. Called in the connecting process; 2. `i < slot_count`.
+    unsafe fn request_slot_here(&self, i: u32) -> &RequestSlot {
+        // SAFETY: 1. mapped; 2. the channel's length covers every slot (checked at connect);
+        // slot offsets are 64-aligned.
+        unsafe { self.request.at(wire::request_slot_offset(i)) }
+    }
+
+    /// Response slot `i`.
+    ///
+    /// # Safety
+    /// As for `request_slot_here`.
+    unsafe fn response_slot_here(&self, i: u32) -> &ResponseSlot {
+        // SAFETY: as in `request_slot_here`, for the response channel.
+        unsafe { self.response.at(wire::response_slot_offset(i)) }
+    }
+
+    /// Rings the bell and sends a wake byte if the daemon asks for one.
+    ///
+    /// # Safety
+    /// Called in the connecting process.
+    unsafe fn ring_here(&self) {
+        // SAFETY: the caller's contract.
+        let (bell, daemon) = unsafe { (self.bell_here(), self.daemon_bell_here()) };
+        if bell.ring(daemon) {
+            let fd = self.sock.load(Ordering::Relaxed);
+            if fd >= 0 {
+                // SAFETY: an open descriptor of this connection (only `close_inherited_socket`,
+                // in another process, and `drop` close it); borrowed, never closed here.
+                let sock = ManuallyDrop::new(unsafe { Fd::from_raw(fd) });
+                // A socket the daemon hung up is no sign of death by itself: a daemon
+                // restarted after a crash serves this channel without it until the channel
+                // is rebound, which `daemon_alive` does (and the wait checks it anyway).
+                if !unix::send_wake(&sock) {
+                    let _ = self.daemon_alive();
+                }
+            }
+        }
     }
 
     /// Waits for the answer to request `seq`, submitted from CPU `cpu`: spins briefly when
@@ -631,6 +1057,28 @@ impl Connection {
     }
 }
 
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // Closing the socket ends the connection (once every copy is closed): the daemon
+        // frees this client's blocks.
+        let fd = self.sock.swap(-1, Ordering::Relaxed);
+        if fd >= 0 {
+            // SAFETY: the descriptor is this connection's, closed once (swapped out first).
+            drop(unsafe { Fd::from_raw(fd) });
+        }
+        if self.in_connecting_process() {
+            // SAFETY: dropped once, here; nothing refers to the channel once `self` is gone
+            // (every reference into it borrows `self`).
+            unsafe {
+                ManuallyDrop::drop(&mut self.request);
+                ManuallyDrop::drop(&mut self.response);
+            }
+        }
+        // Elsewhere (a forked child) the channel is not mapped (`MADV_DONTFORK`), and its
+        // addresses may hold this process's other mappings by now: never unmapped from here.
+    }
+}
+
 /// A block in the arena, as the daemon handed it out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Block {
@@ -650,17 +1098,16 @@ impl Block {
     }
 }
 
-/// A claimed, registered request slot. Not `Sync`: one request at a time.
+/// A claimed request slot. Not `Sync`: one request at a time.
 #[derive(Debug)]
 pub struct Slot<'c> {
     conn: &'c Connection,
     index: u32,
-    pid: u32,
     usable: bool,
 }
 
 impl Slot<'_> {
-    /// The slot's index in the segments.
+    /// The slot's index in the channel.
     pub fn index(&self) -> u32 {
         self.index
     }
@@ -675,16 +1122,11 @@ impl Slot<'_> {
         align: u64,
         offset: u64,
     ) -> Result<Response, RequestError> {
-        if !self.usable || os::pid() != self.pid {
-            return Err(RequestError::SlotUnusable);
-        }
+        self.check()?;
         let r = self
             .conn
             .request(self.index, op, flags, size, align, offset);
-        if matches!(r, Err(RequestError::Timeout | RequestError::DaemonGone)) {
-            self.usable = false;
-        }
-        r
+        self.note(r)
     }
 
     /// Allocates `size` bytes aligned to `align` (a power of two). With `zeroed`, the memory is
@@ -695,7 +1137,7 @@ impl Slot<'_> {
         self.note(r)
     }
 
-    /// Frees the block at `offset` (allocated by this process, through any of its slots).
+    /// Frees the block at `offset` (allocated through this connection, in any of its slots).
     pub fn free(&mut self, offset: u64) -> Result<(), RequestError> {
         self.check()?;
         let r = self.conn.free(self.index, offset);
@@ -710,8 +1152,9 @@ impl Slot<'_> {
         self.note(r)
     }
 
+    /// Refuses an abandoned slot. (The process is checked by [`Connection::request`].)
     fn check(&self) -> Result<(), RequestError> {
-        if self.usable && os::pid() == self.pid {
+        if self.usable {
             Ok(())
         } else {
             Err(RequestError::SlotUnusable)
@@ -728,11 +1171,426 @@ impl Slot<'_> {
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        if !self.usable || os::pid() != self.pid {
-            return;
+        // An abandoned slot stays claimed: the daemon may still answer its request, and a new
+        // owner must not mistake that answer for its own.
+        if self.usable {
+            self.conn.unregister(self.index);
         }
-        // The daemon forgets the slot on Goodbye; the client frees it only after reading the
-        // answer, so that a new owner's answers cannot be mistaken for this one's.
-        self.conn.unregister(self.index);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The handshake and a round trip against a stand-in daemon in a thread of the test (the
+    //! real one is tested in `tests/`).
+
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::sync::atomic::AtomicUsize;
+    use xalloc_proto::wire::{Request, STATE_RUNNING};
+
+    /// A unique instance name for each test.
+    fn name(tag: &str) -> String {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        format!(
+            "xalloc-unit-{}-{tag}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    #[test]
+    fn socket_paths_are_built_without_allocating_and_checked() {
+        let mut buf = [0u8; SOCKET_PATH_CAP];
+        assert_eq!(
+            socket_path("xalloc", &mut buf).unwrap(),
+            c"/dev/shm/xalloc.socket"
+        );
+        for bad in ["", "a/b", "a\0b"] {
+            assert!(socket_path(bad, &mut buf).is_none(), "{bad:?}");
+        }
+        let longest = "n".repeat(SOCKET_PATH_CAP - 1 - SOCKET_DIR.len() - SOCKET_SUFFIX.len());
+        assert!(socket_path(&longest, &mut buf).is_some());
+        assert!(socket_path(&format!("{longest}n"), &mut buf).is_none());
+    }
+
+    #[test]
+    fn no_daemon_reads_as_not_running() {
+        assert_eq!(
+            Connection::connect(&name("absent")).err(),
+            Some(ConnectError::NotRunning)
+        );
+        assert_eq!(
+            Connection::connect("a/b").err(),
+            Some(ConnectError::BadName)
+        );
+        // A plain file where the socket should be: nobody listens.
+        let n = name("file");
+        let path = format!("/dev/shm/{n}.socket");
+        std::fs::write(&path, b"").unwrap();
+        let r = Connection::connect(&n).err();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(r, Some(ConnectError::NotRunning));
+    }
+
+    /// What the stand-in daemon does wrong, if anything.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Fake {
+        Good,
+        Refuse,
+        Unsealed,
+        WrongGeneration,
+        TwoFds,
+        Silent,
+        /// Accepts, then "crashes" and "restarts": the daemon's pid (a `sleep` child standing
+        /// in for it) dies, another takes its place in the response channel's header, and the
+        /// stand-in waits for the client to rebind and ring once.
+        Restart,
+    }
+
+    const SLOTS: u32 = 4;
+    const GRANULE: u32 = 4096;
+    const ARENA: u64 = (ARENA_DATA_OFFSET + (4 << 20)) as u64;
+
+    struct Daemon {
+        name: String,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(format!("/dev/shm/{}.socket", self.name));
+            if let Some(t) = self.thread.take() {
+                t.join().unwrap();
+            }
+        }
+    }
+
+    /// A stand-in daemon that accepts one client, behaves as `fake` says, and (when it
+    /// accepted) serves `requests` allocations of the size asked at offset 0, then waits for
+    /// the client to hang up.
+    fn daemon(fake: Fake, requests: usize) -> Daemon {
+        let name = name("fake");
+        let path = std::path::PathBuf::from(format!("/dev/shm/{name}.socket"));
+        let listener = unix::listen(&path, 0o600).unwrap();
+        let sleeper = || {
+            std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .unwrap()
+        };
+        let mut first = (fake == Fake::Restart).then(sleeper);
+        let thread = std::thread::spawn(move || {
+            let sock = loop {
+                if let Some(s) = unix::accept(&listener).unwrap() {
+                    break s;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            let mut buf = [0u8; 64];
+            let hello = unix::recv_with_fds(&sock, &mut buf, Duration::from_secs(5))
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                Hello::decode(&buf[..hello.len]),
+                Ok(Hello {
+                    kind: HelloKind::Client,
+                    client_id: 0,
+                })
+            );
+            if fake == Fake::Silent {
+                std::thread::sleep(HANDSHAKE_TIMEOUT + Duration::from_millis(200));
+                return;
+            }
+            let pid = first.as_ref().map_or(std::process::id(), |c| c.id());
+            let mut w = Welcome {
+                refusal: 0,
+                slots: SLOTS,
+                granule: GRANULE,
+                flags: 0,
+                client_id: 7,
+                daemon_pid: pid,
+                arena_len: ARENA,
+                generation: 99,
+            };
+            if fake == Fake::Refuse {
+                w.refusal = Refusal::NotServed as u32;
+                let mut msg = w.encode().to_vec();
+                msg.extend_from_slice(b"not served");
+                unix::send_with_fds(&sock, &msg, &[]).unwrap();
+                return;
+            }
+            let make = |kind, len: usize, generation| {
+                let fd = unix::memfd(c"xalloc-unit", len as u64).unwrap();
+                let map = Mapping::new(&fd, len, true).unwrap();
+                SegmentHeader::new(kind, SLOTS, GRANULE, ARENA, generation, pid)
+                    .store(map.header().unwrap());
+                if fake != Fake::Unsealed || kind != SegmentKind::Arena {
+                    unix::seal_size(&fd).unwrap();
+                }
+                (fd, map)
+            };
+            let (arena, _arena_map) = make(SegmentKind::Arena, ARENA as usize, 99);
+            let gen = if fake == Fake::WrongGeneration {
+                98
+            } else {
+                99
+            };
+            let (request, request_map) =
+                make(SegmentKind::Request, wire::request_channel_len(SLOTS), gen);
+            let (response, response_map) =
+                make(SegmentKind::Response, wire::response_channel_len(SLOTS), 99);
+            let response_ro = unix::read_only_twin(&response).unwrap();
+            // SAFETY: in bounds and aligned, as the layout says.
+            let dbell: &DaemonBell = unsafe { response_map.at(wire::BELL_OFFSET) };
+            dbell.state.store(STATE_RUNNING, Ordering::Relaxed);
+            let fds = [arena.as_fd(), request.as_fd(), response_ro.as_fd()];
+            let fds = if fake == Fake::TwoFds {
+                &fds[..2]
+            } else {
+                &fds[..]
+            };
+            unix::send_with_fds(&sock, &w.encode(), fds).unwrap();
+            if let Some(mut a) = first.take() {
+                // The crash, and the restarted daemon re-attaching to the channel.
+                a.kill().unwrap();
+                a.wait().unwrap();
+                drop(sock);
+                let mut b = sleeper();
+                let again =
+                    SegmentHeader::new(SegmentKind::Response, SLOTS, GRANULE, ARENA, 100, b.id());
+                again.store(response_map.header().unwrap());
+                let sock = loop {
+                    if let Some(s) = unix::accept(&listener).unwrap() {
+                        break s;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                };
+                let r = unix::recv_with_fds(&sock, &mut buf, Duration::from_secs(5))
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(
+                    Hello::decode(&buf[..r.len]),
+                    Ok(Hello {
+                        kind: HelloKind::Rebind,
+                        client_id: 7,
+                    })
+                );
+                w.daemon_pid = b.id();
+                w.generation = 100;
+                unix::send_with_fds(&sock, &w.encode(), &[]).unwrap();
+                // One wake byte after the rebind, then the hang-up when the client drops.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let mut wakes = 0;
+                loop {
+                    let (n, closed) = unix::drain(&sock);
+                    wakes += n;
+                    if closed || Instant::now() > deadline {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                b.kill().unwrap();
+                b.wait().unwrap();
+                assert!(wakes >= 1, "no wake byte after the rebind");
+                return;
+            }
+            if fake != Fake::Good {
+                return;
+            }
+            // SAFETY: in bounds and aligned, as the layout says.
+            let bell: &ClientBell = unsafe { request_map.at(wire::BELL_OFFSET) };
+            let mut served = 0;
+            while served < requests {
+                let hi = bell.slots_hi.load(Ordering::Acquire).min(SLOTS);
+                for i in 0..hi {
+                    // SAFETY: as above.
+                    let (rq, rs): (&RequestSlot, &ResponseSlot) = unsafe {
+                        (
+                            request_map.at(wire::request_slot_offset(i)),
+                            response_map.at(wire::response_slot_offset(i)),
+                        )
+                    };
+                    if let Some(Request { seq, size, .. }) = rq.take() {
+                        let answer = Response {
+                            status: Status::Ok as u32,
+                            flags: 0,
+                            offset: 0,
+                            size: size.next_multiple_of(u64::from(GRANULE)),
+                        };
+                        if rs.publish(rq, seq, answer) {
+                            os::futex_wake(&rs.seq, 1);
+                        }
+                        served += 1;
+                    }
+                }
+                unix::drain(&sock);
+                std::thread::yield_now();
+            }
+            // Until the client hangs up.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !unix::drain(&sock).1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        Daemon {
+            name,
+            thread: Some(thread),
+        }
+    }
+
+    #[test]
+    fn a_handshake_maps_the_channel_and_a_request_makes_the_round_trip() {
+        let d = daemon(Fake::Good, 2);
+        let conn = Connection::connect(&d.name).unwrap();
+        assert_eq!(conn.slot_count(), SLOTS);
+        assert_eq!(conn.granule(), GRANULE as usize);
+        assert_eq!(conn.generation(), 99);
+        assert_eq!(conn.client_id(), 7);
+        assert_eq!(conn.daemon_pid(), std::process::id());
+        assert_eq!(conn.arena_len(), 4 << 20);
+        assert!(conn.daemon_alive());
+        assert!(!conn.arena_is_low());
+        assert!(conn.ledger().is_some());
+        assert!(conn.request_slot(SLOTS).is_none());
+        let mut slot = conn.claim().unwrap();
+        let b = slot.allocate(10_000, 4096, true).unwrap();
+        assert_eq!((b.offset, b.size), (0, 12_288));
+        assert!(conn.contains(b.as_ptr().addr()));
+        let mut other = conn.claim().unwrap();
+        assert_ne!(other.index(), slot.index());
+        other.call(Op::Allocate, 0, 4096, 4096, 0).unwrap();
+        drop(other);
+        let claimed: Vec<u32> = (0..SLOTS)
+            .filter(|&i| {
+                conn.request_slot(i)
+                    .is_some_and(|s| s.owner.load(Ordering::Relaxed) != 0)
+            })
+            .collect();
+        assert_eq!(claimed, [slot.index()]);
+        drop(slot);
+        drop(conn);
+        // The stand-in daemon sees the hang-up and ends.
+        drop(d);
+    }
+
+    #[test]
+    fn a_restarted_daemon_gets_the_channel_a_connection_again() {
+        let d = daemon(Fake::Restart, 0);
+        let conn = Connection::connect(&d.name).unwrap();
+        let first = conn.daemon_pid();
+        assert_ne!(first, std::process::id());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while conn.daemon_pid() == first || conn.bound_pid.load(Ordering::Relaxed) == first {
+            assert!(Instant::now() < deadline, "not rebound");
+            conn.daemon_alive();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(conn.daemon_alive());
+        assert_eq!(conn.generation(), 100);
+        drop(conn);
+        drop(d);
+    }
+
+    /// In a forked child the channel is not mapped: nothing touches it, and dropping the
+    /// connection there leaves whatever the child mapped at its addresses alone.
+    #[test]
+    fn a_forked_child_never_touches_the_parents_channel() {
+        let d = daemon(Fake::Good, 0);
+        let conn = Connection::connect(&d.name).unwrap();
+        let channel = conn.request_slot(0).unwrap() as *const RequestSlot as usize & !4095;
+        // SAFETY: the child makes system calls only, and leaves with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let mut code = 0;
+            let checks = [
+                conn.request_slot(0).is_none(),
+                conn.response_slot(0).is_none(),
+                conn.ledger().is_none(),
+                conn.bell().is_none() && conn.daemon_bell().is_none(),
+                !conn.ring() && !conn.daemon_alive() && !conn.arena_is_low(),
+                conn.register() == Err(RequestError::SlotUnusable),
+                conn.request(0, Op::Free, 0, 0, 0, 0) == Err(RequestError::SlotUnusable),
+            ];
+            for (i, ok) in checks.into_iter().enumerate() {
+                if !ok {
+                    code = 10 + i as i32;
+                }
+            }
+            // The parent's channel is not mapped here: the address is free for a mapping of
+            // the child's own, which dropping the connection must leave alone.
+            // SAFETY: a fresh private mapping at an address this process does not use.
+            let p = unsafe {
+                libc::mmap(
+                    channel as *mut libc::c_void,
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+            };
+            if p != channel as *mut libc::c_void {
+                code = 2;
+            } else {
+                // SAFETY: mapped just above.
+                unsafe { p.cast::<u8>().write(42) };
+                conn.close_inherited_socket();
+                drop(conn);
+                // SAFETY: still mapped (a fault here fails the test).
+                if unsafe { p.cast::<u8>().read() } != 42 {
+                    code = 3;
+                }
+            }
+            // SAFETY: leaving the child without running the parent's exit handlers.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "child status {status:#x}"
+        );
+        // The parent's connection is untouched.
+        assert!(conn.request_slot(0).is_some() && conn.daemon_alive());
+        drop(conn);
+        drop(d);
+    }
+
+    #[test]
+    fn a_bad_handshake_is_refused() {
+        let cases = [
+            (
+                Fake::Refuse,
+                ConnectError::Refused {
+                    refusal: Refusal::NotServed,
+                },
+            ),
+            (
+                Fake::Unsealed,
+                ConnectError::NotSealed {
+                    segment: SegmentKind::Arena,
+                },
+            ),
+            (Fake::WrongGeneration, ConnectError::Mismatch),
+            (
+                Fake::TwoFds,
+                ConnectError::Protocol {
+                    what: "an acceptance without its three descriptors",
+                },
+            ),
+            (Fake::Silent, ConnectError::Busy),
+        ];
+        for (fake, want) in cases {
+            let d = daemon(fake, 0);
+            assert_eq!(Connection::connect(&d.name).err(), Some(want));
+        }
+        let text = ConnectError::Refused {
+            refusal: Refusal::NotServed,
+        }
+        .to_string();
+        assert!(text.contains("xallocd start --group"), "{text}");
     }
 }

@@ -4,7 +4,8 @@
 //! # How it decides
 //!
 //! - A request of at least the threshold (default 256 KiB, `XALLOC_THRESHOLD` overrides) goes
-//!   to the daemon; a smaller one, or one the daemon cannot serve, goes to [`System`].
+//!   to the daemon; a smaller one, or one the daemon cannot serve (no room, over this
+//!   process's or user's quota: [`Counters::over_quota`]), goes to [`System`].
 //! - The first large request connects to the daemon instance (default `xalloc`,
 //!   `XALLOC_NAME` overrides). A failed connection is retried at most once per
 //!   [`RETRY_INTERVAL`], never on every call.
@@ -16,10 +17,12 @@
 //!
 //! Everything lives inside the `XallocGlobal` value (a `static`), in atomics and in cells
 //! written once under a flag: no heap allocation, no std lock, no formatting, no logging and no
-//! panic on any path. Each connection keeps a pool of up to [`POOL`] request slots; a thread
-//! borrows one for a round trip with an atomic bit operation and returns it after, so threads
-//! never wait on each other for a whole round trip. A daemon that dies or stops answering is
-//! marked dead; later large requests go to the system allocator until a new daemon is found,
+//! panic on any path. Each connection keeps a pool of up to [`POOL`] request slots of its
+//! channel; a thread borrows one for a round trip with an atomic bit operation and returns it
+//! after, so threads never wait on each other for a whole round trip (while every slot is lent,
+//! a thread waits at most [`SLOT_WAIT_NS`] for one before it falls back). Freed blocks are
+//! cached, and released without a round trip, in the connection's ledger. A daemon that dies
+//! or stops answering is marked dead; later large requests go to the system allocator until a new daemon is found,
 //! however often the daemon is restarted. A connection's arena stays mapped while the program
 //! holds any of its blocks, even after the daemon dies; a connection whose daemon is gone, whose
 //! blocks are all freed and that no thread uses is unmapped when a new one is made, so that at
@@ -28,13 +31,17 @@
 //!
 //! # fork
 //!
-//! In a forked child (a `pthread_atfork` handler, registered when the program is loaded) a
-//! connection attempt of another parent thread is abandoned, and every
-//! connection forgets the parent's slots and the arena becomes a private copy-on-write mapping.
-//! The child registers slots of its own on its next large request. Blocks it inherited stay
-//! readable and writable in the child without ever changing the parent's data; freeing one
-//! changes nothing (the daemon answers that the child does not own it), so nothing is freed
-//! twice. The child's own arena blocks are freed normally, and all of them at its exit.
+//! A connection is the process's that made it: the daemon knows its client by the socket, and
+//! its channel is not mapped in a child (`MADV_DONTFORK`). In a forked child (a
+//! `pthread_atfork` handler, registered when the program is loaded) a connection attempt of
+//! another parent thread is abandoned, and every connection inherited from the parent is
+//! retired: its copy of the socket is closed (so that the daemon sees the parent's exit or
+//! `exec`, whatever the child does), its arena becomes a private copy-on-write mapping, and it
+//! is never asked anything again, nor is its channel touched. The child connects anew on its
+//! next large request. Blocks it inherited stay readable and writable in the child without
+//! ever changing the parent's data; freeing one frees nothing (they are the parent's), so
+//! nothing is freed twice. The child's own arena blocks are freed normally, and all of them
+//! when it exits or execs.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
@@ -45,7 +52,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering
 use std::alloc::System;
 
 use xalloc_proto::os;
-use xalloc_proto::wire::{self, Ledger, LedgerBlock};
+use xalloc_proto::wire::{self, Ledger, LedgerBlock, Status};
 
 use crate::client::{Connection, RequestError};
 
@@ -66,13 +73,17 @@ pub const RETRY_INTERVAL: core::time::Duration =
 /// the system allocator.
 pub const CONNECT_WAIT_NS: u64 = 50_000_000;
 
-/// Connections (one per daemon instance it met: each restart of the daemon that makes new
-/// segments is one) a process keeps at once. One whose daemon is gone and whose blocks the
+/// Connections (one per daemon instance it met: each restart of the daemon that makes a new
+/// arena is one) a process keeps at once. One whose daemon is gone and whose blocks the
 /// program has all freed makes room for the next; one whose blocks are still held stays.
 pub const MAX_CONNECTIONS: usize = 8;
 
-/// Request slots per connection and process.
+/// Request slots per connection (at most: the channel may have fewer).
 pub const POOL: usize = 64;
+
+/// The longest a thread waits for a slot of its connection while every one is lent, before it
+/// falls back to the system allocator.
+pub const SLOT_WAIT_NS: u64 = 2_000_000;
 
 /// Bytes of freed blocks a process keeps cached for reuse, unless `XALLOC_CACHE` says
 /// otherwise (`0` turns the cache off, and with it the release of blocks without a round trip).
@@ -85,6 +96,9 @@ pub struct Counters {
     pub forwarded: u64,
     /// Large allocations served by the system allocator instead (no daemon, or it refused).
     pub fallbacks: u64,
+    /// Large allocations the daemon refused because this process or its user is over quota
+    /// (`xallocd start --client-quota`, `--user-quota`); counted in `fallbacks` too.
+    pub over_quota: u64,
     /// Bytes this process holds in arena blocks now.
     pub arena_bytes: u64,
     /// Arena blocks this process holds now.
@@ -97,18 +111,22 @@ pub struct Counters {
     pub cached_bytes: u64,
     /// Large allocations served from the cache, without a round trip.
     pub cache_hits: u64,
-    /// Entries of this process's ledger that named no block inside the arena (written there by
-    /// something other than this process): dropped, never used.
+    /// Entries of a ledger of this process that named no block inside the arena (the ledger is
+    /// memory this process shares with the daemon; none is expected): dropped, never used.
     pub bad_ledger_entries: u64,
 }
 
-/// One connection: the mapped segments and this process's slots in them.
+/// One connection: the socket, the mapped channel and arena, and the slots of the channel this
+/// allocator has claimed.
 struct Conn {
     conn: Connection,
     base: usize,
     len: usize,
     /// The daemon died or stopped answering: nothing more is sent.
     dead: AtomicBool,
+    /// Made by a parent this process was forked from: never used for a request again (its
+    /// channel is not mapped here).
+    inherited: AtomicBool,
     /// Pool positions that hold a registered slot (bit `i`: `slots[i]` is valid).
     registered: AtomicU64,
     /// Pool positions lent to a thread now, or lost.
@@ -118,24 +136,21 @@ struct Conn {
     lost: AtomicU64,
     /// Slot index of each registered position.
     slots: [AtomicU32; POOL],
-    /// The slot whose ledger holds this process's cached and released blocks: the first one
-    /// it registered (`u32::MAX` until then).
-    home: AtomicU32,
 }
 
 impl Conn {
-    /// This process's ledger in this connection, once it has registered a slot.
+    /// The connection's ledger, unless it was inherited through fork.
     fn ledger(&self) -> Option<&Ledger> {
-        match self.home.load(Ordering::Acquire) {
-            u32::MAX => None,
-            i => self.conn.ledger(i),
+        if self.inherited.load(Ordering::Relaxed) {
+            return None;
         }
+        self.conn.ledger()
     }
 
     /// Bytes this process keeps cached in this connection.
     fn cached_bytes(&self) -> u64 {
         self.ledger().map_or(0, |l| {
-            // The ledger is writable by other processes: saturating, whatever it says.
+            // Shared memory: saturating, whatever it says.
             l.cached_granules
                 .load(Ordering::Relaxed)
                 .saturating_mul(self.conn.granule() as u64)
@@ -270,7 +285,7 @@ impl Drop for Pinned<'_> {
 /// - `conns[i]` holds an initialised connection iff its `state` lacks [`VACANT`]. Only the
 ///   thread holding `connecting` fills a vacant entry (writes the connection, then the bounds,
 ///   then clears `VACANT` with Release) or empties a full one (sets `VACANT`, then drops the
-///   connection, which unmaps its segments).
+///   connection, which closes its socket and unmaps its channel and arena).
 /// - Any other thread reads an entry's connection only under a pin ([`Pinned`]): it raises
 ///   `state` by one (Acquire) and keeps the pin only if `VACANT` was clear; it drops the pin
 ///   (Release) once done with the connection. The atfork handler, in a child that has one
@@ -282,8 +297,9 @@ impl Drop for Pinned<'_> {
 ///   Cached blocks are not held: they are reached only through the connection, under a pin.
 /// - An entry is emptied only by one compare-exchange of `state` from exactly 0 (full, no pin,
 ///   no held block) to `VACANT`, and only when the connection's daemon is gone (checked with
-///   [`Connection::daemon_alive`] after a new connection was opened, so that its segments no
-///   longer bear the instance's name and no daemon will re-attach to them). At that instant no
+///   [`Connection::daemon_alive`] after a new connection was opened, so that the instance is
+///   served by a daemon that did not re-attach to the old channel), or the connection was
+///   inherited through fork. At that instant no
 ///   thread uses the connection and the program holds no pointer into its arena; from then on
 ///   no pin of it succeeds. A thread that read `newest` or an entry's bounds before fails to
 ///   pin it, or pins the connection put there later and checks it again.
@@ -307,6 +323,7 @@ struct State {
     conns: [Entry; MAX_CONNECTIONS],
     forwarded: AtomicU64,
     fallbacks: AtomicU64,
+    over_quota: AtomicU64,
     arena_bytes: AtomicU64,
     arena_blocks: AtomicU64,
     cache_hits: AtomicU64,
@@ -331,6 +348,7 @@ static STATE: State = State {
     conns: [const { Entry::new() }; MAX_CONNECTIONS],
     forwarded: AtomicU64::new(0),
     fallbacks: AtomicU64::new(0),
+    over_quota: AtomicU64::new(0),
     arena_bytes: AtomicU64::new(0),
     arena_blocks: AtomicU64::new(0),
     cache_hits: AtomicU64::new(0),
@@ -348,6 +366,7 @@ pub fn counters() -> Counters {
     Counters {
         forwarded: STATE.forwarded.load(Ordering::Relaxed),
         fallbacks: STATE.fallbacks.load(Ordering::Relaxed),
+        over_quota: STATE.over_quota.load(Ordering::Relaxed),
         arena_bytes: STATE.arena_bytes.load(Ordering::Relaxed),
         arena_blocks: STATE.arena_blocks.load(Ordering::Relaxed),
         connections: STATE.made.load(Ordering::Relaxed),
@@ -358,6 +377,15 @@ pub fn counters() -> Counters {
         cache_hits: STATE.cache_hits.load(Ordering::Relaxed),
         bad_ledger_entries: STATE.bad_ledger_entries.load(Ordering::Relaxed),
     }
+}
+
+/// Runs `f` on the connection this process's allocator made last, if there is one, and returns
+/// what `f` returns: for tests and diagnostics that look at the allocator's own channel (its
+/// ledger, its slots). Whatever `f` writes there changes what the allocator does next; the
+/// connection stays pinned (kept) while `f` runs.
+pub fn with_newest_connection<R>(f: impl FnOnce(&Connection) -> R) -> Option<R> {
+    let c = STATE.pin(STATE.newest.load(Ordering::Acquire))?;
+    Some(f(&c.conn))
 }
 
 extern "C" fn after_fork_in_child() {
@@ -452,9 +480,12 @@ impl State {
         })
     }
 
-    /// Whether `c` may be used: its daemon lives, or (checked at most once per
-    /// [`RETRY_INTERVAL`]) a new daemon has re-attached to its segments.
+    /// Whether `c` may be used: it is this process's, and its daemon lives, or (checked at
+    /// most once per [`RETRY_INTERVAL`]) a new daemon has re-attached to its channel.
     fn usable(&self, c: &Conn) -> bool {
+        if c.inherited.load(Ordering::Relaxed) {
+            return false;
+        }
         if !c.dead.load(Ordering::Relaxed) {
             return true;
         }
@@ -479,10 +510,11 @@ impl State {
                 .is_ok()
     }
 
-    /// Brings dead connection `c` back if a new daemon has re-attached to its segments: its
-    /// slots (which that daemon registered again) and blocks are this process's as before.
+    /// Brings dead connection `c` back if a new daemon has re-attached to its channel (and
+    /// the channel has been rebound to it, or will be): its slots and blocks are this
+    /// process's as before.
     fn revive(&self, c: &Conn) -> bool {
-        if !c.conn.daemon_alive() {
+        if c.inherited.load(Ordering::Relaxed) || !c.conn.daemon_alive() {
             return false;
         }
         // Positions whose request the new daemon has taken out of the slot are free again.
@@ -525,19 +557,20 @@ impl State {
         let (base, len) = (conn.arena_base().addr(), conn.arena_len());
         // SAFETY: entry `i` is vacant, so no thread reads its connection (pins fail), and only
         // this thread, holding `connecting`, writes it. Whatever it held before was dropped
-        // when it was emptied (or, in a forked child, is a parent thread's half-made
-        // connection, overwritten without being dropped: its mappings stay, unused).
+        // when it was emptied (or, in a forked child, is a parent thread's connection written
+        // but not yet published, overwritten without being dropped: its arena mapping and its
+        // copy of the socket stay, unused, until this process exits or execs).
         unsafe {
             (*e.conn.get()).write(Conn {
                 conn,
                 base,
                 len,
                 dead: AtomicBool::new(false),
+                inherited: AtomicBool::new(false),
                 registered: AtomicU64::new(0),
                 busy: AtomicU64::new(0),
                 lost: AtomicU64::new(0),
                 slots: [const { AtomicU32::new(0) }; POOL],
-                home: AtomicU32::new(u32::MAX),
             });
         }
         e.base.store(base, Ordering::Relaxed);
@@ -553,12 +586,12 @@ impl State {
         self.pin(i)
     }
 
-    /// Empties entry `i` if its connection's daemon is gone, the program holds none of its
-    /// blocks and no thread uses it, dropping the connection (which unmaps its segments);
-    /// whether it did. The caller holds `connecting` and has just opened a new connection to
-    /// the instance: a gone daemon's segments that differ from the new ones no longer bear
-    /// the name, so no daemon will re-attach to them (if the instance name changed meanwhile,
-    /// one might, and the slots this process registered there stay its own until it exits).
+    /// Empties entry `i` if its connection's daemon is gone (or the connection was inherited
+    /// through fork), the program holds none of its blocks and no thread uses it, dropping
+    /// the connection (which closes its socket, so that a daemon that might still re-attach
+    /// to its channel frees it, and unmaps it); whether it did. The caller holds `connecting`
+    /// and has just opened a new connection to the instance: the daemon that serves it did not
+    /// re-attach to the old channel (else `daemon_alive` would have followed it there).
     fn recycle(&self, i: usize) -> bool {
         let e = &self.conns[i];
         // Vacant, pinned, or holding blocks: kept. (Only this thread empties entries.)
@@ -588,17 +621,21 @@ impl State {
     /// doing, are gone. A connection attempt or revival one of them was making is abandoned
     /// (`connecting` cleared; an entry it was filling is still vacant, `newest` and every
     /// connection are as one of its steps left them, each step consistent), and so are their
-    /// pins. The parent's slots are not ours, the arena becomes private, and the blocks it
-    /// holds are the parent's (the child cannot free them; it holds copies of the parent's
-    /// pointers, so they stay counted as held).
+    /// pins. Every connection is the parent's: it is retired (never asked anything again; its
+    /// channel, which is not mapped here, never touched), its copy of the socket closed, and
+    /// its arena made private. The blocks it holds are the parent's (the child cannot free
+    /// them; it holds copies of the parent's pointers, so they stay counted as held until the
+    /// program frees them, which frees nothing). The child connects anew on its next large
+    /// request, at once.
     fn forget_parent(&self) {
         self.connecting.store(0, Ordering::Relaxed);
+        self.next_try.store(0, Ordering::Relaxed);
         for e in &self.conns {
             let s = e.state.load(Ordering::Relaxed);
             e.state.store(s & !PINS, Ordering::Relaxed);
         }
         // The handler is registered when the program is loaded: a parent that never connected
-        // leaves nothing to forget, and its child keeps the cache.
+        // leaves nothing to forget.
         if self
             .conns
             .iter()
@@ -608,25 +645,24 @@ impl State {
         }
         self.arena_bytes.store(0, Ordering::Relaxed);
         self.arena_blocks.store(0, Ordering::Relaxed);
-        // Every block cached or held now is the parent's, and so is the ledger: the child
-        // caches and releases nothing (a free of an inherited block must reach the daemon,
-        // which refuses it).
-        self.cache_cap.store(1, Ordering::Relaxed);
         for c in self.conns() {
-            c.home.store(u32::MAX, Ordering::Relaxed);
+            c.inherited.store(true, Ordering::Relaxed);
+            c.dead.store(true, Ordering::Relaxed);
             c.registered.store(0, Ordering::Relaxed);
             c.busy.store(0, Ordering::Relaxed);
             c.lost.store(0, Ordering::Relaxed);
-            // SAFETY: runs in the child right after fork, which has one thread.
-            if unsafe { c.conn.privatize_arena_after_fork() }.is_err() {
-                // Left shared, the child could change the parent's data: stop using it.
-                c.dead.store(true, Ordering::Relaxed);
-            }
+            // So that the daemon sees the parent's exit or exec, whatever the child does.
+            c.conn.close_inherited_socket();
+            // SAFETY: runs in the child right after fork, which has one thread. Left shared on
+            // failure (nothing else to do): the child's writes into inherited blocks would
+            // then reach the parent's data, as they would without this allocator.
+            let _ = unsafe { c.conn.privatize_arena_after_fork() };
         }
     }
 
-    /// Borrows a registered slot of `c` (registering a new one if all are lent), runs `f` on
-    /// it, and gives it back. `None` if no slot could be had.
+    /// Borrows a claimed slot of `c` (claiming a new one if all are lent, or waiting up to
+    /// [`SLOT_WAIT_NS`] for one to be given back), runs `f` on it, and gives it back. `None`
+    /// if no slot could be had.
     fn with_slot<T>(
         &self,
         c: &Conn,
@@ -645,7 +681,9 @@ impl State {
         Some(r)
     }
 
+    /// A pool position of `c` lent to the caller, holding a claimed slot.
     fn take_position(c: &Conn) -> Option<usize> {
+        let mut deadline = 0;
         loop {
             let busy = c.busy.load(Ordering::Relaxed);
             let reg = c.registered.load(Ordering::Acquire);
@@ -657,36 +695,40 @@ impl State {
                 }
                 continue;
             }
-            // Every registered slot is lent: reserve a new position and register a slot in it.
+            // Every claimed slot is lent: reserve a new position and claim a slot for it.
             let free = !(reg | busy);
-            if free == 0 {
+            if free != 0 {
+                let pos = free.trailing_zeros() as usize;
+                if c.busy.fetch_or(1 << pos, Ordering::Acquire) & (1 << pos) != 0 {
+                    continue;
+                }
+                match c.conn.register() {
+                    Ok(index) => {
+                        c.slots[pos].store(index, Ordering::Relaxed);
+                        c.registered.fetch_or(1 << pos, Ordering::Release);
+                        return Some(pos);
+                    }
+                    Err(RequestError::NoFreeSlot) => {
+                        c.busy.fetch_and(!(1 << pos), Ordering::Release);
+                    }
+                    Err(_) => {
+                        c.busy.fetch_and(!(1 << pos), Ordering::Release);
+                        return None;
+                    }
+                }
+            }
+            // Every slot of the channel (or of the pool) is lent: a round trip takes
+            // microseconds, so one is given back soon, unless the daemon is gone.
+            if c.dead.load(Ordering::Relaxed) {
                 return None;
             }
-            let pos = free.trailing_zeros() as usize;
-            if c.busy.fetch_or(1 << pos, Ordering::Acquire) & (1 << pos) != 0 {
-                continue;
+            let now = os::monotonic_ns();
+            if deadline == 0 {
+                deadline = now.saturating_add(SLOT_WAIT_NS);
+            } else if now > deadline {
+                return None;
             }
-            return match c.conn.register() {
-                Ok(index) => {
-                    let _ = c.home.compare_exchange(
-                        u32::MAX,
-                        index,
-                        Ordering::Release,
-                        Ordering::Relaxed,
-                    );
-                    c.slots[pos].store(index, Ordering::Relaxed);
-                    c.registered.fetch_or(1 << pos, Ordering::Release);
-                    Some(pos)
-                }
-                Err(RequestError::Timeout | RequestError::DaemonGone) => {
-                    c.dead.store(true, Ordering::Relaxed);
-                    None
-                }
-                Err(_) => {
-                    c.busy.fetch_and(!(1 << pos), Ordering::Release);
-                    None
-                }
-            };
+            os::yield_now();
         }
     }
 
@@ -699,9 +741,15 @@ impl State {
         let p = match self.cached_block(&c, layout, zeroed) {
             Some(p) => p,
             None => {
-                let block = self
-                    .with_slot(&c, |i| c.conn.allocate(i, size, align, zeroed))?
-                    .ok()?;
+                let r = self.with_slot(&c, |i| c.conn.allocate(i, size, align, zeroed))?;
+                let block = match r {
+                    Ok(block) => block,
+                    Err(RequestError::Refused(Status::OverQuota)) => {
+                        self.over_quota.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
+                    Err(_) => return None,
+                };
                 self.forwarded.fetch_add(1, Ordering::Relaxed);
                 self.arena_bytes.fetch_add(block.size, Ordering::Relaxed);
                 self.arena_blocks.fetch_add(1, Ordering::Relaxed);
@@ -715,9 +763,9 @@ impl State {
 
     /// A block of `layout` from this process's cache in `c`, zeroed if asked, or `None`.
     ///
-    /// The ledger lives in memory that other processes of the instance can write, so an entry
-    /// is used only if the block it names lies inside the arena: one that does not is taken
-    /// out, counted in [`Counters::bad_ledger_entries`] and never used.
+    /// The ledger lives in memory shared with the daemon, so an entry is used only if the block
+    /// it names lies inside the arena: one that does not is taken out, counted in
+    /// [`Counters::bad_ledger_entries`] and never used.
     fn cached_block(&self, c: &Conn, layout: Layout, zeroed: bool) -> Option<NonNull<u8>> {
         let ledger = c.ledger()?;
         let granule = c.conn.granule();
@@ -743,9 +791,9 @@ impl State {
         self.forwarded.fetch_add(1, Ordering::Relaxed);
         // SAFETY: `g * granule + bytes <= arena_len` (checked above), so the block lies inside
         // the arena mapping: the write below stays in memory this process maps. That the block
-        // is this process's alone is the ledger's protocol, which only this process keeps: a
-        // planted entry inside the arena may name a block it holds, and its data would then be
-        // overwritten, as any process of the instance can overwrite it in the shared arena.
+        // is this process's alone is the ledger's protocol, kept by this process and the daemon
+        // only (no other process maps this channel): an entry is put there only by `arena_free`
+        // for a block this process held, and taken once.
         let p = unsafe { base.add(g as usize * granule) };
         if zeroed {
             // SAFETY: as above; the block is `bytes` long.
@@ -777,8 +825,8 @@ impl State {
     /// Frees arena block `ptr` of `size` bytes in `c`: into the cache for the next allocation
     /// of its size, unless the cache is full or the daemon runs low on room; else released
     /// into the ledger for the daemon's next sweep, without waiting; else (ledger full, cache
-    /// off) through a round trip. A block the daemon does not count as this process's
-    /// (inherited through fork) and a dead daemon's blocks are left alone.
+    /// off) through a round trip. A block of a connection inherited through fork (the
+    /// parent's) and a dead daemon's blocks are left alone.
     fn arena_free(&self, c: &Conn, ptr: *mut u8, size: usize) {
         if !self.usable(c) {
             return;
@@ -800,7 +848,7 @@ impl State {
             }
             block.released = true;
             if ledger.put(block, cpu_hint()) {
-                c.conn.ring_sweep();
+                c.conn.ring();
                 self.arena_bytes.fetch_sub(bytes, Ordering::Relaxed);
                 self.arena_blocks.fetch_sub(1, Ordering::Relaxed);
                 return;

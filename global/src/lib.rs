@@ -3,9 +3,11 @@
 //! - [`XallocGlobal`] ([`global`]): the `#[global_allocator]` that serves large allocations
 //!   from the daemon's shared arena and everything else from the system allocator, which also
 //!   takes over whenever no daemon answers. [`is_shared`] and [`counters`] tell what it did.
-//! - [`client`] speaks the shared-memory protocol to `xallocd`: it maps the daemon's segments,
-//!   claims a request slot, sends a request and waits for the answer. It never allocates,
-//!   formats or takes a lock on the request path, which is what lets `XallocGlobal` use it.
+//! - [`client`] speaks the protocol to `xallocd`: it connects to the instance's socket, maps
+//!   the arena and the channel of its own that the daemon hands over, claims a request slot of
+//!   that channel, sends a request and waits for the answer. It never allocates, formats or
+//!   takes a lock on the request path, nor while it connects, which is what lets
+//!   `XallocGlobal` use it.
 //!
 //! ```no_run
 //! use xalloc_global::XallocGlobal;
@@ -20,7 +22,7 @@
 //! ```no_run
 //! use xalloc_global::client::Connection;
 //!
-//! let conn = Connection::connect("xalloc")?; // the daemon's --name
+//! let conn = Connection::connect("xalloc")?; // the daemon's --name: /dev/shm/xalloc.socket
 //! let mut slot = conn.claim()?;
 //! let block = slot.allocate(1 << 20, 4096, false)?;
 //! // SAFETY: the block is ours until freed; nothing else refers to it.

@@ -11,34 +11,77 @@
 //!     `ok aligned=N mapping_delta=D cache_hits=H` and exits 0, or says what went wrong and
 //!     exits 1.
 //! xalloc-edge-client plant-ledger
-//!     Connects, then writes cached-block entries that lie outside the arena into every slot's
-//!     ledger of the instance (as any process that can write the request segment could), then
-//!     makes zeroed allocations of their size. Each must come from inside the arena, zeroed;
-//!     the entries must be counted as bad. Then sets every ledger's count of cached granules
-//!     near `u64::MAX` and allocates, frees and reads the counters. Prints
-//!     `ok bad_ledger_entries=N` and exits 0, or says what went wrong and exits 1.
+//!     Connects, then writes cached-block entries that lie outside the arena into the ledger of
+//!     the global allocator's own channel (no other client can write it; this stands for a
+//!     stray write of the process itself), then makes zeroed allocations of their size. Each
+//!     must come from inside the arena, zeroed; the entries must be counted as bad. Then sets
+//!     the ledger's count of cached granules near `u64::MAX` and allocates, frees and reads
+//!     the counters. Prints `ok bad_ledger_entries=N` and exits 0, or says what went wrong and
+//!     exits 1.
 //! ```
+//!
+//! The arena is a memfd without a name in `/dev/shm`: its mappings are found by the object's
+//! device and inode, those of the mapping that holds a block of the global allocator.
 
 use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
 use std::process::ExitCode;
 
-use xalloc_proto::wire::LedgerBlock;
-use xalloc_global::client::Connection;
+use xalloc_global::global::with_newest_connection;
 use xalloc_global::{counters, is_shared, XallocGlobal};
+use xalloc_proto::wire::LedgerBlock;
 
 #[global_allocator]
 static A: XallocGlobal = XallocGlobal::new();
 
-/// The start of the first mapping of `/dev/shm/NAME.arena` in process `pid`'s address space.
-fn arena_mapping(pid: &str, name: &str) -> Result<usize, String> {
+/// One line of `/proc/PID/maps`: start, end, file offset, device and inode.
+struct Vma {
+    start: usize,
+    end: usize,
+    offset: usize,
+    object: (String, u64),
+}
+
+/// The file-backed mappings of process `pid`.
+fn vmas(pid: &str) -> Result<Vec<Vma>, String> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
-    let path = format!("/dev/shm/{name}.arena");
-    maps.lines()
-        .filter(|l| l.ends_with(&path))
-        .filter_map(|l| usize::from_str_radix(l.split('-').next()?, 16).ok())
+    Ok(maps
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (start, end) = f.next()?.split_once('-')?;
+            let _perms = f.next()?;
+            let offset = usize::from_str_radix(f.next()?, 16).ok()?;
+            let dev = f.next()?.to_owned();
+            let inode: u64 = f.next()?.parse().ok()?;
+            (inode != 0).then_some(())?;
+            Some(Vma {
+                start: usize::from_str_radix(start, 16).ok()?,
+                end: usize::from_str_radix(end, 16).ok()?,
+                offset,
+                object: (dev, inode),
+            })
+        })
+        .collect())
+}
+
+/// The object (device, inode) mapped at `addr` in this process.
+fn object_at(addr: usize) -> Result<(String, u64), String> {
+    vmas("self")?
+        .into_iter()
+        .find(|v| (v.start..v.end).contains(&addr))
+        .map(|v| v.object)
+        .ok_or_else(|| format!("nothing mapped at {addr:#x}"))
+}
+
+/// Where offset 0 of `object` is mapped in process `pid` (its first mapping).
+fn arena_mapping(pid: &str, object: &(String, u64)) -> Result<usize, String> {
+    vmas(pid)?
+        .into_iter()
+        .filter(|v| &v.object == object)
+        .map(|v| v.start.wrapping_sub(v.offset))
         .min()
-        .ok_or_else(|| format!("no mapping of {path} in process {pid}"))
+        .ok_or_else(|| format!("no mapping of the arena in process {pid}"))
 }
 
 /// Allocates and frees one block of `layout` through the global allocator, checking where it
@@ -66,10 +109,19 @@ fn one(layout: Layout) -> Result<(), String> {
 }
 
 fn align(daemon_pid: &str) -> Result<String, (u8, String)> {
-    let name = std::env::var("XALLOC_NAME").map_err(|_| (1, "XALLOC_NAME not set".into()))?;
-    one(Layout::from_size_align(1 << 20, 1).unwrap()).map_err(|e| (1, e))?;
-    let mine = arena_mapping("self", &name).map_err(|e| (1, e))?;
-    let daemons = arena_mapping(daemon_pid, &name).map_err(|e| (1, e))?;
+    std::env::var("XALLOC_NAME").map_err(|_| (1, "XALLOC_NAME not set".into()))?;
+    let l = Layout::from_size_align(1 << 20, 1).unwrap();
+    // SAFETY: non-zero size.
+    let p = unsafe { alloc(l) };
+    if p.is_null() || !is_shared(p) {
+        return Err((1, "1 MiB not served from the arena".into()));
+    }
+    let object = object_at(p.addr());
+    // SAFETY: allocated above with `l`.
+    unsafe { dealloc(p, l) };
+    let object = object.map_err(|e| (1, e))?;
+    let mine = arena_mapping("self", &object).map_err(|e| (1, e))?;
+    let daemons = arena_mapping(daemon_pid, &object).map_err(|e| (1, e))?;
     let delta = mine.wrapping_sub(daemons) % (256 << 20);
     if delta == 0 {
         return Err((
@@ -94,28 +146,33 @@ fn align(daemon_pid: &str) -> Result<String, (u8, String)> {
 }
 
 fn plant_ledger() -> Result<String, (u8, String)> {
-    let name = std::env::var("XALLOC_NAME").map_err(|_| (1, "XALLOC_NAME not set".into()))?;
-    // Connects the global allocator (and registers its home slot).
+    std::env::var("XALLOC_NAME").map_err(|_| (1, "XALLOC_NAME not set".into()))?;
+    // Connects the global allocator.
     one(Layout::from_size_align(1 << 20, 1).unwrap()).map_err(|e| (1, e))?;
-    let conn = Connection::connect(&name).map_err(|e| (1, format!("connect: {e}")))?;
-    let granule = conn.granule();
+    let (granule, arena_len) = with_newest_connection(|c| (c.granule(), c.arena_len()))
+        .ok_or((1, "the global allocator has no connection".to_owned()))?;
     let size = 2 << 20;
     let granules = (size / granule) as u32;
-    let arena_granules = (conn.arena_len() / granule) as u32;
+    let arena_granules = (arena_len / granule) as u32;
     // Just past the end, and far past it.
     let bogus = [arena_granules - granules + 1, u32::MAX - granules];
-    let mut planted = 0;
-    for i in 0..conn.slot_count() {
-        let ledger = conn.ledger(i).expect("slot in range");
-        for offset in bogus {
-            let block = LedgerBlock {
-                offset,
-                granules,
-                released: false,
-            };
-            planted += u64::from(ledger.put(block, 0));
-        }
-    }
+    let planted = with_newest_connection(|c| {
+        let Some(ledger) = c.ledger() else {
+            return 0;
+        };
+        bogus
+            .iter()
+            .map(|&offset| {
+                let block = LedgerBlock {
+                    offset,
+                    granules,
+                    released: false,
+                };
+                u64::from(ledger.put(block, 0))
+            })
+            .sum::<u64>()
+    })
+    .unwrap_or(0);
     if planted == 0 {
         return Err((1, "no ledger entry could be planted".into()));
     }
@@ -146,12 +203,13 @@ fn plant_ledger() -> Result<String, (u8, String)> {
     }
     result?;
     // A cached-granule count no `put` made: freeing, and reading the counters, must go on.
-    for i in 0..conn.slot_count() {
-        let ledger = conn.ledger(i).expect("slot in range");
-        ledger
-            .cached_granules
-            .store(u64::MAX - 3, std::sync::atomic::Ordering::Relaxed);
-    }
+    with_newest_connection(|c| {
+        if let Some(ledger) = c.ledger() {
+            ledger
+                .cached_granules
+                .store(u64::MAX - 3, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
     one(Layout::from_size_align(size, granule).unwrap()).map_err(|e| (1, e))?;
     let _ = counters().cached_bytes;
     let bad = counters().bad_ledger_entries;

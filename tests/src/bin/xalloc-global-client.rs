@@ -7,8 +7,8 @@
 //!     line read makes every thread check and free all it keeps): maps of strings to vectors,
 //!     strings, vectors grown and shrunk across the threshold, zeroed buffers, threads that hand
 //!     buffers to each other; every content is checked. Prints
-//!     `ok forwarded=N fallbacks=N reentries=N arena_bytes=N ...` and exits 0, or prints what
-//!     went wrong and exits 1.
+//!     `ok forwarded=N fallbacks=N reentries=N arena_bytes=N ... over_quota=N connections=N` and
+//!     exits 0, or prints what went wrong and exits 1.
 //! xalloc-global-client fork
 //!     Allocates a shared buffer, forks; the child allocates and frees large buffers of its own,
 //!     writes into and frees the inherited buffer, and exits; the parent checks that its buffer
@@ -36,6 +36,15 @@
 //!     keeps that block and prints `served gen=GEN connections=N`, or prints `error: ...` and
 //!     exits 1. `check` checks that every block kept with `hold` still holds its pattern and
 //!     lies in an arena, frees them, and prints `ok ... connections=N`.
+//! xalloc-global-client hold-wait COUNT SIZE
+//!     Allocates COUNT blocks of SIZE bytes (each filled with its own byte) and keeps them;
+//!     prints `held shared=S over_quota=Q fallbacks=F arena_bytes=B` (S: how many are in the
+//!     arena), waits for a line on stdin, checks and frees them, and prints `ok ...`.
+//! xalloc-global-client hold-then-exec SIZE PROGRAM [ARG...]
+//!     Allocates SIZE bytes (written), prints `held shared=S arena_bytes=B`, then replaces
+//!     itself with PROGRAM (`execvp`), holding the block until the exec: the connection is
+//!     close-on-exec, so the daemon frees the block while PROGRAM runs. Prints `error: ...` and
+//!     exits 1 if the exec fails.
 //! ```
 //!
 //! The global allocator is wrapped in a counter of nesting depth: if `XallocGlobal` ever
@@ -244,7 +253,7 @@ fn fork_test() -> Result<(), String> {
         return Err("fork failed".into());
     }
     if pid == 0 {
-        // Child: its own registration; the inherited buffer is written and freed.
+        // Child: its own connection; the inherited buffer is written and freed.
         let mut ok = true;
         for i in 0..20u64 {
             let v = pattern(i, 300 << 10);
@@ -266,7 +275,7 @@ fn fork_test() -> Result<(), String> {
     if mine != expected {
         return Err("the child's writes reached the parent's buffer".into());
     }
-    // The parent's slots still work.
+    // The parent's connection still works.
     let again = pattern(7, 2 << 20);
     if again != pattern(7, 2 << 20) {
         return Err("allocation after fork broken".into());
@@ -305,8 +314,8 @@ fn free_then_wait(count: usize, size: usize) -> Result<(), String> {
     check(&second, 1)
 }
 
-/// A large allocation on another thread blocks inside the connection (the response segment is
-/// a FIFO without a writer); a child forked meanwhile must still allocate, and exit.
+/// A large allocation on another thread is stopped inside its connection attempt (by the
+/// test, with ptrace); a child forked meanwhile must still allocate, and exit.
 fn fork_while_connecting() -> Result<(), String> {
     let (tx, rx) = mpsc::channel();
     let (go_tx, go_rx) = mpsc::channel::<()>();
@@ -515,6 +524,59 @@ fn restarts() -> Result<(), String> {
     }
 }
 
+/// Allocates `count` blocks of `size` bytes and keeps them until a line on stdin (see the module
+/// docs).
+fn hold_wait(count: usize, size: usize) -> Result<(), String> {
+    let blocks: Vec<Vec<u8>> = (0..count).map(|i| vec![i as u8; size]).collect();
+    let shared = blocks
+        .iter()
+        .filter(|b| xalloc_global::is_shared(b.as_ptr()))
+        .count();
+    let c = xalloc_global::counters();
+    println!(
+        "held shared={shared} over_quota={} fallbacks={} arena_bytes={}",
+        c.over_quota, c.fallbacks, c.arena_bytes
+    );
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    for (i, b) in blocks.iter().enumerate() {
+        if b.iter().any(|&x| x != i as u8) {
+            return Err(format!("block {i} lost its contents"));
+        }
+    }
+    Ok(())
+}
+
+/// Holds `size` bytes, then execs `argv` (see the module docs).
+fn hold_then_exec(size: usize, argv: &[String]) -> Result<(), String> {
+    let block = vec![0x5au8; size];
+    let c = xalloc_global::counters();
+    println!(
+        "held shared={} arena_bytes={}",
+        u8::from(xalloc_global::is_shared(block.as_ptr())),
+        c.arena_bytes
+    );
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let args: Vec<std::ffi::CString> = argv
+        .iter()
+        .map(|a| std::ffi::CString::new(a.as_str()).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let mut ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    // SAFETY: `ptrs` is a null-terminated array of NUL-terminated strings that outlive the
+    // call; on success the call does not return.
+    unsafe { libc::execvp(ptrs[0], ptrs.as_ptr()) };
+    std::hint::black_box(&block);
+    Err(format!(
+        "exec {}: {}",
+        argv[0],
+        std::io::Error::last_os_error()
+    ))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let num = |i: usize| args.get(i).and_then(|s| s.parse::<u64>().ok());
@@ -531,8 +593,17 @@ fn main() -> ExitCode {
         Some("fork-while-connecting") => fork_while_connecting(),
         Some("alloc-in-fork-handler") => alloc_in_fork_handler(),
         Some("restarts") => restarts(),
+        Some("hold-wait") => match (num(1), num(2)) {
+            (Some(n), Some(size)) => hold_wait(n as usize, size as usize),
+            _ => Err("usage: hold-wait COUNT SIZE".into()),
+        },
+        Some("hold-then-exec") => match (num(1), args.get(2..)) {
+            (Some(size), Some(argv)) if !argv.is_empty() => hold_then_exec(size as usize, argv),
+            _ => Err("usage: hold-then-exec SIZE PROGRAM [ARG...]".into()),
+        },
         _ => Err("usage: xalloc-global-client work THREADS MILLIS | fork | \
-                  free-then-wait COUNT SIZE | fork-while-connecting | alloc-in-fork-handler | restarts"
+                  free-then-wait COUNT SIZE | fork-while-connecting | alloc-in-fork-handler | \
+                  restarts | hold-wait COUNT SIZE | hold-then-exec SIZE PROGRAM [ARG...]"
             .into()),
     };
     let c = xalloc_global::counters();
@@ -540,13 +611,14 @@ fn main() -> ExitCode {
         Ok(()) => {
             println!(
                 "ok forwarded={} fallbacks={} reentries={} arena_bytes={} cache_hits={} \
-                 cached_bytes={} connections={}",
+                 cached_bytes={} over_quota={} connections={}",
                 c.forwarded,
                 c.fallbacks,
                 REENTRIES.load(Ordering::Relaxed),
                 c.arena_bytes,
                 c.cache_hits,
                 c.cached_bytes,
+                c.over_quota,
                 c.connections
             );
             ExitCode::SUCCESS

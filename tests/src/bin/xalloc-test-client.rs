@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! xalloc-test-client churn NAME THREADS MILLIS SEED
-//!     THREADS threads each claim a slot and, for MILLIS ms, allocate random sizes (4 KiB to
+//!     One connection; THREADS threads each claim a slot of its channel and, for MILLIS ms, allocate random sizes (4 KiB to
 //!     1 MiB), fill each block with a pattern of this process and thread, verify the patterns
 //!     of the blocks they hold, and free them. Prints `ok OPS` (allocations plus frees) and
 //!     exits 0, or prints what went wrong and exits 1.
@@ -13,9 +13,19 @@
 //!     pattern, frees them (through the same slot and connection, whatever happened to the
 //!     daemon meanwhile), prints `freed COUNT` and exits 0.
 //! xalloc-test-client die-at PHASE NAME
-//!     Kills itself with SIGKILL at PHASE: `claimed` (a slot claimed, before its Hello) or
-//!     `submitted` (a request for 1 MiB submitted, before waiting for the answer), after
-//!     allocating one 64 KiB block.
+//!     Kills itself with SIGKILL at PHASE: `claimed` (a second slot of its channel claimed,
+//!     with no request in it) or `submitted` (a request for 1 MiB submitted and rung, before
+//!     waiting for the answer), after allocating one 64 KiB block.
+//! xalloc-test-client scribble NAME MILLIS SEED
+//!     A hostile client: makes the handshake by hand (keeping its descriptors), then for MILLIS
+//!     ms writes garbage over its whole request channel, header included, and ringing and
+//!     waking the daemon as it goes: random words on even passes, plausible forgeries on odd
+//!     ones (every slot pending with a `Free` or `Reallocate` of a random granule of the arena,
+//!     every ledger entry a released or cached block of the arena). Then tries to shrink and to
+//!     grow its request channel and the arena, and to map its response channel writable.
+//!     Prints `scribbled passes=N truncate_request=R grow_request=R truncate_arena=R
+//!     grow_arena=R write_response=R`, each R `refused` or `done`, and exits 0 (every R should
+//!     read `refused`).
 //! xalloc-test-client fill NAME SIZE
 //!     Allocates blocks of SIZE bytes until one is refused, writing every page of each block (a
 //!     page the daemon did not reserve would raise SIGBUS here), then tries 20 more. Prints
@@ -183,27 +193,139 @@ fn die_at(phase: &str, name: &str) -> Result<(), String> {
     let mut slot = conn.claim().map_err(|e| format!("claim: {e}"))?;
     slot.allocate(64 << 10, 4096, false)
         .map_err(|e| format!("allocate: {e}"))?;
-    let pid = std::process::id();
     match phase {
         "claimed" => {
-            let free = (0..conn.slot_count())
-                .find(|&i| conn.request_slot(i).is_some_and(|s| s.try_claim(pid)))
-                .ok_or("no free slot")?;
-            conn.doorbell().note_claim(free);
+            conn.register()
+                .map_err(|e| format!("claim a second slot: {e}"))?;
         }
         "submitted" => {
             let rq = conn.request_slot(slot.index()).ok_or("slot")?;
             rq.submit(xalloc_proto::wire::Op::Allocate, 0, 1 << 20, 4096, 0);
-            let bell = conn.doorbell();
-            if bell.ring() {
-                xalloc_proto::os::futex_wake(&bell.rings, 1);
-            }
+            conn.ring();
         }
         _ => return Err(format!("unknown phase {phase}")),
     }
     // SAFETY: raising a signal in our own process.
     unsafe { libc::raise(libc::SIGKILL) };
     Err("still alive after SIGKILL".into())
+}
+
+/// Whether a call that should be refused was (`-1`) or not.
+fn outcome(rc: libc::c_int) -> &'static str {
+    if rc == -1 {
+        "refused"
+    } else {
+        "done"
+    }
+}
+
+fn scribble(name: &str, millis: u64, seed: u64) -> Result<(), String> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use xalloc_proto::os::{self, Mapping};
+    use xalloc_proto::unix;
+    use xalloc_proto::wire::{self, Hello, HelloKind, LedgerBlock, Op, Welcome};
+
+    let path =
+        std::ffi::CString::new(format!("/dev/shm/{name}.socket")).map_err(|e| e.to_string())?;
+    let sock = unix::connect(&path).map_err(|e| format!("connect: {e}"))?;
+    let hello = Hello {
+        kind: HelloKind::Client,
+        client_id: 0,
+    };
+    unix::send_with_fds(&sock, &hello.encode(), &[]).map_err(|e| format!("hello: {e}"))?;
+    let mut buf = [0u8; 1024];
+    let mut msg = unix::recv_with_fds(&sock, &mut buf, Duration::from_secs(5))
+        .map_err(|e| format!("welcome: {e}"))?
+        .ok_or("the daemon closed the connection")?;
+    let (w, reason) = Welcome::decode(&buf[..msg.len]).map_err(|e| format!("welcome: {e}"))?;
+    if w.refusal != 0 {
+        return Err(format!("refused ({}): {reason}", w.refusal));
+    }
+    let (Some(arena), Some(request), Some(response)) =
+        (msg.fds[0].take(), msg.fds[1].take(), msg.fds[2].take())
+    else {
+        return Err("a welcome without three descriptors".into());
+    };
+    let len = os::fstat(&request).map_err(|e| e.to_string())?.len as usize;
+    let map = Mapping::new(&request, len, true).map_err(|e| format!("mmap: {e}"))?;
+    let word = |i: usize| {
+        // SAFETY: `i * 8 + 8 <= len`, inside the mapping, which is page-aligned; the daemon
+        // reads this memory with atomics only.
+        unsafe { AtomicU64::from_ptr(map.as_ptr().add(i * 8).cast()) }
+    };
+    let words = len / 8;
+    let granules =
+        (w.arena_len as usize).saturating_sub(wire::ARENA_DATA_OFFSET) / w.granule.max(1) as usize;
+    let mut rng = Rng(seed | 1);
+    let deadline = Instant::now() + Duration::from_millis(millis);
+    let mut passes = 0u64;
+    while Instant::now() < deadline {
+        if passes.is_multiple_of(2) {
+            for i in 0..words {
+                word(i).store(rng.next_u64(), Ordering::Relaxed);
+            }
+        } else {
+            // Forgeries that a careless daemon would act on: every slot asks to free or resize
+            // a block of the arena, every ledger entry names one.
+            for i in 0..w.slots {
+                // SAFETY: in bounds (the channel holds `slots` slots), 64-aligned.
+                let rq: &wire::RequestSlot = unsafe { map.at(wire::request_slot_offset(i)) };
+                let g = rng.next_u64() % granules.max(1) as u64;
+                let op = if rng.next_u64().is_multiple_of(2) {
+                    Op::Free
+                } else {
+                    Op::Reallocate
+                };
+                rq.submit(op, 0, u64::from(w.granule), 0, g * u64::from(w.granule));
+            }
+            // SAFETY: in bounds and 64-aligned, as the layout says.
+            let bell: &wire::ClientBell = unsafe { map.at(wire::BELL_OFFSET) };
+            bell.note_claim(w.slots.saturating_sub(1));
+            // SAFETY: as above.
+            let ledger: &wire::Ledger = unsafe { map.at(wire::ledger_offset(w.slots)) };
+            for e in &ledger.entries {
+                let block = LedgerBlock {
+                    offset: (rng.next_u64() % granules.max(1) as u64) as u32,
+                    granules: 1 + (rng.next_u64() % 16) as u32,
+                    released: rng.next_u64().is_multiple_of(2),
+                };
+                e.store(block.encode().unwrap_or(0), Ordering::Relaxed);
+            }
+            ledger.pending.store(1, Ordering::Release);
+            bell.rings.fetch_add(1, Ordering::Release);
+        }
+        unix::send_wake(&sock);
+        passes += 1;
+    }
+    let arena_len = os::fstat(&arena).map_err(|e| e.to_string())?.len as libc::off_t;
+    // SAFETY: plain system calls on descriptors this process owns; a mapping that succeeds is
+    // unmapped at once.
+    let (truncate_request, grow_request, truncate_arena, grow_arena, write_response) = unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            response.raw(),
+            0,
+        );
+        if p != libc::MAP_FAILED {
+            libc::munmap(p, 4096);
+        }
+        (
+            outcome(libc::ftruncate(request.raw(), 0)),
+            outcome(libc::ftruncate(request.raw(), (len * 2) as libc::off_t)),
+            outcome(libc::ftruncate(arena.raw(), 4096)),
+            outcome(libc::ftruncate(arena.raw(), arena_len * 2)),
+            outcome(if p == libc::MAP_FAILED { -1 } else { 0 }),
+        )
+    };
+    println!(
+        "scribbled passes={passes} truncate_request={truncate_request} \
+         grow_request={grow_request} truncate_arena={truncate_arena} grow_arena={grow_arena} \
+         write_response={write_response}"
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -215,6 +337,10 @@ fn main() -> ExitCode {
                 println!("ok {ops}");
             }),
             _ => Err("usage: churn NAME THREADS MILLIS SEED".into()),
+        },
+        (Some("scribble"), Some(name)) => match (num(2), num(3)) {
+            (Some(ms), Some(seed)) => scribble(name, ms, seed),
+            _ => Err("usage: scribble NAME MILLIS SEED".into()),
         },
         (Some("die-at"), Some(phase)) => match args.get(2) {
             Some(name) => die_at(phase, name),
@@ -233,7 +359,9 @@ fn main() -> ExitCode {
             _ => Err("usage: hold NAME COUNT SIZE".into()),
         },
         _ => Err(
-            "usage: xalloc-test-client churn NAME THREADS MILLIS SEED | hold NAME COUNT SIZE"
+            "usage: xalloc-test-client churn NAME THREADS MILLIS SEED | hold NAME COUNT SIZE | \
+             hold-then-free NAME COUNT SIZE | die-at PHASE NAME | fill NAME SIZE | \
+             scribble NAME MILLIS SEED"
                 .into(),
         ),
     };
