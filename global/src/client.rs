@@ -94,6 +94,43 @@ const SOCKET_SUFFIX: &[u8] = b".socket";
 /// Bytes of a Unix socket path, NUL included (`sun_path`).
 const SOCKET_PATH_CAP: usize = 108;
 
+/// How many times this process's line of ancestors forked, as seen from here: bumped in every
+/// child by a `pthread_atfork` handler that is registered when the program is loaded
+/// ([`note_fork`]). A connection records the count it was made at, so that telling a forked child
+/// (which has no mapping of its parent's channel) from the connecting process costs a load, not
+/// a system call.
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a fork: call first thing in a child (the fork handler registered at load time does;
+/// `XallocGlobal`'s own handler calls it too, because the order in which the two run is not
+/// known). Async-signal-safe; counting one fork twice is harmless.
+pub fn note_fork() {
+    FORKS.fetch_add(1, Ordering::Relaxed);
+}
+
+extern "C" fn note_fork_in_child() {
+    note_fork();
+}
+
+/// Registers [`note_fork_in_child`] when the program is loaded (an ELF constructor), before
+/// `main` and before the program can fork.
+extern "C" fn register_fork_counter() {
+    extern "C" {
+        fn pthread_atfork(
+            prepare: Option<extern "C" fn()>,
+            parent: Option<extern "C" fn()>,
+            child: Option<extern "C" fn()>,
+        ) -> i32;
+    }
+    // SAFETY: the handler only increments an atomic, which is async-signal-safe; the function
+    // pointer is 'static.
+    unsafe { pthread_atfork(None, None, Some(note_fork_in_child)) };
+}
+
+#[used]
+#[link_section = ".init_array"]
+static REGISTER_FORK_COUNTER: extern "C" fn() = register_fork_counter;
+
 /// Why [`Connection::connect`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -261,6 +298,9 @@ pub struct Connection {
     client_id: u32,
     /// The process that connected: the only one that maps the channel.
     pid: u32,
+    /// [`FORKS`] when the connection was made: a different count means this is a forked
+    /// child, which has no mapping of the channel.
+    forks: u64,
     /// The socket's path, NUL-terminated, for [`HelloKind::Rebind`].
     path: [u8; SOCKET_PATH_CAP],
     /// The user the daemon runs as (who owns the arena and the channel).
@@ -508,6 +548,7 @@ impl Connection {
             granule: rq.granule,
             client_id: welcome.client_id,
             pid: os::pid(),
+            forks: FORKS.load(Ordering::Relaxed),
             path,
             daemon_uid: daemon.uid,
             generation: AtomicU64::new(rs.generation),
@@ -552,8 +593,13 @@ impl Connection {
     }
 
     /// Whether this process made the connection (not a forked child of the one that did).
+    ///
+    /// A load of [`FORKS`], not a `getpid` system call: this is on every request's path. A
+    /// child made by a raw `clone` system call that bypasses the C library's fork handlers is
+    /// not detected, and must not use a connection of its parent's (a child made by `fork`,
+    /// `posix_spawn` or `vfork` followed by `exec` is fine).
     pub fn in_connecting_process(&self) -> bool {
-        os::pid() == self.pid
+        FORKS.load(Ordering::Relaxed) == self.forks
     }
 
     /// The first byte of the arena's data: block offsets count from here.

@@ -389,6 +389,8 @@ pub fn with_newest_connection<R>(f: impl FnOnce(&Connection) -> R) -> Option<R> 
 }
 
 extern "C" fn after_fork_in_child() {
+    // First: from here on no inherited connection counts as this process's own.
+    crate::client::note_fork();
     STATE.forget_parent();
 }
 
