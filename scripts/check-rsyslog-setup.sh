@@ -13,8 +13,11 @@ dir="$(mktemp -d)"
 cleanup() {
     if [[ -f "$dir/pid" ]]; then
         kill -9 "$(cat "$dir/pid")" 2>/dev/null || true
+        # The daemon's keeper outlives a killed daemon; `stop` tells this instance's keeper
+        # to quit and removes the instance's objects.
+        target/debug/xallocd stop --name "$name" --pidfile "$dir/pid" 2>/dev/null || true
     fi
-    rm -f "/dev/shm/$name.request" "/dev/shm/$name.response" "/dev/shm/$name.arena"
+    rm -f "/dev/shm/$name.socket" "/dev/shm/$name.keeper" "/dev/shm/$name.state"
     rm -rf "$dir"
 }
 trap cleanup EXIT
