@@ -42,6 +42,11 @@ step "no_std build" cargo build -p xalloc-core --target thumbv7em-none-eabihf
 # allocator writes into the freed block would be flagged even through the owner's own pointer.
 MIRIFLAGS=-Zmiri-strict-provenance step "miri (stacked borrows)" \
     cargo +nightly miri test -p xalloc-core --lib --test shadow --test checked_free --test alignment
+# The protocol's shared-memory types (concurrent header rewrites, ledger hand-offs, the slot
+# cycle between threads): a plain read racing a write would be flagged. The OS layer's tests
+# make system calls Miri does not model, so only `wire` runs.
+MIRIFLAGS=-Zmiri-strict-provenance step "miri (protocol layout)" \
+    cargo +nightly miri test -p xalloc-proto --lib wire::
 MIRIFLAGS=-Zmiri-strict-provenance step "miri (doc tests)" \
     cargo +nightly miri test -p xalloc-core --doc
 MIRIFLAGS="-Zmiri-strict-provenance -Zmiri-tree-borrows" step "miri (tree borrows, global allocator)" \
