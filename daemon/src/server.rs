@@ -703,9 +703,6 @@ impl Server {
         let mut procs: HashMap<u32, u64> = HashMap::new();
         let mut users: HashMap<u32, u64> = HashMap::new();
         for c in self.clients.values() {
-            if c.bytes > 0 && !per_client.contains_key(&c.pid) {
-                // Checked per client above through the record.
-            }
             *procs.entry(c.pid).or_default() += c.bytes;
             *users.entry(c.uid).or_default() += c.bytes;
         }
