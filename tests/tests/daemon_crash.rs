@@ -1,5 +1,6 @@
 //! Daemon crashes: the daemon is killed with SIGKILL at random moments while clients work, and
-//! restarted each time; the new daemon re-attaches to the segments.
+//! restarted each time; the new daemon takes the arena and the clients' channels back from the
+//! keeper (one keeper, the same through every restart) and re-attaches to them.
 //!
 //! Checked: the clients never crash or lose data (two `XallocGlobal` programs check every
 //! buffer they use, falling back to the system allocator while no daemon answers); the blocks
@@ -40,6 +41,7 @@ fn a_daemon_killed_under_load_is_restarted_and_clients_keep_their_blocks() {
     holder_out.read_line(&mut line).unwrap();
     assert!(line.starts_with("held "), "{line}");
     let held_bytes = 6 * 300_000u64.next_multiple_of(4096);
+    let keeper = d.stat("keeper_pid");
 
     let millis = (kills * 120 + 500).to_string();
     let workers: Vec<_> = (0..2)
@@ -71,12 +73,14 @@ fn a_daemon_killed_under_load_is_restarted_and_clients_keep_their_blocks() {
         );
         restart_times.push(t.elapsed());
         d.adopt();
-        // The holder's blocks are still allocated (to it: it is alive).
+        // The holder's blocks are still allocated (to it: it is alive), in the arena the same
+        // keeper kept.
+        let s = d.status();
         assert!(
-            d.stat("used_bytes") >= held_bytes,
-            "restart {k}: {:?}",
-            d.status()
+            s["used_bytes"].parse::<u64>().unwrap() >= held_bytes,
+            "restart {k}: {s:?}"
         );
+        assert_eq!(s["keeper_pid"], keeper.to_string(), "restart {k}: {s:?}");
         if k % 10 == 9 {
             assert!(d.stats_line().contains("heap check ok"), "restart {k}");
         }

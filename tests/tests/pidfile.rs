@@ -22,7 +22,6 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
-use xalloc_proto::os;
 
 /// The user that runs xallocd in the per-user forms (no passwd entry needed).
 const USER: u32 = 4243;
@@ -47,7 +46,7 @@ enum Form {
 const FORMS: [Form; 3] = [Form::Xdg, Form::Tmp, Form::Run];
 
 /// One instance, its private directory, and the form of default directory it uses. Dropping
-/// it kills (by pidfd) any daemon of its instance name, then removes its segments and
+/// it kills (by pidfd) any daemon and keeper of its instance name, then removes its objects and
 /// directory.
 struct Case {
     form: Form,
@@ -195,58 +194,48 @@ impl Case {
         set_mode(&self.dir_host(), mode);
     }
 
-    /// Why what `start` left is wrong: a daemon or segments of this instance.
+    /// Why what `start` or `stop` left is wrong: a daemon, a keeper or objects of this
+    /// instance. (A refused daemon exits right after it reported its error to `start`: it is
+    /// given a moment.)
     fn leftovers(&self) -> Option<String> {
-        let daemons = daemons_of(self.name());
-        let segments = segments_left(self.name());
-        (!daemons.is_empty() || !segments.is_empty())
-            .then(|| format!("left daemon pids {daemons:?} and segments {segments:?}"))
+        let t = Instant::now();
+        while !instance_processes(self.name()).is_empty() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let processes = instance_processes(self.name());
+        let objects = segments_left(self.name());
+        (!processes.is_empty() || !objects.is_empty())
+            .then(|| format!("left processes {processes:?} and objects {objects:?}"))
     }
 }
 
 impl Drop for Case {
     fn drop(&mut self) {
-        for pid in daemons_of(self.name()) {
-            let Ok(fd) = os::pidfd_open(pid) else {
-                continue;
-            };
-            // SAFETY: plain system call on an open pidfd; no siginfo.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.raw(),
-                    libc::SIGKILL,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
-            let t = Instant::now();
-            while !os::pidfd_exited(&fd) && t.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-        // `guard` then removes the segments and the directory.
+        // Daemons and keepers alike (a keeper outlives a killed daemon); `guard` then removes
+        // the objects and the directory.
+        kill_instance_processes(self.name());
     }
 }
 
-/// The processes running xallocd for instance `name` (its unique name is in their command
-/// line, right after `--name`).
+/// The daemon processes (`xallocd start`) of instance `name`.
 fn daemons_of(name: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                return false;
-            };
-            let args: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
-            args.first() == Some(&XALLOCD.as_bytes())
-                && args
-                    .windows(2)
-                    .any(|w| w[0] == b"--name" && w[1] == name.as_bytes())
-        })
+    pids_of(name, Role::Daemon)
+}
+
+/// The processes of instance `name` in `role`.
+fn pids_of(name: &str, role: Role) -> Vec<u32> {
+    instance_processes(name)
+        .into_iter()
+        .filter(|&(_, r)| r == role)
+        .map(|(pid, _)| pid)
         .collect()
+}
+
+/// The real uid of process `pid`.
+fn uid_of(pid: u32) -> Option<u32> {
+    std::fs::metadata(format!("/proc/{pid}"))
+        .ok()
+        .map(|m| m.uid())
 }
 
 fn chown(path: &Path, uid: u32) {
@@ -456,6 +445,15 @@ fn a_fresh_default_directory_is_private_and_start_stop_work() {
                 return Err(format!(
                     "pidfile says {pid}, daemons are {:?}",
                     daemons_of(c.name())
+                ));
+            }
+            // One keeper, of the daemon's user, beside it.
+            let keepers = pids_of(c.name(), Role::Keeper);
+            let keeper_uids: Vec<_> = keepers.iter().map(|&k| uid_of(k)).collect();
+            if keepers.len() != 1 || keeper_uids != [Some(c.uid())] {
+                return Err(format!(
+                    "keepers {keepers:?} of uids {keeper_uids:?}, expected one of uid {}",
+                    c.uid()
                 ));
             }
             let again = c.start(&[]);

@@ -163,9 +163,8 @@ impl Drop for Traced {
 }
 
 /// A thread holds the connection flag (stopped by ptrace inside its connection attempt, at
-/// its first `openat`) while the main thread forks: the child connects by itself.
-#[test]
-fn a_child_forked_while_another_thread_connects_does_not_wait_for_that_connection() {
+/// system call `nr`) while the main thread forks: the child connects by itself.
+fn fork_while_a_thread_is_stopped_in(nr: libc::c_long) {
     let d = TestDaemon::start("fork-conn", &[]);
     let mut client = client(&d, &["fork-while-connecting"]);
     let lines = Lines::of(&mut client);
@@ -175,11 +174,21 @@ fn a_child_forked_while_another_thread_connects_does_not_wait_for_that_connectio
         .strip_prefix("tid ")
         .and_then(|t| t.parse().ok())
         .unwrap_or_else(|| panic!("{line}"));
-    let traced = Traced::seize(client.0.id(), tid);
+    let client_pid = client.0.id();
+    let traced = Traced::seize(client_pid, tid);
     writeln!(stdin, "go").unwrap();
-    traced.run_to_syscall(libc::SYS_openat);
+    traced.run_to_syscall(nr);
+    // Stopped mid-connect: the parent has not been welcomed yet, so the only client the daemon
+    // may have is that half-made connection, which holds nothing.
+    assert_eq!(d.stat("live_blocks"), 0, "{:?}", d.status());
     writeln!(stdin, "fork").unwrap();
     let child = lines.next("child");
+    // The child connected while the parent's thread was still stopped: by itself.
+    let log = d.log();
+    let connected: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" connected: pid "))
+        .collect();
     drop(traced);
     writeln!(stdin, "done").unwrap();
     drop(stdin);
@@ -187,6 +196,30 @@ fn a_child_forked_while_another_thread_connects_does_not_wait_for_that_connectio
     assert_eq!(child, "child exit=0", "{out}");
     assert!(status.success(), "client failed ({status:?}): {out}");
     assert!(out.contains("reentries=0"), "{out}");
+    let parent = format!(" connected: pid {client_pid} ");
+    assert!(
+        connected.iter().any(|l| !l.contains(&parent)),
+        "the child connected while its parent's thread was stopped: {log}"
+    );
+    if nr == libc::SYS_connect {
+        assert!(
+            !connected.iter().any(|l| l.contains(&parent)),
+            "the parent's thread connected before `connect`: {log}"
+        );
+    }
+}
+
+/// The connection has a socket but no connection yet: stopped on entering `connect`.
+#[test]
+fn a_child_forked_while_another_thread_connects_does_not_wait_for_that_connection() {
+    fork_while_a_thread_is_stopped_in(libc::SYS_connect);
+}
+
+/// The same, stopped later in the handshake: connected and `Hello` sent, on entering the
+/// `recvmsg` that waits for the daemon's welcome (the child inherits that connected socket).
+#[test]
+fn a_child_forked_while_another_thread_awaits_its_welcome_does_not_wait_for_it() {
+    fork_while_a_thread_is_stopped_in(libc::SYS_recvmsg);
 }
 
 /// The process's first large allocation is made in a `pthread_atfork` handler, so the
@@ -203,11 +236,12 @@ fn a_first_large_allocation_inside_a_fork_handler_does_not_deadlock() {
 /// How the test restarts the daemon, by restart number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Restart {
-    /// `xallocd stop` (the segments go), then `start`: new segments.
+    /// `xallocd stop` (the objects go, the keeper quits), then `start`: a new arena.
     Stop,
-    /// SIGKILL, then `start --fresh`: the dead daemon's segments are replaced.
+    /// SIGKILL, then `start --fresh`: the dead daemon's keeper lets go of its arena; a new one.
     KillFresh,
-    /// SIGKILL, then `start`: the new daemon re-attaches to the same segments.
+    /// SIGKILL, then `start`: the new daemon takes the same arena and channels back from the
+    /// keeper and re-attaches.
     KillReattach,
 }
 
@@ -252,12 +286,20 @@ fn a_process_keeps_using_the_daemon_across_more_restarts_than_it_keeps_connectio
         } else {
             &[]
         };
+        let keeper = keeper_pid(&d.name);
         let out = d.start_command(extra);
         assert!(out.status.success(), "start {k}: {out:?}");
         d.adopt();
         if kind != Restart::KillReattach {
             expected += 1;
         }
+        // Re-attaching keeps the keeper that held the arena; the other restarts make a new one.
+        let now = d.stat("keeper_pid");
+        assert_eq!(
+            keeper.map(u64::from) == Some(now),
+            kind == Restart::KillReattach,
+            "restart {k} ({kind:?}): keeper {keeper:?} before, {now} after"
+        );
         let line = ask(&format!("alloc {k} {}", mode(k)));
         assert!(
             line.trim_end() == format!("served gen={k} connections={expected}"),
@@ -299,7 +341,7 @@ fn a_process_keeps_using_the_daemon_across_more_restarts_than_it_keeps_connectio
 #[test]
 fn a_busy_process_reconnects_through_many_restarts_while_its_threads_free_old_blocks() {
     // Four threads allocate, check and free blocks of every size, and hand them to each other,
-    // while the daemon is stopped and started again (new segments each time). Once the client
+    // while the daemon is stopped and started again (a new arena each time). Once the client
     // uses a new daemon, it is told to free what its threads keep (they keep blocks of every
     // daemon so far, which would hold every connection): each thread does so when it comes to
     // it, while the others go on, so connections are recycled while blocks of the old arenas
@@ -315,7 +357,7 @@ fn a_busy_process_reconnects_through_many_restarts_while_its_threads_free_old_bl
             assert!(out.status.success(), "start {k}: {out:?}");
             d.adopt();
         }
-        // The client found this daemon: it registered, and allocates in its arena.
+        // The client found this daemon: it connected, and allocates in its arena.
         let found = d.wait_for(Duration::from_secs(10), || {
             let s = d.status();
             s["clients"] != "0" && s["used_bytes"] != "0"

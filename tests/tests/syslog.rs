@@ -53,6 +53,15 @@ fn lines_are_tagged_xalloc_with_facility_daemon_and_survive_a_server_restart() {
         line.contains(&format!(" xalloc[{}]: started:", d.pid)),
         "{line}"
     );
+    // The start line says where clients connect and which process keeps the arena.
+    assert!(
+        line.contains(&format!("/dev/shm/{}.socket", d.name)),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("keeper pid {}", d.stat("keeper_pid"))),
+        "{line}"
+    );
 
     // The server goes away and comes back on a new socket at the same path.
     drop(rx);

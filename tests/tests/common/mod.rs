@@ -87,8 +87,111 @@ pub fn stop_keeper(name: &str) {
     }
 }
 
-/// Removes instance `name`'s segments and directory `dir` when dropped: for tests that run a
-/// daemon without [`TestDaemon`], so that a failing assertion leaves nothing behind.
+/// What an `xallocd` process of an instance is, by its command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `xallocd start`: the daemon (or a `start` still waiting for it to be ready).
+    Daemon,
+    /// `xallocd keeper`: the process that holds the arena across a daemon crash.
+    Keeper,
+    /// Any other subcommand (`stop`, `status`).
+    Other,
+}
+
+/// The processes running this build's `xallocd` for instance `name` (its unique name is in
+/// their command line, right after `--name`), with their roles.
+pub fn instance_processes(name: &str) -> Vec<(u32, Role)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
+            // The keeper runs the daemon's own executable (or `/proc/self/exe` where that was
+            // replaced on disk).
+            let exe = args.first()?;
+            (*exe == XALLOCD.as_bytes() || *exe == b"/proc/self/exe").then_some(())?;
+            args.windows(2)
+                .any(|w| w[0] == b"--name" && w[1] == name.as_bytes())
+                .then_some(())?;
+            let role = match args.get(1).copied() {
+                Some(b"start") => Role::Daemon,
+                Some(b"keeper") => Role::Keeper,
+                _ => Role::Other,
+            };
+            Some((pid, role))
+        })
+        .collect()
+}
+
+/// Sends SIGKILL to process `pid` through a pidfd and waits (at most 5 s) for it to exit.
+pub fn kill_and_wait(pid: u32) {
+    let Ok(fd) = os::pidfd_open(pid) else {
+        return;
+    };
+    // SAFETY: plain system call on an open pidfd; no siginfo.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.raw(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    let t = Instant::now();
+    while !os::pidfd_exited(&fd) && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Kills (SIGKILL, by pidfd) every daemon process of instance `name` that still runs.
+pub fn kill_instance_daemon(name: &str) {
+    for (pid, role) in instance_processes(name) {
+        if role == Role::Daemon {
+            kill_and_wait(pid);
+        }
+    }
+}
+
+/// Kills (SIGKILL, by pidfd) every `xallocd` process of instance `name`: daemons and keepers.
+pub fn kill_instance_processes(name: &str) {
+    for (pid, _) in instance_processes(name) {
+        kill_and_wait(pid);
+    }
+}
+
+/// Bytes of instance `name`'s arena backed by pages, read through the descriptor its keeper
+/// holds (`/proc/KEEPER/fd/N`, the memfd `xalloc:NAME.arena`); `None` if no keeper runs or it
+/// holds no arena.
+pub fn arena_resident(name: &str) -> Option<u64> {
+    arena_resident_in(keeper_pid(name)?, name)
+}
+
+/// Bytes of instance `name`'s arena backed by pages, read through a descriptor of process
+/// `pid` (the daemon or its keeper).
+pub fn arena_resident_in(pid: u32, name: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let memfd = format!("/memfd:xalloc:{name}.arena");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| {
+                t.to_str()
+                    .is_some_and(|t| t.strip_suffix(" (deleted)").unwrap_or(t) == memfd)
+            })
+        })
+        // The link is followed: the memfd's own inode, whose blocks are its pages.
+        .and_then(|e| std::fs::metadata(e.path()).ok())
+        .map(|m| m.blocks() * 512)
+}
+
+/// Kills the daemon and keeper of instance `name` (by pidfd) if any run, and removes its
+/// objects and directory `dir`, when dropped: for tests that run a daemon without
+/// [`TestDaemon`], or expect `start` to refuse, so that a failing assertion leaves nothing
+/// behind.
 pub struct Cleanup {
     /// Instance name.
     pub name: String,
@@ -107,14 +210,18 @@ impl Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        // A daemon a failing test started after all (an expected refusal that did not come).
+        kill_instance_daemon(&self.name);
         stop_keeper(&self.name);
+        kill_instance_processes(&self.name);
         remove_segments(&self.name);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// A daemon started for one test. Dropping it kills it (by its pidfd, so never another
-/// process) if it still runs, and removes its segments and directory.
+/// process) if it still runs, then its keeper and any other process of its instance name, and
+/// removes its objects and directory.
 pub struct TestDaemon {
     /// Instance name.
     pub name: String,
@@ -148,8 +255,53 @@ impl TestDaemon {
         d
     }
 
+    /// Like [`TestDaemon::start`], with `xallocd start` run through `wrapper` (see
+    /// [`TestDaemon::start_command_wrapped`]).
+    pub fn start_wrapped(tag: &str, extra: &[&str], wrapper: &[&str]) -> Self {
+        let name = unique_name(tag);
+        let dir = temp_dir(&name);
+        let mut d = Self {
+            name,
+            dir,
+            pid: 0,
+            pidfd: None,
+        };
+        let out = d.start_command_wrapped(extra, wrapper);
+        assert!(
+            out.status.success(),
+            "xallocd start (through {wrapper:?}) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        d.adopt();
+        d
+    }
+
+    /// [`TestDaemon::start_command`] run through `wrapper`: a command and its first arguments,
+    /// to which the daemon's path and arguments are appended (for example `sh -c 'echo $$ >
+    /// CGROUP/cgroup.procs && exec "$0" "$@"'`, so that the daemon and its keeper start in a
+    /// cgroup).
+    pub fn start_command_wrapped(&self, extra: &[&str], wrapper: &[&str]) -> Output {
+        let (program, first) = wrapper.split_first().expect("a wrapper command");
+        Command::new(program)
+            .args(first)
+            .arg(XALLOCD)
+            .args(self.start_args(extra))
+            .arg("--name")
+            .arg(&self.name)
+            .arg("--pidfile")
+            .arg(self.pidfile())
+            .output()
+            .expect("run the wrapper of xallocd start")
+    }
+
     /// Runs `xallocd start` for this instance with the test's defaults and `extra`.
     pub fn start_command(&self, extra: &[&str]) -> Output {
+        let args = self.start_args(extra);
+        self.xallocd(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// `start`, the test's defaults that `extra` does not give, and `extra`.
+    fn start_args(&self, extra: &[&str]) -> Vec<String> {
         let mut args = vec!["start".to_owned()];
         let mut default = |flag: &str, value: String| {
             if !extra.contains(&flag) {
@@ -163,7 +315,7 @@ impl TestDaemon {
         default("--log-file", self.log_path().display().to_string());
         default("--arena-size", "64M".to_owned());
         args.extend(extra.iter().map(|s| s.to_string()));
-        self.xallocd(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        args
     }
 
     /// Reads the pid from the pidfile and pins the process with a pidfd.
@@ -291,6 +443,8 @@ impl Drop for TestDaemon {
         }
         // The keeper outlives a killed daemon (that is what it is for).
         stop_keeper(&self.name);
+        // What a test restarted and did not adopt, and a keeper whose socket is gone.
+        kill_instance_processes(&self.name);
         remove_segments(&self.name);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
