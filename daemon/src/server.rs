@@ -825,7 +825,7 @@ impl Server {
             }
             // Going to sleep: no channel is watched any more, so every client wakes us; one
             // that rang in between is served first.
-            if self.unwatch_all() > 0 {
+            if self.unwatch_all() {
                 last_work = Instant::now();
                 continue;
             }
@@ -937,16 +937,19 @@ impl Server {
     }
 
     /// Stops watching every channel; serves (and watches again) those that rang meanwhile.
-    /// Returns how many requests that answered.
-    fn unwatch_all(&mut self) -> usize {
-        let mut n = 0;
+    /// Returns whether any did: then the caller must not sleep, since those channels are
+    /// watched again and their clients send no wake-up (a ring that released a block, or a
+    /// request a look already answered, rings without a request to answer).
+    fn unwatch_all(&mut self) -> bool {
+        let mut rang = false;
         for id in std::mem::take(&mut self.watched) {
             if self.unwatch(id) {
-                n += self.serve_client(id);
+                rang = true;
+                self.serve_client(id);
                 self.watch(id);
             }
         }
-        n
+        rang
     }
 
     /// Stops watching the channels idle for [`WATCH_IDLE`].
