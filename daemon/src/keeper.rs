@@ -314,9 +314,7 @@ fn remove_stale(path: &Path) -> Result<(), String> {
             )),
         },
         Ok(m) => Err(format!(
-            "{} is not a keeper's socket (a {} of uid {}, and we are uid {euid}); remove it if \
-             nothing uses it",
-            path.display(),
+            "a {} of uid {}, not a keeper's socket of uid {euid}",
             if m.file_type().is_socket() {
                 "socket"
             } else {

@@ -204,7 +204,13 @@ fn serve(
     } else {
         match keeper::KeeperLink::connect(name) {
             Ok(l) => l,
-            Err(e) => return fail(readiness, format!("{}: {e}", names.keeper.display())),
+            Err(why) => {
+                let e = segments::SegmentError::Squatted {
+                    name: names.keeper.display().to_string(),
+                    why,
+                };
+                return fail(readiness, e.to_string());
+            }
         }
     };
     let mut kept_channels = Vec::new();

@@ -230,13 +230,27 @@ pub fn check_socket(path: &Path) -> Result<(), SegmentError> {
     let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
         return Err(squatted("bad path".into()));
     };
-    if let Ok(sock) = unix::connect(&c) {
-        let who = unix::peer(&sock).map_or(0, |p| p.pid);
-        return Err(squatted(format!(
-            "in use by process {who} (an xallocd started with another --pidfile?)"
-        )));
+    match unix::connect(&c) {
+        Ok(sock) => {
+            let who = unix::peer(&sock).map_or(0, |p| p.pid);
+            Err(squatted(format!(
+                "in use by process {who} (an xallocd started with another --pidfile?)"
+            )))
+        }
+        // Nobody listens: a leftover.
+        Err(Errno(libc::ECONNREFUSED | libc::ENOENT)) => Ok(()),
+        // A live socket of another type (EPROTOTYPE: a stream socket, another program's), or
+        // one that cannot be told apart from a live one: not ours to replace.
+        Err(e) => {
+            let who = std::os::unix::net::UnixStream::connect(path)
+                .ok()
+                .and_then(|s| rustix::net::sockopt::socket_peercred(&s).ok())
+                .map_or_else(|| "?".to_owned(), |c| c.pid.as_raw_nonzero().to_string());
+            Err(squatted(format!(
+                "in use by process {who} (a socket of another kind answers there: {e})"
+            )))
+        }
     }
-    Ok(())
 }
 
 /// The state record, opened if it exists (`None` if not), refusing another user's.

@@ -1220,8 +1220,9 @@ impl Server {
                 // Logged when reservations start failing, not for every refused request.
                 if !self.shm_full {
                     log::warn!(
-                        "cannot reserve arena pages ({e}): /dev/shm is full or limited; \
-                         allocations that need new pages get OutOfMemory until memory is freed"
+                        "cannot reserve arena pages ({e}): the memory the daemon may use (its \
+                         memory cgroup, or the machine's) is exhausted; allocations that need \
+                         new pages get OutOfMemory until memory is freed"
                     );
                     self.shm_full = true;
                 }
