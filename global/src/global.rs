@@ -70,8 +70,12 @@ pub const RETRY_INTERVAL: core::time::Duration =
     core::time::Duration::from_nanos(RETRY_INTERVAL_NS);
 
 /// The longest a thread waits for another thread's connection attempt before it falls back to
-/// the system allocator.
-pub const CONNECT_WAIT_NS: u64 = 50_000_000;
+/// the system allocator. An attempt takes about 100 µs on an idle machine, but its thread may
+/// not run for a long while on a loaded one (60-260 ms with 320 busy threads on 2 CPUs), and
+/// every thread that gave up meanwhile would fall back; one that hangs (a stopped daemon) is
+/// cut off by the handshake's own bound, [`HANDSHAKE_TIMEOUT`](crate::client::HANDSHAKE_TIMEOUT),
+/// and so is every wait for it.
+pub const CONNECT_WAIT_NS: u64 = 2_000_000_000;
 
 /// Connections (one per daemon instance it met: each restart of the daemon that makes a new
 /// arena is one) a process keeps at once. One whose daemon is gone and whose blocks the
@@ -429,18 +433,25 @@ impl State {
     }
 
     /// Runs `f` holding the `connecting` flag, or, if another thread holds it, waits until it
-    /// is done (at most [`CONNECT_WAIT_NS`]) and returns `None`: a connection attempt takes
-    /// about 100 µs, and threads that arrive meanwhile use its result rather than fall back,
-    /// but an attempt that hangs (whatever it waits for) makes no other thread wait with it.
+    /// is done (at most [`CONNECT_WAIT_NS`], yielding at first and then sleeping, so that the
+    /// connecting thread gets the CPU) and returns `None`: the caller then looks for the
+    /// connection that attempt made.
     fn exclusively<T>(&self, f: impl FnOnce() -> Option<T>) -> Option<T> {
         let me = os::pid();
         loop {
             let holder = self.connecting.load(Ordering::Acquire);
             if holder == me {
                 let deadline = os::monotonic_ns().saturating_add(CONNECT_WAIT_NS);
+                let mut turns = 0u32;
                 while self.connecting.load(Ordering::Acquire) == me && os::monotonic_ns() < deadline
                 {
-                    os::yield_now();
+                    turns = turns.saturating_add(1);
+                    if turns < 64 {
+                        os::yield_now();
+                    } else {
+                        // nanosleep: no allocation, no lock.
+                        std::thread::sleep(core::time::Duration::from_micros(200));
+                    }
                 }
                 return None;
             }
