@@ -187,14 +187,7 @@ fn serve(
                 why.unwrap_or("not re-attached")
             );
         }
-        segments::create(
-            &names,
-            args.slots,
-            arena,
-            GRANULE as u32,
-            generation,
-            flags,
-        )
+        segments::create(&names, args.slots, arena, GRANULE as u32, generation, flags)
     };
     // Before the keeper hands over a descriptor per channel, and before clients connect: one
     // descriptor per client (its socket) plus its pidfd.

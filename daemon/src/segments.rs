@@ -433,9 +433,15 @@ pub fn reattach(names: &Names, arena_fd: Fd, generation: u64) -> Result<Segments
         (&state, SegmentKind::State, sh),
         (&arena, SegmentKind::Arena, ah),
     ] {
-        let header =
-            SegmentHeader::new(kind, h.slot_count, h.granule, h.arena_len, h.generation, pid)
-                .with_flags(ah.flags);
+        let header = SegmentHeader::new(
+            kind,
+            h.slot_count,
+            h.granule,
+            h.arena_len,
+            h.generation,
+            pid,
+        )
+        .with_flags(ah.flags);
         if let Some(at) = map.header() {
             header.store(at);
         }

@@ -32,9 +32,9 @@
 //! whether another's request is seen.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::ffi::CStr;
 use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -224,7 +224,9 @@ fn answer(status: Status) -> Response {
 pub fn huge_pages_allowed() -> Result<(), String> {
     let policy = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
         .unwrap_or_default();
-    if policy.contains("[force]") || policy.contains("[always]") || policy.contains("[advise]")
+    if policy.contains("[force]")
+        || policy.contains("[always]")
+        || policy.contains("[advise]")
         || policy.contains("[within_size]")
     {
         return Ok(());
@@ -232,9 +234,11 @@ pub fn huge_pages_allowed() -> Result<(), String> {
     if policy.contains("[deny]") {
         return Err("shmem huge pages are denied (shmem_enabled is deny)".into());
     }
-    Err("shmem huge pages are off (/sys/kernel/mm/transparent_hugepage/shmem_enabled is \
+    Err(
+        "shmem huge pages are off (/sys/kernel/mm/transparent_hugepage/shmem_enabled is \
          never); `echo advise > .../shmem_enabled` (as root) allows them"
-        .into())
+            .into(),
+    )
 }
 
 impl Server {
@@ -493,7 +497,6 @@ impl Server {
         returned
     }
 
-
     /// After a restart: takes over the channels the keeper held for clients that still run,
     /// rebuilds the heap from the ownership record (keeping their blocks, freeing those of
     /// clients that are gone), and frees what they released but the dead daemon never swept.
@@ -503,7 +506,11 @@ impl Server {
             match self.adopt_channel(&ch) {
                 Ok(()) => {}
                 Err(why) => {
-                    log::info!("not keeping the channel of client {} (pid {}): {why}", ch.id, ch.pid);
+                    log::info!(
+                        "not keeping the channel of client {} (pid {}): {why}",
+                        ch.id,
+                        ch.pid
+                    );
                     self.keeper_drop(ch.id);
                     dropped_channels += 1;
                 }
@@ -592,8 +599,13 @@ impl Server {
             slots,
         });
         self.write_channel_headers(&chan);
-        epoll_add(&self.epoll, &pidfd, TAG_PIDFD | u64::from(ch.id), libc::EPOLLIN as u32)
-            .map_err(|e| format!("epoll: {e}"))?;
+        epoll_add(
+            &self.epoll,
+            &pidfd,
+            TAG_PIDFD | u64::from(ch.id),
+            libc::EPOLLIN as u32,
+        )
+        .map_err(|e| format!("epoll: {e}"))?;
         let rings = chan.bell().rings.load(Ordering::Acquire);
         self.clients.insert(
             ch.id,
@@ -1346,8 +1358,7 @@ impl Server {
                     let token = self.next_token;
                     self.next_token = (self.next_token + 1) & 0x00ff_ffff;
                     let events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
-                    if epoll_add(&self.epoll, &sock, TAG_PENDING | u64::from(token), events)
-                        .is_ok()
+                    if epoll_add(&self.epoll, &sock, TAG_PENDING | u64::from(token), events).is_ok()
                     {
                         self.pending.insert(token, sock);
                     }
@@ -1420,11 +1431,7 @@ impl Server {
                 peer.uid
             ),
         );
-        log::info!(
-            "refused pid {} of user {}: not served",
-            peer.pid,
-            peer.uid
-        );
+        log::info!("refused pid {} of user {}: not served", peer.pid, peer.uid);
         None
     }
 
@@ -1476,8 +1483,15 @@ impl Server {
             Err(e) => return busy(&sock, "read-only channel", &e),
         };
         let events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
-        if let Err(e) = epoll_add(&self.epoll, &sock, TAG_SOCKET | u64::from(id), events)
-            .and_then(|()| epoll_add(&self.epoll, &pidfd, TAG_PIDFD | u64::from(id), libc::EPOLLIN as u32))
+        if let Err(e) =
+            epoll_add(&self.epoll, &sock, TAG_SOCKET | u64::from(id), events).and_then(|()| {
+                epoll_add(
+                    &self.epoll,
+                    &pidfd,
+                    TAG_PIDFD | u64::from(id),
+                    libc::EPOLLIN as u32,
+                )
+            })
         {
             let _ = epoll_del(&self.epoll, &sock);
             return busy(&sock, "epoll", &e);
@@ -1601,8 +1615,7 @@ impl Server {
             Ok((fd, map))
         };
         let (request_fd, request) = make(c"xalloc:request", wire::request_channel_len(slots))?;
-        let (response_fd, response) =
-            make(c"xalloc:response", wire::response_channel_len(slots))?;
+        let (response_fd, response) = make(c"xalloc:response", wire::response_channel_len(slots))?;
         let chan = Arc::new(Channel {
             request,
             response,

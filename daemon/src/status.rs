@@ -22,8 +22,13 @@ pub fn ask_status(names: &Names) -> Result<serde_json::Value, String> {
     let path = &names.socket;
     let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| "bad path")?;
     let sock = unix::connect(&c).map_err(|e| match e.0 {
-        libc::ENOENT | libc::ECONNREFUSED => format!("not running ({} does not answer)", path.display()),
-        libc::EACCES => format!("permission denied on {} (see `xallocd start --group`)", path.display()),
+        libc::ENOENT | libc::ECONNREFUSED => {
+            format!("not running ({} does not answer)", path.display())
+        }
+        libc::EACCES => format!(
+            "permission denied on {} (see `xallocd start --group`)",
+            path.display()
+        ),
         _ => format!("cannot connect to {}: {e}", path.display()),
     })?;
     let hello = Hello {
@@ -195,14 +200,26 @@ pub fn status(args: &StatusArgs) -> ExitCode {
         ("resident", bytes(n("reserved_bytes"))),
         (
             "huge pages",
-            if doc["huge_pages"] == true { "asked for" } else { "off" }.to_owned(),
+            if doc["huge_pages"] == true {
+                "asked for"
+            } else {
+                "off"
+            }
+            .to_owned(),
         ),
         ("live blocks", n("live_blocks").to_string()),
         (
             "clients",
             format!("{} ({} processes)", n("clients"), n("processes")),
         ),
-        ("quotas", format!("{} per process, {} per user", quota("client_quota"), quota("user_quota"))),
+        (
+            "quotas",
+            format!(
+                "{} per process, {} per user",
+                quota("client_quota"),
+                quota("user_quota")
+            ),
+        ),
         ("slots per client", n("slots_per_client").to_string()),
         ("requests", n("requests").to_string()),
         ("errors", n("errors").to_string()),
