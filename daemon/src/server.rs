@@ -44,7 +44,7 @@ use xalloc_proto::unix::{self, Peer};
 use xalloc_proto::wire::{
     self, ClientBell, DaemonBell, Hello, HelloKind, Ledger, LedgerBlock, Op, OwnerEntry, Refusal,
     Request, RequestSlot, Response, ResponseSlot, SegmentHeader, SegmentKind, Status, Welcome,
-    ARENA_DATA_OFFSET, BELL_OFFSET, FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES, MAX_ALIGN,
+    ARENA_DATA_OFFSET, BELL_OFFSET, MAX_ALIGN,
 };
 
 use crate::keeper::{KeeperLink, KeptChannel};
@@ -276,7 +276,8 @@ impl Server {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let reattached = seg.reattached;
-        let huge_pages = seg.flags & HEADER_FLAG_HUGE_PAGES != 0;
+        let huge_pages =
+            wire::HeaderFlags::from_bits_retain(seg.flags).contains(wire::HeaderFlags::HUGE_PAGES);
         if huge_pages {
             match seg.arena.advise_huge_pages(ARENA_DATA_OFFSET, bytes) {
                 Ok(()) => log::info!("huge pages asked for on the arena"),
@@ -1039,8 +1040,7 @@ impl Server {
         let Some(op) = Op::from_u32(req.op) else {
             return answer(Status::UnknownOp);
         };
-        let known_flags = if op == Op::Allocate { FLAG_ZEROED } else { 0 };
-        if req.flags & !known_flags != 0 {
+        if wire::BlockFlags::for_request(op, req.flags).is_none() {
             return answer(Status::BadFlags);
         }
         match op {
@@ -1111,7 +1111,11 @@ impl Server {
         self.account(id, size as i64, 1);
         Response {
             status: Status::Ok as u32,
-            flags: if fresh { FLAG_ZEROED } else { 0 },
+            flags: if fresh {
+                wire::BlockFlags::ZEROED.bits()
+            } else {
+                0
+            },
             offset: offset as u64,
             size,
         }

@@ -57,9 +57,9 @@ use std::time::{Duration, Instant};
 use xalloc_proto::os::{self, Errno, Fd, Mapping, Wake};
 use xalloc_proto::unix;
 use xalloc_proto::wire::{
-    self, ClientBell, DaemonBell, HandshakeError, Hello, HelloKind, LayoutError, Ledger, Op,
-    Refusal, RequestSlot, Response, ResponseSlot, SegmentHeader, SegmentKind, Status, Welcome,
-    ARENA_DATA_OFFSET, FLAG_ZEROED, HEADER_FLAG_HUGE_PAGES,
+    self, BlockFlags, ClientBell, DaemonBell, HandshakeError, HeaderFlags, Hello, HelloKind,
+    LayoutError, Ledger, Op, Refusal, RequestSlot, Response, ResponseSlot, SegmentHeader,
+    SegmentKind, Status, Welcome, ARENA_DATA_OFFSET,
 };
 
 /// How long a request waits for its answer before the client gives up on the daemon.
@@ -531,7 +531,7 @@ impl Connection {
         if !os::process_alive(rs.daemon_pid) {
             return Err(ConnectError::DaemonGone { pid: rs.daemon_pid });
         }
-        if ar.flags & HEADER_FLAG_HUGE_PAGES != 0 {
+        if HeaderFlags::from_bits_retain(ar.flags).contains(HeaderFlags::HUGE_PAGES) {
             // Advice only: where it is refused the arena works the same with 4 KiB pages.
             let _ = arena.advise_huge_pages(ARENA_DATA_OFFSET, arena.len() - ARENA_DATA_OFFSET);
         }
@@ -811,7 +811,7 @@ impl Connection {
         align: u64,
         zeroed: bool,
     ) -> Result<Block, RequestError> {
-        let flags = if zeroed { FLAG_ZEROED } else { 0 };
+        let flags = if zeroed { BlockFlags::ZEROED.bits() } else { 0 };
         // The daemon aligns the block where this process sees the arena.
         let view = self.arena_base().addr() as u64 & (wire::MAX_ALIGN - 1);
         let r = self.request(index, Op::Allocate, flags, size, align, view)?;
@@ -863,7 +863,7 @@ impl Connection {
         Ok(Block {
             offset: r.offset,
             size: r.size,
-            zeroed: r.flags & FLAG_ZEROED != 0,
+            zeroed: BlockFlags::from_bits_retain(r.flags).contains(BlockFlags::ZEROED),
             ptr: NonNull::new(p).ok_or(bad)?,
         })
     }

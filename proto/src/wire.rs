@@ -84,9 +84,18 @@ pub const ARENA_DATA_OFFSET: usize = HUGE_PAGE;
 /// The part of the arena segment before the data that is ever written: its header page.
 pub const ARENA_HEADER_LEN: usize = 4096;
 
-/// [`SegmentHeader::flags`] bit: the daemon asked for huge pages on the arena
-/// (`xallocd start --huge-pages`); clients advise their mapping the same way.
-pub const HEADER_FLAG_HUGE_PAGES: u32 = 1;
+bitflags::bitflags! {
+    /// [`SegmentHeader::flags`]: how the daemon set the instance up.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct HeaderFlags: u32 {
+        /// The daemon asked for huge pages on the arena (`xallocd start --huge-pages`); clients
+        /// advise their mapping the same way.
+        const HUGE_PAGES = 1;
+    }
+}
+
+/// [`HeaderFlags::HUGE_PAGES`] as the header's word holds it.
+pub const HEADER_FLAG_HUGE_PAGES: u32 = HeaderFlags::HUGE_PAGES.bits();
 
 /// Which segment a header describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -704,8 +713,34 @@ impl Op {
     }
 }
 
-/// Request and response flag: the memory is (asked to be, or known to be) zeroed.
-pub const FLAG_ZEROED: u32 = 1;
+bitflags::bitflags! {
+    /// The flags of a request ([`RequestSlot::flags`]) and of its answer
+    /// ([`ResponseSlot::flags`]).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct BlockFlags: u32 {
+        /// Request ([`Op::Allocate`] only): the memory must be zero. Answer: the memory is
+        /// known to be zero (fresh pages), so the client need not clear it.
+        const ZEROED = 1;
+    }
+}
+
+impl BlockFlags {
+    /// The flags a request of `op` may set: `None` if `bits` holds others, which the daemon
+    /// refuses ([`Status::BadFlags`]).
+    pub const fn for_request(op: Op, bits: u32) -> Option<Self> {
+        let allowed = match op {
+            Op::Allocate => Self::ZEROED.bits(),
+            Op::Free | Op::Reallocate => 0,
+        };
+        if bits & !allowed != 0 {
+            return None;
+        }
+        Some(Self::from_bits_retain(bits))
+    }
+}
+
+/// [`BlockFlags::ZEROED`] as a slot's word holds it.
+pub const FLAG_ZEROED: u32 = BlockFlags::ZEROED.bits();
 
 /// The answer's status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1600,6 +1635,25 @@ mod tests {
         assert!(!slot.release(8), "only the owner releases");
         assert!(slot.release(7));
         assert!(slot.try_claim(8));
+    }
+
+    #[test]
+    fn request_flags_are_checked_per_operation() {
+        assert_eq!(
+            BlockFlags::for_request(Op::Allocate, FLAG_ZEROED),
+            Some(BlockFlags::ZEROED)
+        );
+        assert_eq!(
+            BlockFlags::for_request(Op::Allocate, 0),
+            Some(BlockFlags::empty())
+        );
+        assert_eq!(BlockFlags::for_request(Op::Allocate, 2), None);
+        assert_eq!(BlockFlags::for_request(Op::Free, FLAG_ZEROED), None);
+        assert_eq!(BlockFlags::for_request(Op::Reallocate, u32::MAX), None);
+        assert_eq!(
+            BlockFlags::for_request(Op::Free, 0),
+            Some(BlockFlags::empty())
+        );
     }
 
     #[test]
