@@ -401,9 +401,9 @@ pub fn reattach(names: &Names, arena_fd: Fd, generation: u64) -> Result<Segments
     }
     let arena =
         Mapping::new(&arena_fd, len, true).map_err(|e| format!("mmap of the kept arena: {e}"))?;
-    let ah = SegmentHeader::load(arena.header().ok_or("arena too short")?);
-    ah.check(SegmentKind::Arena, len)
-        .map_err(|e| format!("the kept arena: {e}"))?;
+    // The arena's own header is in memory every client may write: nothing is taken from it.
+    // What the arena is comes from the daemon's private record, and the header is rewritten
+    // from that below.
     let Some(found) = open_state(names, true).map_err(|e| e.to_string())? else {
         return Err(format!("{} is missing", names.state_path()));
     };
@@ -415,6 +415,8 @@ pub fn reattach(names: &Names, arena_fd: Fd, generation: u64) -> Result<Segments
     if sh.generation != generation
         || sh.arena_len != len as u64
         || sh.granule as usize != crate::server::GRANULE
+        || sh.slot_count == 0
+        || sh.slot_count > wire::MAX_SLOTS
     {
         return Err(format!(
             "{} describes another arena than the one the keeper held",
@@ -429,19 +431,16 @@ pub fn reattach(names: &Names, arena_fd: Fd, generation: u64) -> Result<Segments
         ));
     }
     let pid = os::pid();
-    for (map, kind, h) in [
-        (&state, SegmentKind::State, sh),
-        (&arena, SegmentKind::Arena, ah),
-    ] {
+    for (map, kind) in [(&state, SegmentKind::State), (&arena, SegmentKind::Arena)] {
         let header = SegmentHeader::new(
             kind,
-            h.slot_count,
-            h.granule,
-            h.arena_len,
-            h.generation,
+            sh.slot_count,
+            sh.granule,
+            sh.arena_len,
+            sh.generation,
             pid,
         )
-        .with_flags(ah.flags);
+        .with_flags(sh.flags);
         if let Some(at) = map.header() {
             header.store(at);
         }
@@ -452,8 +451,8 @@ pub fn reattach(names: &Names, arena_fd: Fd, generation: u64) -> Result<Segments
         state,
         arena_bytes: len as u64 - ARENA_DATA_OFFSET as u64,
         generation,
-        flags: ah.flags,
-        slots: ah.slot_count,
+        flags: sh.flags,
+        slots: sh.slot_count,
         reattached: true,
     })
 }

@@ -71,8 +71,16 @@ const SPIN_BATCH: u32 = 4;
 /// safety valve: the hint may be stale). When it ran on the daemon's CPU, every batch yields.
 const BATCHES_PER_YIELD: u32 = 1024;
 
-/// Most accepted connections waiting for their first message; more are closed at once.
-const MAX_PENDING: usize = 256;
+/// Most accepted connections waiting for their first message; beyond, the oldest is closed.
+const MAX_PENDING: usize = 1024;
+
+/// Most connections of one user waiting for their first message; beyond, that user's oldest
+/// is closed (so that one user cannot push out others' connections).
+const PENDING_PER_USER: usize = 64;
+
+/// Status replies sent at once (each by a thread of its own, so that a reader that does not
+/// read never holds up the request loop); more status requests are closed unanswered.
+const MAX_STATUS_SENDERS: usize = 4;
 
 /// How long a status reply may wait for room in the reader's socket, per message.
 const STATUS_SEND_TIMEOUT: Duration = Duration::from_millis(200);
@@ -166,7 +174,15 @@ pub struct Server {
     _table: Box<[MetaEntry]>,
     clients: HashMap<u32, Client>,
     watched: Vec<u32>,
-    pending: HashMap<u32, Fd>,
+    /// Accepted connections waiting for their first message, with their peer's uid.
+    pending: HashMap<u32, (Fd, u32)>,
+    /// A descriptor kept spare, given up to accept (and close) one connection when the
+    /// daemon is out of descriptors, so that the listener does not stay readable forever.
+    spare: Option<Fd>,
+    /// Out of descriptors, logged, and not yet over.
+    fds_exhausted: bool,
+    /// Status replies being sent by their own threads.
+    status_senders: Arc<std::sync::atomic::AtomicUsize>,
     next_token: u32,
     next_id: u32,
     proc_bytes: HashMap<u32, u64>,
@@ -294,6 +310,9 @@ impl Server {
             clients: HashMap::new(),
             watched: Vec::new(),
             pending: HashMap::new(),
+            spare: spare_fd(),
+            fds_exhausted: false,
+            status_senders: Arc::default(),
             next_token: 0,
             next_id: 1,
             proc_bytes: HashMap::new(),
@@ -1179,6 +1198,12 @@ impl Server {
             Err(ResizeError::BadSize) => return answer(Status::BadSize),
             Err(ResizeError::NoRoom | _) => return answer(Status::NotInPlace),
         };
+        if size > old as u64 && !self.within_quota(id, size - old as u64) {
+            // The heap rounds; the quota holds for what it gave.
+            let back = self.heap.resize_at(off, old);
+            debug_assert!(back.is_ok());
+            return answer(Status::OverQuota);
+        }
         if size > old as u64 && self.reserve(off as u64, size).is_err() {
             let back = self.heap.resize_at(off, old);
             debug_assert!(back.is_ok());
@@ -1294,8 +1319,9 @@ impl Server {
     fn keeper_error(&mut self, e: &str) {
         if !self.keeper_failed {
             log::warn!(
-                "the keeper failed ({e}); clients are served, but a daemon restarted after a \
-                 crash will not find their channels"
+                "the keeper failed ({e}): while it runs but cannot hold a new client's channel, \
+                 new clients are refused (a daemon restarted after a crash would free their \
+                 blocks); if it is gone, clients are served but a crash loses every block"
             );
             self.keeper_failed = true;
         }
@@ -1323,6 +1349,8 @@ impl Server {
                 TAG_PENDING => self.first_message(id),
                 TAG_SOCKET => {
                     let hup = events & (libc::EPOLLHUP | libc::EPOLLRDHUP | libc::EPOLLERR) as u32;
+                    // A hang-up is what the kernel reports, never a message's content (an empty
+                    // message reads like an end of file).
                     let closed = hup != 0
                         || self
                             .clients
@@ -1347,29 +1375,36 @@ impl Server {
         loop {
             match unix::accept(&self.listener) {
                 Ok(Some(sock)) => {
-                    if self.pending.len() >= MAX_PENDING {
-                        // The oldest goes: a peer that opens connections and never speaks
-                        // cannot keep newer ones out.
-                        let oldest = self
-                            .pending
-                            .keys()
-                            .copied()
-                            .max_by_key(|t| self.next_token.wrapping_sub(*t) & 0x00ff_ffff);
-                        if let Some(t) = oldest {
-                            self.pending.remove(&t);
-                        }
-                    }
+                    self.fds_exhausted = false;
+                    let uid = unix::peer(&sock).map_or(u32::MAX, |p| p.uid);
+                    self.make_room_for_pending(uid);
                     let token = self.next_token;
                     self.next_token = (self.next_token + 1) & 0x00ff_ffff;
                     let events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
                     if epoll_add(&self.epoll, &sock, TAG_PENDING | u64::from(token), events).is_ok()
                     {
-                        self.pending.insert(token, sock);
+                        self.pending.insert(token, (sock, uid));
                     }
                 }
                 Ok(None) => return,
+                Err(e) if e.0 == libc::EMFILE || e.0 == libc::ENFILE => {
+                    if !self.fds_exhausted {
+                        log::warn!(
+                            "out of descriptors ({e}): refusing new connections until clients \
+                             leave (raise the daemon's RLIMIT_NOFILE, or lower \
+                             --max-clients-per-user)"
+                        );
+                        self.fds_exhausted = true;
+                    }
+                    // The spare descriptor makes room to take the connection out of the
+                    // backlog and close it; otherwise the listener would stay readable and the
+                    // loop would never sleep.
+                    self.spare = None;
+                    drop(unix::accept(&self.listener));
+                    self.spare = spare_fd();
+                    return;
+                }
                 Err(e) => {
-                    // Out of descriptors, most likely: the connection stays in the backlog.
                     log::warn!("accept: {e}");
                     return;
                 }
@@ -1377,9 +1412,30 @@ impl Server {
         }
     }
 
+    /// Before a connection of user `uid` joins the pending ones: closes that user's oldest if
+    /// it has [`PENDING_PER_USER`] waiting, and the oldest of all if [`MAX_PENDING`] wait.
+    fn make_room_for_pending(&mut self, uid: u32) {
+        let age = |t: u32| self.next_token.wrapping_sub(t) & 0x00ff_ffff;
+        let of_user = self.pending.values().filter(|(_, u)| *u == uid).count();
+        let victim = if of_user >= PENDING_PER_USER {
+            self.pending
+                .iter()
+                .filter(|(_, (_, u))| *u == uid)
+                .map(|(t, _)| *t)
+                .max_by_key(|t| age(*t))
+        } else if self.pending.len() >= MAX_PENDING {
+            self.pending.keys().copied().max_by_key(|t| age(*t))
+        } else {
+            None
+        };
+        if let Some(t) = victim {
+            self.pending.remove(&t);
+        }
+    }
+
     /// Reads a new connection's first message and answers it.
     fn first_message(&mut self, token: u32) {
-        let Some(sock) = self.pending.remove(&token) else {
+        let Some((sock, _)) = self.pending.remove(&token) else {
             return;
         };
         let _ = epoll_del(&self.epoll, &sock);
@@ -1405,7 +1461,11 @@ impl Server {
             Err(e) => return refuse(&sock, Refusal::BadHello, &format!("bad hello: {e}")),
         };
         match hello.kind {
-            HelloKind::Status => self.send_status(&sock),
+            HelloKind::Status => {
+                if self.served_peer(&sock).is_some() {
+                    self.send_status(sock);
+                }
+            }
             HelloKind::Client => self.admit(sock),
             HelloKind::Rebind => self.rebind(sock, hello.client_id),
         }
@@ -1486,6 +1546,20 @@ impl Server {
             Ok(fd) => fd,
             Err(e) => return busy(&sock, "read-only channel", &e),
         };
+        // The keeper must hold the channel before the client may use it: a daemon restarted
+        // after a crash frees the blocks of every channel the keeper does not hand back.
+        // (A keeper that is gone holds no arena either: a restart then starts afresh with a
+        // new arena, and nothing can be handed out twice; the client is taken.)
+        let kept = self.keeper.as_ref().map(|k| {
+            k.keep_channel(id, peer.pid, peer.uid, &request_fd, &response_fd)
+                .map_err(|e| (e, os::process_alive(k.pid())))
+        });
+        if let Some(Err((e, keeper_alive))) = kept {
+            self.keeper_error(&e);
+            if keeper_alive {
+                return busy(&sock, "keeper", &e);
+            }
+        }
         let events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
         if let Err(e) =
             epoll_add(&self.epoll, &sock, TAG_SOCKET | u64::from(id), events).and_then(|()| {
@@ -1498,13 +1572,10 @@ impl Server {
             })
         {
             let _ = epoll_del(&self.epoll, &sock);
+            self.keeper_drop(id);
             return busy(&sock, "epoll", &e);
         }
-        if let Some(k) = &self.keeper {
-            if let Err(e) = k.keep_channel(id, peer.pid, peer.uid, &request_fd, &response_fd) {
-                self.keeper_error(&e);
-            }
-        }
+
         let welcome = Welcome {
             refusal: Refusal::None as u32,
             slots: chan.slots,
@@ -1564,6 +1635,9 @@ impl Server {
         let Some(peer) = self.served_peer(&sock) else {
             return;
         };
+        if self.stopping {
+            return refuse(&sock, Refusal::ShuttingDown, "the daemon is shutting down");
+        }
         let ok = self
             .clients
             .get(&id)
@@ -1689,11 +1763,31 @@ impl Server {
         })
     }
 
-    /// Answers a status request on `sock` with [`Server::status_json`].
-    fn send_status(&self, sock: &Fd) {
+    /// Answers a status request on `sock` with [`Server::status_json`], sent by a thread of
+    /// its own: a reader that does not read holds up nothing but that thread (which gives up
+    /// after [`STATUS_SEND_TIMEOUT`] per message). At most [`MAX_STATUS_SENDERS`] at once.
+    fn send_status(&self, sock: Fd) {
+        use std::sync::atomic::Ordering as O;
+        let senders = Arc::clone(&self.status_senders);
+        if senders.fetch_add(1, O::AcqRel) >= MAX_STATUS_SENDERS {
+            senders.fetch_sub(1, O::AcqRel);
+            log::debug!("{MAX_STATUS_SENDERS} status replies in progress; closing another");
+            return;
+        }
         let text = self.status_json().to_string();
-        if let Err(e) = unix::send_text(sock, text.as_bytes(), 32 << 10, STATUS_SEND_TIMEOUT) {
-            log::debug!("status reader went away: {e}");
+        let spawned = std::thread::Builder::new().name("status".into()).spawn({
+            let senders = Arc::clone(&senders);
+            move || {
+                if let Err(e) =
+                    unix::send_text(&sock, text.as_bytes(), 32 << 10, STATUS_SEND_TIMEOUT)
+                {
+                    log::debug!("status reader went away: {e}");
+                }
+                senders.fetch_sub(1, O::AcqRel);
+            }
+        });
+        if spawned.is_err() {
+            senders.fetch_sub(1, O::AcqRel);
         }
     }
 
@@ -1787,6 +1881,14 @@ impl Server {
             self.serve_client(id);
         }
     }
+}
+
+/// A descriptor to keep spare (`/dev/null`), if one can be had.
+fn spare_fd() -> Option<Fd> {
+    use std::os::fd::IntoRawFd;
+    let f = std::fs::File::open("/dev/null").ok()?;
+    // SAFETY: a fresh descriptor, handed over whole.
+    Some(unsafe { Fd::from_raw(f.into_raw_fd()) })
 }
 
 /// Answers `sock` with a refusal and the reason in words.

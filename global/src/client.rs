@@ -421,6 +421,32 @@ fn attach(
     Ok((map, header, info.uid))
 }
 
+/// Maps the arena handed over with `welcome`, read-write, after checking that the object is
+/// as long as the welcome says and longer than its header page; returns the mapping and the
+/// object's owner.
+fn map_arena(fd: &Fd, welcome: &Welcome) -> Result<(Mapping, u32), ConnectError> {
+    let segment = SegmentKind::Arena;
+    let info = os::fstat(fd).map_err(|errno| ConnectError::Os {
+        call: "fstat",
+        errno,
+    })?;
+    if info.len != welcome.arena_len || info.len <= ARENA_DATA_OFFSET as u64 {
+        return Err(ConnectError::Layout {
+            segment,
+            error: LayoutError::BadSizes,
+        });
+    }
+    let len = usize::try_from(info.len).map_err(|_| ConnectError::Layout {
+        segment,
+        error: LayoutError::BadSizes,
+    })?;
+    let map = Mapping::new(fd, len, true).map_err(|errno| ConnectError::Os {
+        call: "mmap",
+        errno,
+    })?;
+    Ok((map, info.uid))
+}
+
 /// Connects to the socket at `path`, says `hello` and waits (at most [`HANDSHAKE_TIMEOUT`])
 /// for the daemon's answer, read into `buf`. Returns the socket, its peer (the daemon, as the
 /// kernel saw it listen), the welcome and the message with its descriptors; a refusal is an
@@ -504,7 +530,10 @@ impl Connection {
         }
         let (request, rq, rq_uid) = attach(&request_fd, SegmentKind::Request, true)?;
         let (response, rs, rs_uid) = attach(&response_fd, SegmentKind::Response, false)?;
-        let (arena, ar, ar_uid) = attach(&arena_fd, SegmentKind::Arena, true)?;
+        // The arena's header is in memory every client may write: it is not read here. What
+        // the arena is comes from the welcome (the daemon's word, over a socket the kernel
+        // vouches for) and from the object itself.
+        let (arena, ar_uid) = map_arena(&arena_fd, &welcome)?;
         dont_fork(&request)?;
         dont_fork(&response)?;
         // The peer is the daemon as the kernel saw it listen: it must own what it handed over.
@@ -518,8 +547,6 @@ impl Connection {
             }
         }
         let agrees = rq.same_instance(&rs)
-            && rq.same_instance(&ar)
-            && ar.arena_len as usize == arena.len()
             && welcome.slots == rq.slot_count
             && welcome.granule == rq.granule
             && welcome.arena_len == rq.arena_len
@@ -531,7 +558,7 @@ impl Connection {
         if !os::process_alive(rs.daemon_pid) {
             return Err(ConnectError::DaemonGone { pid: rs.daemon_pid });
         }
-        if HeaderFlags::from_bits_retain(ar.flags).contains(HeaderFlags::HUGE_PAGES) {
+        if HeaderFlags::from_bits_retain(welcome.flags).contains(HeaderFlags::HUGE_PAGES) {
             // Advice only: where it is refused the arena works the same with 4 KiB pages.
             let _ = arena.advise_huge_pages(ARENA_DATA_OFFSET, arena.len() - ARENA_DATA_OFFSET);
         }

@@ -740,3 +740,66 @@ fn a_client_cannot_free_or_take_another_clients_blocks() {
     assert!(reclaimed.is_some(), "{:?}", d.status());
     assert!(d.stats_line().contains("heap check ok"));
 }
+
+/// 8. The arena's header page is memory every client may write (found in review: a restarted
+///    daemon took its slot count and flags from there, refused every kept channel for having
+///    "another layout", freed their blocks while their clients still used them, and handed
+///    them out again). A client writes garbage over the whole header page, the daemon is
+///    killed and restarted: the victim keeps its channel and its blocks (and their contents),
+///    no block of it is handed to anyone else, and new clients connect and are served.
+#[test]
+fn a_scribbled_arena_header_does_not_steer_a_restart() {
+    let _serial = serial();
+    let mut d = TestDaemon::start("header", &["--arena-size", "16M"]);
+    let mut victim =
+        Proc::spawn(Command::new(CLIENT).args(["hold-then-free", &d.name, "4", &MIB.to_string()]));
+    let held = offsets(&victim.line("the victim"));
+    assert_eq!(held.len(), 4);
+    let vpid = victim.pid();
+    {
+        let attacker = Connection::connect(&d.name).unwrap();
+        // The header page sits just before the arena's data in every client's mapping.
+        let header = attacker
+            .arena_base()
+            .wrapping_sub(xalloc_proto::wire::ARENA_DATA_OFFSET);
+        let page = xalloc_proto::wire::ARENA_HEADER_LEN;
+        for i in 0..page {
+            // SAFETY: the attacker's own read-write mapping of the arena covers the header
+            // page; the bytes are plain memory (nothing in this process reads them).
+            unsafe {
+                header
+                    .add(i)
+                    .write_volatile((i as u8).wrapping_mul(151) | 1)
+            };
+        }
+        // And a plausible forgery: another slot count in an otherwise valid-looking header.
+        // SAFETY: as above; byte 24 is the header's `slot_count`.
+        unsafe { header.add(24).cast::<u32>().write_unaligned(32) };
+    }
+    d.signal(libc::SIGKILL);
+    assert!(d.wait_exit(Duration::from_secs(5)));
+    let out = d.start_command(&["--arena-size", "16M"]);
+    assert!(
+        out.status.success(),
+        "restart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.adopt();
+    let log = d.log();
+    assert!(log.contains("re-attached"), "{log}");
+    assert!(!log.contains("not keeping the channel"), "{log}");
+    assert_eq!(
+        client_of(&d, vpid).map(|(b, n, _)| (b, n)),
+        Some((4 * MIB, 4)),
+        "the victim's blocks after the restart: {:?}",
+        d.clients()
+    );
+    // A new client fills the rest of the arena: 12 of 16 MiB (16 if the victim's blocks had
+    // been freed and handed out again).
+    let (got, refused) = fill(Command::new(CLIENT), &d.name);
+    assert_eq!(got, 12, "refused: {refused}");
+    // The victim's data is intact, and it frees its blocks.
+    writeln!(victim.child.0.stdin.as_mut().unwrap()).unwrap();
+    assert_eq!(victim.line("the victim's free"), "freed 4");
+    assert!(d.stats_line().contains("heap check ok"));
+}
