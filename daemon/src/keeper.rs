@@ -28,8 +28,9 @@
 //! |     24 |    8 | generation of the arena                                        |
 //!
 //! Requests (daemon → keeper) and their descriptors: `ARENA` (arena), `KEEP` (request,
-//! response), `DROP`, `TAKE`, `QUIT`. Each is answered by `ACK`, except `TAKE`, answered by
-//! `KEPT_ARENA` (arena), one `KEPT_CHANNEL` (request, response) per channel, then `KEPT_END`
+//! response, the client's pidfd), `DROP`, `TAKE`, `QUIT`. Each is answered by `ACK`, except
+//! `TAKE`, answered by `KEPT_ARENA` (arena), one `KEPT_CHANNEL` (request, response, pidfd) per
+//! channel, then `KEPT_END`
 //! (or by `KEPT_END` with status `NO_ARENA` alone). An `ARENA` or `KEEP` whose descriptors the
 //! keeper cannot receive (it is at its descriptor limit) gets `ACK` with status `NO_ROOM`, and
 //! the connection goes on. A message of another length, magic, op or descriptor count ends the
@@ -99,7 +100,7 @@ pub mod op {
     pub fn fds(op: u16) -> Option<usize> {
         match op {
             ARENA | KEPT_ARENA => Some(1),
-            KEEP | KEPT_CHANNEL => Some(2),
+            KEEP | KEPT_CHANNEL => Some(3),
             DROP | TAKE | QUIT | ACK | KEPT_END => Some(0),
             _ => None,
         }
@@ -351,6 +352,9 @@ pub struct KeptChannel {
     pub request: Fd,
     /// The client's response memfd.
     pub response: Fd,
+    /// A pidfd of the client's process, taken when it connected: it names that very process
+    /// even if the pid has been reused since.
+    pub pidfd: Fd,
 }
 
 /// The daemon's connection to its keeper.
@@ -591,7 +595,9 @@ impl KeeperLink {
             match m.op {
                 op::KEPT_CHANNEL => {
                     let mut fds = fds.into_iter();
-                    let (Some(request), Some(response)) = (fds.next(), fds.next()) else {
+                    let (Some(request), Some(response), Some(pidfd)) =
+                        (fds.next(), fds.next(), fds.next())
+                    else {
                         return Err(self.unexpected(&m, what));
                     };
                     channels.push(KeptChannel {
@@ -600,6 +606,7 @@ impl KeeperLink {
                         uid: m.uid,
                         request,
                         response,
+                        pidfd,
                     });
                 }
                 op::KEPT_END if m.status == status::OK => {
@@ -624,8 +631,9 @@ impl KeeperLink {
         }
     }
 
-    /// Asks the keeper to hold client `id`'s channel (its `pid` and `uid` recorded with it),
-    /// replacing a channel of the same id. Returns once the keeper holds the descriptors.
+    /// Asks the keeper to hold client `id`'s channel (its `pid`, `uid` and `pidfd` recorded
+    /// with it), replacing a channel of the same id. Returns once the keeper holds the
+    /// descriptors.
     pub fn keep_channel(
         &self,
         id: u32,
@@ -633,6 +641,7 @@ impl KeeperLink {
         uid: u32,
         request: &Fd,
         response: &Fd,
+        pidfd: &Fd,
     ) -> Result<(), String> {
         let msg = Msg {
             op: op::KEEP,
@@ -643,7 +652,7 @@ impl KeeperLink {
         };
         self.request(
             msg,
-            &[request.as_fd(), response.as_fd()],
+            &[request.as_fd(), response.as_fd(), pidfd.as_fd()],
             &format!("hold client {id}'s channel"),
         )
         .map(|_| ())
@@ -962,6 +971,7 @@ struct HeldChannel {
     uid: u32,
     request: Fd,
     response: Fd,
+    pidfd: Fd,
 }
 
 /// Why [`serve`] returned.
@@ -1122,7 +1132,9 @@ fn serve_link(bound: &Bound, conn: &Fd, stop: Option<&Fd>, held: &mut Held) -> L
                 }
             }
             op::KEEP => {
-                if let (Some(request), Some(response)) = (fds.next(), fds.next()) {
+                if let (Some(request), Some(response), Some(pidfd)) =
+                    (fds.next(), fds.next(), fds.next())
+                {
                     held.channels.insert(
                         m.id,
                         HeldChannel {
@@ -1130,6 +1142,7 @@ fn serve_link(bound: &Bound, conn: &Fd, stop: Option<&Fd>, held: &mut Held) -> L
                             uid: m.uid,
                             request,
                             response,
+                            pidfd,
                         },
                     );
                 }
@@ -1190,7 +1203,7 @@ fn send_all(conn: &Fd, seq: u32, held: &Held) -> Result<(), Errno> {
         send(
             conn,
             &m,
-            &[c.request.as_fd(), c.response.as_fd()],
+            &[c.request.as_fd(), c.response.as_fd(), c.pidfd.as_fd()],
             ANSWER_TIMEOUT,
         )?;
     }
@@ -1302,6 +1315,11 @@ pub fn run_keeper(name: &str) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pidfd of this process: what the daemon passes along with a channel.
+    fn test_pidfd() -> Fd {
+        os::pidfd_open(os::pid()).expect("pidfd of this process")
+    }
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// A unique instance name for this test process.
@@ -1415,7 +1433,7 @@ mod tests {
         link.give_arena(&arena, 42).unwrap();
         let chans: Vec<(Fd, Fd)> = (0..3).map(|_| (memfd(4096), memfd(4096))).collect();
         for (i, (rq, rs)) in chans.iter().enumerate() {
-            link.keep_channel(10 + i as u32, 1000 + i as u32, 7, rq, rs)
+            link.keep_channel(10 + i as u32, 1000 + i as u32, 7, rq, rs, &test_pidfd())
                 .unwrap();
         }
         let kept = link.take().unwrap();
@@ -1431,7 +1449,7 @@ mod tests {
         link.drop_channel(11).unwrap();
         link.drop_channel(99).unwrap();
         // Replacing a channel of the same id.
-        link.keep_channel(12, 5, 5, &chans[0].0, &chans[0].1)
+        link.keep_channel(12, 5, 5, &chans[0].0, &chans[0].1, &test_pidfd())
             .unwrap();
         let kept = link.take().unwrap();
         let ids: Vec<u32> = kept.channels.iter().map(|c| c.id).collect();
@@ -1452,7 +1470,8 @@ mod tests {
         {
             let link = k.link();
             link.give_arena(&arena, 9).unwrap();
-            link.keep_channel(1, 100, 0, &rq, &rs).unwrap();
+            link.keep_channel(1, 100, 0, &rq, &rs, &test_pidfd())
+                .unwrap();
             // A request in flight when the daemon dies, never waited for.
             let m = Msg {
                 op: op::KEEP,
@@ -1461,7 +1480,14 @@ mod tests {
                 pid: 200,
                 ..Msg::default()
             };
-            send(&link.sock, &m, &[rs.as_fd(), rq.as_fd()], ANSWER_TIMEOUT).unwrap();
+            let me = test_pidfd();
+            send(
+                &link.sock,
+                &m,
+                &[rs.as_fd(), rq.as_fd(), me.as_fd()],
+                ANSWER_TIMEOUT,
+            )
+            .unwrap();
         } // the link dies here, like a killed daemon's
         let link = k.link();
         let kept = link.take().unwrap();
@@ -1528,7 +1554,8 @@ mod tests {
         link.give_arena(&arena, 3).unwrap();
         let (rq, rs) = (memfd(4096), memfd(4096));
         for id in 0..n {
-            link.keep_channel(id, id, id, &rq, &rs).unwrap();
+            link.keep_channel(id, id, id, &rq, &rs, &test_pidfd())
+                .unwrap();
         }
         let kept = link.take().unwrap();
         assert_eq!(kept.channels.len(), n as usize);
@@ -1711,7 +1738,7 @@ mod tests {
         assert_eq!(rc, 0);
         let mut refused = None;
         for id in 0..10 {
-            if let Err(e) = link.keep_channel(id, 1, 1, &rq, &rs) {
+            if let Err(e) = link.keep_channel(id, 1, 1, &rq, &rs, &test_pidfd()) {
                 refused = Some((id, e));
                 break;
             }
@@ -1721,7 +1748,8 @@ mod tests {
         assert!(id >= 1, "it had room for at least one channel");
         // The link goes on: dropping a channel makes room again.
         link.drop_channel(0).unwrap();
-        link.keep_channel(id, 1, 1, &rq, &rs).unwrap();
+        link.keep_channel(id, 1, 1, &rq, &rs, &test_pidfd())
+            .unwrap();
         let kept = link.take().unwrap();
         assert_eq!(kept.channels.len(), id as usize);
         assert!(kept.channels.iter().all(|c| c.id != 0));
@@ -1760,7 +1788,8 @@ mod tests {
             "{held:?}"
         );
         drop(leaky);
-        link.keep_channel(4, 44, 444, &rq, &rs).unwrap();
+        link.keep_channel(4, 44, 444, &rq, &rs, &test_pidfd())
+            .unwrap();
         let e = KeeperLink::spawn_exe(&bin, &name, &arena, 11)
             .map(|l| l.pid())
             .unwrap_err();

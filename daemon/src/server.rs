@@ -140,8 +140,10 @@ struct Client {
     command: String,
     /// `None` for a channel re-attached after a crash until the client rebinds.
     sock: Option<Fd>,
-    /// Held open for the epoll set, which reports the process's exit through it.
-    _pidfd: Fd,
+    /// The client's process, as the kernel named it when the client connected (or, after a
+    /// restart, as the keeper kept it): in the epoll set, which reports its exit; and the
+    /// proof, while it has not exited, that `pid` is still that process.
+    pidfd: Fd,
     chan: Arc<Channel>,
     /// `rings` when the channel was last looked at.
     last_rings: u32,
@@ -523,15 +525,12 @@ impl Server {
     fn rebuild(&mut self, kept: Vec<KeptChannel>) {
         let mut dropped_channels = 0;
         for ch in kept {
-            match self.adopt_channel(&ch) {
+            let (id, pid) = (ch.id, ch.pid);
+            match self.adopt_channel(ch) {
                 Ok(()) => {}
                 Err(why) => {
-                    log::info!(
-                        "not keeping the channel of client {} (pid {}): {why}",
-                        ch.id,
-                        ch.pid
-                    );
-                    self.keeper_drop(ch.id);
+                    log::info!("not keeping the channel of client {id} (pid {pid}): {why}");
+                    self.keeper_drop(id);
                     dropped_channels += 1;
                 }
             }
@@ -591,11 +590,13 @@ impl Server {
 
     /// Takes over a channel the keeper held: checks it, rewrites its response header for this
     /// daemon, and serves it (watched at once: a request may have waited through the crash).
-    fn adopt_channel(&mut self, ch: &KeptChannel) -> Result<(), String> {
+    fn adopt_channel(&mut self, ch: KeptChannel) -> Result<(), String> {
         if ch.id == 0 || self.clients.contains_key(&ch.id) {
             return Err("duplicate or zero id".into());
         }
-        let pidfd = os::pidfd_open(ch.pid).map_err(|e| format!("pidfd_open: {e}"))?;
+        // The pidfd taken when the client connected, not one opened by pid now: the process
+        // may have exited while no daemon ran, and its pid been reused.
+        let pidfd = ch.pidfd;
         if os::pidfd_exited(&pidfd) {
             return Err("the process has exited".into());
         }
@@ -634,7 +635,7 @@ impl Server {
                 uid: ch.uid,
                 command: command_of(ch.pid),
                 sock: None,
-                _pidfd: pidfd,
+                pidfd,
                 chan,
                 // Looked at once more whatever it says.
                 last_rings: rings.wrapping_sub(1),
@@ -1022,7 +1023,7 @@ impl Server {
                 uid,
                 command: command_of(pid),
                 sock: None,
-                _pidfd: pidfd,
+                pidfd,
                 chan,
                 last_rings: rings,
                 watched: false,
@@ -1551,7 +1552,7 @@ impl Server {
         // (A keeper that is gone holds no arena either: a restart then starts afresh with a
         // new arena, and nothing can be handed out twice; the client is taken.)
         let kept = self.keeper.as_ref().map(|k| {
-            k.keep_channel(id, peer.pid, peer.uid, &request_fd, &response_fd)
+            k.keep_channel(id, peer.pid, peer.uid, &request_fd, &response_fd, &pidfd)
                 .map_err(|e| (e, os::process_alive(k.pid())))
         });
         if let Some(Err((e, keeper_alive))) = kept {
@@ -1599,7 +1600,7 @@ impl Server {
                 uid: peer.uid,
                 command: command_of(peer.pid),
                 sock: Some(sock),
-                _pidfd: pidfd,
+                pidfd,
                 chan,
                 last_rings: rings,
                 watched: false,
@@ -1638,10 +1639,14 @@ impl Server {
         if self.stopping {
             return refuse(&sock, Refusal::ShuttingDown, "the daemon is shutting down");
         }
-        let ok = self
-            .clients
-            .get(&id)
-            .is_some_and(|c| c.sock.is_none() && c.pid == peer.pid && c.uid == peer.uid);
+        // While the process the channel was made for has not exited (its pidfd says), its pid
+        // is not reused: a peer with that pid is that process.
+        let ok = self.clients.get(&id).is_some_and(|c| {
+            c.sock.is_none()
+                && c.pid == peer.pid
+                && c.uid == peer.uid
+                && !os::pidfd_exited(&c.pidfd)
+        });
         if !ok {
             return refuse(
                 &sock,
