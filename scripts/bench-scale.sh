@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Throughput of one daemon with several client processes (1, 2, 4, 8, 16, up to the CPUs
-# there are), each pinned on its own CPU, the daemon on CPU 0. Prints a markdown table.
+# Throughput of one daemon with several client processes (1, 2, 4, 8, and on in powers of two
+# up to the CPUs there are), each pinned on a CPU (its own while there are enough; then shared
+# round robin), the daemon on CPU 0. Prints a markdown table.
 #
 #   scripts/bench-scale.sh [--quick] [scale run options, e.g. --clients 1,2 --seconds 5]
 #
@@ -14,7 +15,7 @@ args=()
 for a in "$@"; do
     case "$a" in
     -h | --help)
-        sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+        sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     --quick) args+=(--seconds 0.3) ;;

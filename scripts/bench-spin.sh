@@ -7,7 +7,8 @@
 #   scripts/bench-spin.sh [--quick] [--budgets 0,25,50,100,200] [--gaps 0,10,20,40,80,200]
 #
 # Builds release; each budget gets a daemon of its own (via scripts/bench-roundtrip.sh, pinned
-# on CPU 0, client on CPU 1), always stopped by its pid, its segments removed.
+# on CPU 0, client on CPU 1), always stopped by its pid, its objects removed. XALLOCD and
+# ROUNDTRIP name prebuilt binaries instead (e.g. a previous build's, to compare).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,7 +20,7 @@ warmup=2000
 while [[ $# -gt 0 ]]; do
     case "$1" in
     -h | --help)
-        sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+        sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     --quick) iters=200 warmup=20 ;;
@@ -33,11 +34,13 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 
-cargo build --release -p xalloc-daemon -p xalloc-bench
+if [[ -z "${XALLOCD:-}" || -z "${ROUNDTRIP:-}" ]]; then
+    cargo build --release -p xalloc-daemon -p xalloc-bench
+fi
 for b in ${budgets//,/ }; do
     echo "### xallocd --spin-us $b"
     echo
-    XALLOCD=target/release/xallocd ROUNDTRIP=target/release/roundtrip \
+    XALLOCD="${XALLOCD:-target/release/xallocd}" ROUNDTRIP="${ROUNDTRIP:-target/release/roundtrip}" \
         XALLOCD_FLAGS="--spin-us $b" scripts/bench-roundtrip.sh \
         --gaps "$gaps" --iters "$iters" --warmup "$warmup" | grep '^|'
     echo

@@ -21,6 +21,11 @@
 //!   (fields 14 and 15 of `/proc/PID/stat`, in clock ticks) before and after sleeping 10 s
 //!   (2 s with `--quick`); also, where the kernel keeps them, the on-CPU nanoseconds and run
 //!   counts summed over its threads' `/proc/PID/task/TID/schedstat`. Target: zero.
+//! - **idle clients** (then, or alone with `roundtrip idle-clients`; see [`idle`]): 1000 idle
+//!   connections (50 with `--quick`) held by child processes; the daemon's CPU time over the
+//!   idle seconds while they are connected (target: zero), and allocate+free on different CPUs
+//!   by one more client with and without them, alternating for several rounds (target: with
+//!   them within 1.2× of alone).
 //!
 //! Pinning is done in-process with `sched_setaffinity` (this program is single-threaded); the
 //! daemon's own pinning (`taskset -c 0` in the script) is checked against `--daemon-cpu`.
@@ -45,6 +50,9 @@ use xalloc_global::client::{Connection, Slot};
 mod shared;
 use shared::*;
 
+#[path = "roundtrip/idle.rs"]
+mod idle;
+
 /// Bytes per allocation.
 const ALLOC_SIZE: u64 = 1 << 20;
 /// Alignment of each allocation.
@@ -60,7 +68,10 @@ const SETTLE: Duration = Duration::from_millis(100);
 
 const USAGE: &str = "\
 usage: roundtrip run --name NAME [options]
+       roundtrip idle-clients --name NAME [options]   (only the idle-clients part of `run`)
        roundtrip echo --cpu CPU        (internal: the ping-pong echo child)
+       roundtrip hold --name NAME --count N [--cpu CPU]
+                                       (internal: holds N idle connections until stdin closes)
 
   --name NAME        xallocd instance to measure (required)
   --daemon-pid PID   refuse to run unless the instance's daemon has this pid
@@ -69,6 +80,10 @@ usage: roundtrip run --name NAME [options]
   --iters N          measured iterations per row (default 20000, quick 500)
   --warmup N         warm-up iterations per row (default 2000, quick 50)
   --idle-secs S      seconds of daemon idle time measured (default 10, quick 2)
+  --idle-clients N   then: N idle connections (in child processes); the daemon's CPU time
+                     while they idle, and one client's allocate+free on different CPUs with
+                     and without them, alternating (default 1000, quick 50; 0 skips)
+  --rounds R         alternations of the idle-clients part (default 5, quick 2)
   --quick            small counts (CI smoke run)
   --gaps LIST        instead: only allocate+free on different CPUs, with a busy pause of each
                      of LIST µs (e.g. 0,20,50) between pairs; prints p50, p99 and the daemon's
@@ -87,6 +102,10 @@ struct Config {
     warmup: usize,
     idle_secs: u64,
     gaps: Vec<u64>,
+    /// Idle connections held for the idle-clients part (0: skipped).
+    idle_clients: usize,
+    /// Rounds of the idle-clients part, each measuring with and without them.
+    rounds: usize,
 }
 
 fn parse_run(args: impl Iterator<Item = String>) -> Result<Config, String> {
@@ -100,6 +119,8 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Config, String> {
     let mut idle_secs = None;
     let mut quick = false;
     let mut gaps = Vec::new();
+    let mut idle_clients = None;
+    let mut rounds = None;
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
@@ -114,6 +135,8 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Config, String> {
             "--iters" => iters = Some(number(value(), "--iters")?),
             "--warmup" => warmup = Some(number(value(), "--warmup")?),
             "--idle-secs" => idle_secs = Some(number(value(), "--idle-secs")?),
+            "--idle-clients" => idle_clients = Some(number(value(), "--idle-clients")?),
+            "--rounds" => rounds = Some(number(value(), "--rounds")?),
             "--quick" => quick = true,
             "--gaps" => {
                 for g in value().ok_or("--gaps needs a value")?.split(',') {
@@ -136,9 +159,11 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Config, String> {
         warmup: warmup.unwrap_or(if quick { 50 } else { 2_000 }),
         idle_secs: idle_secs.unwrap_or(if quick { 2 } else { 10 }),
         gaps,
+        idle_clients: idle_clients.unwrap_or(if quick { 50 } else { 1000 }),
+        rounds: rounds.unwrap_or(if quick { 2 } else { 5 }),
     };
-    if cfg.iters == 0 {
-        return Err("--iters must be positive".to_owned());
+    if cfg.iters == 0 || cfg.rounds == 0 {
+        return Err("--iters and --rounds must be positive".to_owned());
     }
     if cfg.daemon_cpu == cfg.other_cpu {
         return Err("--other-cpu must differ from --daemon-cpu".to_owned());
@@ -150,7 +175,11 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let result = match args.next().as_deref() {
         Some("run") => parse_run(args).and_then(|cfg| run(&cfg)),
+        Some("idle-clients") => {
+            parse_run(args).and_then(|cfg| idle::run(&cfg, cpu_allowed(cfg.other_cpu)))
+        }
         Some("echo") => echo_main(args),
+        Some("hold") => idle::hold_main(args),
         Some("--help" | "-h") => {
             print!("{USAGE}");
             Ok(())
@@ -453,8 +482,9 @@ impl Row {
     }
 }
 
-fn run(cfg: &Config) -> Result<(), String> {
-    let started = Instant::now();
+/// Connects to the instance and checks its daemon: the pid asked for, if any, pinned on
+/// `--daemon-cpu` alone, which this process may use too. Returns the connection and the pid.
+fn connect_checked(cfg: &Config) -> Result<(Connection, u32), String> {
     let conn = Connection::connect(&cfg.name)
         .map_err(|e| format!("connect to instance {:?}: {e}", cfg.name))?;
     let pid = conn.daemon_pid();
@@ -480,6 +510,12 @@ fn run(cfg: &Config) -> Result<(), String> {
             cfg.daemon_cpu
         ));
     }
+    Ok((conn, pid))
+}
+
+fn run(cfg: &Config) -> Result<(), String> {
+    let started = Instant::now();
+    let (conn, pid) = connect_checked(cfg)?;
     let two_cpus = cpu_allowed(cfg.other_cpu);
     let (d, o) = (cfg.daemon_cpu, cfg.other_cpu);
     let different = format!("different CPUs (client {o}, daemon {d})");
@@ -555,6 +591,10 @@ fn run(cfg: &Config) -> Result<(), String> {
         elapsed: started.elapsed(),
     };
     print!("{}", report.markdown());
+    if cfg.idle_clients > 0 {
+        println!();
+        idle::run(cfg, two_cpus)?;
+    }
     Ok(())
 }
 

@@ -1,5 +1,6 @@
-//! Throughput of one daemon with several client processes: each client, a process of its own
-//! pinned on a CPU of its own (the daemon keeps its CPU to itself when there are enough),
+//! Throughput of one daemon with several client processes (1, 2, 4, 8, and on up to the number
+//! of CPUs): each client, a process of its own pinned on a CPU of its own when there are enough
+//! (the daemon keeps its CPU to itself then; beyond, clients share CPUs round robin),
 //! repeats allocate + free of 1 MiB through `xalloc_global::client` for a fixed time. Printed:
 //! requests per second in all and per client, for each client count.
 //!
@@ -47,9 +48,11 @@ fn run(args: &[String]) -> Result<(), String> {
     let daemon_cpu: usize = arg(args, "--daemon-cpu").ok_or("--daemon-cpu N is required")?;
     let seconds: f64 = arg(args, "--seconds").unwrap_or(2.0);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let default_counts: Vec<usize> = [1, 2, 4, 8, 16]
-        .into_iter()
-        .filter(|&n| n <= cpus.max(2))
+    // 1, 2, 4 and 8 clients, and on to as many as there are CPUs: clients beyond the CPUs
+    // share them (with each other and, last, with the daemon).
+    let default_counts: Vec<usize> = (0..usize::BITS)
+        .map(|k| 1usize << k)
+        .take_while(|&n| n <= cpus.max(8))
         .collect();
     let counts: Vec<usize> = match arg::<String>(args, "--clients") {
         Some(list) => list
