@@ -16,16 +16,16 @@
 # scale already (e.g. to compare two experimental builds). Daemons run pinned on CPU 0 and
 # clients on CPU 1 (roundtrip) or spread over the CPUs (scale); each run gets a new daemon,
 # always stopped (scripts/lib/bench-daemon.sh). Defaults: 5 rounds, 20000 iterations per
-# latency row, clients 1,2,4,8 for 2 s each, 1000 idle clients; about 5 minutes on 2 CPUs.
-# --quick: 2 rounds, small counts (under a minute). The raw outputs stay in --out (default: a
-# new temporary directory, named at the end). Exits non-zero if a run fails, not on a missed
-# target.
+# latency row, clients 1,2,4,8 for 2 s each, 1000 idle clients; about 2.5 minutes on 2 CPUs
+# after the builds. --quick: 2 rounds, small counts (under a minute). The raw outputs stay in
+# --out (default: a new temporary directory, named at the end). Exits non-zero if a run fails,
+# not on a missed target.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 usage() {
-    sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 prev_commit=""

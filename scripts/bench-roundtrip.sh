@@ -9,7 +9,7 @@
 # Builds release, starts a daemon of its own (instance xbench-rt-PID, pinned with taskset on
 # CPU 0, files in a private temp dir) and always stops it by its pid and removes its objects on
 # exit, also on failure or Ctrl-C; no other daemon is touched. The client pins itself on CPU 1
-# (different CPUs) and CPU 0 (same CPU). About 40 s. Exits non-zero if anything fails, but not
+# (different CPUs) and CPU 0 (same CPU). About 25 s. Exits non-zero if anything fails, but not
 # on missed latency targets. --quick (500 iterations, 2 idle seconds, 50 idle clients) is the
 # CI smoke run; --idle-clients 0 skips the idle clients.
 set -euo pipefail

@@ -15,7 +15,7 @@ args=()
 for a in "$@"; do
     case "$a" in
     -h | --help)
-        sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+        sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     --quick) args+=(--seconds 0.3) ;;
