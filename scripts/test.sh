@@ -76,6 +76,9 @@ step "bench smoke (daemon round trip)" bash scripts/bench-roundtrip.sh --quick
 step "bench smoke (large-block churn)" bash scripts/bench-churn.sh --quick
 step "bench smoke (clients scaling)" bash scripts/bench-scale.sh --quick
 step "bench smoke (spin budgets)" bash scripts/bench-spin.sh --quick --budgets 0,50 --gaps 0,100
+# The A/B script, this build against itself (no worktree build): it must keep working.
+step "bench smoke (A/B script)" bash scripts/bench-ab.sh --prev-bin target/release \
+    --new-bin target/release --quick --no-idle
 
 step_name=""
 echo

@@ -99,6 +99,7 @@ fn minimum_block_and_overhead() {
     }
     let s = h.stats();
     assert_eq!((s.free_bytes, s.free_blocks, s.live_blocks), (total, 1, 0));
+    assert_eq!(h.free_bytes(), s.free_bytes);
     h.check_invariants().unwrap();
 }
 

@@ -891,6 +891,12 @@ impl<S: MetaStore> Tlsf<S> {
 
     // ----- introspection -----
 
+    /// Bytes in free blocks, in constant time ([`stats`](Self::stats) also finds the largest
+    /// free block, which walks one free list).
+    pub fn free_bytes(&self) -> usize {
+        (self.total_granules - self.used_granules) << self.store.granule_shift()
+    }
+
     /// Counters of the heap, in bytes and blocks. O(1) except `largest_free_bytes`, which walks
     /// the list of the largest non-empty class.
     pub fn stats(&self) -> Stats {
