@@ -621,7 +621,7 @@ impl Connection {
 
     /// Whether this process made the connection (not a forked child of the one that did).
     ///
-    /// A load of [`FORKS`], not a `getpid` system call: this is on every request's path. A
+    /// A load of a fork counter (see [`note_fork`]), not a `getpid` system call: this is on every request's path. A
     /// child made by a raw `clone` system call that bypasses the C library's fork handlers is
     /// not detected, and must not use a connection of its parent's (a child made by `fork`,
     /// `posix_spawn` or `vfork` followed by `exec` is fine).
