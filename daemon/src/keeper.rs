@@ -693,17 +693,7 @@ impl KeeperLink {
                 }
             }
         } else if let Some(pidfd) = &self.pidfd {
-            // SAFETY: plain system call on a pidfd we own; no siginfo, no flags.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    pidfd.raw(),
-                    libc::SIGTERM,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0u32,
-                )
-            };
-            signalled = rc == 0;
+            signalled = os::pidfd_terminate(pidfd).is_ok();
         }
         let exited = self.wait_exit(EXIT_TIMEOUT);
         match (asked, exited) {

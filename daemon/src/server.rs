@@ -154,6 +154,37 @@ struct Client {
     requests: u64,
 }
 
+impl Client {
+    /// Bytes the client says it keeps cached: its own counter in its ledger, read saturating,
+    /// whatever it says.
+    fn cached_bytes(&self) -> u64 {
+        self.chan
+            .ledger()
+            .cached_granules
+            .load(Ordering::Relaxed)
+            .saturating_mul(GRANULE as u64)
+    }
+
+    /// A client of process `pid` and user `uid` over `chan`, holding nothing yet; its channel is
+    /// taken as looked at up to now.
+    fn new(pid: u32, uid: u32, sock: Option<Fd>, pidfd: Fd, chan: Arc<Channel>) -> Self {
+        Self {
+            pid,
+            uid,
+            command: command_of(pid),
+            sock,
+            pidfd,
+            last_rings: chan.bell().rings.load(Ordering::Acquire),
+            chan,
+            watched: false,
+            last_request: Instant::now(),
+            blocks: 0,
+            bytes: 0,
+            requests: 0,
+        }
+    }
+}
+
 /// Who may connect, and how much each may hold.
 #[derive(Clone, Copy, Debug)]
 pub struct Policy {
@@ -627,25 +658,10 @@ impl Server {
             libc::EPOLLIN as u32,
         )
         .map_err(|e| format!("epoll: {e}"))?;
-        let rings = chan.bell().rings.load(Ordering::Acquire);
-        self.clients.insert(
-            ch.id,
-            Client {
-                pid: ch.pid,
-                uid: ch.uid,
-                command: command_of(ch.pid),
-                sock: None,
-                pidfd,
-                chan,
-                // Looked at once more whatever it says.
-                last_rings: rings.wrapping_sub(1),
-                watched: false,
-                last_request: Instant::now(),
-                blocks: 0,
-                bytes: 0,
-                requests: 0,
-            },
-        );
+        let mut client = Client::new(ch.pid, ch.uid, None, pidfd, chan);
+        // Looked at once more whatever its bell says.
+        client.last_rings = client.last_rings.wrapping_sub(1);
+        self.clients.insert(ch.id, client);
         self.next_id = self.next_id.max(ch.id.wrapping_add(1)).max(1);
         self.watch(ch.id);
         Ok(())
@@ -1016,24 +1032,8 @@ impl Server {
         let pidfd = os::pidfd_open(pid).map_err(|e| format!("pidfd_open: {e}"))?;
         let id = self.new_id();
         let (chan, request_fd, _) = self.new_channel().map_err(|e| format!("channel: {e}"))?;
-        let rings = chan.bell().rings.load(Ordering::Acquire);
-        self.clients.insert(
-            id,
-            Client {
-                pid,
-                uid,
-                command: command_of(pid),
-                sock: None,
-                pidfd,
-                chan,
-                last_rings: rings,
-                watched: false,
-                last_request: Instant::now(),
-                blocks: 0,
-                bytes: 0,
-                requests: 0,
-            },
-        );
+        self.clients
+            .insert(id, Client::new(pid, uid, None, pidfd, chan));
         Ok((id, request_fd))
     }
 
@@ -1578,39 +1578,14 @@ impl Server {
             return busy(&sock, "epoll", &e);
         }
 
-        let welcome = Welcome {
-            refusal: Refusal::None as u32,
-            slots: chan.slots,
-            granule: GRANULE as u32,
-            flags: self.seg.flags,
-            client_id: id,
-            daemon_pid: self.pid,
-            arena_len: self.seg.arena_bytes + ARENA_DATA_OFFSET as u64,
-            generation: self.seg.generation,
-        };
+        let welcome = self.welcome(id);
         let fds = [
             self.seg.arena_fd.as_fd(),
             request_fd.as_fd(),
             response_ro.as_fd(),
         ];
-        let rings = chan.bell().rings.load(Ordering::Acquire);
-        self.clients.insert(
-            id,
-            Client {
-                pid: peer.pid,
-                uid: peer.uid,
-                command: command_of(peer.pid),
-                sock: Some(sock),
-                pidfd,
-                chan,
-                last_rings: rings,
-                watched: false,
-                last_request: Instant::now(),
-                blocks: 0,
-                bytes: 0,
-                requests: 0,
-            },
-        );
+        self.clients
+            .insert(id, Client::new(peer.pid, peer.uid, Some(sock), pidfd, chan));
         let sent = self.clients[&id]
             .sock
             .as_ref()
@@ -1659,7 +1634,20 @@ impl Server {
         if let Err(e) = epoll_add(&self.epoll, &sock, TAG_SOCKET | u64::from(id), events) {
             return refuse(&sock, Refusal::Busy, &format!("epoll: {e}"));
         }
-        let welcome = Welcome {
+        let welcome = self.welcome(id);
+        if unix::send_with_fds(&sock, &welcome.encode(), &[]).is_ok() {
+            if let Some(c) = self.clients.get_mut(&id) {
+                c.sock = Some(sock);
+            }
+            log::info!("client {id} (pid {}) has a connection again", peer.pid);
+            self.watch(id);
+            self.serve_client(id);
+        }
+    }
+
+    /// The welcome that accepts client `id` (every channel has this instance's slot count).
+    fn welcome(&self, id: u32) -> Welcome {
+        Welcome {
             refusal: Refusal::None as u32,
             slots: self.seg.slots,
             granule: GRANULE as u32,
@@ -1668,14 +1656,6 @@ impl Server {
             daemon_pid: self.pid,
             arena_len: self.seg.arena_bytes + ARENA_DATA_OFFSET as u64,
             generation: self.seg.generation,
-        };
-        if unix::send_with_fds(&sock, &welcome.encode(), &[]).is_ok() {
-            if let Some(c) = self.clients.get_mut(&id) {
-                c.sock = Some(sock);
-            }
-            log::info!("client {id} (pid {}) has a connection again", peer.pid);
-            self.watch(id);
-            self.serve_client(id);
         }
     }
 
@@ -1719,12 +1699,7 @@ impl Server {
         let list: Vec<serde_json::Value> = clients
             .iter()
             .map(|(id, c)| {
-                let cached = c
-                    .chan
-                    .ledger()
-                    .cached_granules
-                    .load(Ordering::Relaxed)
-                    .saturating_mul(GRANULE as u64);
+                let cached = c.cached_bytes();
                 serde_json::json!({
                     "id": id,
                     "pid": c.pid,
@@ -1829,13 +1804,7 @@ impl Server {
         let mut holders: Vec<(&u32, &Client)> = self.clients.iter().collect();
         holders.sort_by_key(|(_, c)| std::cmp::Reverse(c.bytes));
         for (id, c) in holders.iter().take(20) {
-            // Client-written counter: saturating, whatever it says.
-            let cached = c
-                .chan
-                .ledger()
-                .cached_granules
-                .load(Ordering::Relaxed)
-                .saturating_mul(GRANULE as u64);
+            let cached = c.cached_bytes();
             log::info!(
                 "client {id} (pid {}, {}, user {}): {} blocks, {} bytes ({cached} of them cached \
                  for reuse), {} requests",

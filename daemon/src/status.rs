@@ -105,21 +105,9 @@ pub fn stop(args: &StopArgs) -> ExitCode {
         Ok(fd) => fd,
         Err(e) => return fail(format!("instance {name} (pid {pid}): {e}")),
     };
-    // SAFETY: plain system call on an open pidfd; no siginfo.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.raw(),
-            libc::SIGTERM,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ESRCH) {
-            return fail(format!("cannot signal pid {pid}: {e}"));
-        }
+    match os::pidfd_terminate(&pidfd) {
+        Ok(()) | Err(os::Errno(libc::ESRCH)) => {}
+        Err(e) => return fail(format!("cannot signal pid {pid}: {e}")),
     }
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     while !os::pidfd_exited(&pidfd) || names.any_exists() {

@@ -115,6 +115,15 @@ extern "C" fn note_fork_in_child() {
 /// Registers [`note_fork_in_child`] when the program is loaded (an ELF constructor), before
 /// `main` and before the program can fork.
 extern "C" fn register_fork_counter() {
+    // SAFETY: the handler only increments an atomic, which is async-signal-safe.
+    unsafe { at_fork_in_child(note_fork_in_child) };
+}
+
+/// Registers `child` to run in every child right after `fork` (`pthread_atfork`).
+///
+/// # Safety
+/// `child` must be async-signal-safe.
+pub(crate) unsafe fn at_fork_in_child(child: extern "C" fn()) {
     extern "C" {
         fn pthread_atfork(
             prepare: Option<extern "C" fn()>,
@@ -122,9 +131,8 @@ extern "C" fn register_fork_counter() {
             child: Option<extern "C" fn()>,
         ) -> i32;
     }
-    // SAFETY: the handler only increments an atomic, which is async-signal-safe; the function
-    // pointer is 'static.
-    unsafe { pthread_atfork(None, None, Some(note_fork_in_child)) };
+    // SAFETY: the caller's contract; the function pointer is 'static.
+    unsafe { pthread_atfork(None, None, Some(child)) };
 }
 
 #[used]

@@ -986,7 +986,7 @@ extern "C" fn register_fork_handler() {
     }
     // SAFETY: the handler only stores atomics and calls `mmap`, which is async-signal-safe;
     // glibc records it with libc's malloc, not this allocator.
-    unsafe { libc_atfork(after_fork_in_child) };
+    unsafe { crate::client::at_fork_in_child(after_fork_in_child) };
 }
 
 /// Registers the fork handler when the program is loaded (an ELF constructor), before `main`
@@ -996,20 +996,6 @@ extern "C" fn register_fork_handler() {
 #[used]
 #[link_section = ".init_array"]
 static REGISTER_FORK_HANDLER: extern "C" fn() = register_fork_handler;
-
-/// # Safety
-/// `child` must be async-signal-safe.
-unsafe fn libc_atfork(child: extern "C" fn()) {
-    extern "C" {
-        fn pthread_atfork(
-            prepare: Option<extern "C" fn()>,
-            parent: Option<extern "C" fn()>,
-            child: Option<extern "C" fn()>,
-        ) -> i32;
-    }
-    // SAFETY: the caller's contract; the function pointer is 'static.
-    unsafe { pthread_atfork(None, None, Some(child)) };
-}
 
 /// The value of environment variable `key` as a number (`4096`, `64K`, `1M`, `2G`), read
 /// without allocating.

@@ -500,6 +500,14 @@ pub fn pidfd_open(pid: u32) -> Result<Fd, Errno> {
         .map_err(errno)
 }
 
+/// Sends SIGTERM to the process behind `pidfd`: never to another process that reused its pid.
+pub fn pidfd_terminate(pidfd: &Fd) -> Result<(), Errno> {
+    // SAFETY: `pidfd` is open for the duration of the call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(pidfd.raw()) };
+    rustix::process::pidfd_send_signal(fd, rustix::process::Signal::TERM)
+        .map_err(|e| Errno(e.raw_os_error()))
+}
+
 /// Whether the process behind `pidfd` has exited (its pidfd is readable).
 pub fn pidfd_exited(pidfd: &Fd) -> bool {
     use rustix::event::{PollFd, PollFlags, Timespec};

@@ -107,17 +107,22 @@ pub fn identity(fd: &Fd) -> Result<(u64, u64), Errno> {
     Ok((st.st_dev, st.st_ino))
 }
 
-/// A non-blocking, close-on-exec `SOCK_SEQPACKET` socket listening at `path`, with file mode
-/// `mode`. A leftover at `path` is the caller's to remove first.
-pub fn listen(path: &std::path::Path, mode: u32) -> Result<Fd, Errno> {
-    let addr = SocketAddrUnix::new(path).map_err(errno)?;
-    let sock = rustix::net::socket_with(
+/// A new non-blocking, close-on-exec Unix `SOCK_SEQPACKET` socket.
+fn seqpacket() -> Result<OwnedFd, Errno> {
+    rustix::net::socket_with(
         AddressFamily::UNIX,
         SocketType::SEQPACKET,
         SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
         None,
     )
-    .map_err(errno)?;
+    .map_err(errno)
+}
+
+/// A non-blocking, close-on-exec `SOCK_SEQPACKET` socket listening at `path`, with file mode
+/// `mode`. A leftover at `path` is the caller's to remove first.
+pub fn listen(path: &std::path::Path, mode: u32) -> Result<Fd, Errno> {
+    let addr = SocketAddrUnix::new(path).map_err(errno)?;
+    let sock = seqpacket()?;
     rustix::net::bind(&sock, &addr).map_err(errno)?;
     rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(mode)).map_err(errno)?;
     rustix::net::listen(&sock, 1024).map_err(errno)?;
@@ -138,13 +143,7 @@ pub fn accept(listener: &Fd) -> Result<Option<Fd>, Errno> {
 /// once (`EAGAIN`) rather than making the caller wait.
 pub fn connect(path: &CStr) -> Result<Fd, Errno> {
     let addr = SocketAddrUnix::new(path).map_err(errno)?;
-    let sock = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-        None,
-    )
-    .map_err(errno)?;
+    let sock = seqpacket()?;
     rustix::net::connect(&sock, &addr).map_err(errno)?;
     Ok(own(sock))
 }
