@@ -93,7 +93,8 @@ pub const SLOT_WAIT_NS: u64 = 2_000_000;
 /// otherwise (`0` turns the cache off, and with it the release of blocks without a round trip).
 pub const DEFAULT_CACHE_BYTES: u64 = 128 << 20;
 
-/// This process's counters, see [`XallocGlobal::counters`].
+/// This process's counters, see [`XallocGlobal::counters`]. A forked child starts from zero
+/// (its `connections` from the parent's count).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Large allocations served from the arena.
@@ -118,6 +119,9 @@ pub struct Counters {
     /// Entries of a ledger of this process that named no block inside the arena (the ledger is
     /// memory this process shares with the daemon; none is expected): dropped, never used.
     pub bad_ledger_entries: u64,
+    /// Frees of a pointer into an arena that is not a block the program holds (freed twice,
+    /// or not the start of a block): ignored, so nothing is freed twice.
+    pub bad_frees: u64,
 }
 
 /// One connection: the socket, the mapped channel and arena, and the slots of the channel this
@@ -140,6 +144,38 @@ struct Conn {
     lost: AtomicU64,
     /// Slot index of each registered position.
     slots: [AtomicU32; POOL],
+    /// The blocks the program holds in this arena.
+    blocks: BlockTable,
+}
+
+/// The length of every arena block the program holds, in granules, at the index of the
+/// block's first granule; 0 where no held block starts. Private memory of this process
+/// (anonymous, `MAP_NORESERVE`: 4 bytes per granule of arena, a page of it costs memory only
+/// once a block starts there), so the daemon and other processes cannot change it.
+///
+/// It is what lets a pointer alone free a block (C's `free`, which has no size), and what makes
+/// a second free of the same pointer, or a free of a pointer into the middle of a block,
+/// harmless: a block's entry is taken (swapped to 0) by the one free that frees it.
+struct BlockTable {
+    map: os::Mapping,
+}
+
+impl BlockTable {
+    fn new(arena_len: usize, granule: usize) -> Option<Self> {
+        let entries = (arena_len / granule).max(1);
+        let map = os::Mapping::anonymous(entries.checked_mul(size_of::<AtomicU32>())?).ok()?;
+        Some(Self { map })
+    }
+
+    /// The entry of granule `g`.
+    fn entry(&self, g: usize) -> Option<&AtomicU32> {
+        (g < self.map.len() / size_of::<AtomicU32>()).then(|| {
+            // SAFETY: `g` is inside the mapping, which is page-aligned (so each 4-byte entry
+            // is aligned), zero-filled (a valid `AtomicU32`), written only through atomics,
+            // and lives as long as `self`.
+            unsafe { &*self.map.as_ptr().cast::<AtomicU32>().add(g) }
+        })
+    }
 }
 
 impl Conn {
@@ -159,6 +195,38 @@ impl Conn {
                 .load(Ordering::Relaxed)
                 .saturating_mul(self.conn.granule() as u64)
         })
+    }
+
+    /// The block-table entry of the block that starts at `ptr`, if `ptr` is a granule boundary
+    /// of this arena.
+    fn entry_at(&self, ptr: *const u8) -> Option<&AtomicU32> {
+        let offset = ptr.addr().checked_sub(self.base)?;
+        let granule = self.conn.granule();
+        if offset >= self.len || !offset.is_multiple_of(granule) {
+            return None;
+        }
+        self.blocks.entry(offset / granule)
+    }
+
+    /// Records that the program holds the block of `bytes` at `ptr`.
+    fn note_block(&self, ptr: *const u8, bytes: usize) {
+        let granules = u32::try_from(bytes / self.conn.granule()).unwrap_or(u32::MAX);
+        if let Some(e) = self.entry_at(ptr) {
+            e.store(granules, Ordering::Relaxed);
+        }
+    }
+
+    /// Length in bytes of the held block at `ptr`, or `None` if no held block starts there.
+    fn block_len(&self, ptr: *const u8) -> Option<usize> {
+        let g = self.entry_at(ptr)?.load(Ordering::Relaxed);
+        (g != 0).then(|| g as usize * self.conn.granule())
+    }
+
+    /// Takes the record of the held block at `ptr` (the program is freeing it): its length in
+    /// bytes, or `None` if no held block starts there (freed already, or not a block).
+    fn take_block(&self, ptr: *const u8) -> Option<usize> {
+        let g = self.entry_at(ptr)?.swap(0, Ordering::Relaxed);
+        (g != 0).then(|| g as usize * self.conn.granule())
     }
 }
 
@@ -334,6 +402,11 @@ struct State {
     bad_ledger_entries: AtomicU64,
     /// The cache's bound in bytes (`XALLOC_CACHE`), plus one; 0 until first read.
     cache_cap: AtomicU64,
+    bad_frees: AtomicU64,
+    /// Every arena ever mapped lies in `[lowest, highest)`: a pointer outside is a system
+    /// block, told in two comparisons (C's `free` asks this of every pointer). Only widened.
+    lowest: AtomicUsize,
+    highest: AtomicUsize,
 }
 
 // SAFETY: every field shared between threads is an atomic, except the connections in `conns`,
@@ -358,6 +431,9 @@ static STATE: State = State {
     cache_hits: AtomicU64::new(0),
     bad_ledger_entries: AtomicU64::new(0),
     cache_cap: AtomicU64::new(0),
+    bad_frees: AtomicU64::new(0),
+    lowest: AtomicUsize::new(usize::MAX),
+    highest: AtomicUsize::new(0),
 };
 
 /// Whether `ptr` points into a daemon's shared arena (a block `XallocGlobal` forwarded).
@@ -380,7 +456,48 @@ pub fn counters() -> Counters {
             .fold(0, u64::saturating_add),
         cache_hits: STATE.cache_hits.load(Ordering::Relaxed),
         bad_ledger_entries: STATE.bad_ledger_entries.load(Ordering::Relaxed),
+        bad_frees: STATE.bad_frees.load(Ordering::Relaxed),
     }
+}
+
+/// Where a pointer the program holds came from, for the faces that are given a pointer alone.
+pub(crate) enum Owner {
+    /// Not inside any arena: the system allocator's.
+    System,
+    /// A held arena block of this many bytes.
+    Arena(usize),
+    /// Inside an arena, but no held block starts there (freed, or inside a block).
+    Stray,
+}
+
+/// Where `ptr` came from.
+pub(crate) fn owner_of(ptr: *const u8) -> Owner {
+    match STATE.conn_of(ptr.addr()) {
+        None => Owner::System,
+        Some(c) => c.block_len(ptr).map_or(Owner::Stray, Owner::Arena),
+    }
+}
+
+/// Frees `ptr` if it points into an arena (a held block's start is freed; any other pointer
+/// there is counted in [`Counters::bad_frees`] and left alone); `false` if it is a system
+/// block, which the caller frees.
+#[inline]
+pub(crate) fn free_if_arena(ptr: *mut u8) -> bool {
+    match STATE.conn_of(ptr.addr()) {
+        Some(c) => {
+            STATE.free_block(c, ptr);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Resizes the held arena block `ptr` of `old` bytes in place to `new_size` bytes (at least
+/// the threshold); whether it did.
+pub(crate) fn resize_arena(ptr: *mut u8, old: usize, new_size: usize) -> bool {
+    STATE
+        .conn_of(ptr.addr())
+        .is_some_and(|c| STATE.arena_resize(&c, ptr, old, new_size))
 }
 
 /// Runs `f` on the connection this process's allocator made last, if there is one, and returns
@@ -411,6 +528,13 @@ impl State {
 
     /// The connection whose arena holds `addr`, pinned.
     fn conn_of(&self, addr: usize) -> Option<Pinned<'_>> {
+        // Widened before any block of a new arena is handed out (and before the program can
+        // pass one to another thread), so a held block is never outside.
+        if addr < self.lowest.load(Ordering::Relaxed)
+            || addr >= self.highest.load(Ordering::Relaxed)
+        {
+            return None;
+        }
         self.conns.iter().find_map(|e| {
             // Unpinned first, so that a free touches no other connection's counter; a block
             // the program holds keeps its entry full with these bounds (it happens after the
@@ -563,6 +687,7 @@ impl State {
         let mut buf = [0u8; 256];
         let name = env_str(c"XALLOC_NAME", &mut buf).unwrap_or(name);
         let conn = Connection::connect(name).ok()?;
+        let blocks = BlockTable::new(conn.arena_len(), conn.granule())?;
         let i = (0..MAX_CONNECTIONS)
             .find(|&i| self.conns[i].state.load(Ordering::Acquire) & VACANT != 0)
             .or_else(|| (0..MAX_CONNECTIONS).find(|&i| self.recycle(i)))?;
@@ -584,10 +709,14 @@ impl State {
                 busy: AtomicU64::new(0),
                 lost: AtomicU64::new(0),
                 slots: [const { AtomicU32::new(0) }; POOL],
+                blocks,
             });
         }
         e.base.store(base, Ordering::Relaxed);
         e.len.store(len, Ordering::Relaxed);
+        self.lowest.fetch_min(base, Ordering::Relaxed);
+        self.highest
+            .fetch_max(base.saturating_add(len), Ordering::Relaxed);
         // Release: the connection and bounds are visible to every thread that pins it. Pins
         // that failed meanwhile left their counts, undone by themselves.
         e.state.fetch_and(!VACANT, Ordering::Release);
@@ -643,6 +772,17 @@ impl State {
     fn forget_parent(&self) {
         self.connecting.store(0, Ordering::Relaxed);
         self.next_try.store(0, Ordering::Relaxed);
+        // The counters are this process's: the child starts from zero.
+        for c in [
+            &self.forwarded,
+            &self.fallbacks,
+            &self.over_quota,
+            &self.cache_hits,
+            &self.bad_ledger_entries,
+            &self.bad_frees,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
         for e in &self.conns {
             let s = e.state.load(Ordering::Relaxed);
             e.state.store(s & !PINS, Ordering::Relaxed);
@@ -769,6 +909,7 @@ impl State {
                 NonNull::new(block.as_ptr())?
             }
         };
+        c.note_block(p.as_ptr(), Self::block_bytes(&c, layout.size()) as usize);
         // Counted as held before the program has the pointer, in one step with the unpin.
         c.hold_block_and_unpin();
         Some(p)
@@ -830,6 +971,22 @@ impl State {
         }
     }
 
+    /// Frees the block at `ptr` of `c`'s arena, which the program says it holds, and unpins
+    /// `c`: the block table, not the caller, says how long it is. A pointer where no held block
+    /// starts (freed twice, or inside a block) frees nothing and is counted in
+    /// [`Counters::bad_frees`].
+    fn free_block(&self, c: Pinned<'_>, ptr: *mut u8) {
+        match c.take_block(ptr) {
+            Some(bytes) => {
+                self.arena_free(&c, ptr, bytes);
+                c.free_block_and_unpin();
+            }
+            None => {
+                self.bad_frees.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Bytes of the arena block that holds `size` bytes.
     fn block_bytes(c: &Conn, size: usize) -> u64 {
         size.next_multiple_of(c.conn.granule()) as u64
@@ -881,6 +1038,7 @@ impl State {
         let offset = (ptr.addr() - c.base) as u64;
         match self.with_slot(c, |i| c.conn.resize(i, offset, new_size as u64)) {
             Some(Ok(b)) => {
+                c.note_block(ptr, b.size as usize);
                 self.arena_bytes.fetch_add(b.size, Ordering::Relaxed);
                 self.arena_bytes
                     .fetch_sub(Self::block_bytes(c, old), Ordering::Relaxed);
@@ -905,10 +1063,65 @@ impl State {
 /// }
 /// ```
 pub struct XallocGlobal {
+    config: Config,
+}
+
+/// What both faces of the client ([`XallocGlobal`] and
+/// [`XallocMalloc`](crate::malloc::XallocMalloc)) are configured with: the threshold and the
+/// instance, each overridden by the environment.
+pub(crate) struct Config {
     threshold: usize,
     name: &'static str,
     /// The threshold in effect (after `XALLOC_THRESHOLD`); 0 until first read.
     effective: AtomicUsize,
+}
+
+impl Config {
+    pub(crate) const fn new() -> Self {
+        Self {
+            threshold: DEFAULT_THRESHOLD,
+            name: DEFAULT_NAME,
+            effective: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) const fn with_threshold(mut self, bytes: usize) -> Self {
+        self.threshold = if bytes == 0 { 1 } else { bytes };
+        self
+    }
+
+    pub(crate) const fn with_name(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    /// The threshold in effect: the configured one, or `XALLOC_THRESHOLD` if set.
+    #[inline]
+    pub(crate) fn threshold(&self) -> usize {
+        let t = self.effective.load(Ordering::Relaxed);
+        if t != 0 {
+            return t;
+        }
+        self.read_threshold()
+    }
+
+    #[cold]
+    fn read_threshold(&self) -> usize {
+        let t = env_usize(c"XALLOC_THRESHOLD")
+            .filter(|&t| t > 0)
+            .unwrap_or(self.threshold);
+        self.effective.store(t, Ordering::Relaxed);
+        t
+    }
+
+    /// An arena block of `layout` from the daemon, or `None` (counted as a fallback).
+    pub(crate) fn arena_alloc(&self, layout: Layout, zeroed: bool) -> Option<NonNull<u8>> {
+        let p = STATE.arena_alloc(self.name, layout, zeroed);
+        if p.is_none() {
+            STATE.fallbacks.fetch_add(1, Ordering::Relaxed);
+        }
+        p
+    }
 }
 
 impl Default for XallocGlobal {
@@ -922,22 +1135,22 @@ impl XallocGlobal {
     /// `XALLOC_NAME`) overrides both.
     pub const fn new() -> Self {
         Self {
-            threshold: DEFAULT_THRESHOLD,
-            name: DEFAULT_NAME,
-            effective: AtomicUsize::new(0),
+            config: Config::new(),
         }
     }
 
     /// Forwards requests of at least `bytes` (at least 1; `XALLOC_THRESHOLD` overrides).
-    pub const fn with_threshold(mut self, bytes: usize) -> Self {
-        self.threshold = if bytes == 0 { 1 } else { bytes };
-        self
+    pub const fn with_threshold(self, bytes: usize) -> Self {
+        Self {
+            config: self.config.with_threshold(bytes),
+        }
     }
 
     /// Talks to the daemon instance `name` (`XALLOC_NAME` overrides).
-    pub const fn with_name(mut self, name: &'static str) -> Self {
-        self.name = name;
-        self
+    pub const fn with_name(self, name: &'static str) -> Self {
+        Self {
+            config: self.config.with_name(name),
+        }
     }
 
     /// This process's counters (the same as [`counters`]).
@@ -948,23 +1161,14 @@ impl XallocGlobal {
     /// The threshold in effect: the configured one, or `XALLOC_THRESHOLD` if set (`4096`,
     /// `64K`, `1M`).
     pub fn threshold(&self) -> usize {
-        let t = self.effective.load(Ordering::Relaxed);
-        if t != 0 {
-            return t;
-        }
-        let t = env_usize(c"XALLOC_THRESHOLD")
-            .filter(|&t| t > 0)
-            .unwrap_or(self.threshold);
-        self.effective.store(t, Ordering::Relaxed);
-        t
+        self.config.threshold()
     }
 
     fn alloc_impl(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         if layout.size() >= self.threshold() {
-            if let Some(p) = STATE.arena_alloc(self.name, layout, zeroed) {
+            if let Some(p) = self.config.arena_alloc(layout, zeroed) {
                 return p.as_ptr();
             }
-            STATE.fallbacks.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: `layout` has a non-zero size (GlobalAlloc's contract, forwarded).
         unsafe {
@@ -1048,8 +1252,7 @@ unsafe impl GlobalAlloc for XallocGlobal {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if layout.size() >= self.threshold() {
             if let Some(c) = STATE.conn_of(ptr.addr()) {
-                STATE.arena_free(&c, ptr, layout.size());
-                c.free_block_and_unpin();
+                STATE.free_block(c, ptr);
                 return;
             }
         }
@@ -1089,10 +1292,9 @@ unsafe impl GlobalAlloc for XallocGlobal {
             None => {
                 if new_size >= threshold && layout.size() < threshold {
                     // Crosses the threshold upwards: into the arena if the daemon serves.
-                    if let Some(p) = STATE.arena_alloc(self.name, new_layout, false) {
+                    if let Some(p) = self.config.arena_alloc(new_layout, false) {
                         return move_to(p.as_ptr());
                     }
-                    STATE.fallbacks.fetch_add(1, Ordering::Relaxed);
                 }
                 // SAFETY: a system block of `layout`; the caller's contract for `new_size`.
                 unsafe { System.realloc(ptr, layout, new_size) }

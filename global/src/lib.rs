@@ -3,6 +3,9 @@
 //! - [`XallocGlobal`] ([`global`]): the `#[global_allocator]` that serves large allocations
 //!   from the daemon's shared arena and everything else from the system allocator, which also
 //!   takes over whenever no daemon answers. [`is_shared`] and [`counters`] tell what it did.
+//! - [`XallocMalloc`] ([`malloc`]): the same client as C's `malloc` family, where a block is
+//!   known by its pointer alone; the C library (`capi/`, `xalloc.h`) and its `LD_PRELOAD`
+//!   interposer are this.
 //! - [`client`] speaks the protocol to `xallocd`: it connects to the instance's socket, maps
 //!   the arena and the channel of its own that the daemon hands over, claims a request slot of
 //!   that channel, sends a request and waits for the answer. It never allocates, formats or
@@ -33,5 +36,7 @@
 
 pub mod client;
 pub mod global;
+pub mod malloc;
 
 pub use global::{counters, is_shared, Counters, XallocGlobal};
+pub use malloc::XallocMalloc;

@@ -323,6 +323,24 @@ impl Mapping {
         Ok(Self { ptr, len })
     }
 
+    /// Maps `len` bytes of private, zero-filled memory of this process's own (anonymous,
+    /// `MAP_NORESERVE`: a page costs memory only once it is written).
+    pub fn anonymous(len: usize) -> Result<Self, Errno> {
+        // SAFETY: a fresh private mapping chosen by the kernel (no address given, no
+        // MAP_FIXED); it aliases nothing of ours.
+        let p = unsafe {
+            rustix::mm::mmap_anonymous(
+                core::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }
+        .map_err(errno)?;
+        let ptr = NonNull::new(p.cast()).ok_or(errno(SysErrno::NOMEM))?;
+        Ok(Self { ptr, len })
+    }
+
     /// Asks for huge pages on bytes `[offset, offset + len)` (`MADV_HUGEPAGE`). The kernel uses
     /// them for shared memory only where the tmpfs allows it (`/dev/shm` mounted with
     /// `huge=advise`, `within_size` or `always`); elsewhere the advice changes nothing.

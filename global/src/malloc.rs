@@ -1,0 +1,276 @@
+//! [`XallocMalloc`]: the client as C's `malloc` family, where a block is known by its pointer
+//! alone (`free(p)` has no size). It is what the C library (`capi/`, `xalloc.h`) and its
+//! `LD_PRELOAD` interposer export; it shares every connection, counter and rule with
+//! [`XallocGlobal`](crate::XallocGlobal) (one process, one set of daemon connections).
+//!
+//! - A request of at least the threshold goes to the daemon (alignment as asked, at least
+//!   [`MIN_ALIGN`]); a smaller one, or one the daemon does not serve, to the system allocator
+//!   `S` ([`SystemMalloc`]).
+//! - `free`, `realloc` and `usable_size` tell arena blocks from system blocks by address, in
+//!   two comparisons for a pointer below or above every arena; an arena block's length comes
+//!   from a table of this process's own (private memory), so a pointer freed twice, or one
+//!   into the middle of a block, frees nothing (counted in
+//!   [`Counters::bad_frees`](crate::Counters::bad_frees)).
+//! - Nothing here allocates, locks, formats or panics, so it can itself be `malloc`.
+
+use core::alloc::Layout;
+use core::ptr;
+
+use crate::global::{free_if_arena, owner_of, resize_arena, Config, Owner};
+
+/// The alignment of every block `malloc`, `calloc` and `realloc` return (glibc's on 64-bit
+/// Linux: `alignof(max_align_t)`).
+pub const MIN_ALIGN: usize = 16;
+
+/// The allocator that serves what the daemon does not: small blocks, and everything when no
+/// daemon answers.
+///
+/// # Safety
+/// The methods behave as C's functions of the same names: `malloc`, `calloc`, `realloc` and
+/// `memalign` return null or a block of at least the size asked, aligned to at least
+/// [`MIN_ALIGN`] (`memalign`: to `align`), that no one else holds; `free` and `usable_size`
+/// accept every pointer they returned; the block's bytes up to `usable_size` may be read and
+/// written. None of them may call back into the [`XallocMalloc`] that uses it.
+pub unsafe trait SystemMalloc: Sync {
+    /// C's `malloc`.
+    fn malloc(&self, size: usize) -> *mut u8;
+    /// C's `calloc`.
+    fn calloc(&self, count: usize, size: usize) -> *mut u8;
+    /// C's `realloc`.
+    ///
+    /// # Safety
+    /// `ptr` is null or a live block of this allocator.
+    unsafe fn realloc(&self, ptr: *mut u8, size: usize) -> *mut u8;
+    /// `memalign`: `align` is a power of two.
+    fn memalign(&self, align: usize, size: usize) -> *mut u8;
+    /// C's `free`.
+    ///
+    /// # Safety
+    /// `ptr` is null or a live block of this allocator, not used after.
+    unsafe fn free(&self, ptr: *mut u8);
+    /// `malloc_usable_size`.
+    ///
+    /// # Safety
+    /// `ptr` is null or a live block of this allocator.
+    unsafe fn usable_size(&self, ptr: *mut u8) -> usize;
+}
+
+/// The process's own `malloc` family, through the names the dynamic linker resolves
+/// (glibc's, or whichever allocator the program links or preloads).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Libc;
+
+// SAFETY: C's allocator, which keeps C's contract; it does not know `XallocMalloc`, and so never
+// calls it (unless the program makes `malloc` call it, which the program must not: use an
+// allocator that calls glibc's own entry points then, as the interposer does).
+unsafe impl SystemMalloc for Libc {
+    fn malloc(&self, size: usize) -> *mut u8 {
+        // SAFETY: malloc accepts any size.
+        unsafe { libc::malloc(size).cast() }
+    }
+    fn calloc(&self, count: usize, size: usize) -> *mut u8 {
+        // SAFETY: calloc accepts any sizes and checks their product.
+        unsafe { libc::calloc(count, size).cast() }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract: `ptr` is null or malloc's.
+        unsafe { libc::realloc(ptr.cast(), size).cast() }
+    }
+    fn memalign(&self, align: usize, size: usize) -> *mut u8 {
+        // SAFETY: memalign accepts any power-of-two alignment and any size.
+        unsafe { libc::memalign(align, size).cast() }
+    }
+    unsafe fn free(&self, ptr: *mut u8) {
+        // SAFETY: the caller's contract: `ptr` is null or malloc's, not used after.
+        unsafe { libc::free(ptr.cast()) }
+    }
+    unsafe fn usable_size(&self, ptr: *mut u8) -> usize {
+        // SAFETY: the caller's contract: `ptr` is null or malloc's.
+        unsafe { libc::malloc_usable_size(ptr.cast()) }
+    }
+}
+
+/// Why a request of [`XallocMalloc`] returned null, for C's `errno`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MallocError {
+    /// No memory (or a size whose computation overflowed): `ENOMEM`.
+    NoMemory,
+    /// An alignment that is not a power of two, or a pointer that is no block: `EINVAL`.
+    Invalid,
+}
+
+/// The client as C's `malloc` family: large blocks from the daemon named by `XALLOC_NAME`,
+/// everything else from `S`. See the [module documentation](self).
+pub struct XallocMalloc<S> {
+    config: Config,
+    system: S,
+}
+
+impl<S: SystemMalloc> XallocMalloc<S> {
+    /// Threshold 256 KiB, instance `xalloc` (`XALLOC_THRESHOLD` and `XALLOC_NAME` override
+    /// both), small blocks from `system`.
+    pub const fn new(system: S) -> Self {
+        Self {
+            config: Config::new(),
+            system,
+        }
+    }
+
+    /// The threshold in effect (after `XALLOC_THRESHOLD`).
+    #[inline]
+    pub fn threshold(&self) -> usize {
+        self.config.threshold()
+    }
+
+    /// The allocator that serves small blocks.
+    pub fn system(&self) -> &S {
+        &self.system
+    }
+
+    /// An arena block, if `size` is large enough and the daemon serves it.
+    fn arena(&self, size: usize, align: usize, zeroed: bool) -> Option<*mut u8> {
+        if size < self.threshold() {
+            return None;
+        }
+        let layout = Layout::from_size_align(size, align.max(MIN_ALIGN)).ok()?;
+        self.config.arena_alloc(layout, zeroed).map(|p| p.as_ptr())
+    }
+
+    /// C's `malloc`: a block of `size` bytes (a unique pointer for 0), aligned to
+    /// [`MIN_ALIGN`].
+    #[inline]
+    pub fn malloc(&self, size: usize) -> Result<*mut u8, MallocError> {
+        let p = match self.arena(size, MIN_ALIGN, false) {
+            Some(p) => p,
+            None => self.system.malloc(size),
+        };
+        non_null(p)
+    }
+
+    /// C's `calloc`: `count * size` zeroed bytes; an overflowing product is
+    /// [`MallocError::NoMemory`].
+    pub fn calloc(&self, count: usize, size: usize) -> Result<*mut u8, MallocError> {
+        let bytes = count.checked_mul(size).ok_or(MallocError::NoMemory)?;
+        let p = match self.arena(bytes, MIN_ALIGN, true) {
+            Some(p) => p,
+            None => self.system.calloc(count, size),
+        };
+        non_null(p)
+    }
+
+    /// `aligned_alloc` (also `memalign`, `posix_memalign`): `size` bytes aligned to `align`,
+    /// which must be a power of two ([`MallocError::Invalid`] otherwise).
+    pub fn aligned_alloc(&self, align: usize, size: usize) -> Result<*mut u8, MallocError> {
+        if !align.is_power_of_two() {
+            return Err(MallocError::Invalid);
+        }
+        let p = match self.arena(size, align, false) {
+            Some(p) => p,
+            None => self.system.memalign(align, size),
+        };
+        non_null(p)
+    }
+
+    /// C's `free`. An arena pointer where no held block starts (a second free, or a pointer
+    /// into a block) frees nothing and is counted.
+    ///
+    /// # Safety
+    /// `ptr` is null, or a block this allocator returned (or the system allocator's),
+    /// not used after.
+    #[inline]
+    pub unsafe fn free(&self, ptr: *mut u8) {
+        if ptr.is_null() || free_if_arena(ptr) {
+            return;
+        }
+        // SAFETY: not inside any arena, so the system allocator's (the caller's contract).
+        unsafe { self.system.free(ptr) }
+    }
+
+    /// `malloc_usable_size`: bytes of the block at `ptr` that may be used (0 for null, and for
+    /// an arena pointer where no held block starts).
+    ///
+    /// # Safety
+    /// `ptr` is null or a live block of this allocator (or of the system allocator).
+    pub unsafe fn usable_size(&self, ptr: *mut u8) -> usize {
+        if ptr.is_null() {
+            return 0;
+        }
+        match owner_of(ptr) {
+            Owner::Arena(len) => len,
+            Owner::Stray => 0,
+            // SAFETY: not inside any arena, so the system allocator's (the caller's contract).
+            Owner::System => unsafe { self.system.usable_size(ptr) },
+        }
+    }
+
+    /// C's `realloc`: null `ptr` is `malloc(size)`; size 0 frees `ptr` and returns null
+    /// (glibc's behaviour). A block moves between the arena and the system allocator when its
+    /// size crosses the threshold; an arena block grows or shrinks in place when the daemon
+    /// can. On failure `ptr` is left as it was.
+    ///
+    /// # Safety
+    /// `ptr` is null, or a live block of this allocator (or of the system allocator); after
+    /// success it is not used again (unless it is the pointer returned).
+    pub unsafe fn realloc(&self, ptr: *mut u8, size: usize) -> Result<*mut u8, MallocError> {
+        if ptr.is_null() {
+            return self.malloc(size);
+        }
+        if size == 0 {
+            // SAFETY: the caller's contract.
+            unsafe { self.free(ptr) };
+            return Ok(ptr::null_mut());
+        }
+        let threshold = self.threshold();
+        match owner_of(ptr) {
+            Owner::Stray => Err(MallocError::Invalid),
+            Owner::Arena(old) => {
+                if size >= threshold && (size <= old || resize_arena(ptr, old, size)) {
+                    // Fits as it is (the daemon is not asked to give back the tail of a block
+                    // that shrinks but stays large), or grew in place.
+                    return Ok(ptr);
+                }
+                let new = self.malloc(size)?;
+                // SAFETY: `ptr` holds `old` bytes, `new` at least `size`; two blocks. Then
+                // `ptr` is freed once (the caller's contract).
+                unsafe {
+                    ptr::copy_nonoverlapping(ptr, new, old.min(size));
+                    self.free(ptr);
+                }
+                Ok(new)
+            }
+            Owner::System => {
+                if size >= threshold {
+                    // SAFETY: a system block (the caller's contract).
+                    let old = unsafe { self.system.usable_size(ptr) };
+                    if old < threshold {
+                        // Crosses the threshold upwards: into the arena if the daemon serves.
+                        if let Some(new) = self.arena(size, MIN_ALIGN, false) {
+                            // SAFETY: `old` bytes of `ptr` are usable, `new` holds `size`
+                            // (more); two blocks. Then `ptr` is freed once.
+                            unsafe {
+                                ptr::copy_nonoverlapping(ptr, new, old);
+                                self.system.free(ptr);
+                            }
+                            return Ok(new);
+                        }
+                    }
+                }
+                // SAFETY: a system block (the caller's contract).
+                non_null(unsafe { self.system.realloc(ptr, size) })
+            }
+        }
+    }
+
+    /// Whether `ptr` points into a daemon's arena (it is, or is inside, a block it served).
+    pub fn is_shared(&self, ptr: *const u8) -> bool {
+        crate::is_shared(ptr)
+    }
+}
+
+fn non_null(p: *mut u8) -> Result<*mut u8, MallocError> {
+    if p.is_null() {
+        Err(MallocError::NoMemory)
+    } else {
+        Ok(p)
+    }
+}
