@@ -3,7 +3,8 @@
 #   make                      the library (lib/) and ./xalloc, the C demo (main.c)
 #   make lib                  lib/libxalloc.a, lib/libxalloc.so and lib/xalloc.h
 #   make examples             the C examples in examples/c/
-#   make install PREFIX=DIR   header, both libraries, xalloc.pc, xallocd, the systemd unit
+#   make install PREFIX=DIR   header, both libraries, xalloc.pc and xalloc-static.pc (for
+#                             pkg-config), xallocd, the systemd unit
 #   make uninstall PREFIX=DIR removes what install put there
 #   make clean                removes lib/, ./xalloc, the C examples (not cargo's target/)
 #
@@ -82,27 +83,29 @@ examples: $(EXAMPLES)
 examples/c/%: examples/c/%.c lib/libxalloc.a lib/xalloc.h
 	$(CC) $(WARN) $(CFLAGS) -Ilib -o $@ $< lib/libxalloc.a $(STATIC_LIBS)
 
-xalloc.pc: capi/xalloc.pc.in Makefile
+%.pc: capi/%.pc.in Makefile
 	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@LIBDIR@|$(LIBDIR)|g' \
 		-e 's|@INCLUDEDIR@|$(INCLUDEDIR)|g' -e 's|@STATIC_LIBS@|$(STATIC_LIBS)|g' $< > $@
 
-install: lib daemon xalloc.pc
+install: lib daemon xalloc.pc xalloc-static.pc
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) \
 		$(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(UNITDIR)
 	install -m 644 lib/xalloc.h $(DESTDIR)$(INCLUDEDIR)/xalloc.h
 	install -m 644 lib/libxalloc.a $(DESTDIR)$(LIBDIR)/libxalloc.a
 	install -m 755 lib/libxalloc.so $(DESTDIR)$(LIBDIR)/libxalloc.so
 	install -m 644 xalloc.pc $(DESTDIR)$(PKGCONFIGDIR)/xalloc.pc
+	install -m 644 xalloc-static.pc $(DESTDIR)$(PKGCONFIGDIR)/xalloc-static.pc
 	install -m 755 target/release/xallocd $(DESTDIR)$(BINDIR)/xallocd
 	sed 's|/usr/local/bin/xallocd|$(BINDIR)/xallocd|g' scripts/xallocd.service \
 		> $(DESTDIR)$(UNITDIR)/xallocd.service
 	chmod 644 $(DESTDIR)$(UNITDIR)/xallocd.service
-	rm -f xalloc.pc
+	rm -f xalloc.pc xalloc-static.pc
 
 uninstall:
 	rm -f $(DESTDIR)$(INCLUDEDIR)/xalloc.h $(DESTDIR)$(LIBDIR)/libxalloc.a \
 		$(DESTDIR)$(LIBDIR)/libxalloc.so $(DESTDIR)$(PKGCONFIGDIR)/xalloc.pc \
+		$(DESTDIR)$(PKGCONFIGDIR)/xalloc-static.pc \
 		$(DESTDIR)$(BINDIR)/xallocd $(DESTDIR)$(UNITDIR)/xallocd.service
 
 clean:
-	rm -rf lib xalloc xalloc.pc $(EXAMPLES)
+	rm -rf lib xalloc xalloc.pc xalloc-static.pc $(EXAMPLES)

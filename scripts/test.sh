@@ -4,11 +4,12 @@
 #   scripts/test.sh
 #
 # Needs: stable Rust with clippy and rustfmt, the thumbv7em-none-eabihf target, nightly with
-# miri, cargo-fuzz, and rsyslog (`.ci/run` installs all of them). Some multi-process tests need
-# root (other users, a private mount namespace); under CI they fail rather than skip without
-# it. Every test daemon has its own instance name, and everything it creates is removed. With
-# CI=true (as root), it also runs scripts/setup-rsyslog.sh against the system's rsyslog and
-# checks that a daemon's lines reach /var/log/xalloc.log.
+# miri, cargo-fuzz, rsyslog, make, gcc, g++, binutils, pkg-config and python3 (`.ci/run`
+# installs all of them). Some multi-process tests need root (other users, a private mount
+# namespace); under CI they fail rather than skip without it. Every test daemon has its own
+# instance name, and everything it creates is removed. With CI=true (as root), it also runs
+# scripts/setup-rsyslog.sh against the system's rsyslog and checks that a daemon's lines reach
+# /var/log/xalloc.log.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -33,7 +34,11 @@ step() {
 
 step "format" cargo fmt --all --check
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings
+step "clippy (C library's interposer)" cargo clippy -p xalloc-c --features interpose -- -D warnings
 RUSTDOCFLAGS=-Dwarnings step "docs" cargo doc --workspace --no-deps
+# The seed's build (root Makefile): the C library, ./xalloc and the C examples, warnings as
+# errors. The C library's tests (tests/tests/c_library.rs) run make themselves too.
+step "C library (make)" make -s all examples
 step "tests" cargo test --workspace
 step "no_std build" cargo build -p xalloc-core --target thumbv7em-none-eabihf
 # Miri, strict provenance. The unit, property and doc tests run under Stacked Borrows. The test
@@ -75,6 +80,7 @@ step "bench smoke (region over seeds)" bash scripts/bench.sh --quick --region-se
 step "bench smoke (daemon round trip)" bash scripts/bench-roundtrip.sh --quick
 step "bench smoke (large-block churn)" bash scripts/bench-churn.sh --quick
 step "bench smoke (clients scaling)" bash scripts/bench-scale.sh --quick
+step "bench smoke (C library)" bash scripts/bench-c.sh --quick
 step "bench smoke (spin budgets)" bash scripts/bench-spin.sh --quick --budgets 0,50 --gaps 0,100
 # The A/B script, this build against itself (no worktree build): it must keep working.
 step "bench smoke (A/B script)" bash scripts/bench-ab.sh --prev-bin target/release \
