@@ -116,6 +116,28 @@ impl<S: SystemMalloc> XallocMalloc<S> {
         }
     }
 
+    /// Forwards requests of at least `bytes` (at least 1; `XALLOC_THRESHOLD` overrides).
+    pub const fn with_threshold(self, bytes: usize) -> Self
+    where
+        S: Copy,
+    {
+        Self {
+            config: self.config.with_threshold(bytes),
+            system: self.system,
+        }
+    }
+
+    /// Talks to the daemon instance `name` (`XALLOC_NAME` overrides).
+    pub const fn with_name(self, name: &'static str) -> Self
+    where
+        S: Copy,
+    {
+        Self {
+            config: self.config.with_name(name),
+            system: self.system,
+        }
+    }
+
     /// The threshold in effect (after `XALLOC_THRESHOLD`).
     #[inline]
     pub fn threshold(&self) -> usize {
@@ -272,5 +294,76 @@ fn non_null(p: *mut u8) -> Result<*mut u8, MallocError> {
         Err(MallocError::NoMemory)
     } else {
         Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Without a daemon (an instance no one runs): every block is the system allocator's, with
+    //! C's semantics. The C library's tests (`tests/tests/c_library.rs`) run these paths
+    //! against a daemon.
+    use super::*;
+
+    static M: XallocMalloc<Libc> = XallocMalloc::new(Libc)
+        .with_name("xalloc-unit-test-no-daemon")
+        .with_threshold(64 << 10);
+
+    #[test]
+    fn large_blocks_fall_back_to_the_system_allocator_with_their_bytes() {
+        let before = crate::counters().fallbacks;
+        let p = M.malloc(1 << 20).unwrap();
+        assert!(!M.is_shared(p));
+        // SAFETY: a fresh block of 1 MiB.
+        unsafe {
+            assert!(M.usable_size(p) >= 1 << 20);
+            p.write_bytes(0x5a, 1 << 20);
+            M.free(p);
+        }
+        assert!(crate::counters().fallbacks > before);
+    }
+
+    #[test]
+    fn calloc_checks_its_product_and_zeroes() {
+        assert_eq!(M.calloc(usize::MAX, 2), Err(MallocError::NoMemory));
+        let p = M.calloc(1 << 10, 1 << 10).unwrap();
+        // SAFETY: a fresh block of 1 MiB.
+        unsafe {
+            assert!(core::slice::from_raw_parts(p, 1 << 20)
+                .iter()
+                .all(|&b| b == 0));
+            M.free(p);
+        }
+    }
+
+    #[test]
+    fn aligned_alloc_wants_a_power_of_two() {
+        assert_eq!(M.aligned_alloc(24, 100), Err(MallocError::Invalid));
+        assert_eq!(M.aligned_alloc(0, 100), Err(MallocError::Invalid));
+        for align in [16, 4096, 1 << 21] {
+            for size in [1, 100, 1 << 20] {
+                let p = M.aligned_alloc(align, size).unwrap();
+                assert!(p.addr().is_multiple_of(align), "{align} {size}");
+                // SAFETY: a block of this allocator.
+                unsafe { M.free(p) };
+            }
+        }
+    }
+
+    #[test]
+    fn realloc_keeps_the_bytes_across_the_threshold_and_frees_at_zero() {
+        // SAFETY: every pointer is a live block of `M` until freed or reallocated.
+        unsafe {
+            let p = M.realloc(ptr::null_mut(), 100).unwrap();
+            for i in 0..100 {
+                p.add(i).write(i as u8);
+            }
+            let q = M.realloc(p, 4 << 20).unwrap();
+            assert!((0..100).all(|i| q.add(i).read() == i as u8));
+            let r = M.realloc(q, 50).unwrap();
+            assert!((0..50).all(|i| r.add(i).read() == i as u8));
+            assert_eq!(M.realloc(r, 0), Ok(ptr::null_mut()));
+            M.free(ptr::null_mut());
+            assert_eq!(M.usable_size(ptr::null_mut()), 0);
+        }
     }
 }
