@@ -27,11 +27,14 @@ UNITDIR      ?= $(PREFIX)/lib/systemd/system
 # The warnings every C file of this repository is held to.
 WARN     := -std=c99 -Wall -Wextra -Werror -pedantic
 # What the Rust standard library in libxalloc.a needs from the system (rustc's
-# --print native-static-libs); glibc 2.34 and later has most of them in libc itself.
-STATIC_LIBS := -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
-# The interposer is the same crate with the `interpose` feature, built in a target
-# directory of its own so that the two builds do not evict each other.
-PRELOAD_TARGET := target/interpose
+# --print native-static-libs, less libgcc_s and libc, which the compiler driver adds); glibc
+# 2.34 and later has them in libc itself.
+STATIC_LIBS := -lutil -lrt -lpthread -lm -ldl
+# Cargo's target directory (CARGO_TARGET_DIR is honoured). The interposer is the same crate
+# with the `interpose` feature, built in a target directory of its own so that the two
+# builds do not evict each other.
+TARGET_DIR     ?= $(if $(CARGO_TARGET_DIR),$(CARGO_TARGET_DIR),target)
+PRELOAD_TARGET := $(TARGET_DIR)/interpose
 EXAMPLES := examples/c/quickstart
 
 .PHONY: all lib cargo-static cargo-shared daemon examples install uninstall clean
@@ -61,7 +64,7 @@ lib/xalloc.h: capi/include/xalloc.h
 lib/libxalloc.a: cargo-static capi/include/xalloc.h
 	@mkdir -p lib
 	sed -n 's/^[a-z].*[ *]\(xalloc_[a-z_]*\)(.*/\1/p' capi/include/xalloc.h > lib/.exports
-	ld -r --whole-archive target/release/libxalloc.a -o lib/.xalloc.o
+	ld -r --whole-archive $(TARGET_DIR)/release/libxalloc.a -o lib/.xalloc.o
 	objcopy --keep-global-symbols=lib/.exports --remove-section=.llvmbc \
 		--remove-section=.llvmcmd --remove-section=.llvm_addrsig \
 		lib/.xalloc.o lib/.xalloc-local.o
@@ -95,7 +98,7 @@ install: lib daemon xalloc.pc xalloc-static.pc
 	install -m 755 lib/libxalloc.so $(DESTDIR)$(LIBDIR)/libxalloc.so
 	install -m 644 xalloc.pc $(DESTDIR)$(PKGCONFIGDIR)/xalloc.pc
 	install -m 644 xalloc-static.pc $(DESTDIR)$(PKGCONFIGDIR)/xalloc-static.pc
-	install -m 755 target/release/xallocd $(DESTDIR)$(BINDIR)/xallocd
+	install -m 755 $(TARGET_DIR)/release/xallocd $(DESTDIR)$(BINDIR)/xallocd
 	sed 's|/usr/local/bin/xallocd|$(BINDIR)/xallocd|g' scripts/xallocd.service \
 		> $(DESTDIR)$(UNITDIR)/xallocd.service
 	chmod 644 $(DESTDIR)$(UNITDIR)/xallocd.service

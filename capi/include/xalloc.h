@@ -13,8 +13,9 @@
  * stay readable and writable in the child (a private copy), and freeing one there frees
  * nothing in the parent.
  *
- * Link:     cc prog.c -Ilib -Llib -l:libxalloc.a -lpthread -ldl -lm   (static), or
- *           cc prog.c $(pkg-config --cflags --libs xalloc)                   (shared)
+ * Link:     cc prog.c -Ilib -Llib -l:libxalloc.a -lpthread -ldl -lm   (static, build tree)
+ *           cc prog.c $(pkg-config --cflags --libs xalloc-static)          (static, installed)
+ *           cc prog.c $(pkg-config --cflags --libs xalloc)                 (shared, installed)
  * Preload:  LD_PRELOAD=/path/to/libxalloc.so program
  *           (the shared library also replaces malloc, free, calloc, realloc, reallocarray,
  *           posix_memalign, aligned_alloc, memalign, valloc, pvalloc and malloc_usable_size;
