@@ -58,7 +58,9 @@ lib/xalloc.h: capi/include/xalloc.h
 	cp $< $@
 
 # One relocatable object of the whole static library, every symbol but the header's
-# functions made local, archived. (The embedded LLVM bitcode of some of Rust's objects,
+# functions made local, archived. The COMDAT group of Rust's personality routine's reference
+# (DW.ref.rust_eh_personality) is named after its symbol: renamed, so that the linker does
+# not fold it into another Rust library's group of the same name, whose symbol is global. (The embedded LLVM bitcode of some of Rust's objects,
 # .llvmbc and .llvmcmd, is dropped: binutils' ar hands objects with it to the LLVM linker
 # plugin where one is installed, which aborts when it is older than rustc's LLVM.)
 lib/libxalloc.a: cargo-static capi/include/xalloc.h
@@ -67,6 +69,7 @@ lib/libxalloc.a: cargo-static capi/include/xalloc.h
 	ld -r --whole-archive $(TARGET_DIR)/release/libxalloc.a -o lib/.xalloc.o
 	objcopy --keep-global-symbols=lib/.exports --remove-section=.llvmbc \
 		--remove-section=.llvmcmd --remove-section=.llvm_addrsig \
+		--redefine-sym DW.ref.rust_eh_personality=xalloc.DW.ref.rust_eh_personality \
 		lib/.xalloc.o lib/.xalloc-local.o
 	rm -f $@.tmp
 	ar rcs $@.tmp lib/.xalloc-local.o

@@ -750,6 +750,49 @@ fn a_static_link_does_not_clash_with_the_programs_own_symbols() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "clash ok 2\n");
 }
 
+#[test]
+fn libxalloc_a_links_beside_another_rust_static_library() {
+    built();
+    need("rustc");
+    let d = TestDaemon::start("capi-tworust", &[]);
+    let other = d.dir.join("libother.a");
+    run_ok(
+        command("rustc")
+            .args(["--edition", "2021", "-O", "--crate-type", "staticlib", "-o"])
+            .arg(&other)
+            .arg(c_source("other_rust.rs")),
+    );
+    let archives = [lib_dir().join("libxalloc.a"), other];
+    // Both link orders, position-independent or not: the two standard libraries' personality
+    // routines must not be folded into one (the other's panic is caught either way).
+    for (i, reverse) in [false, true].into_iter().enumerate() {
+        for pie in ["-pie", "-no-pie"] {
+            let exe = d.dir.join(format!("two-{i}{pie}"));
+            let mut cc = command("cc");
+            cc.args(C_WARN)
+                .arg(pie)
+                .arg("-I")
+                .arg(lib_dir())
+                .arg("-o")
+                .arg(&exe)
+                .arg(c_source("two_rust_libs.c"));
+            if reverse {
+                cc.args(archives.iter().rev());
+            } else {
+                cc.args(&archives);
+            }
+            run_ok(cc.args(STATIC_LIBS));
+            let out = command(&exe).env("XALLOC_NAME", &d.name).output().unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "two 46 1021 shared=1\n",
+                "order {i} {pie}: {out:?}"
+            );
+            assert!(out.status.success(), "order {i} {pie}: {out:?}");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. LD_PRELOAD into unmodified programs
 
