@@ -12,8 +12,12 @@
 //!   cannot call back into `malloc` from inside it, and `fork()` (whose atfork handlers take
 //!   glibc's malloc locks) and C++'s `operator new` (which calls `malloc`) see an ordinary
 //!   allocator.
-//! - glibc's `malloc_usable_size` has no `__libc_` name; it is looked up once with
-//!   `dlsym(RTLD_NEXT, ...)`, which may itself call `malloc` (served as above).
+//! - glibc's `malloc_usable_size` has no `__libc_` name; it is looked up in glibc itself
+//!   (`dlopen("libc.so.6", RTLD_NOLOAD)`, then `dlsym` on that handle, whatever the load
+//!   order and whatever other allocator is loaded) when this library is loaded, which may call
+//!   `malloc` (served as above). Until then, and if it is not found, the size of a glibc block
+//!   is unknown (0), and `realloc` leaves such a block to glibc's `realloc` rather than move
+//!   it.
 //! - Like glibc's, these functions are not async-signal-safe.
 
 use core::ffi::{c_int, c_void};
@@ -36,28 +40,43 @@ extern "C" {
 #[derive(Clone, Copy, Debug)]
 pub struct Glibc;
 
-/// glibc's `malloc_usable_size`, once looked up (0: not yet; 1: not found).
+/// glibc's `malloc_usable_size`, once looked up by [`find_glibc_usable_size`] (0: not found,
+/// or not yet).
 static USABLE_SIZE: AtomicUsize = AtomicUsize::new(0);
 
 type UsableSize = unsafe extern "C" fn(*mut c_void) -> usize;
 
-fn glibc_usable_size() -> Option<UsableSize> {
-    let mut f = USABLE_SIZE.load(Ordering::Acquire);
-    if f == 0 {
-        // SAFETY: RTLD_NEXT from this library finds the next definition in load order: glibc's
-        // (this library's own is skipped). The name is NUL-terminated.
-        let p = unsafe { libc::dlsym(libc::RTLD_NEXT, c"malloc_usable_size".as_ptr()) };
-        f = if p.is_null() { 1 } else { p.addr() };
-        USABLE_SIZE.store(f, Ordering::Release);
+/// Looks up glibc's own `malloc_usable_size` (this library exports one of its own), when the
+/// library is loaded (an ELF constructor): never on an allocation path, where the dynamic
+/// linker's lock could be held by a thread that waits for this one.
+extern "C" fn find_glibc_usable_size() {
+    // SAFETY: RTLD_NOLOAD only returns a handle of the C library the process has loaded
+    // already (every dynamically linked program has); the names are NUL-terminated; dlsym on
+    // that handle finds glibc's own definition, not this library's.
+    unsafe {
+        let libc = libc::dlopen(c"libc.so.6".as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY);
+        if libc.is_null() {
+            return;
+        }
+        let f = libc::dlsym(libc, c"malloc_usable_size".as_ptr());
+        USABLE_SIZE.store(f.addr(), Ordering::Release);
+        libc::dlclose(libc);
     }
-    // SAFETY: `f` is the address of glibc's `malloc_usable_size`, whose C signature is
-    // `size_t (void *)`.
-    (f > 1).then(|| unsafe { core::mem::transmute::<usize, UsableSize>(f) })
+}
+
+#[used]
+#[link_section = ".init_array"]
+static FIND_GLIBC_USABLE_SIZE: extern "C" fn() = find_glibc_usable_size;
+
+fn glibc_usable_size() -> Option<UsableSize> {
+    let f = USABLE_SIZE.load(Ordering::Acquire);
+    // SAFETY: a non-zero `f` is the address of glibc's `malloc_usable_size`, whose C signature
+    // is `size_t (void *)`.
+    (f != 0).then(|| unsafe { core::mem::transmute::<usize, UsableSize>(f) })
 }
 
 // SAFETY: glibc's allocator through its own entry points; none of them calls `malloc` by name,
-// so none reaches this library again (`dlsym`, which may, is only asked once and not from
-// inside one of them).
+// so none reaches this library again. `usable_size` is 0 (unknown) until glibc's is found.
 unsafe impl SystemMalloc for Glibc {
     fn malloc(&self, size: usize) -> *mut u8 {
         // SAFETY: any size.

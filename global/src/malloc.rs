@@ -48,7 +48,8 @@ pub unsafe trait SystemMalloc: Sync {
     /// # Safety
     /// `ptr` is null or a live block of this allocator, not used after.
     unsafe fn free(&self, ptr: *mut u8);
-    /// `malloc_usable_size`.
+    /// `malloc_usable_size`, or 0 where it is not known (then `realloc` never moves a block of
+    /// this allocator into the arena, which would need to know how many bytes to copy).
     ///
     /// # Safety
     /// `ptr` is null or a live block of this allocator.
@@ -227,8 +228,9 @@ impl<S: SystemMalloc> XallocMalloc<S> {
 
     /// C's `realloc`: null `ptr` is `malloc(size)`; size 0 frees `ptr` and returns null
     /// (glibc's behaviour). A block moves between the arena and the system allocator when its
-    /// size crosses the threshold; an arena block grows or shrinks in place when the daemon
-    /// can. On failure `ptr` is left as it was.
+    /// size crosses the threshold; an arena block grows in place when the daemon can, and one
+    /// that shrinks to less than half its size gives its tail back. On failure `ptr` is left
+    /// as it was.
     ///
     /// # Safety
     /// `ptr` is null, or a live block of this allocator (or of the system allocator); after
@@ -246,10 +248,18 @@ impl<S: SystemMalloc> XallocMalloc<S> {
         match owner_of(ptr) {
             Owner::Stray => Err(MallocError::Invalid),
             Owner::Arena(old) => {
-                if size >= threshold && (size <= old || resize_arena(ptr, old, size)) {
-                    // Fits as it is (the daemon is not asked to give back the tail of a block
-                    // that shrinks but stays large), or grew in place.
-                    return Ok(ptr);
+                if size >= threshold {
+                    if size <= old {
+                        // Fits. A block that shrinks to less than half gives its tail back
+                        // (if the daemon cannot, it stays as it is).
+                        if size < old / 2 {
+                            resize_arena(ptr, old, size);
+                        }
+                        return Ok(ptr);
+                    }
+                    if resize_arena(ptr, old, size) {
+                        return Ok(ptr);
+                    }
                 }
                 let new = self.malloc(size)?;
                 // SAFETY: `ptr` holds `old` bytes, `new` at least `size`; two blocks. Then
@@ -264,7 +274,8 @@ impl<S: SystemMalloc> XallocMalloc<S> {
                 if size >= threshold {
                     // SAFETY: a system block (the caller's contract).
                     let old = unsafe { self.system.usable_size(ptr) };
-                    if old < threshold {
+                    // 0: unknown, so left to the system allocator.
+                    if old != 0 && old < threshold {
                         // Crosses the threshold upwards: into the arena if the daemon serves.
                         if let Some(new) = self.arena(size, MIN_ALIGN, false) {
                             // SAFETY: `old` bytes of `ptr` are usable, `new` holds `size`

@@ -18,7 +18,7 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -791,6 +791,57 @@ fn libxalloc_a_links_beside_another_rust_static_library() {
             assert!(out.status.success(), "order {i} {pie}: {out:?}");
         }
     }
+}
+
+#[test]
+fn realloc_moves_a_glibc_block_whatever_the_link_order_and_shrinking_gives_memory_back() {
+    built();
+    let d = TestDaemon::start("capi-edges", &["--arena-size", "256M"]);
+    let src = c_source("realloc_edges.c");
+    // Linked with the shared library after libc (its malloc then is glibc's), before it (its
+    // malloc is the interposer's), and statically.
+    let links: [(&str, Vec<OsString>); 3] = [
+        (
+            "libc-first",
+            ["-Wl,--no-as-needed", "-lc", "-L"]
+                .map(OsString::from)
+                .into_iter()
+                .chain([lib_dir().into_os_string(), "-lxalloc".into()])
+                .collect(),
+        ),
+        (
+            "xalloc-first",
+            vec!["-L".into(), lib_dir().into_os_string(), "-lxalloc".into()],
+        ),
+        (
+            "static",
+            std::iter::once(lib_dir().join("libxalloc.a").into_os_string())
+                .chain(STATIC_LIBS.map(OsString::from))
+                .collect(),
+        ),
+    ];
+    for (how, args) in links {
+        let exe = d.dir.join(format!("edges-{how}"));
+        run_ok(
+            command("cc")
+                .args(C_WARN)
+                .arg("-I")
+                .arg(lib_dir())
+                .arg("-o")
+                .arg(&exe)
+                .arg(&src)
+                .args(&args),
+        );
+        let out = command(&exe)
+            .env("XALLOC_NAME", &d.name)
+            .env("LD_LIBRARY_PATH", lib_dir())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{how}: {stdout}");
+        assert_eq!(stdout, "ok order\nok shrink\nedges shared=4\n", "{how}");
+    }
+    wait_all_reclaimed(&d);
 }
 
 // ---------------------------------------------------------------------------------------------
