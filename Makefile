@@ -65,21 +65,19 @@ lib/xalloc.h: capi/include/xalloc.h
 # plugin where one is installed, which aborts when it is older than rustc's LLVM.)
 lib/libxalloc.a: cargo-static capi/include/xalloc.h
 	@mkdir -p lib
-	sed -n 's/^[a-z].*[ *]\(xalloc_[a-z_]*\)(.*/\1/p' capi/include/xalloc.h > lib/.exports
-	ld -r --whole-archive $(TARGET_DIR)/release/libxalloc.a -o lib/.xalloc.o
-	objcopy --keep-global-symbols=lib/.exports --remove-section=.llvmbc \
+	set -e; t=lib/.tmp.$$$$; trap 'rm -f $$t.*' EXIT; \
+	sed -n 's/^[a-z].*[ *]\(xalloc_[a-z_]*\)(.*/\1/p' capi/include/xalloc.h > $$t.exports; \
+	ld -r --whole-archive $(TARGET_DIR)/release/libxalloc.a -o $$t.all.o; \
+	objcopy --keep-global-symbols=$$t.exports --remove-section=.llvmbc \
 		--remove-section=.llvmcmd --remove-section=.llvm_addrsig \
 		--redefine-sym DW.ref.rust_eh_personality=xalloc.DW.ref.rust_eh_personality \
-		lib/.xalloc.o lib/.xalloc-local.o
-	rm -f $@.tmp
-	ar rcs $@.tmp lib/.xalloc-local.o
-	mv $@.tmp $@
-	rm -f lib/.xalloc.o lib/.xalloc-local.o
+		$$t.all.o $$t.local.o; \
+	ar rcs $$t.a $$t.local.o; \
+	mv $$t.a $@
 
 lib/libxalloc.so: cargo-shared
 	@mkdir -p lib
-	cp $(PRELOAD_TARGET)/release/libxalloc.so $@.tmp
-	mv $@.tmp $@
+	set -e; t=lib/.tmp.$$$$; cp $(PRELOAD_TARGET)/release/libxalloc.so $$t.so; mv $$t.so $@
 
 xalloc: main.c lib/libxalloc.a lib/xalloc.h
 	$(CC) $(WARN) $(CFLAGS) -Ilib -o $@ main.c lib/libxalloc.a $(STATIC_LIBS)

@@ -137,6 +137,12 @@ fn memalign_like(align: usize, size: usize) -> *mut c_void {
 /// C's `malloc`.
 #[no_mangle]
 pub extern "C" fn malloc(size: usize) -> *mut c_void {
+    if size < XALLOC.threshold() {
+        // The small path, with nothing between the program and glibc but this comparison
+        // (glibc sets errno itself).
+        // SAFETY: any size.
+        return unsafe { __libc_malloc(size) };
+    }
     or_errno(XALLOC.malloc(size))
 }
 
@@ -153,6 +159,13 @@ pub unsafe extern "C" fn free(ptr: *mut c_void) {
 /// C's `calloc`.
 #[no_mangle]
 pub extern "C" fn calloc(count: usize, size: usize) -> *mut c_void {
+    if count
+        .checked_mul(size)
+        .is_some_and(|n| n < XALLOC.threshold())
+    {
+        // SAFETY: any sizes (as `malloc`'s small path).
+        return unsafe { __libc_calloc(count, size) };
+    }
     or_errno(XALLOC.calloc(count, size))
 }
 

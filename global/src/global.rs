@@ -481,9 +481,14 @@ pub(crate) fn owner_of(ptr: *const u8) -> Owner {
 /// Frees `ptr` if it points into an arena (a held block's start is freed; any other pointer
 /// there is counted in [`Counters::bad_frees`] and left alone); `false` if it is a system
 /// block, which the caller frees.
-#[inline]
+#[inline(always)]
 pub(crate) fn free_if_arena(ptr: *mut u8) -> bool {
-    match STATE.conn_of(ptr.addr()) {
+    STATE.maybe_in_arena(ptr.addr()) && free_in_arena(ptr)
+}
+
+#[inline(never)]
+fn free_in_arena(ptr: *mut u8) -> bool {
+    match STATE.find_conn(ptr.addr()) {
         Some(c) => {
             STATE.free_block(c, ptr);
             true
@@ -526,15 +531,27 @@ impl State {
         self.conns.iter().filter_map(Entry::pin)
     }
 
-    /// The connection whose arena holds `addr`, pinned.
+    /// Whether `addr` may lie in an arena: `false` means it is surely a system block. The
+    /// bounds are widened before any block of a new arena is handed out (and so before the
+    /// program can pass one to another thread), so a held block is never outside.
+    #[inline(always)]
+    fn maybe_in_arena(&self, addr: usize) -> bool {
+        addr >= self.lowest.load(Ordering::Relaxed) && addr < self.highest.load(Ordering::Relaxed)
+    }
+
+    /// The connection whose arena holds `addr`, pinned. (Inlined: the test that rules out
+    /// every arena, which C's `free` makes for every small block, costs two comparisons.)
+    #[inline(always)]
     fn conn_of(&self, addr: usize) -> Option<Pinned<'_>> {
-        // Widened before any block of a new arena is handed out (and before the program can
-        // pass one to another thread), so a held block is never outside.
-        if addr < self.lowest.load(Ordering::Relaxed)
-            || addr >= self.highest.load(Ordering::Relaxed)
-        {
+        if !self.maybe_in_arena(addr) {
             return None;
         }
+        self.find_conn(addr)
+    }
+
+    /// [`State::conn_of`] for an address within the bounds of every arena.
+    #[inline(never)]
+    fn find_conn(&self, addr: usize) -> Option<Pinned<'_>> {
         self.conns.iter().find_map(|e| {
             // Unpinned first, so that a free touches no other connection's counter; a block
             // the program holds keeps its entry full with these bounds (it happens after the

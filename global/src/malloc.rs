@@ -319,43 +319,54 @@ mod tests {
         .with_name("xalloc-unit-test-no-daemon")
         .with_threshold(64 << 10);
 
+    /// `M`, with the environment's overrides of its name and threshold taken away (a shell
+    /// that exported `XALLOC_NAME` would give it a daemon), once, before any test uses it.
+    fn m() -> &'static XallocMalloc<Libc> {
+        static CLEAN: std::sync::Once = std::sync::Once::new();
+        CLEAN.call_once(|| {
+            std::env::remove_var("XALLOC_NAME");
+            std::env::remove_var("XALLOC_THRESHOLD");
+        });
+        &M
+    }
+
     #[test]
     fn large_blocks_fall_back_to_the_system_allocator_with_their_bytes() {
         let before = crate::counters().fallbacks;
-        let p = M.malloc(1 << 20).unwrap();
-        assert!(!M.is_shared(p));
+        let p = m().malloc(1 << 20).unwrap();
+        assert!(!m().is_shared(p));
         // SAFETY: a fresh block of 1 MiB.
         unsafe {
-            assert!(M.usable_size(p) >= 1 << 20);
+            assert!(m().usable_size(p) >= 1 << 20);
             p.write_bytes(0x5a, 1 << 20);
-            M.free(p);
+            m().free(p);
         }
         assert!(crate::counters().fallbacks > before);
     }
 
     #[test]
     fn calloc_checks_its_product_and_zeroes() {
-        assert_eq!(M.calloc(usize::MAX, 2), Err(MallocError::NoMemory));
-        let p = M.calloc(1 << 10, 1 << 10).unwrap();
+        assert_eq!(m().calloc(usize::MAX, 2), Err(MallocError::NoMemory));
+        let p = m().calloc(1 << 10, 1 << 10).unwrap();
         // SAFETY: a fresh block of 1 MiB.
         unsafe {
             assert!(core::slice::from_raw_parts(p, 1 << 20)
                 .iter()
                 .all(|&b| b == 0));
-            M.free(p);
+            m().free(p);
         }
     }
 
     #[test]
     fn aligned_alloc_wants_a_power_of_two() {
-        assert_eq!(M.aligned_alloc(24, 100), Err(MallocError::Invalid));
-        assert_eq!(M.aligned_alloc(0, 100), Err(MallocError::Invalid));
+        assert_eq!(m().aligned_alloc(24, 100), Err(MallocError::Invalid));
+        assert_eq!(m().aligned_alloc(0, 100), Err(MallocError::Invalid));
         for align in [16, 4096, 1 << 21] {
             for size in [1, 100, 1 << 20] {
-                let p = M.aligned_alloc(align, size).unwrap();
+                let p = m().aligned_alloc(align, size).unwrap();
                 assert!(p.addr().is_multiple_of(align), "{align} {size}");
                 // SAFETY: a block of this allocator.
-                unsafe { M.free(p) };
+                unsafe { m().free(p) };
             }
         }
     }
@@ -364,17 +375,17 @@ mod tests {
     fn realloc_keeps_the_bytes_across_the_threshold_and_frees_at_zero() {
         // SAFETY: every pointer is a live block of `M` until freed or reallocated.
         unsafe {
-            let p = M.realloc(ptr::null_mut(), 100).unwrap();
+            let p = m().realloc(ptr::null_mut(), 100).unwrap();
             for i in 0..100 {
                 p.add(i).write(i as u8);
             }
-            let q = M.realloc(p, 4 << 20).unwrap();
+            let q = m().realloc(p, 4 << 20).unwrap();
             assert!((0..100).all(|i| q.add(i).read() == i as u8));
-            let r = M.realloc(q, 50).unwrap();
+            let r = m().realloc(q, 50).unwrap();
             assert!((0..50).all(|i| r.add(i).read() == i as u8));
-            assert_eq!(M.realloc(r, 0), Ok(ptr::null_mut()));
-            M.free(ptr::null_mut());
-            assert_eq!(M.usable_size(ptr::null_mut()), 0);
+            assert_eq!(m().realloc(r, 0), Ok(ptr::null_mut()));
+            m().free(ptr::null_mut());
+            assert_eq!(m().usable_size(ptr::null_mut()), 0);
         }
     }
 }
