@@ -143,6 +143,12 @@ pub extern "C" fn malloc(size: usize) -> *mut c_void {
         // SAFETY: any size.
         return unsafe { __libc_malloc(size) };
     }
+    malloc_large(size)
+}
+
+/// `malloc` of at least the threshold (out of line: the small path saves no register).
+#[inline(never)]
+fn malloc_large(size: usize) -> *mut c_void {
     or_errno(XALLOC.malloc(size))
 }
 

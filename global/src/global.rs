@@ -478,16 +478,17 @@ pub(crate) fn owner_of(ptr: *const u8) -> Owner {
     }
 }
 
-/// Frees `ptr` if it points into an arena (a held block's start is freed; any other pointer
-/// there is counted in [`Counters::bad_frees`] and left alone); `false` if it is a system
-/// block, which the caller frees.
+/// Whether `ptr` may point into an arena: `false` means surely not (two comparisons).
 #[inline(always)]
-pub(crate) fn free_if_arena(ptr: *mut u8) -> bool {
-    STATE.maybe_in_arena(ptr.addr()) && free_in_arena(ptr)
+pub(crate) fn maybe_in_arena(ptr: *const u8) -> bool {
+    STATE.maybe_in_arena(ptr.addr())
 }
 
+/// Frees `ptr` if it points into an arena (a held block's start is freed; any other pointer
+/// there is counted in [`Counters::bad_frees`] and left alone); `false` if it is a system
+/// block, which the caller frees. For pointers that [`maybe_in_arena`].
 #[inline(never)]
-fn free_in_arena(ptr: *mut u8) -> bool {
+pub(crate) fn free_in_arena(ptr: *mut u8) -> bool {
     match STATE.find_conn(ptr.addr()) {
         Some(c) => {
             STATE.free_block(c, ptr);
@@ -1123,6 +1124,7 @@ impl Config {
     }
 
     #[cold]
+    #[inline(never)]
     fn read_threshold(&self) -> usize {
         let t = env_usize(c"XALLOC_THRESHOLD")
             .filter(|&t| t > 0)

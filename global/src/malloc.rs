@@ -16,7 +16,7 @@
 use core::alloc::Layout;
 use core::ptr;
 
-use crate::global::{free_if_arena, owner_of, resize_arena, Config, Owner};
+use crate::global::{free_in_arena, maybe_in_arena, owner_of, resize_arena, Config, Owner};
 
 /// The alignment of every block `malloc`, `calloc` and `realloc` return (glibc's on 64-bit
 /// Linux: `alignof(max_align_t)`).
@@ -202,11 +202,26 @@ impl<S: SystemMalloc> XallocMalloc<S> {
     /// not used after.
     #[inline]
     pub unsafe fn free(&self, ptr: *mut u8) {
-        if ptr.is_null() || free_if_arena(ptr) {
-            return;
+        // Null is below every arena: the system's `free` ignores it.
+        if maybe_in_arena(ptr) {
+            // SAFETY: the caller's contract.
+            return unsafe { self.free_maybe_arena(ptr) };
         }
         // SAFETY: not inside any arena, so the system allocator's (the caller's contract).
         unsafe { self.system.free(ptr) }
+    }
+
+    /// [`XallocMalloc::free`] of a pointer within the bounds of the arenas (out of line, so
+    /// that the path of every other pointer is two comparisons and a jump).
+    ///
+    /// # Safety
+    /// As [`XallocMalloc::free`].
+    #[inline(never)]
+    unsafe fn free_maybe_arena(&self, ptr: *mut u8) {
+        if !free_in_arena(ptr) {
+            // SAFETY: not inside any arena, so the system allocator's (the caller's contract).
+            unsafe { self.system.free(ptr) }
+        }
     }
 
     /// `malloc_usable_size`: bytes of the block at `ptr` that may be used (0 for null, and for
