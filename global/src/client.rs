@@ -51,7 +51,7 @@ use core::ffi::CStr;
 use core::fmt;
 use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use xalloc_proto::os::{self, Errno, Fd, Mapping, Wake};
@@ -110,6 +110,74 @@ pub fn note_fork() {
 
 extern "C" fn note_fork_in_child() {
     note_fork();
+}
+
+/// A page of this process's own that the kernel zero-fills in every child
+/// (`MADV_WIPEONFORK`), however the child was made (`fork`, or a raw `clone` or `_Fork` that
+/// runs no fork handler, so that [`FORKS`] alone would not see it): its first word is this
+/// process's token, its pid, written on first use. Null until made, and for good where the
+/// kernel cannot wipe a page ([`NO_TOKEN_PAGE`]).
+static TOKEN_PAGE: AtomicPtr<AtomicU64> = AtomicPtr::new(core::ptr::null_mut());
+static NO_TOKEN_PAGE: AtomicBool = AtomicBool::new(false);
+
+/// This process's token (see [`TOKEN_PAGE`]), or 0 where the kernel cannot wipe a page on
+/// fork. Two loads once set; allocation-free and async-signal-safe.
+#[inline]
+fn process_token() -> u64 {
+    let mut page = TOKEN_PAGE.load(Ordering::Acquire);
+    if page.is_null() {
+        page = make_token_page();
+        if page.is_null() {
+            return 0;
+        }
+    }
+    // SAFETY: a published token page is a live, page-aligned, zero-filled mapping that is never
+    // unmapped (a child inherits it, wiped, at the same address).
+    let word = unsafe { &*page };
+    match word.load(Ordering::Relaxed) {
+        0 => {
+            // First use in this process: the pid, which no other live process has (a token
+            // only tells this process from its ancestors, whose tokens differ).
+            let _ = word.compare_exchange(
+                0,
+                u64::from(os::pid()),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            word.load(Ordering::Relaxed)
+        }
+        t => t,
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn make_token_page() -> *mut AtomicU64 {
+    if NO_TOKEN_PAGE.load(Ordering::Relaxed) {
+        return core::ptr::null_mut();
+    }
+    let Ok(map) = Mapping::anonymous(4096) else {
+        return core::ptr::null_mut();
+    };
+    if map.wipe_on_fork().is_err() {
+        NO_TOKEN_PAGE.store(true, Ordering::Relaxed);
+        return core::ptr::null_mut();
+    }
+    let p = map.as_ptr().cast::<AtomicU64>();
+    match TOKEN_PAGE.compare_exchange(
+        core::ptr::null_mut(),
+        p,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        Ok(_) => {
+            // Published: kept for the life of the process.
+            core::mem::forget(map);
+            p
+        }
+        // Another thread's page won; this one is unmapped.
+        Err(theirs) => theirs,
+    }
 }
 
 /// Registers [`note_fork_in_child`] when the program is loaded (an ELF constructor), before
@@ -306,9 +374,10 @@ pub struct Connection {
     client_id: u32,
     /// The process that connected: the only one that maps the channel.
     pid: u32,
-    /// [`FORKS`] when the connection was made: a different count means this is a forked
-    /// child, which has no mapping of the channel.
+    /// [`FORKS`] and [`process_token`] when the connection was made: either different means
+    /// this is a forked child, which has no mapping of the channel.
     forks: u64,
+    token: u64,
     /// The socket's path, NUL-terminated, for [`HelloKind::Rebind`].
     path: [u8; SOCKET_PATH_CAP],
     /// The user the daemon runs as (who owns the arena and the channel).
@@ -584,6 +653,7 @@ impl Connection {
             client_id: welcome.client_id,
             pid: os::pid(),
             forks: FORKS.load(Ordering::Relaxed),
+            token: process_token(),
             path,
             daemon_uid: daemon.uid,
             generation: AtomicU64::new(rs.generation),
@@ -629,12 +699,13 @@ impl Connection {
 
     /// Whether this process made the connection (not a forked child of the one that did).
     ///
-    /// A load of a fork counter (see [`note_fork`]), not a `getpid` system call: this is on every request's path. A
-    /// child made by a raw `clone` system call that bypasses the C library's fork handlers is
-    /// not detected, and must not use a connection of its parent's (a child made by `fork`,
-    /// `posix_spawn` or `vfork` followed by `exec` is fine).
+    /// Loads of a fork counter (see [`note_fork`]) and of a token the kernel wipes in every
+    /// child (see [`TOKEN_PAGE`]), not a `getpid` system call: this is on every request's
+    /// path. The token also tells a child made without the C library's fork handlers (a raw
+    /// `clone`, glibc's `_Fork`), on kernels from 4.14.
+    #[inline]
     pub fn in_connecting_process(&self) -> bool {
-        FORKS.load(Ordering::Relaxed) == self.forks
+        FORKS.load(Ordering::Relaxed) == self.forks && process_token() == self.token
     }
 
     /// The first byte of the arena's data: block offsets count from here.

@@ -568,10 +568,29 @@ impl State {
         })
     }
 
-    /// The newest connection, pinned, if it is alive.
+    /// The newest connection, pinned, if it is alive and this process's.
     fn newest_live(&self) -> Option<Pinned<'_>> {
         let c = self.pin(self.newest.load(Ordering::Acquire))?;
-        (!c.dead.load(Ordering::Relaxed)).then_some(c)
+        if c.dead.load(Ordering::Relaxed) || !self.ours(&c) {
+            return None;
+        }
+        Some(c)
+    }
+
+    /// Whether `c` was made by this process. One made by a parent, in a child that ran no fork
+    /// handler (a raw `clone`, glibc's `_Fork`: `forget_parent` did not run), is retired here
+    /// as that handler would have: never asked anything again. (Its socket stays open and its
+    /// arena shared with the parent, as the handler alone can change.)
+    fn ours(&self, c: &Conn) -> bool {
+        if c.conn.in_connecting_process() {
+            return true;
+        }
+        c.dead.store(true, Ordering::Relaxed);
+        if !c.inherited.swap(true, Ordering::Relaxed) {
+            // The parent's wait before its next attempt is not this process's.
+            self.next_try.store(0, Ordering::Relaxed);
+        }
+        false
     }
 
     /// Runs `f` holding the `connecting` flag, or, if another thread holds it, waits until it
@@ -638,7 +657,7 @@ impl State {
     /// Whether `c` may be used: it is this process's, and its daemon lives, or (checked at
     /// most once per [`RETRY_INTERVAL`]) a new daemon has re-attached to its channel.
     fn usable(&self, c: &Conn) -> bool {
-        if c.inherited.load(Ordering::Relaxed) {
+        if c.inherited.load(Ordering::Relaxed) || !self.ours(c) {
             return false;
         }
         if !c.dead.load(Ordering::Relaxed) {

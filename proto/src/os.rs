@@ -362,6 +362,12 @@ impl Mapping {
         self.advise(0, self.len.next_multiple_of(PAGE), Advice::LinuxDontFork)
     }
 
+    /// Makes every child process see the mapping zero-filled (`MADV_WIPEONFORK`, Linux 4.14),
+    /// however it was made: `fork`, or a raw `clone` that runs no fork handler.
+    pub fn wipe_on_fork(&self) -> Result<(), Errno> {
+        self.advise(0, self.len.next_multiple_of(PAGE), Advice::LinuxWipeOnFork)
+    }
+
     fn advise(&self, offset: usize, len: usize, advice: Advice) -> Result<(), Errno> {
         if offset
             .checked_add(len)

@@ -1129,6 +1129,30 @@ fn a_constructor_that_runs_before_the_interposers_own_allocates_through_it() {
     wait_all_reclaimed(&d);
 }
 
+#[test]
+fn children_made_without_fork_handlers_use_connections_of_their_own() {
+    built();
+    let d = TestDaemon::start("capi-rawfork", &["--arena-size", "256M"]);
+    let exe = d.dir.join("raw_fork");
+    run_ok(
+        command("cc")
+            .args(["-Wall", "-Wextra", "-Werror", "-O2", "-o"])
+            .arg(&exe)
+            .arg(c_source("raw_fork.c"))
+            .arg("-ldl"),
+    );
+    let out = preloaded(&exe, &[], Variant::Daemon, &d.name)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout,
+        "rawfork mode=0 child_shared=8 parent_ok=1\nrawfork mode=1 child_shared=8 parent_ok=1\n"
+    );
+    wait_all_reclaimed(&d);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. make, make install, pkg-config, make uninstall, ./xalloc
 
