@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use xalloc_core::{FreeError, MetaEntry, OobHeap, ResizeError};
-use xalloc_proto::os::{self, Fd, Mapping};
+use xalloc_proto::os::{self, Fd, FileId, Mapping};
 use xalloc_proto::unix::{self, Peer};
 use xalloc_proto::wire::{
     self, ClientBell, DaemonBell, Hello, HelloKind, Ledger, LedgerBlock, Op, OwnerEntry, Refusal,
@@ -98,6 +98,8 @@ struct Channel {
     request: Mapping,
     response: Mapping,
     slots: u32,
+    /// The request channel's memfd: the client's process maps it until it exits or `exec`s.
+    request_id: FileId,
 }
 
 impl Channel {
@@ -645,10 +647,12 @@ impl Server {
         let request = Mapping::new(&ch.request, len, true).map_err(|e| format!("mmap: {e}"))?;
         let len = wire::response_channel_len(slots);
         let response = Mapping::new(&ch.response, len, true).map_err(|e| format!("mmap: {e}"))?;
+        let request_id = FileId::of_raw(ch.request.raw()).map_err(|e| format!("fstat: {e}"))?;
         let chan = Arc::new(Channel {
             request,
             response,
             slots,
+            request_id,
         });
         self.write_channel_headers(&chan);
         epoll_add(
@@ -1309,6 +1313,37 @@ impl Server {
         log::info!("client {id} (pid {pid}) {why}: reclaimed {blocks} blocks ({bytes} bytes)");
     }
 
+    /// Client `id`'s connection ended. Its process exited or `exec`ed (both unmap the channel
+    /// before the socket closes): everything it held is reclaimed. Or it lives and still maps
+    /// its channel: the program closed the descriptor itself (`close_range` and loops over
+    /// every descriptor do, in programs that run with the library preloaded). Its blocks are
+    /// then its own still, in use, and are kept (reclaimed when it exits), the channel served,
+    /// and the client may connect again ([`HelloKind::Rebind`]). Where the daemon may not
+    /// read the process's mappings (another user's process, without CAP_SYS_PTRACE), the
+    /// connection's end is taken as the process's.
+    fn hung_up(&mut self, id: u32) {
+        let Some(c) = self.clients.get(&id) else {
+            return;
+        };
+        let maps = !os::pidfd_exited(&c.pidfd)
+            && maps_file(c.pid, c.chan.request_id)
+            // Still that process (its pid is not reused while the pidfd says it lives).
+            && !os::pidfd_exited(&c.pidfd);
+        if !maps {
+            return self.reclaim(id, "closed its connection");
+        }
+        let pid = c.pid;
+        if let Some(c) = self.clients.get_mut(&id) {
+            // Closing the daemon's end takes it out of the epoll set.
+            c.sock = None;
+        }
+        log::warn!(
+            "client {id} (pid {pid}) closed its connection but still maps its channel (the \
+             program closed the descriptor): its blocks stay its own until it exits or \
+             connects again"
+        );
+    }
+
     /// Tells the keeper to let go of channel `id` (logged once if the keeper fails).
     fn keeper_drop(&mut self, id: u32) {
         if let Some(k) = &self.keeper {
@@ -1360,7 +1395,7 @@ impl Server {
                             .and_then(|c| c.sock.as_ref())
                             .is_none_or(|s| unix::drain(s).1);
                     if closed {
-                        self.reclaim(id, "closed its connection");
+                        self.hung_up(id);
                     } else {
                         self.watch(id);
                         self.serve_client(id);
@@ -1615,6 +1650,16 @@ impl Server {
         if self.stopping {
             return refuse(&sock, Refusal::ShuttingDown, "the daemon is shutting down");
         }
+        // A connection that has hung up but whose end has not been handled yet (the client
+        // saw it first: the program closed its descriptor) is handled now.
+        let hung_up = self
+            .clients
+            .get(&id)
+            .and_then(|c| c.sock.as_ref())
+            .is_some_and(|s| unix::drain(s).1);
+        if hung_up {
+            self.hung_up(id);
+        }
         // While the process the channel was made for has not exited (its pidfd says), its pid
         // is not reused: a peer with that pid is that process.
         let ok = self.clients.get(&id).is_some_and(|c| {
@@ -1684,6 +1729,7 @@ impl Server {
             request,
             response,
             slots,
+            request_id: FileId::of_raw(request_fd.raw())?,
         });
         self.write_channel_headers(&chan);
         unix::seal_size(&request_fd)?;
@@ -1959,4 +2005,19 @@ fn epoll_with_signals() -> std::io::Result<(Fd, Fd)> {
     let epoll = unsafe { Fd::from_raw(efd) };
     epoll_add(&epoll, &sfd, TAG_SIGNAL, libc::EPOLLIN as u32)?;
     Ok((epoll, sfd))
+}
+
+/// Whether process `pid` maps file `id` (its `/proc/PID/maps` names the file's device and
+/// inode); `false` if the maps cannot be read (the process is gone, or another user's and
+/// this daemon may not trace it).
+fn maps_file(pid: u32, id: FileId) -> bool {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return false;
+    };
+    let dev = format!("{:02x}:{:02x}", libc::major(id.dev), libc::minor(id.dev));
+    let ino = id.ino.to_string();
+    maps.lines().any(|l| {
+        let mut f = l.split_ascii_whitespace().skip(3);
+        f.next() == Some(dev.as_str()) && f.next() == Some(ino.as_str())
+    })
 }

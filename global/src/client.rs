@@ -54,7 +54,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use xalloc_proto::os::{self, Errno, Fd, Mapping, Wake};
+use xalloc_proto::os::{self, Errno, Fd, FileId, Mapping, Wake};
 use xalloc_proto::unix;
 use xalloc_proto::wire::{
     self, BlockFlags, ClientBell, DaemonBell, HandshakeError, HeaderFlags, Hello, HelloKind,
@@ -361,14 +361,22 @@ impl std::error::Error for RequestError {}
 /// One client connection: the socket, this client's channel and the arena, mapped and checked.
 #[derive(Debug)]
 pub struct Connection {
-    /// The socket's descriptor (-1 once closed in a forked child).
+    /// The socket's descriptor (-1 once closed in a forked child, or lost).
     sock: AtomicI32,
+    /// The file `sock` names (device, inode; written before `sock` when the socket changes):
+    /// the program may close the descriptor (`close_range`) and open another file under its
+    /// number, into which no wake byte must go, and which must never be closed or replaced.
+    sock_dev: AtomicU64,
+    sock_ino: AtomicU64,
+    /// The file `arena_fd` named at connect, checked before it is mapped again after fork
+    /// or closed (as `sock`).
+    arena_id: FileId,
     /// The request channel, read-write, `MADV_DONTFORK`: unmapped on drop only in `pid`.
     request: ManuallyDrop<Mapping>,
     /// The response channel, read-only, `MADV_DONTFORK`: as `request`.
     response: ManuallyDrop<Mapping>,
     arena: Mapping,
-    arena_fd: Fd,
+    arena_fd: ManuallyDrop<Fd>,
     slot_count: u32,
     granule: u32,
     client_id: u32,
@@ -642,12 +650,22 @@ impl Connection {
         // The channel's descriptors are not needed once mapped; the arena's is, to remap it
         // privately in a forked child.
         drop((request_fd, response_fd));
+        let id = |fd: &Fd| {
+            FileId::of_raw(fd.raw()).map_err(|errno| ConnectError::Os {
+                call: "fstat",
+                errno,
+            })
+        };
+        let (sock_id, arena_id) = (id(&sock)?, id(&arena_fd)?);
         Ok(Self {
             sock: AtomicI32::new(sock.into_raw()),
+            sock_dev: AtomicU64::new(sock_id.dev),
+            sock_ino: AtomicU64::new(sock_id.ino),
+            arena_id,
             request: ManuallyDrop::new(request),
             response: ManuallyDrop::new(response),
             arena,
-            arena_fd,
+            arena_fd: ManuallyDrop::new(arena_fd),
             slot_count: rq.slot_count,
             granule: rq.granule,
             client_id: welcome.client_id,
@@ -984,6 +1002,11 @@ impl Connection {
     /// arena: the contents stay the same, but a concurrent access during the switch would
     /// race with it.
     pub unsafe fn privatize_arena_after_fork(&self) -> Result<(), Errno> {
+        // The program may have closed the descriptor, and opened another file under its
+        // number: then the arena stays shared (this maps nothing else over it).
+        if !self.arena_id.named_by(self.arena_fd.raw()) {
+            return Err(Errno(libc::EBADF));
+        }
         // SAFETY: the caller's contract; the mapping and the descriptor are this connection's.
         unsafe { os::remap_private(&self.arena, &self.arena_fd) }?;
         self.private.store(true, Ordering::Relaxed);
@@ -1000,11 +1023,34 @@ impl Connection {
             return;
         }
         let fd = self.sock.swap(-1, Ordering::Relaxed);
-        if fd >= 0 {
-            // SAFETY: the descriptor was this connection's and nothing else closes it: it is
-            // taken out of `sock` (swapped to -1) and closed once, here.
+        if self.sock_is(fd) {
+            // SAFETY: the descriptor is this connection's socket (checked: the program did not
+            // close it) and nothing else closes it: it is taken out of `sock` (swapped to -1)
+            // and closed once, here.
             drop(unsafe { Fd::from_raw(fd) });
         }
+    }
+
+    /// Whether descriptor `fd` is this connection's socket (the program has not closed it,
+    /// nor put another file under its number).
+    fn sock_is(&self, fd: i32) -> bool {
+        let id = FileId {
+            dev: self.sock_dev.load(Ordering::Acquire),
+            ino: self.sock_ino.load(Ordering::Acquire),
+        };
+        id.named_by(fd)
+    }
+
+    /// Puts `sock` in as the connection's socket: its identity first, then the number.
+    fn install_socket(&self, sock: Fd) -> Result<(), ConnectError> {
+        let id = FileId::of_raw(sock.raw()).map_err(|errno| ConnectError::Os {
+            call: "fstat",
+            errno,
+        })?;
+        self.sock_dev.store(id.dev, Ordering::Release);
+        self.sock_ino.store(id.ino, Ordering::Release);
+        self.sock.store(sock.into_raw(), Ordering::Release);
+        Ok(())
     }
 
     /// Gives the channel a connection to daemon `pid` (which re-attached to it) unless the
@@ -1056,10 +1102,26 @@ impl Connection {
         if welcome.daemon_pid != pid || welcome.client_id != self.client_id {
             return Err(ConnectError::Mismatch);
         }
-        let old = self.sock.load(Ordering::Relaxed);
-        if old < 0 {
+        let old = self.sock.load(Ordering::Acquire);
+        if !self.sock_is(old) {
+            // Lost: the program closed the socket (and perhaps opened another file under its
+            // number, which stays the program's, untouched). The new socket comes in under a
+            // number of its own.
+            let raw = sock.raw();
+            self.install_socket(sock)?;
+            // SAFETY: `raw` is open (it names the new socket); borrowed, never closed here.
+            let _ = unix::send_wake(&ManuallyDrop::new(unsafe { Fd::from_raw(raw) }));
             return Ok(());
         }
+        // The old socket is this connection's, hung up by a daemon that died: the new one
+        // takes its number. Its identity is written first; a thread that checks the number in
+        // between sees a mismatch and skips one wake-up (it looks again), never a lost socket.
+        let id = FileId::of_raw(sock.raw()).map_err(|errno| ConnectError::Os {
+            call: "fstat",
+            errno,
+        })?;
+        self.sock_dev.store(id.dev, Ordering::Release);
+        self.sock_ino.store(id.ino, Ordering::Release);
         // SAFETY: both descriptors are open and this connection's; `dup3` closes what `old`
         // named and makes it name the new socket in one step, close-on-exec. `sock` is closed
         // below, the socket living on as `old`.
@@ -1123,10 +1185,14 @@ impl Connection {
         // SAFETY: the caller's contract.
         let (bell, daemon) = unsafe { (self.bell_here(), self.daemon_bell_here()) };
         if bell.ring(daemon) {
-            let fd = self.sock.load(Ordering::Relaxed);
-            if fd >= 0 {
-                // SAFETY: an open descriptor of this connection (only `close_inherited_socket`,
-                // in another process, and `drop` close it); borrowed, never closed here.
+            let fd = self.sock.load(Ordering::Acquire);
+            // The program may have closed the socket, and opened another file under its
+            // number: checked (one `fstat`, on a path that wakes a sleeping daemon anyway)
+            // before a byte is written.
+            if self.sock_is(fd) {
+                // SAFETY: an open descriptor of this connection's socket (checked just now;
+                // the program closing it meanwhile would be its bug, as for any library's
+                // descriptor); borrowed, never closed here.
                 let sock = ManuallyDrop::new(unsafe { Fd::from_raw(fd) });
                 // A socket the daemon hung up is no sign of death by itself: a daemon
                 // restarted after a crash serves this channel without it until the channel
@@ -1134,6 +1200,11 @@ impl Connection {
                 if !unix::send_wake(&sock) {
                     let _ = self.daemon_alive();
                 }
+            } else if fd >= 0 {
+                // Lost to the program: a new connection to the same daemon is asked for
+                // (the daemon keeps the channel and its blocks while this process maps it).
+                self.bound_pid.store(0, Ordering::Release);
+                let _ = self.daemon_alive();
             }
         }
     }
@@ -1214,9 +1285,14 @@ impl Drop for Connection {
         // Closing the socket ends the connection (once every copy is closed): the daemon
         // frees this client's blocks.
         let fd = self.sock.swap(-1, Ordering::Relaxed);
-        if fd >= 0 {
-            // SAFETY: the descriptor is this connection's, closed once (swapped out first).
+        if self.sock_is(fd) {
+            // SAFETY: the descriptor is this connection's socket (checked), closed once
+            // (swapped out first).
             drop(unsafe { Fd::from_raw(fd) });
+        }
+        if self.arena_id.named_by(self.arena_fd.raw()) {
+            // SAFETY: this connection's descriptor of the arena (checked), dropped once, here.
+            unsafe { ManuallyDrop::drop(&mut self.arena_fd) };
         }
         if self.in_connecting_process() {
             // SAFETY: dropped once, here; nothing refers to the channel once `self` is gone

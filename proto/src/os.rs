@@ -127,6 +127,36 @@ impl Drop for Fd {
     }
 }
 
+/// Which open file a descriptor names: its device and inode. A process may close any of its
+/// descriptors (`close_range`, a loop over every number), and the number then names whatever
+/// it opens next; a library that keeps descriptors in such a process checks this before it
+/// writes to one, closes one, or maps one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileId {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The file that descriptor `fd` names now (`fstat`; async-signal-safe, no allocation).
+    pub fn of_raw(fd: RawFd) -> Result<Self, Errno> {
+        // SAFETY: `fd` is only borrowed for the call; an fd that is not open gives EBADF.
+        let fd = unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) };
+        let st = rustix::fs::fstat(fd).map_err(errno)?;
+        Ok(Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
+    }
+
+    /// Whether descriptor `fd` names this file now.
+    pub fn named_by(&self, fd: RawFd) -> bool {
+        fd >= 0 && Self::of_raw(fd).is_ok_and(|id| id == *self)
+    }
+}
+
 /// What `fstat` says about a shared-memory object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjectInfo {

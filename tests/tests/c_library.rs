@@ -1153,6 +1153,49 @@ fn children_made_without_fork_handlers_use_connections_of_their_own() {
     wait_all_reclaimed(&d);
 }
 
+#[test]
+fn a_program_that_closes_every_descriptor_keeps_its_blocks_and_files() {
+    use std::io::{BufRead, BufReader, Write};
+    built();
+    let d = TestDaemon::start("capi-closefds", &["--arena-size", "256M"]);
+    let exe = d.dir.join("close_fds");
+    run_ok(
+        command("cc")
+            .args(["-Wall", "-Wextra", "-Werror", "-O2", "-o"])
+            .arg(&exe)
+            .arg(c_source("close_fds.c")),
+    );
+    let mut child = preloaded(&exe, &[], Variant::Daemon, &d.name)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = String::new();
+    while !lines.ends_with("ready\n") {
+        assert!(out.read_line(&mut lines).unwrap() > 0, "{lines}");
+    }
+    assert!(
+        lines.starts_with("closefds held=1 injected=0 child_ok=1 shared_after=20\n"),
+        "{lines}"
+    );
+    // The process lives, with its 8 MiB block: the daemon kept what it holds, though its
+    // connection was closed under it.
+    assert!(d.stat("used_bytes") >= 8 << 20, "{}", d.log());
+    assert!(
+        d.log()
+            .contains("closed its connection but still maps its channel"),
+        "{}",
+        d.log()
+    );
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "{lines}{rest}");
+    assert_eq!(rest, "closefds held_at_end=1\n");
+    wait_all_reclaimed(&d);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. make, make install, pkg-config, make uninstall, ./xalloc
 

@@ -1,0 +1,93 @@
+/*
+ * A program that closes every descriptor it did not open itself (close_range, as daemons and
+ * sandboxes do), run under LD_PRELOAD=libxalloc.so with a daemon. The library's socket and
+ * arena descriptor go with them, and the program's next files take their numbers.
+ *
+ * Checks: no wake-up byte lands in the program's own socket; a forked child's fork handler
+ * closes none of the program's files; large blocks still come from the arena (the library
+ * connects again); the block held across the close keeps its bytes (the daemon did not
+ * reclaim it). Prints `closefds held=H injected=I child_ok=C shared_after=S` and `ready`, then
+ * waits for a line on stdin (the test looks at the daemon meanwhile) and checks the held block
+ * again. Exits 1 on a failure.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int holds(const unsigned char *p, size_t n, unsigned char v)
+{
+    for (size_t i = 0; i < n; i += 512)
+        if (p[i] != v)
+            return 0;
+    return 1;
+}
+
+int main(void)
+{
+    const size_t held_len = (size_t)8 << 20;
+    unsigned char *held = malloc(held_len);
+    if (held == NULL)
+        return 1;
+    memset(held, 0x33, held_len);
+    free(malloc((size_t)1 << 20));
+
+    /* stdin, stdout and stderr stay; everything else goes, the library's too. */
+    if (close_range(3, ~0U, 0) != 0) {
+        perror("close_range");
+        return 1;
+    }
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK, 0, sv) != 0)
+        return 1;
+
+    int shared_after = 0;
+    for (int i = 0; i < 200; i++) {
+        unsigned char *q = malloc(((size_t)1 << 20) + (size_t)i * 4096);
+        if (q == NULL)
+            return 1;
+        memset(q, i, 4096);
+        free(q);
+        if (i % 20 == 19)
+            usleep(5000); /* lets the daemon fall asleep, so that wake-ups are sent */
+    }
+    for (int i = 0; i < 20; i++) {
+        unsigned char *q = malloc((size_t)2 << 20);
+        extern int xalloc_is_shared(const void *) __attribute__((weak));
+        if (q != NULL && xalloc_is_shared != NULL)
+            shared_after += xalloc_is_shared(q);
+        free(q);
+        usleep(2000);
+    }
+
+    char buf[64];
+    ssize_t got = recv(sv[1], buf, sizeof buf, MSG_DONTWAIT);
+    int injected = got > 0 ? (int)got : 0;
+    got = recv(sv[0], buf, sizeof buf, MSG_DONTWAIT);
+    injected += got > 0 ? (int)got : 0;
+
+    pid_t pid = fork();
+    if (pid == 0) {
+        /* The child's fork handlers ran: the program's socket must still be open here. */
+        _exit(send(sv[0], "x", 1, 0) == 1 ? 0 : 1);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    int child_ok = WIFEXITED(status) && WEXITSTATUS(status) == 0 && recv(sv[1], buf, 1, 0) == 1;
+
+    int ok = holds(held, held_len, 0x33);
+    printf("closefds held=%d injected=%d child_ok=%d shared_after=%d\n", ok, injected, child_ok,
+           shared_after);
+    printf("ready\n");
+    fflush(stdout);
+    if (fgets(buf, sizeof buf, stdin) == NULL)
+        return 1;
+    ok &= holds(held, held_len, 0x33);
+    printf("closefds held_at_end=%d\n", ok);
+    free(held);
+    return ok && injected == 0 && child_ok ? 0 : 1;
+}
