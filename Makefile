@@ -37,7 +37,7 @@ TARGET_DIR     ?= $(if $(CARGO_TARGET_DIR),$(CARGO_TARGET_DIR),target)
 PRELOAD_TARGET := $(TARGET_DIR)/interpose
 EXAMPLES := examples/c/quickstart
 
-.PHONY: all lib cargo-static cargo-shared daemon examples install uninstall clean
+.PHONY: all lib cargo-static cargo-shared daemon examples install uninstall clean FORCE
 
 all: lib xalloc
 
@@ -58,26 +58,29 @@ lib/xalloc.h: capi/include/xalloc.h
 	cp $< $@
 
 # One relocatable object of the whole static library, every symbol but the header's
-# functions made local, archived. The COMDAT group of Rust's personality routine's reference
+# functions made local, archived (deterministically: an unchanged library is not replaced, so
+# ./xalloc is not relinked). The COMDAT group of Rust's personality routine's reference
 # (DW.ref.rust_eh_personality) is named after its symbol: renamed, so that the linker does
 # not fold it into another Rust library's group of the same name, whose symbol is global. (The embedded LLVM bitcode of some of Rust's objects,
 # .llvmbc and .llvmcmd, is dropped: binutils' ar hands objects with it to the LLVM linker
 # plugin where one is installed, which aborts when it is older than rustc's LLVM.)
 lib/libxalloc.a: cargo-static capi/include/xalloc.h
 	@mkdir -p lib
-	set -e; t=lib/.tmp.$$$$; trap 'rm -f $$t.*' EXIT; \
-	sed -n 's/^[a-z].*[ *]\(xalloc_[a-z_]*\)(.*/\1/p' capi/include/xalloc.h > $$t.exports; \
-	ld -r --whole-archive $(TARGET_DIR)/release/libxalloc.a -o $$t.all.o; \
-	objcopy --keep-global-symbols=$$t.exports --remove-section=.llvmbc \
+	set -e; d=$$(mktemp -d lib/.tmp.XXXXXX); trap 'rm -rf $$d' EXIT; \
+	sed -n 's/^[a-z].*[ *]\(xalloc_[a-z_]*\)(.*/\1/p' capi/include/xalloc.h > $$d/exports; \
+	ld -r --whole-archive $(TARGET_DIR)/release/libxalloc.a -o $$d/all.o; \
+	objcopy --keep-global-symbols=$$d/exports --remove-section=.llvmbc \
 		--remove-section=.llvmcmd --remove-section=.llvm_addrsig \
 		--redefine-sym DW.ref.rust_eh_personality=xalloc.DW.ref.rust_eh_personality \
-		$$t.all.o $$t.local.o; \
-	ar rcs $$t.a $$t.local.o; \
-	mv $$t.a $@
+		$$d/all.o $$d/xalloc.o; \
+	ar rcsD $$d/libxalloc.a $$d/xalloc.o; \
+	cmp -s $$d/libxalloc.a $@ || mv $$d/libxalloc.a $@
 
 lib/libxalloc.so: cargo-shared
 	@mkdir -p lib
-	set -e; t=lib/.tmp.$$$$; cp $(PRELOAD_TARGET)/release/libxalloc.so $$t.so; mv $$t.so $@
+	set -e; d=$$(mktemp -d lib/.tmp.XXXXXX); trap 'rm -rf $$d' EXIT; \
+	cp $(PRELOAD_TARGET)/release/libxalloc.so $$d/; \
+	cmp -s $$d/libxalloc.so $@ || mv $$d/libxalloc.so $@
 
 xalloc: main.c lib/libxalloc.a lib/xalloc.h
 	$(CC) $(WARN) $(CFLAGS) -Ilib -o $@ main.c lib/libxalloc.a $(STATIC_LIBS)
@@ -87,7 +90,8 @@ examples: $(EXAMPLES)
 examples/c/%: examples/c/%.c lib/libxalloc.a lib/xalloc.h
 	$(CC) $(WARN) $(CFLAGS) -Ilib -o $@ $< lib/libxalloc.a $(STATIC_LIBS)
 
-%.pc: capi/%.pc.in Makefile
+# Made anew every time (FORCE): they name PREFIX and the directories.
+%.pc: capi/%.pc.in FORCE
 	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@LIBDIR@|$(LIBDIR)|g' \
 		-e 's|@INCLUDEDIR@|$(INCLUDEDIR)|g' -e 's|@STATIC_LIBS@|$(STATIC_LIBS)|g' $< > $@
 
@@ -113,3 +117,5 @@ uninstall:
 
 clean:
 	rm -rf lib xalloc xalloc.pc xalloc-static.pc $(EXAMPLES)
+
+FORCE:

@@ -67,7 +67,8 @@ void *xalloc_aligned_alloc(size_t align, size_t size);
 /*
  * Frees a block of this library's (or of the system allocator's malloc), like free(). NULL
  * does nothing. An arena pointer that is no live block (freed already, or inside a block)
- * frees nothing and is counted in xalloc_stats's bad_frees, where glibc would abort.
+ * frees nothing and is counted in xalloc_stats's bad_frees, where glibc would abort (a
+ * second free after the block was handed out again frees it, as with any allocator).
  */
 void xalloc_free(void *ptr);
 

@@ -40,19 +40,22 @@ extern "C" {
 #[derive(Clone, Copy, Debug)]
 pub struct Glibc;
 
-/// glibc's `malloc_usable_size`, once looked up by [`find_glibc_usable_size`] (0: not found,
-/// or not yet).
+/// glibc's `malloc_usable_size` and `aligned_alloc`, once looked up by [`find_glibc_own`]
+/// (0: not found, or not yet).
 static USABLE_SIZE: AtomicUsize = AtomicUsize::new(0);
+static ALIGNED_ALLOC: AtomicUsize = AtomicUsize::new(0);
 
 type UsableSize = unsafe extern "C" fn(*mut c_void) -> usize;
+type AlignedAlloc = unsafe extern "C" fn(usize, usize) -> *mut c_void;
 
-/// Looks up glibc's own `malloc_usable_size` (this library exports one of its own), when the
-/// library is loaded (an ELF constructor): never on an allocation path, where the dynamic
-/// linker's lock could be held by a thread that waits for this one.
-extern "C" fn find_glibc_usable_size() {
+/// Looks up glibc's own `malloc_usable_size` and `aligned_alloc` (this library exports its
+/// own; they have no `__libc_` names), when the library is loaded (an ELF constructor):
+/// never on an allocation path, where the dynamic linker's lock could be held by a thread
+/// that waits for this one.
+extern "C" fn find_glibc_own() {
     // SAFETY: RTLD_NOLOAD only returns a handle of the C library the process has loaded
     // already (every dynamically linked program has); the names are NUL-terminated; dlsym on
-    // that handle finds glibc's own definition, not this library's.
+    // that handle finds glibc's own definitions, not this library's.
     unsafe {
         let libc = libc::dlopen(c"libc.so.6".as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY);
         if libc.is_null() {
@@ -60,13 +63,15 @@ extern "C" fn find_glibc_usable_size() {
         }
         let f = libc::dlsym(libc, c"malloc_usable_size".as_ptr());
         USABLE_SIZE.store(f.addr(), Ordering::Release);
+        let f = libc::dlsym(libc, c"aligned_alloc".as_ptr());
+        ALIGNED_ALLOC.store(f.addr(), Ordering::Release);
         libc::dlclose(libc);
     }
 }
 
 #[used]
 #[link_section = ".init_array"]
-static FIND_GLIBC_USABLE_SIZE: extern "C" fn() = find_glibc_usable_size;
+static FIND_GLIBC_OWN: extern "C" fn() = find_glibc_own;
 
 fn glibc_usable_size() -> Option<UsableSize> {
     let f = USABLE_SIZE.load(Ordering::Acquire);
@@ -121,16 +126,6 @@ fn page() -> usize {
             p
         }
         p => p,
-    }
-}
-
-/// `memalign` and `aligned_alloc` as glibc has them: an alignment that is not a power of two
-/// is glibc's to round (or refuse).
-fn memalign_like(align: usize, size: usize) -> *mut c_void {
-    if align.is_power_of_two() {
-        or_errno(XALLOC.aligned_alloc(align, size))
-    } else {
-        Glibc.memalign(align, size).cast()
     }
 }
 
@@ -224,17 +219,30 @@ pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, siz
     }
 }
 
-/// C11's `aligned_alloc` (glibc's: any size, an alignment that is not a power of two rounded
-/// up by glibc).
+/// C11's `aligned_alloc`: any size; an alignment that is not a power of two is glibc's own
+/// `aligned_alloc`'s to round up or refuse (versions differ: 2.38 refuses), as without this
+/// library.
 #[no_mangle]
 pub extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
-    memalign_like(align, size)
+    if align.is_power_of_two() {
+        return or_errno(XALLOC.aligned_alloc(align, size));
+    }
+    match ALIGNED_ALLOC.load(Ordering::Acquire) {
+        0 => Glibc.memalign(align, size).cast(),
+        // SAFETY: glibc's `aligned_alloc`, whose C signature is `void *(size_t, size_t)`.
+        f => unsafe { core::mem::transmute::<usize, AlignedAlloc>(f)(align, size) },
+    }
 }
 
-/// `memalign` (obsolete, glibc).
+/// `memalign` (obsolete, glibc): an alignment that is not a power of two is rounded up by
+/// glibc.
 #[no_mangle]
 pub extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
-    memalign_like(align, size)
+    if align.is_power_of_two() {
+        or_errno(XALLOC.aligned_alloc(align, size))
+    } else {
+        Glibc.memalign(align, size).cast()
+    }
 }
 
 /// `valloc` (obsolete): page-aligned.

@@ -974,7 +974,13 @@ impl State {
             .checked_mul(granule)
             .and_then(|off| off.checked_add(bytes))
             .is_some_and(|end| end <= c.conn.arena_len());
-        if !in_arena {
+        // A block that starts where the program holds one is an entry put twice (a block freed
+        // twice whose second free raced the first): dropped, never handed out twice.
+        let held = c
+            .blocks
+            .entry(g as usize)
+            .is_some_and(|e| e.load(Ordering::Relaxed) != 0);
+        if !in_arena || held {
             self.bad_ledger_entries.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -1035,12 +1041,23 @@ impl State {
     /// off) through a round trip. A block of a connection inherited through fork (the
     /// parent's) and a dead daemon's blocks are left alone.
     fn arena_free(&self, c: &Conn, ptr: *mut u8, size: usize) {
+        let bytes = Self::block_bytes(c, size);
         if !self.usable(c) {
+            // A dead daemon's block is no longer this process's to count (an inherited one
+            // never was: a forked child's counters start from zero).
+            if !c.inherited.load(Ordering::Relaxed) {
+                let less = |v: u64, by: u64| Some(v.saturating_sub(by));
+                let _ =
+                    (self.arena_bytes)
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| less(v, bytes));
+                let _ =
+                    (self.arena_blocks)
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| less(v, 1));
+            }
             return;
         }
         let offset = (ptr.addr() - c.base) as u64;
         let granule = c.conn.granule() as u64;
-        let bytes = Self::block_bytes(c, size);
         let cap = self.cache_cap();
         if let (Some(ledger), true) = (c.ledger(), cap > 0) {
             let mut block = LedgerBlock {

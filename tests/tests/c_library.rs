@@ -844,6 +844,32 @@ fn realloc_moves_a_glibc_block_whatever_the_link_order_and_shrinking_gives_memor
     wait_all_reclaimed(&d);
 }
 
+#[test]
+fn blocks_of_a_daemon_that_stopped_stay_readable_and_are_uncounted_once_freed() {
+    use std::io::{BufRead, BufReader, Write};
+    built();
+    let d = TestDaemon::start("capi-dead", &["--arena-size", "256M"]);
+    let exe = d.dir.join("dead_daemon");
+    static_c_program("dead_daemon.c", &exe);
+    let mut child = command(&exe)
+        .env("XALLOC_NAME", &d.name)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "held\n");
+    let stop = d.xallocd(&["stop"]);
+    assert!(stop.status.success(), "{stop:?}");
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "{rest}");
+    assert_eq!(rest, "dead blocks=0 bytes=0 kept=1\n");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. LD_PRELOAD into unmodified programs
 
