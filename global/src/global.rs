@@ -158,18 +158,31 @@ struct Conn {
 /// harmless: a block's entry is taken (swapped to 0) by the one free that frees it.
 struct BlockTable {
     map: os::Mapping,
+    entries: usize,
+    /// log2 of the granule (a power of two: offsets are shifted, never divided, on the
+    /// allocation path).
+    shift: u32,
 }
 
 impl BlockTable {
+    /// A table for an arena of `arena_len` bytes in granules of `granule` bytes (a power of
+    /// two, else `None`).
     fn new(arena_len: usize, granule: usize) -> Option<Self> {
+        if !granule.is_power_of_two() {
+            return None;
+        }
         let entries = (arena_len / granule).max(1);
         let map = os::Mapping::anonymous(entries.checked_mul(size_of::<AtomicU32>())?).ok()?;
-        Some(Self { map })
+        Some(Self {
+            map,
+            entries,
+            shift: granule.trailing_zeros(),
+        })
     }
 
     /// The entry of granule `g`.
     fn entry(&self, g: usize) -> Option<&AtomicU32> {
-        (g < self.map.len() / size_of::<AtomicU32>()).then(|| {
+        (g < self.entries).then(|| {
             // SAFETY: `g` is inside the mapping, which is page-aligned (so each 4-byte entry
             // is aligned), zero-filled (a valid `AtomicU32`), written only through atomics,
             // and lives as long as `self`.
@@ -200,17 +213,17 @@ impl Conn {
     /// The block-table entry of the block that starts at `ptr`, if `ptr` is a granule boundary
     /// of this arena.
     fn entry_at(&self, ptr: *const u8) -> Option<&AtomicU32> {
-        let offset = ptr.addr().checked_sub(self.base)?;
-        let granule = self.conn.granule();
-        if offset >= self.len || !offset.is_multiple_of(granule) {
+        let offset = ptr.addr().wrapping_sub(self.base);
+        let shift = self.blocks.shift;
+        if offset >= self.len || offset & ((1 << shift) - 1) != 0 {
             return None;
         }
-        self.blocks.entry(offset / granule)
+        self.blocks.entry(offset >> shift)
     }
 
     /// Records that the program holds the block of `bytes` at `ptr`.
     fn note_block(&self, ptr: *const u8, bytes: usize) {
-        let granules = u32::try_from(bytes / self.conn.granule()).unwrap_or(u32::MAX);
+        let granules = u32::try_from(bytes >> self.blocks.shift).unwrap_or(u32::MAX);
         if let Some(e) = self.entry_at(ptr) {
             e.store(granules, Ordering::Relaxed);
         }
@@ -219,14 +232,14 @@ impl Conn {
     /// Length in bytes of the held block at `ptr`, or `None` if no held block starts there.
     fn block_len(&self, ptr: *const u8) -> Option<usize> {
         let g = self.entry_at(ptr)?.load(Ordering::Relaxed);
-        (g != 0).then(|| g as usize * self.conn.granule())
+        (g != 0).then(|| (g as usize) << self.blocks.shift)
     }
 
     /// Takes the record of the held block at `ptr` (the program is freeing it): its length in
     /// bytes, or `None` if no held block starts there (freed already, or not a block).
     fn take_block(&self, ptr: *const u8) -> Option<usize> {
         let g = self.entry_at(ptr)?.swap(0, Ordering::Relaxed);
-        (g != 0).then(|| g as usize * self.conn.granule())
+        (g != 0).then(|| (g as usize) << self.blocks.shift)
     }
 }
 
