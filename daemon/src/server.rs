@@ -63,6 +63,9 @@ pub const POLL_INTERVAL: Duration = Duration::from_micros(20);
 /// A watched client that has sent nothing for this long is no longer watched (its next request
 /// comes with a wake-up), so that the loop polls only the channels in use.
 const WATCH_IDLE: Duration = Duration::from_millis(2);
+/// How often a client whose process lives but whose connection ended is looked at again
+/// (an `exec` unmaps its channel; a pidfd reports only exits).
+const DETACHED_RECHECK: Duration = Duration::from_secs(1);
 
 /// Pause instructions per check of the watched channels while spinning (about 0.1 µs).
 const SPIN_BATCH: u32 = 4;
@@ -140,8 +143,12 @@ struct Client {
     uid: u32,
     /// `/proc/PID/comm` at connect, for `status --clients`.
     command: String,
-    /// `None` for a channel re-attached after a crash until the client rebinds.
+    /// `None` for a channel re-attached after a crash until the client rebinds, and for a
+    /// client whose program closed its socket ([`Server::hung_up`]).
     sock: Option<Fd>,
+    /// When a client whose process lives lost its connection, or was last found still
+    /// mapping its channel ([`Server::recheck_detached`]).
+    detached: Option<Instant>,
     /// The client's process, as the kernel named it when the client connected (or, after a
     /// restart, as the keeper kept it): in the epoll set, which reports its exit; and the
     /// proof, while it has not exited, that `pid` is still that process.
@@ -175,6 +182,7 @@ impl Client {
             uid,
             command: command_of(pid),
             sock,
+            detached: None,
             pidfd,
             last_rings: chan.bell().rings.load(Ordering::Acquire),
             chan,
@@ -849,6 +857,7 @@ impl Server {
             if now.duration_since(last_poll) >= POLL_INTERVAL {
                 last_poll = now;
                 self.unwatch_idle(now);
+                self.recheck_detached();
                 self.poll_events(Some(Duration::ZERO));
                 if self.stop_asked {
                     break;
@@ -885,6 +894,10 @@ impl Server {
             // Idle pages due to go back to the kernel go now; the sleep lasts until the next
             // are due (only while more than `--retain` bytes are reserved), or an event.
             let due = self.decay_tick();
+            let due = match self.recheck_detached() {
+                Some(d) => Some(due.map_or(d, |due| due.min(d))),
+                None => due,
+            };
             self.poll_events(Some(due.unwrap_or(Duration::MAX)));
             last_poll = Instant::now();
             last_work = last_poll;
@@ -1325,23 +1338,61 @@ impl Server {
         let Some(c) = self.clients.get(&id) else {
             return;
         };
-        let maps = !os::pidfd_exited(&c.pidfd)
-            && maps_file(c.pid, c.chan.request_id)
-            // Still that process (its pid is not reused while the pidfd says it lives).
-            && !os::pidfd_exited(&c.pidfd);
-        if !maps {
+        let bye = c.sock.as_ref().is_some_and(unix::said_goodbye);
+        if bye || !Self::still_maps(c) {
             return self.reclaim(id, "closed its connection");
         }
         let pid = c.pid;
         if let Some(c) = self.clients.get_mut(&id) {
             // Closing the daemon's end takes it out of the epoll set.
             c.sock = None;
+            c.detached = Some(Instant::now());
         }
         log::warn!(
-            "client {id} (pid {pid}) closed its connection but still maps its channel (the \
-             program closed the descriptor): its blocks stay its own until it exits or \
-             connects again"
+            "client {id} (pid {pid}) closed its connection but its process lives (the program \
+             closed the descriptor): its blocks stay its own until it exits, execs or connects \
+             again"
         );
+    }
+
+    /// Whether client `c`'s process lives and may still use its blocks: it maps its channel,
+    /// or its mappings cannot be read (another user's process, without CAP_SYS_PTRACE: kept,
+    /// a leak until it exits being better than handing its blocks to another process).
+    fn still_maps(c: &Client) -> bool {
+        if os::pidfd_exited(&c.pidfd) {
+            return false;
+        }
+        let maps = maps_file(c.pid, c.chan.request_id);
+        // Still that process (its pid is not reused while the pidfd says it lives).
+        !os::pidfd_exited(&c.pidfd) && maps != Some(false)
+    }
+
+    /// Looks again, at most once per [`DETACHED_RECHECK`], at clients whose connection ended
+    /// while their process lived (see [`Server::hung_up`]): one that has `exec`ed since (its
+    /// new program does not map the channel) is reclaimed; a pidfd reports only an exit. Returns
+    /// when to look next, if any such client is left.
+    fn recheck_detached(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        let mut next: Option<Duration> = None;
+        let mut gone = Vec::new();
+        for (&id, c) in &mut self.clients {
+            let Some(since) = c.detached else { continue };
+            let wait = DETACHED_RECHECK.saturating_sub(now.duration_since(since));
+            if !wait.is_zero() {
+                next = Some(next.map_or(wait, |n| n.min(wait)));
+                continue;
+            }
+            if Self::still_maps(c) {
+                c.detached = Some(now);
+                next = Some(next.map_or(DETACHED_RECHECK, |n| n.min(DETACHED_RECHECK)));
+            } else {
+                gone.push(id);
+            }
+        }
+        for id in gone {
+            self.reclaim(id, "no longer maps its channel (exec)");
+        }
+        next
     }
 
     /// Tells the keeper to let go of channel `id` (logged once if the keeper fails).
@@ -1650,24 +1701,26 @@ impl Server {
         if self.stopping {
             return refuse(&sock, Refusal::ShuttingDown, "the daemon is shutting down");
         }
-        // A connection that has hung up but whose end has not been handled yet (the client
-        // saw it first: the program closed its descriptor) is handled now.
+        // While the process the channel was made for has not exited (its pidfd says), its pid
+        // is not reused: a peer with that pid is that process.
+        let is_it =
+            |c: &Client| c.pid == peer.pid && c.uid == peer.uid && !os::pidfd_exited(&c.pidfd);
+        // A connection of that process that has hung up but whose end has not been handled
+        // yet (the client saw it first: the program closed its descriptor) is handled now.
+        // (Only then: another process must not make the daemon read a client's socket.)
         let hung_up = self
             .clients
             .get(&id)
+            .filter(|c| is_it(c))
             .and_then(|c| c.sock.as_ref())
             .is_some_and(|s| unix::drain(s).1);
         if hung_up {
             self.hung_up(id);
         }
-        // While the process the channel was made for has not exited (its pidfd says), its pid
-        // is not reused: a peer with that pid is that process.
-        let ok = self.clients.get(&id).is_some_and(|c| {
-            c.sock.is_none()
-                && c.pid == peer.pid
-                && c.uid == peer.uid
-                && !os::pidfd_exited(&c.pidfd)
-        });
+        let ok = self
+            .clients
+            .get(&id)
+            .is_some_and(|c| c.sock.is_none() && is_it(c));
         if !ok {
             return refuse(
                 &sock,
@@ -1683,6 +1736,7 @@ impl Server {
         if unix::send_with_fds(&sock, &welcome.encode(), &[]).is_ok() {
             if let Some(c) = self.clients.get_mut(&id) {
                 c.sock = Some(sock);
+                c.detached = None;
             }
             log::info!("client {id} (pid {}) has a connection again", peer.pid);
             self.watch(id);
@@ -2008,16 +2062,17 @@ fn epoll_with_signals() -> std::io::Result<(Fd, Fd)> {
 }
 
 /// Whether process `pid` maps file `id` (its `/proc/PID/maps` names the file's device and
-/// inode); `false` if the maps cannot be read (the process is gone, or another user's and
-/// this daemon may not trace it).
-fn maps_file(pid: u32, id: FileId) -> bool {
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return false;
-    };
+/// inode), or `None` if its maps cannot be read (the process is gone, or another user's and
+/// this daemon may not trace it). Read as bytes: a file name need not be UTF-8.
+fn maps_file(pid: u32, id: FileId) -> Option<bool> {
+    let maps = std::fs::read(format!("/proc/{pid}/maps")).ok()?;
     let dev = format!("{:02x}:{:02x}", libc::major(id.dev), libc::minor(id.dev));
     let ino = id.ino.to_string();
-    maps.lines().any(|l| {
-        let mut f = l.split_ascii_whitespace().skip(3);
-        f.next() == Some(dev.as_str()) && f.next() == Some(ino.as_str())
-    })
+    Some(maps.split(|&b| b == b'\n').any(|l| {
+        let mut f = l
+            .split(|b| b.is_ascii_whitespace())
+            .filter(|f| !f.is_empty())
+            .skip(3);
+        f.next() == Some(dev.as_bytes()) && f.next() == Some(ino.as_bytes())
+    }))
 }

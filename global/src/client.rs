@@ -136,14 +136,11 @@ fn process_token() -> u64 {
     let word = unsafe { &*page };
     match word.load(Ordering::Relaxed) {
         0 => {
-            // First use in this process: the pid, which no other live process has (a token
-            // only tells this process from its ancestors, whose tokens differ).
-            let _ = word.compare_exchange(
-                0,
-                u64::from(os::pid()),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            // First use in this process: its pid and the time (a token only tells this
+            // process from its ancestors; the time tells apart a parent and a child of the
+            // same pid in different pid namespaces).
+            let token = u64::from(os::pid()) | (os::monotonic_ns() << 32) | 1;
+            let _ = word.compare_exchange(0, token, Ordering::Relaxed, Ordering::Relaxed);
             word.load(Ordering::Relaxed)
         }
         t => t,
@@ -156,7 +153,10 @@ fn make_token_page() -> *mut AtomicU64 {
     if NO_TOKEN_PAGE.load(Ordering::Relaxed) {
         return core::ptr::null_mut();
     }
+    // A failure is for good: a token that appeared later would differ from the 0 that
+    // connections made meanwhile recorded, and retire them in the process that made them.
     let Ok(map) = Mapping::anonymous(4096) else {
+        NO_TOKEN_PAGE.store(true, Ordering::Relaxed);
         return core::ptr::null_mut();
     };
     if map.wipe_on_fork().is_err() {
@@ -185,6 +185,8 @@ fn make_token_page() -> *mut AtomicU64 {
 extern "C" fn register_fork_counter() {
     // SAFETY: the handler only increments an atomic, which is async-signal-safe.
     unsafe { at_fork_in_child(note_fork_in_child) };
+    // The token page too, while nothing else runs.
+    let _ = process_token();
 }
 
 /// Registers `child` to run in every child right after `fork` (`pthread_atfork`).
@@ -399,6 +401,9 @@ pub struct Connection {
     bound_pid: AtomicU32,
     /// A thread is rebinding the channel.
     rebinding: AtomicBool,
+    /// The program closed the socket and the daemon refused a new one for this channel: it
+    /// serves this connection no more ([`Connection::daemon_alive`] says `false`).
+    orphaned: AtomicBool,
     /// When the next attempt to rebind may be made (monotonic ns).
     next_rebind: AtomicU64,
     spin: bool,
@@ -678,6 +683,7 @@ impl Connection {
             daemon_pid: AtomicU32::new(rs.daemon_pid),
             bound_pid: AtomicU32::new(rs.daemon_pid),
             rebinding: AtomicBool::new(false),
+            orphaned: AtomicBool::new(false),
             next_rebind: AtomicU64::new(0),
             spin: os::online_cpus() > 1,
             daemon_cpu: AtomicU32::new(u32::MAX),
@@ -718,7 +724,7 @@ impl Connection {
     /// Whether this process made the connection (not a forked child of the one that did).
     ///
     /// Loads of a fork counter (see [`note_fork`]) and of a token the kernel wipes in every
-    /// child (see [`TOKEN_PAGE`]), not a `getpid` system call: this is on every request's
+    /// child (a `MADV_WIPEONFORK` page), not a `getpid` system call: this is on every request's
     /// path. The token also tells a child made without the C library's fork handlers (a raw
     /// `clone`, glibc's `_Fork`), on kernels from 4.14.
     #[inline]
@@ -816,7 +822,7 @@ impl Connection {
     /// this process's exit or `exec`. `false` in a process other than the one that connected,
     /// and once the daemon is shutting down.
     pub fn daemon_alive(&self) -> bool {
-        if !self.in_connecting_process() {
+        if !self.in_connecting_process() || self.orphaned.load(Ordering::Relaxed) {
             return false;
         }
         let mut pid = self.daemon_pid.load(Ordering::Relaxed);
@@ -1003,12 +1009,31 @@ impl Connection {
     /// race with it.
     pub unsafe fn privatize_arena_after_fork(&self) -> Result<(), Errno> {
         // The program may have closed the descriptor, and opened another file under its
-        // number: then the arena stays shared (this maps nothing else over it).
+        // number: nothing else is mapped over the arena then (see `privatize_arena_by_copy`).
         if !self.arena_id.named_by(self.arena_fd.raw()) {
             return Err(Errno(libc::EBADF));
         }
         // SAFETY: the caller's contract; the mapping and the descriptor are this connection's.
         unsafe { os::remap_private(&self.arena, &self.arena_fd) }?;
+        self.private.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// In a child process right after `fork`, where the program closed the arena's descriptor
+    /// (so [`Connection::privatize_arena_after_fork`] cannot map it again): replaces the
+    /// arena's mapping with private memory holding a copy of `blocks` (offset from
+    /// [`Connection::arena_base`], length), zeros elsewhere. Costs a copy of those bytes.
+    ///
+    /// # Safety
+    /// As [`Connection::privatize_arena_after_fork`]; `blocks` are all the blocks the child
+    /// may still read (what it inherited).
+    pub unsafe fn privatize_arena_by_copy(
+        &self,
+        blocks: impl Iterator<Item = (usize, usize)>,
+    ) -> Result<(), Errno> {
+        let blocks = blocks.map(|(off, len)| (off.saturating_add(ARENA_DATA_OFFSET), len));
+        // SAFETY: the caller's contract.
+        unsafe { os::replace_with_private_copy(&self.arena, blocks) }?;
         self.private.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -1076,6 +1101,13 @@ impl Connection {
                 | ConnectError::Mismatch
                 | ConnectError::Os { .. },
             ) => {}
+            // Refused while the socket is lost: the channel has no way to wake the daemon
+            // any more, and the daemon no longer counts it as this process's.
+            Err(ConnectError::Refused { .. })
+                if !self.sock_is(self.sock.load(Ordering::Acquire)) =>
+            {
+                self.orphaned.store(true, Ordering::Relaxed);
+            }
             // Done, or refused for good by this daemon: not asked again.
             _ => self.bound_pid.store(pid, Ordering::Release),
         }
@@ -1282,18 +1314,8 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        // Closing the socket ends the connection (once every copy is closed): the daemon
-        // frees this client's blocks.
-        let fd = self.sock.swap(-1, Ordering::Relaxed);
-        if self.sock_is(fd) {
-            // SAFETY: the descriptor is this connection's socket (checked), closed once
-            // (swapped out first).
-            drop(unsafe { Fd::from_raw(fd) });
-        }
-        if self.arena_id.named_by(self.arena_fd.raw()) {
-            // SAFETY: this connection's descriptor of the arena (checked), dropped once, here.
-            unsafe { ManuallyDrop::drop(&mut self.arena_fd) };
-        }
+        // The channel is unmapped first: the daemon, seeing the socket close, keeps the blocks
+        // of a process that still maps its channel (its program closed the socket).
         if self.in_connecting_process() {
             // SAFETY: dropped once, here; nothing refers to the channel once `self` is gone
             // (every reference into it borrows `self`).
@@ -1304,6 +1326,22 @@ impl Drop for Connection {
         }
         // Elsewhere (a forked child) the channel is not mapped (`MADV_DONTFORK`), and its
         // addresses may hold this process's other mappings by now: never unmapped from here.
+        // Closing the socket ends the connection (once every copy is closed): the daemon
+        // frees this client's blocks.
+        let fd = self.sock.swap(-1, Ordering::Relaxed);
+        if self.sock_is(fd) {
+            // SAFETY: the descriptor is this connection's socket (checked), closed once
+            // (swapped out first).
+            let sock = unsafe { Fd::from_raw(fd) };
+            if self.in_connecting_process() {
+                unix::send_bye(&sock);
+            }
+            drop(sock);
+        }
+        if self.arena_id.named_by(self.arena_fd.raw()) {
+            // SAFETY: this connection's descriptor of the arena (checked), dropped once, here.
+            unsafe { ManuallyDrop::drop(&mut self.arena_fd) };
+        }
     }
 }
 

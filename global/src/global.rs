@@ -180,6 +180,14 @@ impl BlockTable {
         })
     }
 
+    /// Every held block: offset and length in bytes.
+    fn held(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.entries).filter_map(move |g| {
+            let n = self.entry(g)?.load(Ordering::Relaxed);
+            (n != 0).then(|| (g << self.shift, (n as usize) << self.shift))
+        })
+    }
+
     /// The entry of granule `g`.
     fn entry(&self, g: usize) -> Option<&AtomicU32> {
         (g < self.entries).then(|| {
@@ -856,10 +864,14 @@ impl State {
             c.lost.store(0, Ordering::Relaxed);
             // So that the daemon sees the parent's exit or exec, whatever the child does.
             c.conn.close_inherited_socket();
-            // SAFETY: runs in the child right after fork, which has one thread. Left shared on
-            // failure (nothing else to do): the child's writes into inherited blocks would
-            // then reach the parent's data, as they would without this allocator.
-            let _ = unsafe { c.conn.privatize_arena_after_fork() };
+            // SAFETY: runs in the child right after fork, which has one thread. Where the
+            // program closed the arena's descriptor, the blocks the program holds are copied
+            // into private memory instead. Left shared only if both fail (out of memory).
+            unsafe {
+                if c.conn.privatize_arena_after_fork().is_err() {
+                    let _ = c.conn.privatize_arena_by_copy(c.blocks.held());
+                }
+            }
         }
     }
 

@@ -489,6 +489,59 @@ pub unsafe fn remap_private(map: &Mapping, fd: &Fd) -> Result<(), Errno> {
     .map_err(errno)
 }
 
+/// Replaces `map` by private anonymous memory at the same address that holds a copy of the
+/// byte ranges `keep` (offset, length from the mapping's start; anything outside the mapping
+/// is ignored) and zeros elsewhere: for a mapping whose object's descriptor is gone. Costs a
+/// copy of the kept bytes.
+///
+/// # Safety
+/// No other thread of this process accesses the mapping during the call; afterwards it no
+/// longer shares anything with the object's other mappings.
+pub unsafe fn replace_with_private_copy(
+    map: &Mapping,
+    keep: impl Iterator<Item = (usize, usize)>,
+) -> Result<(), Errno> {
+    let len = map.len().next_multiple_of(PAGE);
+    // SAFETY: a fresh private mapping chosen by the kernel; it aliases nothing of ours.
+    let tmp = unsafe {
+        rustix::mm::mmap_anonymous(
+            core::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )
+    }
+    .map_err(errno)?;
+    for (off, n) in keep {
+        if off.checked_add(n).is_none_or(|end| end > map.len()) {
+            continue;
+        }
+        // SAFETY: `[off, off + n)` lies inside both mappings (checked), which are distinct;
+        // the caller's contract rules out concurrent access to `map`.
+        unsafe {
+            core::ptr::copy_nonoverlapping(map.as_ptr().add(off), tmp.cast::<u8>().add(off), n)
+        };
+    }
+    // SAFETY: moves our fresh mapping over `map`'s range, replacing it in one step (the range
+    // stays mapped throughout); both are page-aligned and `len` long.
+    match unsafe {
+        rustix::mm::mremap_fixed(
+            tmp,
+            len,
+            len,
+            rustix::mm::MremapFlags::MAYMOVE,
+            map.as_ptr().cast::<c_void>(),
+        )
+    } {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            // SAFETY: the temporary mapping made above; nothing refers to it.
+            let _ = unsafe { rustix::mm::munmap(tmp, len) };
+            Err(errno(e))
+        }
+    }
+}
+
 /// Nanoseconds on the monotonic clock.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

@@ -268,6 +268,30 @@ pub fn drain(sock: &Fd) -> (usize, bool) {
     (n, false)
 }
 
+/// Client side: says goodbye ([`crate::wire::BYE`]) before closing the socket on purpose.
+/// Waits for nothing; a full socket just loses the goodbye.
+pub fn send_bye(sock: &Fd) {
+    let _ = rustix::net::send(
+        sock,
+        &[crate::wire::BYE],
+        SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+    );
+}
+
+/// Daemon side: reads what waits on a hung-up client's socket (at most 64 messages) and
+/// says whether the client said goodbye ([`send_bye`]).
+pub fn said_goodbye(sock: &Fd) -> bool {
+    let mut buf = [0u8; 64];
+    for _ in 0..64 {
+        match rustix::net::recv(sock, &mut buf, RecvFlags::DONTWAIT) {
+            Ok((n, _)) if n > 0 && buf[0] == crate::wire::BYE => return true,
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
 /// Sends `text` as messages of at most `chunk` bytes (blocking up to `timeout` per message):
 /// for replies longer than one datagram, such as a status document.
 pub fn send_text(sock: &Fd, text: &[u8], chunk: usize, timeout: Duration) -> Result<(), Errno> {

@@ -487,6 +487,11 @@ impl Default for DaemonBell {
 /// and drops them).
 pub const WAKE: u8 = b'!';
 
+/// The byte a client sends on its socket right before it closes it on purpose (the
+/// connection is dropped, not lost to the program closing descriptors): the daemon then
+/// reclaims at once, without looking at whether the process still maps its channel.
+pub const BYE: u8 = b'.';
+
 /// Entries in a [`Ledger`].
 pub const LEDGER_ENTRIES: usize = 64;
 

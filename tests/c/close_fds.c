@@ -4,14 +4,21 @@
  * arena descriptor go with them, and the program's next files take their numbers.
  *
  * Checks: no wake-up byte lands in the program's own socket; a forked child's fork handler
- * closes none of the program's files; large blocks still come from the arena (the library
- * connects again); the block held across the close keeps its bytes (the daemon did not
- * reclaim it). Prints `closefds held=H injected=I child_ok=C shared_after=S` and `ready`, then
- * waits for a line on stdin (the test looks at the daemon meanwhile) and checks the held block
- * again. Exits 1 on a failure.
+ * closes none of the program's files, and the child's writes into a block it inherited stay
+ * its own (the arena's descriptor is gone, so the library copies the held blocks); large
+ * blocks still come from the arena (the library connects again); the block held across the
+ * close keeps its bytes (the daemon did not reclaim it, though the process maps a file whose
+ * name is not UTF-8). Prints `closefds held=H injected=I child_ok=C private=P shared_after=S`
+ * and `ready`, then waits for a line on stdin (the test looks at the daemon meanwhile) and
+ * checks the held block again. Exits 1 on a failure.
+ *
+ * `close_fds exec PROGRAM...`: holds a block, closes every descriptor, then execs PROGRAM
+ * (the daemon must reclaim the block while PROGRAM runs).
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,7 +34,7 @@ static int holds(const unsigned char *p, size_t n, unsigned char v)
     return 1;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
     const size_t held_len = (size_t)8 << 20;
     unsigned char *held = malloc(held_len);
@@ -35,6 +42,23 @@ int main(void)
         return 1;
     memset(held, 0x33, held_len);
     free(malloc((size_t)1 << 20));
+
+    if (argc > 2 && strcmp(argv[1], "exec") == 0) {
+        if (close_range(3, ~0U, 0) != 0)
+            return 1;
+        execvp(argv[2], argv + 2);
+        return 1;
+    }
+
+    /* A mapped file whose name is not UTF-8 shows in /proc/PID/maps. */
+    char odd[] = "/tmp/xalloc-odd-\xff\xfe-XXXXXX";
+    int ofd = mkstemp(odd);
+    if (ofd < 0 || ftruncate(ofd, 4096) != 0)
+        return 1;
+    void *om = mmap(NULL, 4096, PROT_READ, MAP_SHARED, ofd, 0);
+    unlink(odd);
+    if (om == MAP_FAILED)
+        return 1;
 
     /* stdin, stdout and stderr stay; everything else goes, the library's too. */
     if (close_range(3, ~0U, 0) != 0) {
@@ -72,16 +96,20 @@ int main(void)
 
     pid_t pid = fork();
     if (pid == 0) {
-        /* The child's fork handlers ran: the program's socket must still be open here. */
-        _exit(send(sv[0], "x", 1, 0) == 1 ? 0 : 1);
+        /* The child's fork handlers ran: the program's socket must still be open here, and
+         * the inherited block readable, and the child's own. */
+        int mine = holds(held, held_len, 0x33);
+        memset(held, 0x44, held_len);
+        _exit(mine && send(sv[0], "x", 1, 0) == 1 ? 0 : 1);
     }
     int status = 0;
     waitpid(pid, &status, 0);
     int child_ok = WIFEXITED(status) && WEXITSTATUS(status) == 0 && recv(sv[1], buf, 1, 0) == 1;
+    int private = holds(held, held_len, 0x33);
 
     int ok = holds(held, held_len, 0x33);
-    printf("closefds held=%d injected=%d child_ok=%d shared_after=%d\n", ok, injected, child_ok,
-           shared_after);
+    printf("closefds held=%d injected=%d child_ok=%d private=%d shared_after=%d\n", ok, injected,
+           child_ok, private, shared_after);
     printf("ready\n");
     fflush(stdout);
     if (fgets(buf, sizeof buf, stdin) == NULL)
@@ -89,5 +117,6 @@ int main(void)
     ok &= holds(held, held_len, 0x33);
     printf("closefds held_at_end=%d\n", ok);
     free(held);
-    return ok && injected == 0 && child_ok ? 0 : 1;
+    munmap(om, 4096);
+    return ok && injected == 0 && child_ok && private ? 0 : 1;
 }

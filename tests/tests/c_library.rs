@@ -1202,7 +1202,7 @@ fn a_program_that_closes_every_descriptor_keeps_its_blocks_and_files() {
         assert!(out.read_line(&mut lines).unwrap() > 0, "{lines}");
     }
     assert!(
-        lines.starts_with("closefds held=1 injected=0 child_ok=1 shared_after=20\n"),
+        lines.starts_with("closefds held=1 injected=0 child_ok=1 private=1 shared_after=20\n"),
         "{lines}"
     );
     // The process lives, with its 8 MiB block: the daemon kept what it holds, though its
@@ -1210,7 +1210,7 @@ fn a_program_that_closes_every_descriptor_keeps_its_blocks_and_files() {
     assert!(d.stat("used_bytes") >= 8 << 20, "{}", d.log());
     assert!(
         d.log()
-            .contains("closed its connection but still maps its channel"),
+            .contains("closed its connection but its process lives"),
         "{}",
         d.log()
     );
@@ -1220,6 +1220,31 @@ fn a_program_that_closes_every_descriptor_keeps_its_blocks_and_files() {
     assert!(child.wait().unwrap().success(), "{lines}{rest}");
     assert_eq!(rest, "closefds held_at_end=1\n");
     wait_all_reclaimed(&d);
+
+    // Closing every descriptor, then exec: the new program does not map the channel, and
+    // the daemon, which looks again at such clients every second, reclaims while it runs.
+    let mut child = preloaded(
+        &exe,
+        &[OsStr::new("exec"), OsStr::new("sleep"), OsStr::new("5")],
+        Variant::Daemon,
+        &d.name,
+    )
+    .spawn()
+    .unwrap();
+    let held = d.wait_for(Duration::from_secs(3), || d.stat("used_bytes") >= 8 << 20);
+    assert!(held.is_some(), "{}", d.log());
+    let freed = d.wait_for(Duration::from_secs(4), || d.stat("used_bytes") == 0);
+    assert!(
+        freed.is_some() && child.try_wait().unwrap().is_none(),
+        "not reclaimed while the new program ran: {}",
+        d.log()
+    );
+    assert!(
+        d.log().contains("no longer maps its channel (exec)"),
+        "{}",
+        d.log()
+    );
+    child.wait().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
