@@ -1066,14 +1066,20 @@ impl Connection {
         id.named_by(fd)
     }
 
-    /// Puts `sock` in as the connection's socket: its identity first, then the number.
-    fn install_socket(&self, sock: Fd) -> Result<(), ConnectError> {
+    /// Records `sock` as the file the connection's socket descriptor names.
+    fn set_sock_id(&self, sock: &Fd) -> Result<(), ConnectError> {
         let id = FileId::of_raw(sock.raw()).map_err(|errno| ConnectError::Os {
             call: "fstat",
             errno,
         })?;
         self.sock_dev.store(id.dev, Ordering::Release);
         self.sock_ino.store(id.ino, Ordering::Release);
+        Ok(())
+    }
+
+    /// Puts `sock` in as the connection's socket: its identity first, then the number.
+    fn install_socket(&self, sock: Fd) -> Result<(), ConnectError> {
+        self.set_sock_id(&sock)?;
         self.sock.store(sock.into_raw(), Ordering::Release);
         Ok(())
     }
@@ -1148,12 +1154,7 @@ impl Connection {
         // The old socket is this connection's, hung up by a daemon that died: the new one
         // takes its number. Its identity is written first; a thread that checks the number in
         // between sees a mismatch and skips one wake-up (it looks again), never a lost socket.
-        let id = FileId::of_raw(sock.raw()).map_err(|errno| ConnectError::Os {
-            call: "fstat",
-            errno,
-        })?;
-        self.sock_dev.store(id.dev, Ordering::Release);
-        self.sock_ino.store(id.ino, Ordering::Release);
+        self.set_sock_id(&sock)?;
         // SAFETY: both descriptors are open and this connection's; `dup3` closes what `old`
         // named and makes it name the new socket in one step, close-on-exec. `sock` is closed
         // below, the socket living on as `old`.

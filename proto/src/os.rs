@@ -502,44 +502,30 @@ pub unsafe fn replace_with_private_copy(
     keep: impl Iterator<Item = (usize, usize)>,
 ) -> Result<(), Errno> {
     let len = map.len().next_multiple_of(PAGE);
-    // SAFETY: a fresh private mapping chosen by the kernel; it aliases nothing of ours.
-    let tmp = unsafe {
-        rustix::mm::mmap_anonymous(
-            core::ptr::null_mut(),
-            len,
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::PRIVATE | MapFlags::NORESERVE,
-        )
-    }
-    .map_err(errno)?;
+    let tmp = Mapping::anonymous(len)?;
     for (off, n) in keep {
         if off.checked_add(n).is_none_or(|end| end > map.len()) {
             continue;
         }
         // SAFETY: `[off, off + n)` lies inside both mappings (checked), which are distinct;
         // the caller's contract rules out concurrent access to `map`.
-        unsafe {
-            core::ptr::copy_nonoverlapping(map.as_ptr().add(off), tmp.cast::<u8>().add(off), n)
-        };
+        unsafe { core::ptr::copy_nonoverlapping(map.as_ptr().add(off), tmp.as_ptr().add(off), n) };
     }
     // SAFETY: moves our fresh mapping over `map`'s range, replacing it in one step (the range
     // stays mapped throughout); both are page-aligned and `len` long.
-    match unsafe {
+    unsafe {
         rustix::mm::mremap_fixed(
-            tmp,
+            tmp.as_ptr().cast::<c_void>(),
             len,
             len,
             rustix::mm::MremapFlags::MAYMOVE,
             map.as_ptr().cast::<c_void>(),
         )
-    } {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            // SAFETY: the temporary mapping made above; nothing refers to it.
-            let _ = unsafe { rustix::mm::munmap(tmp, len) };
-            Err(errno(e))
-        }
     }
+    .map_err(errno)?;
+    // Moved: what was `tmp`'s range is no longer mapped, and `map` owns the new one.
+    core::mem::forget(tmp);
+    Ok(())
 }
 
 /// Nanoseconds on the monotonic clock.

@@ -213,6 +213,18 @@ fn static_c_program(source: &str, out: &Path) {
     );
 }
 
+/// Compiles `tests/c/SOURCE` into `out` as an unmodified program (no xalloc in it: it runs
+/// under `LD_PRELOAD`), with `libs`.
+fn plain_c_program(source: &str, out: &Path, libs: &[&str]) {
+    run_ok(
+        command("cc")
+            .args(["-Wall", "-Wextra", "-Werror", "-O2", "-o"])
+            .arg(out)
+            .arg(c_source(source))
+            .args(libs),
+    );
+}
+
 /// The absolute path of `lib/libxalloc.so`, for `LD_PRELOAD`.
 fn preload_lib() -> PathBuf {
     built();
@@ -1160,13 +1172,7 @@ fn children_made_without_fork_handlers_use_connections_of_their_own() {
     built();
     let d = TestDaemon::start("capi-rawfork", &["--arena-size", "256M"]);
     let exe = d.dir.join("raw_fork");
-    run_ok(
-        command("cc")
-            .args(["-Wall", "-Wextra", "-Werror", "-O2", "-o"])
-            .arg(&exe)
-            .arg(c_source("raw_fork.c"))
-            .arg("-ldl"),
-    );
+    plain_c_program("raw_fork.c", &exe, &["-ldl"]);
     let out = preloaded(&exe, &[], Variant::Daemon, &d.name)
         .output()
         .unwrap();
@@ -1185,12 +1191,7 @@ fn a_program_that_closes_every_descriptor_keeps_its_blocks_and_files() {
     built();
     let d = TestDaemon::start("capi-closefds", &["--arena-size", "256M"]);
     let exe = d.dir.join("close_fds");
-    run_ok(
-        command("cc")
-            .args(["-Wall", "-Wextra", "-Werror", "-O2", "-o"])
-            .arg(&exe)
-            .arg(c_source("close_fds.c")),
-    );
+    plain_c_program("close_fds.c", &exe, &[]);
     let mut child = preloaded(&exe, &[], Variant::Daemon, &d.name)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
