@@ -12,8 +12,8 @@
  * and `ready`, then waits for a line on stdin (the test looks at the daemon meanwhile) and
  * checks the held block again. Exits 1 on a failure.
  *
- * `close_fds exec PROGRAM...`: holds a block, closes every descriptor, then execs PROGRAM
- * (the daemon must reclaim the block while PROGRAM runs).
+ * `close_fds exec PROGRAM...`: holds a block, prints `holding`, closes every descriptor, then
+ * execs PROGRAM (the daemon must reclaim the block while PROGRAM runs).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -44,6 +44,8 @@ int main(int argc, char **argv)
     free(malloc((size_t)1 << 20));
 
     if (argc > 2 && strcmp(argv[1], "exec") == 0) {
+        printf("holding\n");
+        fflush(stdout);
         if (close_range(3, ~0U, 0) != 0)
             return 1;
         execvp(argv[2], argv + 2);
@@ -68,6 +70,19 @@ int main(int argc, char **argv)
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK, 0, sv) != 0)
         return 1;
+
+    /* A fork before the library has done anything since: the child's writes into the block
+     * it inherited stay its own. */
+    pid_t early = fork();
+    if (early == 0) {
+        int inherited = holds(held, held_len, 0x33);
+        memset(held, 0x55, held_len);
+        _exit(inherited && holds(held, held_len, 0x55) ? 0 : 1);
+    }
+    int early_status = 0;
+    waitpid(early, &early_status, 0);
+    int private_early = WIFEXITED(early_status) && WEXITSTATUS(early_status) == 0 &&
+                        holds(held, held_len, 0x33);
 
     int shared_after = 0;
     for (int i = 0; i < 200; i++) {
@@ -105,7 +120,7 @@ int main(int argc, char **argv)
     int status = 0;
     waitpid(pid, &status, 0);
     int child_ok = WIFEXITED(status) && WEXITSTATUS(status) == 0 && recv(sv[1], buf, 1, 0) == 1;
-    int private = holds(held, held_len, 0x33);
+    int private = private_early && holds(held, held_len, 0x33);
 
     int ok = holds(held, held_len, 0x33);
     printf("closefds held=%d injected=%d child_ok=%d private=%d shared_after=%d\n", ok, injected,
