@@ -145,11 +145,6 @@ impl<S: SystemMalloc> XallocMalloc<S> {
         self.config.threshold()
     }
 
-    /// The allocator that serves small blocks.
-    pub fn system(&self) -> &S {
-        &self.system
-    }
-
     /// An arena block, if `size` is large enough and the daemon serves it.
     fn arena(&self, size: usize, align: usize, zeroed: bool) -> Option<*mut u8> {
         if size < self.threshold() {

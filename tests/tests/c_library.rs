@@ -225,6 +225,46 @@ fn plain_c_program(source: &str, out: &Path, libs: &[&str]) {
     );
 }
 
+/// A program that prints a few lines, then waits for a line on its stdin while the test looks
+/// at the daemon.
+struct Paused {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Paused {
+    /// Starts `cmd` with its stdin and stdout piped.
+    fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Self { child, out }
+    }
+
+    /// What the program printed up to and including the line `last`.
+    fn until(&mut self, last: &str) -> String {
+        use std::io::BufRead;
+        let mut lines = String::new();
+        while !lines.ends_with(&format!("{last}\n")) {
+            assert!(self.out.read_line(&mut lines).unwrap() > 0, "{lines}");
+        }
+        lines
+    }
+
+    /// Lets the program go on, and returns the rest of what it printed once it exited 0.
+    fn go(mut self) -> String {
+        use std::io::{Read, Write};
+        self.child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let mut rest = String::new();
+        self.out.read_to_string(&mut rest).unwrap();
+        assert!(self.child.wait().unwrap().success(), "{rest}");
+        rest
+    }
+}
+
 /// The absolute path of `lib/libxalloc.so`, for `LD_PRELOAD`.
 fn preload_lib() -> PathBuf {
     built();
@@ -858,28 +898,15 @@ fn realloc_moves_a_glibc_block_whatever_the_link_order_and_shrinking_gives_memor
 
 #[test]
 fn blocks_of_a_daemon_that_stopped_stay_readable_and_are_uncounted_once_freed() {
-    use std::io::{BufRead, BufReader, Write};
     built();
     let d = TestDaemon::start("capi-dead", &["--arena-size", "256M"]);
     let exe = d.dir.join("dead_daemon");
     static_c_program("dead_daemon.c", &exe);
-    let mut child = command(&exe)
-        .env("XALLOC_NAME", &d.name)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line, "held\n");
+    let mut program = Paused::spawn(command(&exe).env("XALLOC_NAME", &d.name));
+    assert_eq!(program.until("held"), "held\n");
     let stop = d.xallocd(&["stop"]);
     assert!(stop.status.success(), "{stop:?}");
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-    assert!(child.wait().unwrap().success(), "{rest}");
-    assert_eq!(rest, "dead blocks=0 bytes=0 kept=1\n");
+    assert_eq!(program.go(), "dead blocks=0 bytes=0 kept=1\n");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1187,21 +1214,12 @@ fn children_made_without_fork_handlers_use_connections_of_their_own() {
 
 #[test]
 fn a_program_that_closes_every_descriptor_keeps_its_blocks_and_files() {
-    use std::io::{BufRead, BufReader, Write};
     built();
     let d = TestDaemon::start("capi-closefds", &["--arena-size", "256M"]);
     let exe = d.dir.join("close_fds");
     plain_c_program("close_fds.c", &exe, &[]);
-    let mut child = preloaded(&exe, &[], Variant::Daemon, &d.name)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut lines = String::new();
-    while !lines.ends_with("ready\n") {
-        assert!(out.read_line(&mut lines).unwrap() > 0, "{lines}");
-    }
+    let mut program = Paused::spawn(&mut preloaded(&exe, &[], Variant::Daemon, &d.name));
+    let lines = program.until("ready");
     assert!(
         lines.starts_with("closefds held=1 injected=0 child_ok=1 private=1 shared_after=20\n"),
         "{lines}"
@@ -1215,37 +1233,27 @@ fn a_program_that_closes_every_descriptor_keeps_its_blocks_and_files() {
         "{}",
         d.log()
     );
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-    assert!(child.wait().unwrap().success(), "{lines}{rest}");
-    assert_eq!(rest, "closefds held_at_end=1\n");
+    assert_eq!(program.go(), "closefds held_at_end=1\n");
     wait_all_reclaimed(&d);
 
     // Closing every descriptor, then exec: the new program does not map the channel. The
     // daemon sees that when it handles the hang-up after the exec, or, if it handled it in
     // between (the process still mapped its channel), when it looks again at such clients
     // (every second): either way, while the new program runs.
-    let mut child = preloaded(
+    let mut program = Paused::spawn(&mut preloaded(
         &exe,
         &[OsStr::new("exec"), OsStr::new("sleep"), OsStr::new("5")],
         Variant::Daemon,
         &d.name,
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line, "holding\n");
+    ));
+    assert_eq!(program.until("holding"), "holding\n");
     let freed = d.wait_for(Duration::from_secs(4), || d.stat("used_bytes") == 0);
     assert!(
-        freed.is_some() && child.try_wait().unwrap().is_none(),
+        freed.is_some() && program.child.try_wait().unwrap().is_none(),
         "not reclaimed while the new program ran: {}",
         d.log()
     );
-    child.wait().unwrap();
+    program.child.wait().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
