@@ -275,6 +275,7 @@ fn answer(status: Status) -> Response {
         flags: 0,
         offset: 0,
         size: 0,
+        ..Response::default()
     }
 }
 
@@ -1085,6 +1086,9 @@ impl Server {
             Op::Allocate => self.allocate(id, req),
             Op::Free => self.free(id, req.offset),
             Op::Reallocate => self.resize(id, req.offset, req.size),
+            Op::Share | Op::Open | Op::Close | Op::Send | Op::Receive => {
+                answer(Status::UnknownOp)
+            }
         }
     }
 
@@ -1156,6 +1160,7 @@ impl Server {
             },
             offset: offset as u64,
             size,
+            ..Response::default()
         }
     }
 
@@ -1237,6 +1242,7 @@ impl Server {
             flags: 0,
             offset,
             size,
+            ..Response::default()
         }
     }
     /// Records the chunks that `[offset, offset + len)` of the data overlaps as reserved.

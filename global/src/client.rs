@@ -907,6 +907,21 @@ impl Connection {
         align: u64,
         offset: u64,
     ) -> Result<Response, RequestError> {
+        self.request_with_token(index, op, flags, size, align, offset, 0)
+    }
+
+    /// [`Connection::request`] with a share's token ([`Op::Open`], [`Op::Receive`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn request_with_token(
+        &self,
+        index: u32,
+        op: Op,
+        flags: u32,
+        size: u64,
+        align: u64,
+        offset: u64,
+        token: u64,
+    ) -> Result<Response, RequestError> {
         if index >= self.slot_count || !self.in_connecting_process() {
             return Err(RequestError::SlotUnusable);
         }
@@ -919,7 +934,7 @@ impl Connection {
         };
         let cpu = os::current_cpu();
         rq.cpu.store(cpu, Ordering::Relaxed);
-        let seq = rq.submit(op, flags, size, align, offset);
+        let seq = rq.submit_with_token(op, flags, size, align, offset, token);
         // SAFETY: the connecting process.
         unsafe { self.ring_here() };
         let r = self.wait(rq, rs, seq, cpu);
@@ -1684,6 +1699,7 @@ mod tests {
                             flags: 0,
                             offset: 0,
                             size: size.next_multiple_of(u64::from(GRANULE)),
+                            ..Response::default()
                         };
                         if rs.publish(rq, seq, answer) {
                             os::futex_wake(&rs.seq, 1);

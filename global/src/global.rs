@@ -536,6 +536,147 @@ pub fn with_newest_connection<R>(f: impl FnOnce(&Connection) -> R) -> Option<R> 
     Some(f(&c.conn))
 }
 
+/// A connection the share API ([`crate::share`]) uses, counted as one held block of its entry
+/// while this value lives, so that the connection (and its arena mapping, where shared blocks
+/// and views lie) is never recycled under a [`SharedBuf`](crate::SharedBuf) or a
+/// [`SharedView`](crate::SharedView).
+#[derive(Debug)]
+pub(crate) struct HeldConn {
+    entry: usize,
+}
+
+impl HeldConn {
+    /// Holds the live connection of this process (made to `XALLOC_NAME`, default
+    /// [`DEFAULT_NAME`], if there is none), or `None` if no daemon answers.
+    pub(crate) fn live() -> Option<Self> {
+        let c = STATE.live_conn(DEFAULT_NAME)?;
+        let entry = STATE.index_of(&c);
+        c.hold_block_and_unpin();
+        Some(Self { entry })
+    }
+
+    /// Takes the held arena block at `ptr` out of the program's hands, for a share: the hold
+    /// the block had on its connection becomes this value's. Returns the block's offset and
+    /// length, or `None` if no held block starts at `ptr` (a system block).
+    pub(crate) fn adopt_block(ptr: *const u8) -> Option<(Self, u64, usize)> {
+        let c = STATE.conn_of(ptr.addr())?;
+        if !STATE.usable(&c) {
+            return None;
+        }
+        let bytes = c.take_block(ptr)?;
+        let entry = STATE.index_of(&c);
+        let offset = (ptr.addr() - c.base) as u64;
+        // The block's hold stays; this pin goes.
+        drop(c);
+        Some((Self { entry }, offset, bytes))
+    }
+
+    /// Gives the block at `offset` of `bytes` back to the program (a share of it failed): the
+    /// hold becomes the block's again.
+    pub(crate) fn return_block(self, offset: u64, bytes: usize) {
+        if let Some(c) = STATE.pin(self.entry) {
+            c.note_block((c.base + offset as usize) as *const u8, bytes);
+        }
+        core::mem::forget(self);
+    }
+
+    /// The connection, pinned (always there: the hold keeps the entry full).
+    fn pinned(&self) -> Option<Pinned<'static>> {
+        STATE.pin(self.entry)
+    }
+
+    /// Where the arena starts in this process, its length, its instance's generation and its
+    /// granule.
+    pub(crate) fn arena(&self) -> (*mut u8, usize, u64, usize) {
+        self.pinned().map_or((ptr::null_mut(), 0, 0, 1), |c| {
+            (
+                c.conn.arena_base(),
+                c.conn.arena_len(),
+                c.conn.generation(),
+                c.conn.granule(),
+            )
+        })
+    }
+
+    /// A zeroed block of at least `size` bytes: its offset and length.
+    pub(crate) fn allocate_zeroed(&self, size: u64) -> Result<(u64, u64), RequestError> {
+        let c = self.pinned().ok_or(RequestError::SlotUnusable)?;
+        if !STATE.usable(&c) {
+            return Err(RequestError::DaemonGone);
+        }
+        let align = c.conn.granule() as u64;
+        let b = STATE
+            .with_slot(&c, |i| c.conn.allocate(i, size, align, true))
+            .unwrap_or(Err(RequestError::NoFreeSlot))?;
+        Ok((b.offset, b.size))
+    }
+
+    /// Whether the connection may still be asked (this process's, its daemon alive or back).
+    pub(crate) fn usable(&self) -> bool {
+        self.pinned().is_some_and(|c| STATE.usable(&c))
+    }
+
+    /// One share request through a slot of the connection.
+    pub(crate) fn request(
+        &self,
+        op: wire::Op,
+        flags: u32,
+        size: u64,
+        offset: u64,
+        token: u64,
+    ) -> Result<wire::Response, RequestError> {
+        let c = self.pinned().ok_or(RequestError::SlotUnusable)?;
+        if !STATE.usable(&c) {
+            return Err(RequestError::DaemonGone);
+        }
+        STATE
+            .with_slot(&c, |i| {
+                c.conn
+                    .request_with_token(i, op, flags, size, 0, offset, token)
+            })
+            .unwrap_or(Err(RequestError::NoFreeSlot))
+    }
+
+    /// Adds `bytes` and one block (`more`), or takes them away, from this process's counters.
+    pub(crate) fn count(bytes: u64, more: bool) {
+        if more {
+            STATE.arena_bytes.fetch_add(bytes, Ordering::Relaxed);
+            STATE.arena_blocks.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let less = |v: u64, by: u64| Some(v.saturating_sub(by));
+            let _ = STATE
+                .arena_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| less(v, bytes));
+            let _ = STATE
+                .arena_blocks
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| less(v, 1));
+        }
+    }
+
+    /// Whether the connection was made by this process (not inherited through fork).
+    pub(crate) fn ours(&self) -> bool {
+        self.pinned()
+            .is_some_and(|c| !c.inherited.load(Ordering::Relaxed) && STATE.ours(&c))
+    }
+}
+
+impl Clone for HeldConn {
+    fn clone(&self) -> Self {
+        if let Some(c) = self.pinned() {
+            c.hold_block_and_unpin();
+        }
+        Self { entry: self.entry }
+    }
+}
+
+impl Drop for HeldConn {
+    fn drop(&mut self) {
+        if let Some(c) = self.pinned() {
+            c.free_block_and_unpin();
+        }
+    }
+}
+
 extern "C" fn after_fork_in_child() {
     // First: from here on no inherited connection counts as this process's own.
     crate::client::note_fork();
@@ -546,6 +687,12 @@ impl State {
     /// Pins the connection in entry `i`, if there is one.
     fn pin(&self, i: usize) -> Option<Pinned<'_>> {
         self.conns.get(i)?.pin()
+    }
+
+    /// The index of the entry `c` pins.
+    fn index_of(&self, c: &Pinned<'_>) -> usize {
+        let at = core::ptr::from_ref(c.entry).addr();
+        (at - self.conns.as_ptr().addr()) / size_of::<Entry>()
     }
 
     /// Every connection, pinned in turn.

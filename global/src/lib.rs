@@ -6,6 +6,8 @@
 //! - [`XallocMalloc`] ([`malloc`]): the same client as C's `malloc` family, where a block is
 //!   known by its pointer alone; the C library (`capi/`, `xalloc.h`) and its `LD_PRELOAD`
 //!   interposer are this.
+//! - [`SharedBuf`], [`SharedView`], [`Handle`] ([`share`]): hand an arena block to another
+//!   process without copying it.
 //! - [`client`] speaks the protocol to `xallocd`: it connects to the instance's socket, maps
 //!   the arena and the channel of its own that the daemon hands over, claims a request slot of
 //!   that channel, sends a request and waits for the answer. It never allocates, formats or
@@ -37,6 +39,8 @@
 pub mod client;
 pub mod global;
 pub mod malloc;
+pub mod share;
 
 pub use global::{counters, is_shared, Counters, XallocGlobal};
 pub use malloc::XallocMalloc;
+pub use share::{Handle, HandleKind, ShareError, SharedBuf, SharedView};

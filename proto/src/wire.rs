@@ -59,7 +59,7 @@
 use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// Version of this layout. Bumped on any incompatible change.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 
 /// Magic numbers at the start of each segment (ASCII `XALLOC` and a kind letter).
 pub const MAGIC: [u64; 4] = [
@@ -704,6 +704,25 @@ pub enum Op {
     Free = 4,
     /// Resize the block at `offset` to `size` bytes, in place only.
     Reallocate = 5,
+    /// Share the block at `offset`, which the client owns and has not shared, as `size` bytes
+    /// (at most the block's length): the answer carries the share's generation (`tag`) and the
+    /// token that opens views of it (`token`). From then on the block is freed only when its
+    /// owner and every view are gone ([`Op::Close`]), never by [`Op::Free`].
+    Share = 6,
+    /// Open a view of the share at `offset` whose generation is `size` and whose view or send
+    /// token is `token`: the answer carries the share's offset and length, its generation and
+    /// its view token.
+    Open = 7,
+    /// Drop one reference of the client to the share at `offset` of generation `size`: a view
+    /// of it, or, with [`BlockFlags::OWNER`], its ownership.
+    Close = 8,
+    /// Put the share at `offset` of generation `size`, which the client owns, in transit: the
+    /// answer's `token` is the send token that one process may [`Op::Receive`] it with. The
+    /// block stays the sender's (its quota, its lifetime) until then.
+    Send = 9,
+    /// Take ownership of the share at `offset` of generation `size` in transit with send token
+    /// `token`: the answer is as for [`Op::Open`].
+    Receive = 10,
 }
 
 impl Op {
@@ -713,6 +732,11 @@ impl Op {
             3 => Self::Allocate,
             4 => Self::Free,
             5 => Self::Reallocate,
+            6 => Self::Share,
+            7 => Self::Open,
+            8 => Self::Close,
+            9 => Self::Send,
+            10 => Self::Receive,
             _ => return None,
         })
     }
@@ -726,6 +750,8 @@ bitflags::bitflags! {
         /// Request ([`Op::Allocate`] only): the memory must be zero. Answer: the memory is
         /// known to be zero (fresh pages), so the client need not clear it.
         const ZEROED = 1;
+        /// Request ([`Op::Close`] only): drop the ownership of the share, not a view of it.
+        const OWNER = 2;
     }
 }
 
@@ -735,7 +761,8 @@ impl BlockFlags {
     pub const fn for_request(op: Op, bits: u32) -> Option<Self> {
         let allowed = match op {
             Op::Allocate => Self::ZEROED.bits(),
-            Op::Free | Op::Reallocate => 0,
+            Op::Close => Self::OWNER.bits(),
+            Op::Free | Op::Reallocate | Op::Share | Op::Open | Op::Send | Op::Receive => 0,
         };
         if bits & !allowed != 0 {
             return None;
@@ -779,6 +806,15 @@ pub enum Status {
     /// The allocation would take the client's process or user over its quota
     /// (`xallocd start --client-quota`, `--user-quota`).
     OverQuota = 12,
+    /// The block is shared: it is freed when its owner and every view are gone, not by a free,
+    /// and never resized; or it is shared already.
+    Shared = 13,
+    /// No live share matches the handle (made up, mutated, of a block freed since, or already
+    /// received), or the client holds no such reference.
+    NoSuchShare = 14,
+    /// The daemon's table of shares or views is full, or the client has as many views open
+    /// as one client may ([`MAX_VIEWS_PER_CLIENT`]).
+    TooManyShares = 15,
 }
 
 impl Status {
@@ -798,6 +834,9 @@ impl Status {
             10 => Self::ShuttingDown,
             11 => Self::BadFlags,
             12 => Self::OverQuota,
+            13 => Self::Shared,
+            14 => Self::NoSuchShare,
+            15 => Self::TooManyShares,
             _ => return None,
         })
     }
@@ -821,6 +860,8 @@ pub struct Request {
     /// Offset of a block in the arena's data; for [`Op::Allocate`], the client's view of the
     /// arena (see [`RequestSlot::offset`]).
     pub offset: u64,
+    /// [`Op::Open`], [`Op::Receive`]: the share's token.
+    pub token: u64,
 }
 
 /// One client's request slot in the request segment.
@@ -852,6 +893,8 @@ pub struct RequestSlot {
     /// that the block is aligned where the client sees it (the daemon's own mapping of the
     /// arena is at another address, aligned only to [`HUGE_PAGE`]); 0 aligns the offset itself.
     pub offset: AtomicU64,
+    /// [`Op::Open`], [`Op::Receive`]: the share's token.
+    pub token: AtomicU64,
 }
 
 impl RequestSlot {
@@ -868,6 +911,7 @@ impl RequestSlot {
             size: AtomicU64::new(0),
             align: AtomicU64::new(0),
             offset: AtomicU64::new(0),
+            token: AtomicU64::new(0),
         }
     }
 
@@ -890,6 +934,20 @@ impl RequestSlot {
     /// Client side, on an owned idle slot: writes a request and marks it pending. Returns the
     /// sequence number its answer will carry. Ring the [`ClientBell`] next.
     pub fn submit(&self, op: Op, flags: u32, size: u64, align: u64, offset: u64) -> u32 {
+        self.submit_with_token(op, flags, size, align, offset, 0)
+    }
+
+    /// [`RequestSlot::submit`] with a share's token ([`Op::Open`], [`Op::Receive`]).
+    pub fn submit_with_token(
+        &self,
+        op: Op,
+        flags: u32,
+        size: u64,
+        align: u64,
+        offset: u64,
+        token: u64,
+    ) -> u32 {
+        self.token.store(token, Ordering::Relaxed);
         self.op.store(op as u32, Ordering::Relaxed);
         self.flags.store(flags, Ordering::Relaxed);
         self.size.store(size, Ordering::Relaxed);
@@ -915,6 +973,7 @@ impl RequestSlot {
             size: self.size.load(Ordering::Relaxed),
             align: self.align.load(Ordering::Relaxed),
             offset: self.offset.load(Ordering::Relaxed),
+            token: self.token.load(Ordering::Relaxed),
         };
         // Before the answer is published, so that the owner's next `submit` is never
         // overwritten.
@@ -937,7 +996,7 @@ impl RequestSlot {
 }
 
 /// An answer as the client read it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Response {
     /// Status code (see [`Status::from_u32`]).
     pub status: u32,
@@ -945,8 +1004,14 @@ pub struct Response {
     pub flags: u32,
     /// Offset of the block in the arena's data.
     pub offset: u64,
-    /// Size of the block in bytes (whole granules).
+    /// Size of the block in bytes (whole granules); for the share operations, the share's
+    /// length.
     pub size: u64,
+    /// [`Op::Share`], [`Op::Open`], [`Op::Receive`]: the share's view token; [`Op::Send`]: its
+    /// send token.
+    pub token: u64,
+    /// The share operations: the share's generation.
+    pub tag: u64,
 }
 
 /// The daemon's answer for one slot, in the response segment.
@@ -966,6 +1031,10 @@ pub struct ResponseSlot {
     pub offset: AtomicU64,
     /// Size of the block in bytes.
     pub size: AtomicU64,
+    /// See [`Response::token`].
+    pub token: AtomicU64,
+    /// See [`Response::tag`].
+    pub tag: AtomicU64,
 }
 
 impl ResponseSlot {
@@ -978,6 +1047,8 @@ impl ResponseSlot {
             cpu: AtomicU32::new(0),
             offset: AtomicU64::new(0),
             size: AtomicU64::new(0),
+            token: AtomicU64::new(0),
+            tag: AtomicU64::new(0),
         }
     }
 
@@ -988,6 +1059,8 @@ impl ResponseSlot {
         self.flags.store(resp.flags, Ordering::Relaxed);
         self.offset.store(resp.offset, Ordering::Relaxed);
         self.size.store(resp.size, Ordering::Relaxed);
+        self.token.store(resp.token, Ordering::Relaxed);
+        self.tag.store(resp.tag, Ordering::Relaxed);
         // Publishes the fields above, then the handshake's fence.
         self.seq.store(seq, Ordering::Release);
         fence(Ordering::SeqCst);
@@ -1004,6 +1077,8 @@ impl ResponseSlot {
             flags: self.flags.load(Ordering::Relaxed),
             offset: self.offset.load(Ordering::Relaxed),
             size: self.size.load(Ordering::Relaxed),
+            token: self.token.load(Ordering::Relaxed),
+            tag: self.tag.load(Ordering::Relaxed),
         })
     }
 }
@@ -1283,10 +1358,94 @@ pub const fn arena_granules(arena_len: u64, granule: u32) -> usize {
     ((arena_len - ARENA_DATA_OFFSET as u64) / granule as u64) as usize
 }
 
+/// [`OwnerEntry::owner`] of a shared block whose owner is gone while views of it remain: it
+/// belongs to no client (no quota pays for it) and is freed with its last view. Never a
+/// client id.
+pub const ORPHAN: u32 = u32::MAX;
+
+/// Shares an instance holds at once (entries of the state record's share table).
+pub const MAX_SHARES: usize = 8192;
+
+/// Distinct (share, client) view references an instance holds at once (entries of the state
+/// record's view table); one client opening the same share twice takes one entry.
+pub const MAX_VIEW_REFS: usize = 32768;
+
+/// Distinct shares one client may have views of at once.
+pub const MAX_VIEWS_PER_CLIENT: usize = 1024;
+
+/// The state record's share bookkeeping, after the owner entries: the next share generation.
+/// Written by the daemon only.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct ShareTableHeader {
+    /// The generation the next share gets (a restarted daemon goes on from here, so that a
+    /// handle of a block freed before the crash never matches a block shared after it).
+    pub next_generation: AtomicU32,
+    _pad: [AtomicU32; 15],
+}
+
+/// One shared block in the state record (daemon only), so that a daemon restarted after a
+/// crash keeps it, its handles and its views. The entry is in use while `granule` is not 0;
+/// the daemon writes every other field before it, and erases it first.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct ShareEntry {
+    /// The block's first granule plus one; 0: the entry is free.
+    pub granule: AtomicU32,
+    /// The share's generation (see [`Op::Share`]).
+    pub generation: AtomicU32,
+    /// The share's length in bytes (at most its block's).
+    pub len: AtomicU64,
+    /// The token that opens views.
+    pub token: AtomicU64,
+    /// The token one process may receive the block with while it is in transit; 0 otherwise.
+    pub send_token: AtomicU64,
+}
+
+/// A client's views of one share in the state record (daemon only). In use while `share` is
+/// not 0; written like a [`ShareEntry`].
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct ViewEntry {
+    /// Index of the [`ShareEntry`] plus one; 0: the entry is free.
+    pub share: AtomicU32,
+    /// The client (its id) that holds the views.
+    pub client: AtomicU32,
+    /// How many views it holds (opened and not closed).
+    pub count: AtomicU32,
+    _pad: AtomicU32,
+}
+
+// SAFETY: 1. `#[repr(C)]`; 2-4. atomics of plain integers only (the padding too), no `Drop`.
+unsafe impl SharedPlain for ShareTableHeader {}
+// SAFETY: as for `ShareTableHeader`.
+unsafe impl SharedPlain for ShareEntry {}
+// SAFETY: as for `ShareTableHeader`.
+unsafe impl SharedPlain for ViewEntry {}
+
+/// Offset in the state segment of the [`ShareTableHeader`] (after the owner entries, on a
+/// 64-byte boundary); the share entries follow it, then the view entries.
+pub const fn share_table_offset(arena_len: u64, granule: u32) -> usize {
+    (size_of::<SegmentHeader>()
+        + arena_granules(arena_len, granule).saturating_mul(size_of::<OwnerEntry>()))
+    .next_multiple_of(64)
+}
+
+/// Offset in the state segment of share entry `i` (`i < MAX_SHARES`).
+pub const fn share_entry_offset(arena_len: u64, granule: u32, i: usize) -> usize {
+    share_table_offset(arena_len, granule)
+        + size_of::<ShareTableHeader>()
+        + i * size_of::<ShareEntry>()
+}
+
+/// Offset in the state segment of view entry `i` (`i < MAX_VIEW_REFS`).
+pub const fn view_entry_offset(arena_len: u64, granule: u32, i: usize) -> usize {
+    share_entry_offset(arena_len, granule, MAX_SHARES) + i * size_of::<ViewEntry>()
+}
+
 /// Bytes of the state segment for an arena segment of `arena_len` bytes.
 pub const fn state_segment_len(arena_len: u64, granule: u32) -> usize {
-    size_of::<SegmentHeader>()
-        + arena_granules(arena_len, granule).saturating_mul(size_of::<OwnerEntry>())
+    view_entry_offset(arena_len, granule, MAX_VIEW_REFS)
 }
 
 /// Offset of the [`ClientBell`] in a request channel, and of the [`DaemonBell`] in a response
@@ -1335,6 +1494,8 @@ const _: () = {
     assert!(size_of::<RequestSlot>() == 64 && align_of::<RequestSlot>() == 64);
     assert!(size_of::<ResponseSlot>() == 64 && align_of::<ResponseSlot>() == 64);
     assert!(size_of::<OwnerEntry>() == 8);
+    assert!(size_of::<ShareTableHeader>() == 64 && align_of::<ShareTableHeader>() == 64);
+    assert!(size_of::<ShareEntry>() == 32 && size_of::<ViewEntry>() == 16);
     assert!(size_of::<Ledger>() == 64 + 8 * LEDGER_ENTRIES && align_of::<Ledger>() == 64);
     assert!(
         ARENA_HEADER_LEN >= size_of::<SegmentHeader>() && ARENA_HEADER_LEN <= ARENA_DATA_OFFSET
@@ -1508,16 +1669,17 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for op in [Op::Allocate, Op::Free, Op::Reallocate] {
-            assert_eq!(Op::from_u32(op as u32), Some(op));
+        for v in 3..=10 {
+            assert_eq!(Op::from_u32(v).map(|op| op as u32), Some(v));
         }
+        assert_eq!(Op::from_u32(11), None);
         for retired_or_unknown in [0, 1, 2, 6] {
             assert_eq!(Op::from_u32(retired_or_unknown), None);
         }
-        for v in 0..=12 {
+        for v in 0..=15 {
             assert_eq!(Status::from_u32(v).map(|s| s as u32), Some(v));
         }
-        assert_eq!(Status::from_u32(13), None);
+        assert_eq!(Status::from_u32(16), None);
     }
 
     #[test]
@@ -1624,6 +1786,7 @@ mod tests {
             flags: FLAG_ZEROED,
             offset: 8192,
             size: 4096,
+            ..Response::default()
         };
         slot.prepare_sleep();
         assert!(
@@ -1689,6 +1852,7 @@ mod tests {
                                 flags: 0,
                                 offset: req.size * 2,
                                 size: req.size,
+                                ..Response::default()
                             };
                             resp.publish(slot, req.seq, answer);
                             served += 1;

@@ -215,6 +215,7 @@ fn answer(req: &Request) -> Response {
         flags: 0,
         offset: req.size * 100,
         size: req.size,
+        ..Response::default()
     }
 }
 
