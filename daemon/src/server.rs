@@ -31,7 +31,7 @@
 //! byte on its socket. A client can only delay itself: nothing one client writes decides
 //! whether another's request is seen.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::CStr;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
@@ -42,9 +42,10 @@ use xalloc_core::{FreeError, MetaEntry, OobHeap, ResizeError};
 use xalloc_proto::os::{self, Fd, FileId, Mapping};
 use xalloc_proto::unix::{self, Peer};
 use xalloc_proto::wire::{
-    self, ClientBell, DaemonBell, Hello, HelloKind, Ledger, LedgerBlock, Op, OwnerEntry, Refusal,
-    Request, RequestSlot, Response, ResponseSlot, SegmentHeader, SegmentKind, Status, Welcome,
-    ARENA_DATA_OFFSET, BELL_OFFSET, MAX_ALIGN,
+    self, BlockFlags, ClientBell, DaemonBell, Hello, HelloKind, Ledger, LedgerBlock, Op,
+    OwnerEntry, Refusal, Request, RequestSlot, Response, ResponseSlot, SegmentHeader, SegmentKind,
+    ShareEntry, ShareTableHeader, Status, ViewEntry, Welcome, ARENA_DATA_OFFSET, BELL_OFFSET,
+    MAX_ALIGN, MAX_SHARES, MAX_VIEWS_PER_CLIENT, MAX_VIEW_REFS, ORPHAN,
 };
 
 use crate::keeper::{KeeperLink, KeptChannel};
@@ -161,6 +162,8 @@ struct Client {
     blocks: u64,
     bytes: u64,
     requests: u64,
+    /// The shares (their first granule) this client holds views of.
+    viewing: BTreeSet<usize>,
 }
 
 impl Client {
@@ -191,8 +194,30 @@ impl Client {
             blocks: 0,
             bytes: 0,
             requests: 0,
+            viewing: BTreeSet::new(),
         }
     }
+}
+
+/// A shared block (see [`Op::Share`]), kept in the state record as a [`ShareEntry`] (its
+/// views as [`ViewEntry`]s) so that a restarted daemon keeps it.
+#[derive(Debug)]
+struct Share {
+    /// Its entry in the state record's share table.
+    slot: usize,
+    generation: u32,
+    /// The length shared, at most the block's.
+    len: u64,
+    /// The block's length.
+    bytes: u64,
+    token: u64,
+    /// While in transit ([`Op::Send`]): the token that receives it; 0 otherwise.
+    send_token: u64,
+    /// The owning client; `None` once the owner is gone and views remain (the block is
+    /// recorded as [`ORPHAN`]'s).
+    owner: Option<u32>,
+    /// Per client that holds views: how many, and its entry in the view table.
+    views: HashMap<u32, (u32, usize)>,
 }
 
 /// Who may connect, and how much each may hold.
@@ -267,6 +292,11 @@ pub struct Server {
     /// The CPU of the last batch of requests, and whether one of them came from a client on it.
     cpu: u32,
     client_on_my_cpu: bool,
+    /// Shared blocks, by first granule.
+    shares: HashMap<usize, Share>,
+    /// Free entries of the state record's share and view tables.
+    free_share_slots: Vec<usize>,
+    free_view_slots: Vec<usize>,
 }
 
 fn answer(status: Status) -> Response {
@@ -388,6 +418,9 @@ impl Server {
             pid: os::pid(),
             cpu: u32::MAX,
             client_on_my_cpu: false,
+            shares: HashMap::new(),
+            free_share_slots: (0..MAX_SHARES).rev().collect(),
+            free_view_slots: (0..MAX_VIEW_REFS).rev().collect(),
         };
         if reattached {
             s.rebuild(kept);
@@ -577,6 +610,7 @@ impl Server {
                 }
             }
         }
+        self.read_shares();
         let (mut kept_blocks, mut kept_bytes, mut dropped) = (0u64, 0u64, 0u64);
         for g in 0..self.granules() {
             let e = self.entry(g);
@@ -585,31 +619,64 @@ impl Server {
                 continue;
             }
             let bytes = u64::from(e.granules.load(Ordering::Relaxed)) * GRANULE as u64;
-            self.next_id = self.next_id.max(owner.wrapping_add(1)).max(1);
-            if !self.clients.contains_key(&owner) {
+            if owner != ORPHAN {
+                self.next_id = self.next_id.max(owner.wrapping_add(1)).max(1);
+            }
+            let live_owner = owner != ORPHAN && self.clients.contains_key(&owner);
+            // A shared block whose owner is gone stays while a live client views it.
+            let viewed = self.shares.get(&g).is_some_and(|s| !s.views.is_empty());
+            let kept = (live_owner || viewed)
+                && self.shares.get(&g).is_none_or(|s| s.bytes == bytes)
+                && match self.heap.allocate_at(g * GRANULE, bytes as usize) {
+                    Ok(()) => true,
+                    Err(err) => {
+                        log::error!(
+                            "state record for granule {g} ({bytes} bytes, client {owner}) is \
+                             unusable ({err}); dropping it"
+                        );
+                        false
+                    }
+                };
+            if !kept {
                 self.record(g * GRANULE, 0, 0);
+                if let Some(s) = self.shares.remove(&g) {
+                    self.forget_share(s);
+                }
                 dropped += 1;
                 continue;
             }
-            match self.heap.allocate_at(g * GRANULE, bytes as usize) {
-                Ok(()) => {
-                    // The dead daemon reserved these pages before it handed the block out:
-                    // recorded as reserved, they are never populated (and on failure punched)
-                    // again while the block lives.
-                    self.mark_reserved((g * GRANULE) as u64, bytes);
-                    self.chunks_hold((g * GRANULE) as u64, bytes);
-                    kept_blocks += 1;
-                    kept_bytes += bytes;
-                    self.account(owner, bytes as i64, 1);
+            // The dead daemon reserved these pages before it handed the block out: recorded as
+            // reserved, they are never populated (and on failure punched) again while the
+            // block lives.
+            self.mark_reserved((g * GRANULE) as u64, bytes);
+            self.chunks_hold((g * GRANULE) as u64, bytes);
+            kept_blocks += 1;
+            kept_bytes += bytes;
+            if live_owner {
+                if let Some(s) = self.shares.get_mut(&g) {
+                    s.owner = Some(owner);
                 }
-                Err(err) => {
-                    log::error!(
-                        "state record for granule {g} ({bytes} bytes, client {owner}) is \
-                         unusable ({err}); dropping it"
-                    );
-                    self.record(g * GRANULE, 0, 0);
-                    dropped += 1;
+                self.account(owner, bytes as i64, 1);
+            } else {
+                // Owned by a client that is gone: the block is the views' alone now.
+                self.record(g * GRANULE, bytes, ORPHAN);
+                if let Some(s) = self.shares.get_mut(&g) {
+                    s.owner = None;
+                    s.send_token = 0;
                 }
+                self.persist_share(g);
+            }
+        }
+        // Shares whose block the record does not hold (a crash between the two) go.
+        let stray: Vec<usize> = self
+            .shares
+            .keys()
+            .copied()
+            .filter(|&g| self.heap.block_size_at(g * GRANULE).is_none())
+            .collect();
+        for g in stray {
+            if let Some(s) = self.shares.remove(&g) {
+                self.forget_share(s);
             }
         }
         // Blocks released but not yet swept by the old daemon are freed now (each at most
@@ -628,6 +695,87 @@ impl Server {
              uses to the kernel",
             self.clients.len()
         );
+    }
+
+    /// After a restart, before the blocks are rebuilt: reads the state record's share and view
+    /// tables. Views of clients that are not kept are dropped; shares get their owner when
+    /// their block is rebuilt (`owner` is `None` until then).
+    fn read_shares(&mut self) {
+        self.free_share_slots.clear();
+        self.free_view_slots.clear();
+        let granules = self.granules();
+        let mut by_slot: HashMap<usize, usize> = HashMap::new();
+        for i in (0..MAX_SHARES).rev() {
+            let e = self.share_entry(i);
+            let at = e.granule.load(Ordering::Acquire) as usize;
+            let g = at.wrapping_sub(1);
+            let bytes =
+                if at != 0 && g < granules && self.entry(g).owner.load(Ordering::Relaxed) != 0 {
+                    u64::from(self.entry(g).granules.load(Ordering::Relaxed)) * GRANULE as u64
+                } else {
+                    0
+                };
+            let len = e.len.load(Ordering::Relaxed);
+            if bytes == 0 || len > bytes || self.shares.contains_key(&g) {
+                e.granule.store(0, Ordering::Release);
+                self.free_share_slots.push(i);
+                continue;
+            }
+            by_slot.insert(i, g);
+            self.shares.insert(
+                g,
+                Share {
+                    slot: i,
+                    generation: e.generation.load(Ordering::Relaxed),
+                    len,
+                    bytes,
+                    token: e.token.load(Ordering::Relaxed),
+                    send_token: e.send_token.load(Ordering::Relaxed),
+                    owner: None,
+                    views: HashMap::new(),
+                },
+            );
+        }
+        for i in (0..MAX_VIEW_REFS).rev() {
+            let e = self.view_entry(i);
+            let share = (e.share.load(Ordering::Acquire) as usize).wrapping_sub(1);
+            let (client, count) = (
+                e.client.load(Ordering::Relaxed),
+                e.count.load(Ordering::Relaxed),
+            );
+            let g = by_slot.get(&share).copied();
+            let live = count > 0
+                && self
+                    .clients
+                    .get(&client)
+                    .is_some_and(|c| c.viewing.len() < MAX_VIEWS_PER_CLIENT);
+            let fresh = g.is_some_and(|g| !self.shares[&g].views.contains_key(&client));
+            let (Some(g), true, true) = (g, live, fresh) else {
+                e.share.store(0, Ordering::Release);
+                self.free_view_slots.push(i);
+                continue;
+            };
+            if let Some(s) = self.shares.get_mut(&g) {
+                s.views.insert(client, (count, i));
+            }
+            if let Some(c) = self.clients.get_mut(&client) {
+                c.viewing.insert(g);
+            }
+        }
+    }
+
+    /// Erases share `s` (taken out of `shares`) and its views from the state record, and
+    /// from its viewers.
+    fn forget_share(&mut self, s: Share) {
+        let g = self.share_entry(s.slot).granule.swap(0, Ordering::AcqRel) as usize;
+        self.free_share_slots.push(s.slot);
+        for (client, (_, slot)) in s.views {
+            self.view_entry(slot).share.store(0, Ordering::Release);
+            self.free_view_slots.push(slot);
+            if let Some(c) = self.clients.get_mut(&client) {
+                c.viewing.remove(&g.wrapping_sub(1));
+            }
+        }
     }
 
     /// Takes over a channel the keeper held: checks it, rewrites its response header for this
@@ -738,18 +886,30 @@ impl Server {
                             "granule {g}: recorded {recorded} bytes, the heap has {bytes}"
                         ));
                     }
-                    let c = per_client.entry(owner).or_default();
-                    c.0 += 1;
-                    c.1 += recorded;
                     for c in self.chunks_of((g * GRANULE) as u64, recorded) {
                         used[c] += 1;
                     }
+                    let share_owner = self.shares.get(&g).map(|s| s.owner.unwrap_or(ORPHAN));
+                    if owner == ORPHAN || share_owner.is_some() {
+                        if share_owner != Some(owner) {
+                            return Err(format!(
+                                "granule {g}: recorded for {owner}, its share says {share_owner:?}"
+                            ));
+                        }
+                        if owner == ORPHAN {
+                            continue;
+                        }
+                    }
+                    let c = per_client.entry(owner).or_default();
+                    c.0 += 1;
+                    c.1 += recorded;
                 }
             }
         }
         if used != self.chunk_used {
             return Err("per-chunk block counts differ from the record".into());
         }
+        self.check_shares()?;
         for (id, (blocks, bytes)) in &per_client {
             match self.clients.get(id) {
                 Some(c) if c.blocks == *blocks && c.bytes == *bytes => {}
@@ -776,6 +936,82 @@ impl Server {
         u.retain(|_, b| *b > 0);
         if p != procs || u != users {
             return Err("per-process or per-user byte counts differ from the clients'".into());
+        }
+        Ok(())
+    }
+
+    /// The share half of [`Server::check`]: every share's block is used and as long as
+    /// recorded, its state-record entries say what the daemon holds, its views are those of
+    /// clients that know it, an owner-less share has views, and the free lists account for
+    /// every other entry.
+    fn check_shares(&self) -> Result<(), String> {
+        let mut view_entries = 0;
+        for (&g, s) in &self.shares {
+            if self.heap.block_size_at(g * GRANULE).map(|b| b as u64) != Some(s.bytes)
+                || s.len > s.bytes
+            {
+                return Err(format!(
+                    "share at granule {g}: no used block of {} bytes",
+                    s.bytes
+                ));
+            }
+            let e = self.share_entry(s.slot);
+            let persisted = (
+                e.granule.load(Ordering::Relaxed) as usize,
+                e.generation.load(Ordering::Relaxed),
+                e.len.load(Ordering::Relaxed),
+                e.token.load(Ordering::Relaxed),
+                e.send_token.load(Ordering::Relaxed),
+            );
+            if persisted != (g + 1, s.generation, s.len, s.token, s.send_token) {
+                return Err(format!(
+                    "share at granule {g}: its state-record entry differs"
+                ));
+            }
+            if s.owner.is_none() && (s.views.is_empty() || s.send_token != 0) {
+                return Err(format!(
+                    "share at granule {g}: no owner, no views or in transit"
+                ));
+            }
+            for (client, &(count, slot)) in &s.views {
+                let v = self.view_entry(slot);
+                let persisted = (
+                    v.share.load(Ordering::Relaxed) as usize,
+                    v.client.load(Ordering::Relaxed),
+                    v.count.load(Ordering::Relaxed),
+                );
+                let knows = self
+                    .clients
+                    .get(client)
+                    .is_some_and(|c| c.viewing.contains(&g));
+                if count == 0 || persisted != (s.slot + 1, *client, count) || !knows {
+                    return Err(format!(
+                        "share at granule {g}: views of client {client} differ"
+                    ));
+                }
+                view_entries += 1;
+            }
+        }
+        for (id, c) in &self.clients {
+            if c.viewing
+                .iter()
+                .any(|g| !self.shares.get(g).is_some_and(|s| s.views.contains_key(id)))
+            {
+                return Err(format!("client {id} views a share that does not count it"));
+            }
+        }
+        let used_shares = (0..MAX_SHARES)
+            .filter(|&i| self.share_entry(i).granule.load(Ordering::Relaxed) != 0)
+            .count();
+        let used_views = (0..MAX_VIEW_REFS)
+            .filter(|&i| self.view_entry(i).share.load(Ordering::Relaxed) != 0)
+            .count();
+        if used_shares != self.shares.len()
+            || used_views != view_entries
+            || used_shares + self.free_share_slots.len() != MAX_SHARES
+            || used_views + self.free_view_slots.len() != MAX_VIEW_REFS
+        {
+            return Err("share or view table entries differ from the shares held".into());
         }
         Ok(())
     }
@@ -1086,8 +1322,22 @@ impl Server {
             Op::Allocate => self.allocate(id, req),
             Op::Free => self.free(id, req.offset),
             Op::Reallocate => self.resize(id, req.offset, req.size),
-            Op::Share | Op::Open | Op::Close | Op::Send | Op::Receive => {
-                answer(Status::UnknownOp)
+            Op::Share => self.share(id, req.offset, req.size),
+            Op::Open | Op::Close | Op::Send | Op::Receive => {
+                // The generation is a 32-bit word: a larger one names no share.
+                let Ok(generation) = u32::try_from(req.size) else {
+                    return answer(Status::NoSuchShare);
+                };
+                match op {
+                    Op::Open => self.open(id, req.offset, generation, req.token),
+                    Op::Close => {
+                        let owner =
+                            BlockFlags::from_bits_retain(req.flags).contains(BlockFlags::OWNER);
+                        self.close(id, req.offset, generation, owner)
+                    }
+                    Op::Send => self.send(id, req.offset, generation),
+                    _ => self.receive(id, req.offset, generation, req.token),
+                }
             }
         }
     }
@@ -1179,6 +1429,9 @@ impl Server {
             Ok(off) => off,
             Err(s) => return answer(s),
         };
+        if self.is_shared(off) {
+            return answer(Status::Shared);
+        }
         if self.owner_at(off) == id {
             // Erased first: a crash after this leaves the block free, which the client that
             // asked to free it no longer uses.
@@ -1199,6 +1452,9 @@ impl Server {
             Ok(off) => off,
             Err(s) => return answer(s),
         };
+        if self.is_shared(off) {
+            return answer(Status::Shared);
+        }
         let Some(old) = self.heap.block_size_at(off) else {
             // Let the heap say what is wrong with the offset.
             let e = self.heap.resize_at(off, 1).err();
@@ -1245,6 +1501,346 @@ impl Server {
             ..Response::default()
         }
     }
+    /// Whether a shared block starts at byte `off` of the data.
+    fn is_shared(&self, off: usize) -> bool {
+        off.is_multiple_of(GRANULE) && self.shares.contains_key(&(off / GRANULE))
+    }
+
+    /// The first granule of the share at byte `offset` of generation `generation`, if one
+    /// lives there.
+    fn find_share(&self, offset: u64, generation: u32) -> Option<usize> {
+        let off = usize::try_from(offset).ok()?;
+        if !off.is_multiple_of(GRANULE) {
+            return None;
+        }
+        let g = off / GRANULE;
+        self.shares
+            .get(&g)
+            .filter(|s| s.generation == generation)
+            .map(|_| g)
+    }
+
+    /// The answer that describes share `g` to a client, with `token`.
+    fn share_answer(&self, g: usize, token: u64) -> Response {
+        let s = &self.shares[&g];
+        Response {
+            status: Status::Ok as u32,
+            offset: (g * GRANULE) as u64,
+            size: s.len,
+            token,
+            tag: u64::from(s.generation) | (s.bytes / GRANULE as u64) << 32,
+            ..Response::default()
+        }
+    }
+
+    /// The state record's bookkeeping of shares.
+    fn share_header(&self) -> &ShareTableHeader {
+        let at = wire::share_table_offset(self.state_arena_len(), GRANULE as u32);
+        // SAFETY: the state segment is `state_segment_len` long for this arena (made or
+        // checked by the daemon), which holds the share tables after the owner entries, at
+        // 64-aligned offsets; only the daemon maps it.
+        unsafe { self.seg.state.at(at) }
+    }
+
+    /// Entry `i` (`< MAX_SHARES`) of the state record's share table.
+    fn share_entry(&self, i: usize) -> &ShareEntry {
+        assert!(i < MAX_SHARES);
+        // SAFETY: as in `share_header`; entries are 8-aligned.
+        unsafe {
+            self.seg.state.at(wire::share_entry_offset(
+                self.state_arena_len(),
+                GRANULE as u32,
+                i,
+            ))
+        }
+    }
+
+    /// Entry `i` (`< MAX_VIEW_REFS`) of the state record's view table.
+    fn view_entry(&self, i: usize) -> &ViewEntry {
+        assert!(i < MAX_VIEW_REFS);
+        // SAFETY: as in `share_header`; entries are 4-aligned.
+        unsafe {
+            self.seg.state.at(wire::view_entry_offset(
+                self.state_arena_len(),
+                GRANULE as u32,
+                i,
+            ))
+        }
+    }
+
+    /// The arena segment's length, as the state record's layout counts it.
+    fn state_arena_len(&self) -> u64 {
+        self.seg.arena_bytes + ARENA_DATA_OFFSET as u64
+    }
+
+    /// Writes share `g` into its entry of the state record (in use from the last store on).
+    fn persist_share(&self, g: usize) {
+        let s = &self.shares[&g];
+        let e = self.share_entry(s.slot);
+        e.generation.store(s.generation, Ordering::Relaxed);
+        e.len.store(s.len, Ordering::Relaxed);
+        e.token.store(s.token, Ordering::Relaxed);
+        e.send_token.store(s.send_token, Ordering::Relaxed);
+        e.granule.store(g as u32 + 1, Ordering::Release);
+    }
+
+    /// Writes client `client`'s `count` views of the share in share entry `share` into view
+    /// entry `slot` (in use from the last store on).
+    fn persist_view(&self, slot: usize, share: usize, client: u32, count: u32) {
+        let e = self.view_entry(slot);
+        e.count.store(count, Ordering::Relaxed);
+        e.client.store(client, Ordering::Relaxed);
+        e.share.store(share as u32 + 1, Ordering::Release);
+    }
+
+    /// A new random token (never 0), or `None` if the kernel gives no random bytes.
+    fn new_token() -> Option<u64> {
+        (0..4).find_map(|_| os::random_u64().filter(|&t| t != 0))
+    }
+
+    /// [`Op::Share`]: client `id` shares its block at `offset` as `len` bytes.
+    fn share(&mut self, id: u32, offset: u64, len: u64) -> Response {
+        let Ok(off) = usize::try_from(offset) else {
+            return answer(Status::BadOffset);
+        };
+        match self.owner_at(off) {
+            0 => return answer(Status::BadOffset),
+            o if o != id => return answer(Status::NotOwner),
+            _ => {}
+        }
+        let Some(bytes) = self.heap.block_size_at(off) else {
+            return answer(Status::BadOffset);
+        };
+        if len > bytes as u64 {
+            return answer(Status::BadSize);
+        }
+        let g = off / GRANULE;
+        if self.shares.contains_key(&g) {
+            return answer(Status::Shared);
+        }
+        let Some(token) = Self::new_token() else {
+            log::warn!("cannot share a block: getrandom gave no random bytes");
+            return answer(Status::OutOfMemory);
+        };
+        let Some(slot) = self.free_share_slots.pop() else {
+            return answer(Status::TooManyShares);
+        };
+        let header = self.share_header();
+        let generation = header.next_generation.load(Ordering::Relaxed);
+        header
+            .next_generation
+            .store(generation.wrapping_add(1), Ordering::Relaxed);
+        self.shares.insert(
+            g,
+            Share {
+                slot,
+                generation,
+                len,
+                bytes: bytes as u64,
+                token,
+                send_token: 0,
+                owner: Some(id),
+                views: HashMap::new(),
+            },
+        );
+        self.persist_share(g);
+        self.share_answer(g, token)
+    }
+
+    /// [`Op::Open`]: client `id` opens a view of the share at `offset` of `generation`, with
+    /// its view or send token.
+    fn open(&mut self, id: u32, offset: u64, generation: u32, token: u64) -> Response {
+        let Some(g) = self.find_share(offset, generation) else {
+            return answer(Status::NoSuchShare);
+        };
+        let s = &self.shares[&g];
+        let known = token != 0 && (token == s.token || token == s.send_token);
+        if !known {
+            return answer(Status::NoSuchShare);
+        }
+        let (share_slot, view_token) = (s.slot, s.token);
+        let viewing = self.clients.get(&id).map_or(0, |c| c.viewing.len());
+        let (count, slot) = match s.views.get(&id) {
+            Some(&(count, slot)) => {
+                let Some(count) = count.checked_add(1) else {
+                    return answer(Status::TooManyShares);
+                };
+                (count, slot)
+            }
+            None => {
+                if viewing >= MAX_VIEWS_PER_CLIENT {
+                    return answer(Status::TooManyShares);
+                }
+                let Some(slot) = self.free_view_slots.pop() else {
+                    return answer(Status::TooManyShares);
+                };
+                (1, slot)
+            }
+        };
+        self.persist_view(slot, share_slot, id, count);
+        if let Some(s) = self.shares.get_mut(&g) {
+            s.views.insert(id, (count, slot));
+        }
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.viewing.insert(g);
+        }
+        self.share_answer(g, view_token)
+    }
+
+    /// [`Op::Close`]: client `id` drops one view of the share at `offset` of `generation`, or,
+    /// with `owner`, its ownership; the block is freed if that was its last reference.
+    fn close(&mut self, id: u32, offset: u64, generation: u32, owner: bool) -> Response {
+        let Some(g) = self.find_share(offset, generation) else {
+            return answer(Status::NoSuchShare);
+        };
+        if owner {
+            if self.shares[&g].owner != Some(id) {
+                return answer(Status::NoSuchShare);
+            }
+            self.drop_owner(g);
+        } else if !self.drop_view(g, id, false) {
+            return answer(Status::NoSuchShare);
+        }
+        self.free_if_unreferenced(g);
+        answer(Status::Ok)
+    }
+
+    /// Drops one view (or, with `all`, every view) of client `id` of share `g`; whether it
+    /// had one.
+    fn drop_view(&mut self, g: usize, id: u32, all: bool) -> bool {
+        let Some(s) = self.shares.get_mut(&g) else {
+            return false;
+        };
+        let Some(&(count, slot)) = s.views.get(&id) else {
+            return false;
+        };
+        let share_slot = s.slot;
+        if count > 1 && !all {
+            s.views.insert(id, (count - 1, slot));
+            self.persist_view(slot, share_slot, id, count - 1);
+            return true;
+        }
+        s.views.remove(&id);
+        self.view_entry(slot).share.store(0, Ordering::Release);
+        self.free_view_slots.push(slot);
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.viewing.remove(&g);
+        }
+        true
+    }
+
+    /// Share `g`'s owner is gone (dropped it, or its process ended): the block belongs to no
+    /// client from now on, and can no longer be received.
+    fn drop_owner(&mut self, g: usize) {
+        let Some(s) = self.shares.get_mut(&g) else {
+            return;
+        };
+        let Some(owner) = s.owner.take() else {
+            return;
+        };
+        s.send_token = 0;
+        let bytes = s.bytes;
+        self.persist_share(g);
+        self.record(g * GRANULE, bytes, ORPHAN);
+        self.account(owner, -(bytes as i64), -1);
+    }
+
+    /// Frees share `g`'s block if nothing refers to it any more: no owner, no view.
+    fn free_if_unreferenced(&mut self, g: usize) {
+        let unreferenced = self
+            .shares
+            .get(&g)
+            .is_some_and(|s| s.owner.is_none() && s.views.is_empty());
+        if !unreferenced {
+            return;
+        }
+        let Some(s) = self.shares.remove(&g) else {
+            return;
+        };
+        // The share first, then the block: a crash in between leaves a block recorded as
+        // ORPHAN's that no share keeps, which a restart frees.
+        self.share_entry(s.slot).granule.store(0, Ordering::Release);
+        self.free_share_slots.push(s.slot);
+        self.record(g * GRANULE, 0, 0);
+        if let Ok(size) = self.heap.deallocate_at(g * GRANULE) {
+            self.chunks_release((g * GRANULE) as u64, size as u64);
+        }
+    }
+
+    /// [`Op::Send`]: client `id` puts its share at `offset` of `generation` in transit.
+    fn send(&mut self, id: u32, offset: u64, generation: u32) -> Response {
+        let Some(g) = self.find_share(offset, generation) else {
+            return answer(Status::NoSuchShare);
+        };
+        if self.shares[&g].owner != Some(id) {
+            return answer(Status::NotOwner);
+        }
+        if self.shares[&g].send_token != 0 {
+            return answer(Status::Shared);
+        }
+        let Some(token) = Self::new_token() else {
+            log::warn!("cannot send a block: getrandom gave no random bytes");
+            return answer(Status::OutOfMemory);
+        };
+        if let Some(s) = self.shares.get_mut(&g) {
+            s.send_token = token;
+        }
+        self.persist_share(g);
+        self.share_answer(g, token)
+    }
+
+    /// [`Op::Receive`]: client `id` takes the share at `offset` of `generation` in transit
+    /// with send token `token`.
+    fn receive(&mut self, id: u32, offset: u64, generation: u32, token: u64) -> Response {
+        let Some(g) = self.find_share(offset, generation) else {
+            return answer(Status::NoSuchShare);
+        };
+        let s = &self.shares[&g];
+        let (Some(from), true) = (s.owner, token != 0 && token == s.send_token) else {
+            return answer(Status::NoSuchShare);
+        };
+        let (bytes, view_token) = (s.bytes, s.token);
+        if from != id {
+            if !self.within_quota(id, bytes) {
+                return answer(Status::OverQuota);
+            }
+            self.account(from, -(bytes as i64), -1);
+            self.record(g * GRANULE, bytes, id);
+            self.account(id, bytes as i64, 1);
+        }
+        if let Some(s) = self.shares.get_mut(&g) {
+            s.owner = Some(id);
+            s.send_token = 0;
+        }
+        self.persist_share(g);
+        self.share_answer(g, view_token)
+    }
+
+    /// Client `id` is going: drops its views and its ownership of shares, freeing the blocks
+    /// nothing refers to any more.
+    fn release_shares(&mut self, id: u32) {
+        let viewing: Vec<usize> = self
+            .clients
+            .get(&id)
+            .map(|c| c.viewing.iter().copied().collect())
+            .unwrap_or_default();
+        let owned: Vec<usize> = self
+            .shares
+            .iter()
+            .filter(|(_, s)| s.owner == Some(id))
+            .map(|(g, _)| *g)
+            .collect();
+        for &g in &viewing {
+            self.drop_view(g, id, true);
+        }
+        for &g in &owned {
+            self.drop_owner(g);
+        }
+        for g in viewing.into_iter().chain(owned) {
+            self.free_if_unreferenced(g);
+        }
+    }
+
     /// Records the chunks that `[offset, offset + len)` of the data overlaps as reserved.
     fn mark_reserved(&mut self, offset: u64, len: u64) {
         for c in self.chunks_of(offset, len) {
@@ -1311,8 +1907,10 @@ impl Server {
         let Some(client) = self.clients.get(&id) else {
             return;
         };
-        let (pid, held_blocks) = (client.pid, client.blocks);
+        let pid = client.pid;
         self.watched.retain(|&w| w != id);
+        self.release_shares(id);
+        let held_blocks = self.clients.get(&id).map_or(0, |c| c.blocks);
         let (mut blocks, mut bytes) = (0u64, 0u64);
         if held_blocks > 0 {
             for g in 0..self.granules() {
@@ -1769,7 +2367,7 @@ impl Server {
         loop {
             let id = self.next_id;
             self.next_id = self.next_id.wrapping_add(1).max(1);
-            if id != 0 && !self.clients.contains_key(&id) {
+            if id != 0 && id != ORPHAN && !self.clients.contains_key(&id) {
                 return id;
             }
         }
@@ -1817,6 +2415,16 @@ impl Server {
                     "cached_bytes": cached.min(c.bytes),
                     "requests": c.requests,
                     "connected": c.sock.is_some(),
+                    "views": c.viewing.iter().map(|g| u64::from(self.shares[g].views[id].0)).sum::<u64>(),
+                    "shared_blocks": self.shares.values().filter(|s| s.owner == Some(**id)).count(),
+                    "view_list": c.viewing.iter().map(|g| {
+                        let s = &self.shares[g];
+                        serde_json::json!({
+                            "offset": g * GRANULE,
+                            "generation": s.generation,
+                            "count": s.views[id].0,
+                        })
+                    }).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -1846,6 +2454,10 @@ impl Server {
             "keeper_pid": self.keeper_pid(),
             "client_quota": quota(self.policy.client_quota),
             "user_quota": quota(self.policy.user_quota),
+            "shared_blocks": self.shares.len(),
+            "shared_bytes": self.shares.values().map(|s| s.bytes).sum::<u64>(),
+            "views": self.shares.values().flat_map(|s| s.views.values()).map(|v| u64::from(v.0)).sum::<u64>(),
+            "orphaned_shares": self.shares.values().filter(|s| s.owner.is_none()).count(),
             "client_list": list,
         })
     }
@@ -1928,10 +2540,11 @@ impl Server {
     pub fn stats_line(&self) -> String {
         let h = self.heap.stats();
         format!(
-            "stats: {} clients, {} live blocks, {} of {} bytes used, largest free {}, {} bytes \
-             reserved, {} requests, {} errors",
+            "stats: {} clients, {} live blocks ({} shared), {} of {} bytes used, largest free {}, \
+             {} bytes reserved, {} requests, {} errors",
             self.clients.len(),
             h.live_blocks,
+            self.shares.len(),
             h.used_bytes,
             h.region_bytes,
             h.largest_free_bytes,

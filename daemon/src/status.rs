@@ -147,13 +147,22 @@ pub fn status(args: &StatusArgs) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         println!(
-            "{:>6} {:>8} {:>6} {:<16} {:>14} {:>7} {:>14} {:>10}",
-            "id", "pid", "user", "command", "bytes", "blocks", "cached", "requests"
+            "{:>6} {:>8} {:>6} {:<16} {:>14} {:>7} {:>14} {:>10} {:>7} {:>6}",
+            "id",
+            "pid",
+            "user",
+            "command",
+            "bytes",
+            "blocks",
+            "cached",
+            "requests",
+            "shared",
+            "views"
         );
         for c in list {
             let n = |k: &str| c[k].as_u64().unwrap_or(0);
             println!(
-                "{:>6} {:>8} {:>6} {:<16} {:>14} {:>7} {:>14} {:>10}",
+                "{:>6} {:>8} {:>6} {:<16} {:>14} {:>7} {:>14} {:>10} {:>7} {:>6}",
                 n("id"),
                 n("pid"),
                 n("uid"),
@@ -161,7 +170,9 @@ pub fn status(args: &StatusArgs) -> ExitCode {
                 n("bytes"),
                 n("blocks"),
                 n("cached_bytes"),
-                n("requests")
+                n("requests"),
+                n("shared_blocks"),
+                n("views")
             );
         }
         return ExitCode::SUCCESS;
@@ -176,7 +187,7 @@ pub fn status(args: &StatusArgs) -> ExitCode {
     }
     let n = |k: &str| doc[k].as_u64().unwrap_or(0);
     let quota = |k: &str| doc[k].as_u64().map_or("unlimited".to_owned(), bytes);
-    let rows: [(&str, String); 16] = [
+    let rows: [(&str, String); 17] = [
         ("instance", name.clone()),
         ("state", doc["state"].as_str().unwrap_or("?").to_owned()),
         ("pid", n("pid").to_string()),
@@ -196,6 +207,16 @@ pub fn status(args: &StatusArgs) -> ExitCode {
             .to_owned(),
         ),
         ("live blocks", n("live_blocks").to_string()),
+        (
+            "shared blocks",
+            format!(
+                "{} ({}), {} views open, {} kept by views alone",
+                n("shared_blocks"),
+                bytes(n("shared_bytes")),
+                n("views"),
+                n("orphaned_shares")
+            ),
+        ),
         (
             "clients",
             format!("{} ({} processes)", n("clients"), n("processes")),

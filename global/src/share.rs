@@ -210,7 +210,7 @@ impl FromStr for Handle {
                 Ok(v << 4 | u64::from(d))
             })
         };
-        let token = hex(46, 16)?;
+        let token = hex(47, 16)?;
         if token == 0 {
             return Err(ShareError::BadHandle);
         }
@@ -269,9 +269,9 @@ impl fmt::Display for ShareError {
                 "no shared block matches the handle (made up or changed, its block freed since, \
                  or already received)",
             ),
-            Self::NotTransfer => f.write_str(
-                "receive needs the handle send() returned; this one only opens views",
-            ),
+            Self::NotTransfer => {
+                f.write_str("receive needs the handle send() returned; this one only opens views")
+            }
             Self::BadHandle => f.write_str("not a share handle"),
             Self::OutOfMemory => f.write_str("the daemon's arena has no room for the block"),
             Self::OverQuota => {
@@ -402,7 +402,12 @@ impl SharedBuf {
     }
 
     /// Shares the block at `offset` (`block_bytes` long), just allocated, as `len` bytes.
-    fn share(conn: HeldConn, offset: u64, block_bytes: u64, len: usize) -> Result<Self, ShareError> {
+    fn share(
+        conn: HeldConn,
+        offset: u64,
+        block_bytes: u64,
+        len: usize,
+    ) -> Result<Self, ShareError> {
         match conn.request(Op::Share, 0, len as u64, offset, 0) {
             Ok(r) => {
                 HeldConn::count(block_bytes, true);

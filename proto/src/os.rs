@@ -623,6 +623,15 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// A random word from the kernel's CSPRNG (`getrandom`), or `None` if it cannot give one.
+pub fn random_u64() -> Option<u64> {
+    let mut b = [0u8; 8];
+    match rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()) {
+        Ok(8) => Some(u64::from_ne_bytes(b)),
+        _ => None,
+    }
+}
+
 /// This process's id.
 pub fn pid() -> u32 {
     rustix::process::getpid().as_raw_pid() as u32

@@ -1777,10 +1777,16 @@ mod tests {
                 cpu: 0,
                 size: 4096,
                 align: 64,
-                offset: 0
+                offset: 0,
+                token: 0
             }
         );
         assert!(slot.take().is_none(), "taken once");
+        slot.submit_with_token(Op::Open, 0, 7, 0, 4096, u64::MAX);
+        let open = slot.take().unwrap();
+        assert_eq!((open.size, open.offset, open.token), (7, 4096, u64::MAX));
+        slot.submit(Op::Free, 0, 0, 0, 4096);
+        assert_eq!(slot.take().unwrap().token, 0, "a plain request carries no token");
         let answer = Response {
             status: Status::Ok as u32,
             flags: FLAG_ZEROED,
