@@ -1672,8 +1672,7 @@ mod tests {
         for v in 3..=10 {
             assert_eq!(Op::from_u32(v).map(|op| op as u32), Some(v));
         }
-        assert_eq!(Op::from_u32(11), None);
-        for retired_or_unknown in [0, 1, 2, 6] {
+        for retired_or_unknown in [0, 1, 2, 11, u32::MAX] {
             assert_eq!(Op::from_u32(retired_or_unknown), None);
         }
         for v in 0..=15 {
