@@ -2404,6 +2404,20 @@ impl Server {
             .iter()
             .map(|(id, c)| {
                 let cached = c.cached_bytes();
+                // (first granule, generation, views) of each share the client views.
+                let views: Vec<(usize, u32, u32)> = c
+                    .viewing
+                    .iter()
+                    .filter_map(|g| {
+                        let s = self.shares.get(g)?;
+                        Some((*g, s.generation, s.views.get(id)?.0))
+                    })
+                    .collect();
+                let owned = self
+                    .shares
+                    .values()
+                    .filter(|s| s.owner == Some(**id))
+                    .count();
                 serde_json::json!({
                     "id": id,
                     "pid": c.pid,
@@ -2415,16 +2429,13 @@ impl Server {
                     "cached_bytes": cached.min(c.bytes),
                     "requests": c.requests,
                     "connected": c.sock.is_some(),
-                    "views": c.viewing.iter().map(|g| u64::from(self.shares[g].views[id].0)).sum::<u64>(),
-                    "shared_blocks": self.shares.values().filter(|s| s.owner == Some(**id)).count(),
-                    "view_list": c.viewing.iter().map(|g| {
-                        let s = &self.shares[g];
-                        serde_json::json!({
-                            "offset": g * GRANULE,
-                            "generation": s.generation,
-                            "count": s.views[id].0,
-                        })
-                    }).collect::<Vec<_>>(),
+                    "views": views.iter().map(|v| u64::from(v.2)).sum::<u64>(),
+                    "shared_blocks": owned,
+                    "view_list": views.iter().map(|&(g, generation, count)| serde_json::json!({
+                        "offset": g * GRANULE,
+                        "generation": generation,
+                        "count": count,
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect();
