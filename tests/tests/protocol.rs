@@ -226,6 +226,8 @@ fn every_malformed_request_gets_its_own_status_and_changes_nothing() {
     let state = heap_state(&before);
 
     let (alloc, free, realloc) = (Op::Allocate as u64, Op::Free as u64, Op::Reallocate as u64);
+    let (share, open, close) = (Op::Share as u64, Op::Open as u64, Op::Close as u64);
+    let (send, receive) = (Op::Send as u64, Op::Receive as u64);
     let m = mine.offset;
     let s = sibling_block.offset;
     #[rustfmt::skip]
@@ -234,8 +236,8 @@ fn every_malformed_request_gets_its_own_status_and_changes_nothing() {
         ("op 0", [0, 0, 4096, 4096, 0], Status::UnknownOp),
         ("op 1 (was Hello)", [1, 0, 0, 0, 0], Status::UnknownOp),
         ("op 2 (was Goodbye)", [2, 0, 0, 0, 0], Status::UnknownOp),
-        ("op 6", [6, 0, 4096, 4096, 0], Status::UnknownOp),
-        ("op 7", [7, 0, 0, 0, m], Status::UnknownOp),
+        ("op 11", [11, 0, 4096, 4096, 0], Status::UnknownOp),
+        ("op 12", [12, 0, 0, 0, m], Status::UnknownOp),
         ("op 99", [99, 0, 4096, 4096, 0], Status::UnknownOp),
         ("op u32::MAX", [u32::MAX as u64, 0, 4096, 4096, 0], Status::UnknownOp),
         ("zero size", [alloc, 0, 0, 4096, 0], Status::BadSize),
@@ -267,6 +269,22 @@ fn every_malformed_request_gets_its_own_status_and_changes_nothing() {
         ("no free block fits", [alloc, 0, 6 * MIB, 4096, 0], Status::OutOfMemory),
         ("allocate over the quota", [alloc, 0, 9 * MIB, 4096, 0], Status::OverQuota),
         ("grow over the quota", [realloc, 0, 9 * MIB, 0, m], Status::OverQuota),
+        // The share operations (the token is 0 here: no share has that token).
+        ("share another process's block", [share, 0, 4096, 0, theirs], Status::NotOwner),
+        ("share another connection's block", [share, 0, 4096, 0, s], Status::NotOwner),
+        ("share a free block", [share, 0, 0, 0, freed.offset], Status::BadOffset),
+        ("share inside a block", [share, 0, 0, 0, m + 4096], Status::BadOffset),
+        ("share out of range", [share, 0, 0, 0, u64::MAX], Status::BadOffset),
+        ("share more than the block", [share, 0, 3 * 4096 + 1, 0, m], Status::BadSize),
+        ("flag on share", [share, 1, 0, 0, m], Status::BadFlags),
+        ("open what is not shared", [open, 0, 0, 0, m], Status::NoSuchShare),
+        ("open a generation beyond 32 bits", [open, 0, 1 << 32, 0, m], Status::NoSuchShare),
+        ("open out of range", [open, 0, 0, 0, u64::MAX], Status::NoSuchShare),
+        ("close a view never opened", [close, 0, 0, 0, m], Status::NoSuchShare),
+        ("close an ownership never had", [close, 2, 0, 0, theirs], Status::NoSuchShare),
+        ("unknown close flag", [close, 4, 0, 0, m], Status::BadFlags),
+        ("send what is not shared", [send, 0, 0, 0, m], Status::NoSuchShare),
+        ("receive what was not sent", [receive, 0, 0, 0, theirs], Status::NoSuchShare),
     ];
     let mut refused = 0;
     for (n, (what, fields, want)) in cases.iter().enumerate() {
@@ -346,6 +364,84 @@ fn every_malformed_request_gets_its_own_status_and_changes_nothing() {
     // The block is its own connection's to free.
     assert_eq!(sibling.claim().unwrap().free(sibling_block.offset), Ok(()));
     assert_eq!(num(&status_doc(&d), "errors"), errors0 + refused + 1);
+    assert!(d.stats_line().contains("heap check ok"));
+
+    // A shared block goes with its last reference, never by a free or a resize, and is shared
+    // once; a wrong token or generation opens nothing, and only the owner sends.
+    let shared = conn
+        .request(i, Op::Share, 0, 100, 0, neighbour.offset)
+        .unwrap();
+    assert_eq!((shared.offset, shared.size), (neighbour.offset, 100));
+    let generation = shared.tag & 0xffff_ffff;
+    assert_eq!(shared.tag >> 32, 1, "the block's granules");
+    let refused_shared = [
+        ("free", Op::Free, 0, 0),
+        ("resize", Op::Reallocate, 8192, 0),
+        ("share again", Op::Share, 0, 0),
+        (
+            "open with a wrong token",
+            Op::Open,
+            generation,
+            shared.token ^ 1,
+        ),
+        (
+            "open another generation",
+            Op::Open,
+            generation + 1,
+            shared.token,
+        ),
+        (
+            "receive what was not sent",
+            Op::Receive,
+            generation,
+            shared.token,
+        ),
+    ];
+    for (what, op, size, token) in refused_shared {
+        let r = conn.request_with_token(i, op, 0, size, 0, neighbour.offset, token);
+        assert!(
+            matches!(
+                r,
+                Err(RequestError::Refused(Status::Shared | Status::NoSuchShare))
+            ),
+            "{what}: {r:?}"
+        );
+    }
+    let sibling_slot = sibling.register().unwrap();
+    assert_eq!(
+        sibling
+            .request(sibling_slot, Op::Send, 0, generation, 0, neighbour.offset)
+            .map(|_| ()),
+        Err(RequestError::Refused(Status::NotOwner)),
+        "only the owner sends"
+    );
+    let view = sibling
+        .request_with_token(
+            sibling_slot,
+            Op::Open,
+            0,
+            generation,
+            0,
+            neighbour.offset,
+            shared.token,
+        )
+        .unwrap();
+    assert_eq!(
+        (view.offset, view.size, view.token),
+        (shared.offset, 100, shared.token)
+    );
+    let used = num(&status_doc(&d), "used_bytes");
+    // The owner goes first: the view keeps the block; the view's close frees it.
+    conn.request(i, Op::Close, 2, generation, 0, neighbour.offset)
+        .unwrap();
+    assert_eq!(num(&status_doc(&d), "used_bytes"), used);
+    assert_eq!(num(&status_doc(&d), "orphaned_shares"), 1);
+    sibling
+        .request(sibling_slot, Op::Close, 0, generation, 0, neighbour.offset)
+        .unwrap();
+    let after = status_doc(&d);
+    assert_eq!(num(&after, "used_bytes"), used - 4096, "{after}");
+    assert_eq!(num(&after, "shared_blocks"), 0, "{after}");
     assert!(d.stats_line().contains("heap check ok"));
 }
 
