@@ -1785,7 +1785,11 @@ mod tests {
         let open = slot.take().unwrap();
         assert_eq!((open.size, open.offset, open.token), (7, 4096, u64::MAX));
         slot.submit(Op::Free, 0, 0, 0, 4096);
-        assert_eq!(slot.take().unwrap().token, 0, "a plain request carries no token");
+        assert_eq!(
+            slot.take().unwrap().token,
+            0,
+            "a plain request carries no token"
+        );
         let answer = Response {
             status: Status::Ok as u32,
             flags: FLAG_ZEROED,
