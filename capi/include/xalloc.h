@@ -116,6 +116,127 @@ struct xalloc_stats {
  */
 size_t xalloc_stats(struct xalloc_stats *stats, size_t size);
 
+/*
+ * Share handles: hand an arena block to another process without copying it.
+ *
+ * Every client of a daemon maps its whole arena, so the bytes one process wrote into a shared
+ * block are already in every other client's address space: another process needs only the
+ * block's handle, a 63-character string of [0-9a-z-] (safe in argv, an environment variable,
+ * a pipe), to read them. The daemon counts who holds each shared block, and frees it when
+ * its owner and every view of it, in every process, are gone: closed, or their process
+ * exited or was killed.
+ *
+ * A struct xalloc_shared is either
+ *   - an owned buffer (xalloc_shared_new, xalloc_shared_receive): readable and writable by
+ *     this process, charged to its quota; its handle (xalloc_shared_handle) opens views; or
+ *   - a view (xalloc_shared_open): the same bytes, read-only by contract (the arena's pages
+ *     are writable, but the block's owner expects nobody else to write them). The owner may
+ *     write while views read: telling readers when the bytes are ready is the programs' job
+ *     (as with any shared memory), for example by passing the handle only once they are.
+ * Both are closed with xalloc_shared_close. Ownership passes to exactly one other process with
+ * xalloc_shared_send (a transfer handle, "xst-...") and xalloc_shared_receive; view handles
+ * ("xsv-...") never give write access.
+ *
+ * The share functions use the daemon this process's allocator uses (XALLOC_NAME, default
+ * "xalloc"), whether or not a large block was allocated first; with no daemon they fail (they
+ * never fall back to the system allocator) and everything else works as before. They are
+ * thread-safe; an object may be passed between threads, and used from several at once by the
+ * functions that take a const pointer. A shared block's bytes are never a block of
+ * xalloc_free or xalloc_realloc (freeing one frees nothing and counts in bad_frees). After
+ * fork(), the child's copies of the parent's objects stay the parent's: closing one in the
+ * child only frees the child's copy of the object (the parent's buffer or view stays open),
+ * and sending one there fails (ENOTCONN); the child makes objects of its own with its own
+ * connection.
+ *
+ * errno, for every function below that fails:
+ *   ENOTCONN  no daemon answers (none runs for XALLOC_NAME, or it refused or stopped
+ *             answering this process)
+ *   EXDEV     the handle is of another daemon instance (another XALLOC_NAME, or a daemon
+ *             started afresh since the handle was made)
+ *   ENOENT    no live shared block matches the handle: made up, changed, its block freed
+ *             since, or (a transfer handle) received already
+ *   EPERM     xalloc_shared_receive was given a view handle
+ *   EINVAL    a NULL argument, text that is no handle, or an object the call cannot take
+ *   ERANGE    the buffer for a handle is shorter than XALLOC_HANDLE_LEN
+ *   ENOMEM    the arena (or this process's memory) has no room
+ *   EDQUOT    the block would take this process or its user over the daemon's quota
+ *   EMFILE    the daemon holds as many shared blocks or views as it can (8192 shared blocks,
+ *             32768 pairs of a client and a block it views), or this process views as many
+ *             blocks as one process may (1024)
+ *   EIO       anything else the daemon or the connection reported
+ */
+
+/* Bytes of a buffer that holds a handle's text: its 63 characters and the NUL. */
+#define XALLOC_HANDLE_LEN 64
+
+/* A shared block as this process holds it: an owned buffer or a view. Opaque. */
+struct xalloc_shared;
+
+/*
+ * A new shared block of `len` zeroed bytes (0 is allowed), owned by this process: NULL with
+ * errno set (ENOTCONN without a daemon, ENOMEM, EDQUOT, EMFILE, EIO) on failure.
+ */
+struct xalloc_shared *xalloc_shared_new(size_t len);
+
+/*
+ * The first byte of the block, of an owned buffer or of a view, for reading: valid until the
+ * object is closed or sent. Never NULL for an object (also when its size is 0); NULL with
+ * errno EINVAL if `s` is NULL.
+ */
+const void *xalloc_shared_data(const struct xalloc_shared *s);
+
+/*
+ * The same address as xalloc_shared_data, for writing: only an owned buffer gives it. NULL
+ * with errno EPERM for a view, EINVAL if `s` is NULL.
+ */
+void *xalloc_shared_writable(struct xalloc_shared *s);
+
+/* The size of the block in bytes, as asked for when it was made; 0 if `s` is NULL. */
+size_t xalloc_shared_size(const struct xalloc_shared *s);
+
+/*
+ * Writes the handle that opens views of the block (the text, then a NUL) into `buf`, which
+ * has room for `cap` bytes: XALLOC_HANDLE_LEN are enough. Works on owned buffers and views
+ * alike; the handle stays valid as long as the block lives, for any number of opens. Returns
+ * 0, or -1 with errno ERANGE if `cap` is less than XALLOC_HANDLE_LEN (nothing is written),
+ * EINVAL if `s` or `buf` is NULL.
+ */
+int xalloc_shared_handle(const struct xalloc_shared *s, char *buf, size_t cap);
+
+/*
+ * A read-only view of the block `handle` names (a view or a transfer handle, NUL-terminated),
+ * in this process or another of the same daemon instance, without a copy: one round trip to
+ * the daemon whatever the block's size. The block lives at least as long as the view. NULL
+ * with errno set on failure: EINVAL (not a handle), EXDEV, ENOENT, ENOTCONN, EMFILE, ENOMEM,
+ * EIO.
+ */
+struct xalloc_shared *xalloc_shared_open(const char *handle);
+
+/*
+ * Closes an owned buffer (this process gives up the block) or a view, and frees `s`. The
+ * block goes once its owner and every view are gone. NULL does nothing.
+ */
+void xalloc_shared_close(struct xalloc_shared *s);
+
+/*
+ * Gives up an owned buffer for exactly one process to take with xalloc_shared_receive:
+ * writes the transfer handle (as xalloc_shared_handle does) into `buf` and, on success,
+ * frees `s` (returns 0; `s` must not be used again). Views of the block stay open. Until it
+ * is received, the block stays this process's in the daemon's books (its quota); if this
+ * process exits first, nobody can receive it and it goes once its views are gone. Returns
+ * -1 with errno, `s` still valid and owned, on failure: EINVAL if `s` or `buf` is NULL or `s`
+ * is a view, ERANGE if `cap` is less than XALLOC_HANDLE_LEN, ENOTCONN, EIO.
+ */
+int xalloc_shared_send(struct xalloc_shared *s, char *buf, size_t cap);
+
+/*
+ * Takes ownership (and write access) of the block a transfer handle names: only one process
+ * succeeds, and the block's quota moves to it. NULL with errno set on failure: EPERM (a view
+ * handle), ENOENT (also: received already), EINVAL (not a handle), EXDEV, EDQUOT, ENOTCONN,
+ * ENOMEM, EIO.
+ */
+struct xalloc_shared *xalloc_shared_receive(const char *handle);
+
 #ifdef __cplusplus
 }
 #endif

@@ -27,7 +27,7 @@ use std::time::Duration;
 use common::*;
 
 /// The functions `xalloc.h` declares.
-const HEADER_FUNCTIONS: [&str; 8] = [
+const HEADER_FUNCTIONS: [&str; 17] = [
     "xalloc_malloc",
     "xalloc_calloc",
     "xalloc_realloc",
@@ -36,6 +36,15 @@ const HEADER_FUNCTIONS: [&str; 8] = [
     "xalloc_is_shared",
     "xalloc_usable_size",
     "xalloc_stats",
+    "xalloc_shared_new",
+    "xalloc_shared_data",
+    "xalloc_shared_writable",
+    "xalloc_shared_size",
+    "xalloc_shared_handle",
+    "xalloc_shared_open",
+    "xalloc_shared_close",
+    "xalloc_shared_send",
+    "xalloc_shared_receive",
 ];
 
 /// What `lib/libxalloc.so` exports besides the header's functions, for `LD_PRELOAD`.
