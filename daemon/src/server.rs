@@ -45,7 +45,8 @@ use xalloc_proto::wire::{
     self, BlockFlags, ClientBell, DaemonBell, Hello, HelloKind, Ledger, LedgerBlock, Op,
     OwnerEntry, Refusal, Request, RequestSlot, Response, ResponseSlot, SegmentHeader, SegmentKind,
     ShareEntry, ShareTableHeader, Status, ViewEntry, Welcome, ARENA_DATA_OFFSET, BELL_OFFSET,
-    MAX_ALIGN, MAX_SHARES, MAX_VIEWS_PER_CLIENT, MAX_VIEW_REFS, ORPHAN,
+    MAX_ALIGN, MAX_SHARES, MAX_SHARES_PER_CLIENT, MAX_SHARES_PER_USER, MAX_VIEWS_PER_CLIENT,
+    MAX_VIEW_REFS, MAX_VIEW_REFS_PER_USER, ORPHAN,
 };
 
 use crate::keeper::{KeeperLink, KeptChannel};
@@ -164,6 +165,11 @@ struct Client {
     requests: u64,
     /// The shares (their first granule) this client holds views of.
     viewing: BTreeSet<usize>,
+    /// Shares this client owns.
+    owned_shares: usize,
+    /// Bytes of the shares it views whose owner is gone: charged to each of their viewers
+    /// (counted in its process's and user's bytes for the quotas, not in `bytes`).
+    orphan_bytes: u64,
 }
 
 impl Client {
@@ -195,6 +201,8 @@ impl Client {
             bytes: 0,
             requests: 0,
             viewing: BTreeSet::new(),
+            owned_shares: 0,
+            orphan_bytes: 0,
         }
     }
 }
@@ -255,6 +263,9 @@ pub struct Server {
     next_id: u32,
     proc_bytes: HashMap<u32, u64>,
     user_bytes: HashMap<u32, u64>,
+    /// Shares owned, and view-table entries held, per user.
+    user_shares: HashMap<u32, usize>,
+    user_views: HashMap<u32, usize>,
     policy: Policy,
     listener: Fd,
     epoll: Fd,
@@ -391,6 +402,8 @@ impl Server {
             next_id: 1,
             proc_bytes: HashMap::new(),
             user_bytes: HashMap::new(),
+            user_shares: HashMap::new(),
+            user_views: HashMap::new(),
             policy,
             listener,
             epoll,
@@ -655,16 +668,23 @@ impl Server {
             if live_owner {
                 if let Some(s) = self.shares.get_mut(&g) {
                     s.owner = Some(owner);
+                    self.count_owned(owner, 1);
                 }
                 self.account(owner, bytes as i64, 1);
             } else {
-                // Owned by a client that is gone: the block is the views' alone now.
+                // Owned by a client that is gone: the block is the views' alone now, and each
+                // viewer pays for it.
                 self.record(g * GRANULE, bytes, ORPHAN);
+                let mut viewers = Vec::new();
                 if let Some(s) = self.shares.get_mut(&g) {
                     s.owner = None;
                     s.send_token = 0;
+                    viewers.extend(s.views.keys().copied());
                 }
                 self.persist_share(g);
+                for v in viewers {
+                    self.account_orphan(v, bytes as i64);
+                }
             }
         }
         // Shares whose block the record does not hold (a crash between the two) go.
@@ -760,6 +780,8 @@ impl Server {
             }
             if let Some(c) = self.clients.get_mut(&client) {
                 c.viewing.insert(g);
+                let uid = c.uid;
+                self.count_views(uid, 1);
             }
         }
     }
@@ -774,6 +796,8 @@ impl Server {
             self.free_view_slots.push(slot);
             if let Some(c) = self.clients.get_mut(&client) {
                 c.viewing.remove(&g.wrapping_sub(1));
+                let uid = c.uid;
+                self.count_views(uid, -1);
             }
         }
     }
@@ -925,8 +949,8 @@ impl Server {
         let mut procs: HashMap<u32, u64> = HashMap::new();
         let mut users: HashMap<u32, u64> = HashMap::new();
         for c in self.clients.values() {
-            *procs.entry(c.pid).or_default() += c.bytes;
-            *users.entry(c.uid).or_default() += c.bytes;
+            *procs.entry(c.pid).or_default() += c.bytes + c.orphan_bytes;
+            *users.entry(c.uid).or_default() += c.bytes + c.orphan_bytes;
         }
         procs.retain(|_, b| *b > 0);
         users.retain(|_, b| *b > 0);
@@ -992,6 +1016,8 @@ impl Server {
                 view_entries += 1;
             }
         }
+        let mut user_shares: HashMap<u32, usize> = HashMap::new();
+        let mut user_views: HashMap<u32, usize> = HashMap::new();
         for (id, c) in &self.clients {
             if c.viewing
                 .iter()
@@ -999,6 +1025,37 @@ impl Server {
             {
                 return Err(format!("client {id} views a share that does not count it"));
             }
+            let owned = self
+                .shares
+                .values()
+                .filter(|s| s.owner == Some(*id))
+                .count();
+            let orphan_bytes: u64 = c
+                .viewing
+                .iter()
+                .filter_map(|g| self.shares.get(g))
+                .filter(|s| s.owner.is_none())
+                .map(|s| s.bytes)
+                .sum();
+            if owned != c.owned_shares || orphan_bytes != c.orphan_bytes {
+                return Err(format!(
+                    "client {id}: counts {} shares / {} orphan bytes, the shares say {owned} / \
+                     {orphan_bytes}",
+                    c.owned_shares, c.orphan_bytes
+                ));
+            }
+            *user_shares.entry(c.uid).or_default() += owned;
+            *user_views.entry(c.uid).or_default() += c.viewing.len();
+        }
+        let nonzero = |m: &HashMap<u32, usize>| {
+            let mut m = m.clone();
+            m.retain(|_, n| *n > 0);
+            m
+        };
+        if nonzero(&user_shares) != nonzero(&self.user_shares)
+            || nonzero(&user_views) != nonzero(&self.user_views)
+        {
+            return Err("per-user share or view counts differ from the clients'".into());
         }
         let used_shares = (0..MAX_SHARES)
             .filter(|&i| self.share_entry(i).granule.load(Ordering::Relaxed) != 0)
@@ -1021,17 +1078,55 @@ impl Server {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
-        let apply = |v: &mut u64| *v = v.saturating_add_signed(bytes);
-        apply(&mut c.bytes);
+        c.bytes = c.bytes.saturating_add_signed(bytes);
         c.blocks = c.blocks.saturating_add_signed(blocks);
-        apply(self.proc_bytes.entry(c.pid).or_default());
-        apply(self.user_bytes.entry(c.uid).or_default());
-        if self.proc_bytes.get(&c.pid) == Some(&0) {
-            self.proc_bytes.remove(&c.pid);
+        let (pid, uid) = (c.pid, c.uid);
+        self.charge(pid, uid, bytes);
+    }
+
+    /// Adds `bytes` (negative: removes) of an owner-less share that client `id` views to what
+    /// it is charged, and to its process and user.
+    fn account_orphan(&mut self, id: u32, bytes: i64) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        c.orphan_bytes = c.orphan_bytes.saturating_add_signed(bytes);
+        let (pid, uid) = (c.pid, c.uid);
+        self.charge(pid, uid, bytes);
+    }
+
+    /// Adds `bytes` (negative: removes) to the bytes of process `pid` and user `uid`.
+    fn charge(&mut self, pid: u32, uid: u32, bytes: i64) {
+        for (map, key) in [(&mut self.proc_bytes, pid), (&mut self.user_bytes, uid)] {
+            let v = map.entry(key).or_default();
+            *v = v.saturating_add_signed(bytes);
+            if *v == 0 {
+                map.remove(&key);
+            }
         }
-        if self.user_bytes.get(&c.uid) == Some(&0) {
-            self.user_bytes.remove(&c.uid);
+    }
+
+    /// Adds `n` (negative: removes) to the shares client `id` owns, and its user's.
+    fn count_owned(&mut self, id: u32, n: isize) {
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.owned_shares = c.owned_shares.saturating_add_signed(n);
+            let v = self.user_shares.entry(c.uid).or_default();
+            *v = v.saturating_add_signed(n);
         }
+    }
+
+    /// Adds `n` (negative: removes) to the view-table entries of user `uid`.
+    fn count_views(&mut self, uid: u32, n: isize) {
+        let v = self.user_views.entry(uid).or_default();
+        *v = v.saturating_add_signed(n);
+    }
+
+    /// Whether client `id` may own one more share.
+    fn may_own_share(&self, id: u32) -> bool {
+        self.clients.get(&id).is_some_and(|c| {
+            c.owned_shares < MAX_SHARES_PER_CLIENT
+                && self.user_shares.get(&c.uid).copied().unwrap_or(0) < MAX_SHARES_PER_USER
+        })
     }
 
     /// Frees the blocks client `id` released into its ledger, or, with `cached`, also takes
@@ -1618,6 +1713,9 @@ impl Server {
         if self.shares.contains_key(&g) {
             return answer(Status::Shared);
         }
+        if !self.may_own_share(id) {
+            return answer(Status::TooManyShares);
+        }
         let Some(token) = Self::new_token() else {
             log::warn!("cannot share a block: getrandom gave no random bytes");
             return answer(Status::OutOfMemory);
@@ -1643,6 +1741,7 @@ impl Server {
                 views: HashMap::new(),
             },
         );
+        self.count_owned(id, 1);
         self.persist_share(g);
         self.share_answer(g, token)
     }
@@ -1658,8 +1757,10 @@ impl Server {
         if !known {
             return answer(Status::NoSuchShare);
         }
-        let (share_slot, view_token) = (s.slot, s.token);
-        let viewing = self.clients.get(&id).map_or(0, |c| c.viewing.len());
+        let (share_slot, view_token, orphan, bytes) = (s.slot, s.token, s.owner.is_none(), s.bytes);
+        let Some((viewing, uid)) = self.clients.get(&id).map(|c| (c.viewing.len(), c.uid)) else {
+            return answer(Status::NoSuchShare);
+        };
         let (count, slot) = match s.views.get(&id) {
             Some(&(count, slot)) => {
                 let Some(count) = count.checked_add(1) else {
@@ -1668,12 +1769,21 @@ impl Server {
                 (count, slot)
             }
             None => {
-                if viewing >= MAX_VIEWS_PER_CLIENT {
+                let of_user = self.user_views.get(&uid).copied().unwrap_or(0);
+                if viewing >= MAX_VIEWS_PER_CLIENT || of_user >= MAX_VIEW_REFS_PER_USER {
                     return answer(Status::TooManyShares);
+                }
+                // A block whose owner is gone is charged to each of its viewers.
+                if orphan && !self.within_quota(id, bytes) {
+                    return answer(Status::OverQuota);
                 }
                 let Some(slot) = self.free_view_slots.pop() else {
                     return answer(Status::TooManyShares);
                 };
+                self.count_views(uid, 1);
+                if orphan {
+                    self.account_orphan(id, bytes as i64);
+                }
                 (1, slot)
             }
         };
@@ -1721,10 +1831,16 @@ impl Server {
             return true;
         }
         s.views.remove(&id);
+        let orphan = s.owner.is_none().then_some(s.bytes);
         self.view_entry(slot).share.store(0, Ordering::Release);
         self.free_view_slots.push(slot);
         if let Some(c) = self.clients.get_mut(&id) {
             c.viewing.remove(&g);
+            let uid = c.uid;
+            self.count_views(uid, -1);
+        }
+        if let Some(bytes) = orphan {
+            self.account_orphan(id, -(bytes as i64));
         }
         true
     }
@@ -1740,9 +1856,16 @@ impl Server {
         };
         s.send_token = 0;
         let bytes = s.bytes;
+        let viewers: Vec<u32> = s.views.keys().copied().collect();
         self.persist_share(g);
         self.record(g * GRANULE, bytes, ORPHAN);
         self.account(owner, -(bytes as i64), -1);
+        self.count_owned(owner, -1);
+        // From now on each viewer pays for the block (so that a process cannot keep blocks
+        // past its quota by viewing them and dropping their ownership).
+        for v in viewers {
+            self.account_orphan(v, bytes as i64);
+        }
     }
 
     /// Frees share `g`'s block if nothing refers to it any more: no owner, no view.
@@ -1801,12 +1924,17 @@ impl Server {
         };
         let (bytes, view_token) = (s.bytes, s.token);
         if from != id {
+            if !self.may_own_share(id) {
+                return answer(Status::TooManyShares);
+            }
             if !self.within_quota(id, bytes) {
                 return answer(Status::OverQuota);
             }
             self.account(from, -(bytes as i64), -1);
+            self.count_owned(from, -1);
             self.record(g * GRANULE, bytes, id);
             self.account(id, bytes as i64, 1);
+            self.count_owned(id, 1);
         }
         if let Some(s) = self.shares.get_mut(&g) {
             s.owner = Some(id);
@@ -2413,11 +2541,7 @@ impl Server {
                         Some((*g, s.generation, s.views.get(id)?.0))
                     })
                     .collect();
-                let owned = self
-                    .shares
-                    .values()
-                    .filter(|s| s.owner == Some(**id))
-                    .count();
+                let owned = c.owned_shares;
                 serde_json::json!({
                     "id": id,
                     "pid": c.pid,
@@ -2431,6 +2555,7 @@ impl Server {
                     "connected": c.sock.is_some(),
                     "views": views.iter().map(|v| u64::from(v.2)).sum::<u64>(),
                     "shared_blocks": owned,
+                    "orphan_bytes": c.orphan_bytes,
                     "view_list": views.iter().map(|&(g, generation, count)| serde_json::json!({
                         "offset": g * GRANULE,
                         "generation": generation,

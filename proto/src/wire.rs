@@ -812,8 +812,9 @@ pub enum Status {
     /// No live share matches the handle (made up, mutated, of a block freed since, or already
     /// received), or the client holds no such reference.
     NoSuchShare = 14,
-    /// The daemon's table of shares or views is full, or the client has as many views open
-    /// as one client may ([`MAX_VIEWS_PER_CLIENT`]).
+    /// The daemon's table of shares or views is full, or the client (or its user) has as many
+    /// shares or views as one may ([`MAX_SHARES_PER_CLIENT`], [`MAX_SHARES_PER_USER`],
+    /// [`MAX_VIEWS_PER_CLIENT`], [`MAX_VIEW_REFS_PER_USER`]).
     TooManyShares = 15,
 }
 
@@ -1372,6 +1373,16 @@ pub const MAX_VIEW_REFS: usize = 32768;
 
 /// Distinct shares one client may have views of at once.
 pub const MAX_VIEWS_PER_CLIENT: usize = 1024;
+
+/// Shares one client may own at once.
+pub const MAX_SHARES_PER_CLIENT: usize = 1024;
+
+/// Shares the clients of one user may own at once, together: half the table, so that one
+/// user of a `--group` instance cannot take every entry from the others.
+pub const MAX_SHARES_PER_USER: usize = MAX_SHARES / 2;
+
+/// View-table entries the clients of one user may hold at once, together (half the table).
+pub const MAX_VIEW_REFS_PER_USER: usize = MAX_VIEW_REFS / 2;
 
 /// The state record's share bookkeeping, after the owner entries: the next share generation.
 /// Written by the daemon only.
