@@ -194,11 +194,12 @@ enum Shared {
 }
 
 impl Shared {
-    /// The block's first byte and its length.
-    fn bytes(&self) -> Option<&[u8]> {
+    /// The block's first byte and its length, without making a reference to the bytes (C may
+    /// hold a buffer and a view of one block at once: see `xalloc_shared_open`).
+    fn bytes(&self) -> Option<(*const u8, usize)> {
         match self {
-            Self::Owned(b) => Some(b),
-            Self::View(v) => Some(v),
+            Self::Owned(b) => Some((b.as_ptr(), b.len())),
+            Self::View(v) => Some((v.as_ptr(), v.len())),
             Self::Sending => None,
         }
     }
@@ -344,7 +345,7 @@ pub extern "C" fn xalloc_shared_new(len: usize) -> *mut XallocShared {
 pub unsafe extern "C" fn xalloc_shared_data(s: *const XallocShared) -> *const c_void {
     // SAFETY: `s` is null or a live object (the caller's contract).
     match unsafe { s.as_ref() }.and_then(|s| s.inner.bytes()) {
-        Some(b) => b.as_ptr().cast(),
+        Some((p, _)) => p.cast(),
         None => fail_null::<c_void>(libc::EINVAL).cast_const(),
     }
 }
@@ -373,7 +374,7 @@ pub unsafe extern "C" fn xalloc_shared_size(s: *const XallocShared) -> usize {
     // SAFETY: `s` is null or a live object (the caller's contract).
     unsafe { s.as_ref() }
         .and_then(|s| s.inner.bytes())
-        .map_or(0, <[u8]>::len)
+        .map_or(0, |(_, len)| len)
 }
 
 /// `xalloc_shared_handle` (see `xalloc.h`).
@@ -410,7 +411,14 @@ pub unsafe extern "C" fn xalloc_shared_handle(
 pub unsafe extern "C" fn xalloc_shared_open(handle: *const c_char) -> *mut XallocShared {
     // SAFETY: the caller's contract.
     match unsafe { parse_handle(handle) } {
-        Ok(h) => new_object(SharedBuf::open(h).map(Shared::View)),
+        Ok(h) => {
+            // SAFETY: the library hands C only raw pointers to a block's bytes
+            // (`xalloc_shared_data` and `xalloc_shared_writable` return `as_ptr`/`as_mut_ptr`,
+            // which make no reference), so a buffer and a view of one block in this process
+            // never give Rust references to the same bytes at once.
+            let view = unsafe { SharedBuf::open_unchecked(h) };
+            new_object(view.map(Shared::View))
+        }
         Err(e) => fail_null(e),
     }
 }
@@ -480,7 +488,11 @@ pub unsafe extern "C" fn xalloc_shared_send(
 pub unsafe extern "C" fn xalloc_shared_receive(handle: *const c_char) -> *mut XallocShared {
     // SAFETY: the caller's contract.
     match unsafe { parse_handle(handle) } {
-        Ok(h) => new_object(SharedBuf::receive(h).map(Shared::Owned)),
+        Ok(h) => {
+            // SAFETY: as for `open_unchecked` in `xalloc_shared_open`.
+            let buf = unsafe { SharedBuf::receive_unchecked(h) };
+            new_object(buf.map(Shared::Owned))
+        }
         Err(e) => fail_null(e),
     }
 }

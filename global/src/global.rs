@@ -146,6 +146,8 @@ struct Conn {
     slots: [AtomicU32; POOL],
     /// The blocks the program holds in this arena.
     blocks: BlockTable,
+    /// The shared blocks this process owns or views in this arena.
+    shares: ShareMarks,
 }
 
 /// The length of every arena block the program holds, in granules, at the index of the
@@ -195,6 +197,82 @@ impl BlockTable {
             // is aligned), zero-filled (a valid `AtomicU32`), written only through atomics,
             // and lives as long as `self`.
             unsafe { &*self.map.as_ptr().cast::<AtomicU32>().add(g) }
+        })
+    }
+}
+
+/// What this process holds of each shared block of one arena, at the index of the block's first
+/// granule: whether it owns it (a [`SharedBuf`](crate::SharedBuf)), how many view references it
+/// holds ([`SharedView`](crate::SharedView)s opened), and the block's length in granules.
+/// Private memory, like [`BlockTable`] (8 bytes per granule, costing memory only where shared
+/// blocks start).
+///
+/// It keeps a process from holding a `SharedBuf` and a `SharedView` of the same block at once,
+/// which would let safe code hold `&mut [u8]` and `&[u8]` to the same bytes; and it tells a
+/// forked child which shared blocks to copy when the arena cannot be remapped.
+struct ShareMarks {
+    map: os::Mapping,
+    entries: usize,
+}
+
+/// [`ShareMarks`] entry: this process owns the block.
+const MARK_OWNED: u64 = 1 << 63;
+/// [`ShareMarks`] entry: one view reference (bits 32 to 62 count them).
+const MARK_VIEW: u64 = 1 << 32;
+/// [`ShareMarks`] entry: the view count's bits.
+const MARK_VIEWS: u64 = MARK_OWNED - MARK_VIEW;
+/// [`ShareMarks`] entry: the block's length in granules (bits 0 to 31).
+const MARK_GRANULES: u64 = MARK_VIEW - 1;
+
+/// Why [`ShareMarks`] refused a mark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MarkError {
+    /// This process owns the block.
+    Owned,
+    /// This process holds views of the block.
+    Viewed,
+}
+
+impl ShareMarks {
+    fn new(entries: usize) -> Option<Self> {
+        let map =
+            os::Mapping::anonymous(entries.max(1).checked_mul(size_of::<AtomicU64>())?).ok()?;
+        Some(Self {
+            map,
+            entries: entries.max(1),
+        })
+    }
+
+    /// The entry of granule `g`.
+    fn entry(&self, g: usize) -> Option<&AtomicU64> {
+        (g < self.entries).then(|| {
+            // SAFETY: `g` is inside the mapping, which is page-aligned (so each 8-byte entry
+            // is aligned), zero-filled (a valid `AtomicU64`), written only through atomics,
+            // and lives as long as `self`.
+            unsafe { &*self.map.as_ptr().cast::<AtomicU64>().add(g) }
+        })
+    }
+
+    /// Applies `f` to entry `g` atomically; `f`'s error leaves it as it was.
+    fn update(&self, g: usize, f: impl Fn(u64) -> Result<u64, MarkError>) -> Result<(), MarkError> {
+        let Some(e) = self.entry(g) else {
+            return Ok(());
+        };
+        let mut cur = e.load(Ordering::Relaxed);
+        loop {
+            let new = f(cur)?;
+            match e.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Ok(()),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Every block marked: offset and length in granules.
+    fn held(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.entries).filter_map(move |g| {
+            let n = (self.entry(g)?.load(Ordering::Relaxed) & MARK_GRANULES) as usize;
+            (n != 0).then_some((g, n))
         })
     }
 }
@@ -545,11 +623,57 @@ pub(crate) struct HeldConn {
     entry: usize,
 }
 
+/// The instance the process's allocator ([`XallocGlobal`] or the C library) was configured
+/// with, noted on its first use, so that the share API talks to the same instance.
+struct NameCell {
+    /// 0: not noted; 1: being noted; 2: noted.
+    state: AtomicU32,
+    ptr: core::sync::atomic::AtomicPtr<u8>,
+    len: AtomicUsize,
+}
+
+static CONFIGURED_NAME: NameCell = NameCell {
+    state: AtomicU32::new(0),
+    ptr: core::sync::atomic::AtomicPtr::new(ptr::null_mut()),
+    len: AtomicUsize::new(0),
+};
+
+impl NameCell {
+    /// Notes `name` if no name was noted before.
+    fn note(&self, name: &'static str) {
+        if self.state.load(Ordering::Relaxed) == 0
+            && self
+                .state
+                .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.ptr.store(name.as_ptr().cast_mut(), Ordering::Relaxed);
+            self.len.store(name.len(), Ordering::Relaxed);
+            self.state.store(2, Ordering::Release);
+        }
+    }
+
+    /// The name noted, or [`DEFAULT_NAME`].
+    fn get(&self) -> &'static str {
+        if self.state.load(Ordering::Acquire) != 2 {
+            return DEFAULT_NAME;
+        }
+        let (p, len) = (
+            self.ptr.load(Ordering::Relaxed),
+            self.len.load(Ordering::Relaxed),
+        );
+        // SAFETY: `p` and `len` are those of a `&'static str` (`note`), published before the
+        // state read above (Release/Acquire) and never changed after.
+        unsafe { core::str::from_utf8_unchecked(core::slice::from_raw_parts(p, len)) }
+    }
+}
+
 impl HeldConn {
-    /// Holds the live connection of this process (made to `XALLOC_NAME`, default
-    /// [`DEFAULT_NAME`], if there is none), or `None` if no daemon answers.
+    /// Holds the live connection of this process (made to `XALLOC_NAME`, else the instance
+    /// the process's allocator was configured with, else [`DEFAULT_NAME`], if there is none),
+    /// or `None` if no daemon answers.
     pub(crate) fn live() -> Option<Self> {
-        let c = STATE.live_conn(DEFAULT_NAME)?;
+        let c = STATE.live_conn(CONFIGURED_NAME.get())?;
         let entry = STATE.index_of(&c);
         c.hold_block_and_unpin();
         Some(Self { entry })
@@ -651,6 +775,103 @@ impl HeldConn {
                 .arena_blocks
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| less(v, 1));
         }
+    }
+
+    /// Marks the shared block at `offset` (`bytes` long, 0 if not known yet) owned by this
+    /// process; refused while this process holds views of it (or owns it), unless `unchecked`.
+    pub(crate) fn mark_owned(
+        &self,
+        offset: u64,
+        bytes: u64,
+        unchecked: bool,
+    ) -> Result<(), MarkError> {
+        let granules = self.granules_of(bytes);
+        self.mark(offset, |e| {
+            if e & MARK_OWNED != 0 && !unchecked {
+                Err(MarkError::Owned)
+            } else if e & MARK_VIEWS != 0 && !unchecked {
+                Err(MarkError::Viewed)
+            } else {
+                Ok(MARK_OWNED | Self::granules_mark(granules, e))
+            }
+        })
+    }
+
+    /// This process no longer owns the shared block at `offset`.
+    pub(crate) fn unmark_owned(&self, offset: u64) {
+        let _ = self.mark(offset, |e| {
+            let e = e & !MARK_OWNED;
+            Ok(if e & MARK_VIEWS == 0 { 0 } else { e })
+        });
+    }
+
+    /// Counts one more view reference of this process to the shared block at `offset`
+    /// (`bytes` long); refused while this process owns it, unless `unchecked`.
+    pub(crate) fn mark_view(
+        &self,
+        offset: u64,
+        bytes: u64,
+        unchecked: bool,
+    ) -> Result<(), MarkError> {
+        let granules = self.granules_of(bytes);
+        self.mark(offset, |e| {
+            if e & MARK_OWNED != 0 && !unchecked {
+                return Err(MarkError::Owned);
+            }
+            // Saturates rather than overflowing into the owner bit (2^31 views of one block
+            // cannot be held: the daemon refuses a count past u32::MAX, and each view costs
+            // memory here).
+            let views = (e & MARK_VIEWS).saturating_add(MARK_VIEW).min(MARK_VIEWS);
+            Ok(views | Self::granules_mark(granules, e))
+        })
+    }
+
+    /// One view reference fewer to the shared block at `offset`.
+    pub(crate) fn unmark_view(&self, offset: u64) {
+        let _ = self.mark(offset, |e| {
+            let views = (e & MARK_VIEWS).saturating_sub(MARK_VIEW);
+            Ok(if views == 0 && e & MARK_OWNED == 0 {
+                0
+            } else {
+                (e & !MARK_VIEWS) | views
+            })
+        });
+    }
+
+    /// Records the length of the shared block at `offset` that this process owns or views,
+    /// if its mark has none yet (for a forked child that copies what this process holds).
+    pub(crate) fn note_granules(&self, offset: u64, bytes: u64) {
+        let granules = self.granules_of(bytes);
+        let _ = self.mark(offset, |e| Ok(e | Self::granules_mark(granules, e)));
+    }
+
+    /// Granules of an arena block of `bytes`.
+    fn granules_of(&self, bytes: u64) -> u64 {
+        (bytes / self.arena().3 as u64).min(MARK_GRANULES)
+    }
+
+    /// Entry `e`'s granules, or `granules` if it has none yet.
+    fn granules_mark(granules: u64, e: u64) -> u64 {
+        match e & MARK_GRANULES {
+            0 => granules,
+            n => n,
+        }
+    }
+
+    /// Updates the mark of the block at `offset` (a granule boundary of the arena).
+    fn mark(
+        &self,
+        offset: u64,
+        f: impl Fn(u64) -> Result<u64, MarkError>,
+    ) -> Result<(), MarkError> {
+        let Some(c) = self.pinned() else {
+            return Ok(());
+        };
+        let granule = c.conn.granule() as u64;
+        if !offset.is_multiple_of(granule) {
+            return Ok(());
+        }
+        c.shares.update((offset / granule) as usize, f)
     }
 
     /// Whether the connection was made by this process (not inherited through fork).
@@ -893,6 +1114,7 @@ impl State {
         let name = env_str(c"XALLOC_NAME", &mut buf).unwrap_or(name);
         let conn = Connection::connect(name).ok()?;
         let blocks = BlockTable::new(conn.arena_len(), conn.granule())?;
+        let shares = ShareMarks::new(conn.arena_len() / conn.granule().max(1))?;
         let i = (0..MAX_CONNECTIONS)
             .find(|&i| self.conns[i].state.load(Ordering::Acquire) & VACANT != 0)
             .or_else(|| (0..MAX_CONNECTIONS).find(|&i| self.recycle(i)))?;
@@ -915,6 +1137,7 @@ impl State {
                 lost: AtomicU64::new(0),
                 slots: [const { AtomicU32::new(0) }; POOL],
                 blocks,
+                shares,
             });
         }
         e.base.store(base, Ordering::Relaxed);
@@ -1016,7 +1239,11 @@ impl State {
             // into private memory instead. Left shared only if both fail (out of memory).
             unsafe {
                 if c.conn.privatize_arena_after_fork().is_err() {
-                    let _ = c.conn.privatize_arena_by_copy(c.blocks.held());
+                    let shift = c.blocks.shift;
+                    let shared = c.shares.held().map(|(g, n)| (g << shift, n << shift));
+                    let _ = c
+                        .conn
+                        .privatize_arena_by_copy(c.blocks.held().chain(shared));
                 }
             }
         }
@@ -1334,6 +1561,8 @@ impl Config {
     #[cold]
     #[inline(never)]
     fn read_threshold(&self) -> usize {
+        // The first use of the allocator: its instance is the process's, for the share API.
+        CONFIGURED_NAME.note(self.name);
         let t = env_usize(c"XALLOC_THRESHOLD")
             .filter(|&t| t > 0)
             .unwrap_or(self.threshold);

@@ -16,14 +16,27 @@
 //!   [`SharedBuf::receive`]: a second handle, so that a reader never gets write access.
 //!
 //! A [`Handle`] names the daemon instance, the block, the share's generation (a block freed and
-//! allocated again has another) and a random 64-bit token, which only the daemon and the
-//! processes it was handed to know: a handle that was made up, changed, belongs to a freed
-//! block or to another instance gives an error, never a view. Within an instance every client
+//! allocated again has another) and a random 64-bit token, which the daemon keeps in its
+//! private state record (readable by its user only) and gives to the share's owner: a handle
+//! that was made up, changed, belongs to a freed block or to another instance gives an error,
+//! never a view. Within an instance every client
 //! can read and write the whole arena anyway (the trust domain: one user, or the members of the
 //! daemon's `--group`); the handle decides lifetimes and who owns what, not who can see memory.
 //!
 //! The share operations talk to the daemon instance this process's allocator uses
-//! (`XALLOC_NAME`, default `xalloc`), over the same connection.
+//! (`XALLOC_NAME`, else the allocator's `with_name`, default `xalloc`), over the same
+//! connection.
+//!
+//! # Views, owners and `&[u8]`
+//!
+//! One process never holds a block both ways: [`SharedBuf::open`] of a block it owns and
+//! [`SharedBuf::receive`] of one it views are refused ([`ShareError::OwnedHere`],
+//! [`ShareError::ViewedHere`]), so safe code never holds `&mut [u8]` and `&[u8]` of the same
+//! bytes. Across processes the owner may still write while views read: a view's `&[u8]` is
+//! memory another process changes, as with any shared mapping. Hand the handle over once the
+//! bytes are written (the usual producer-consumer order; a pipe or socket orders the two
+//! processes), or read bytes that change through [`SharedView::as_ptr`] with volatile or
+//! atomic loads.
 //!
 //! ```no_run
 //! use xalloc_global::{SharedBuf, Handle};
@@ -48,7 +61,7 @@ use std::sync::Arc;
 use xalloc_proto::wire::{BlockFlags, Op, Response, Status};
 
 use crate::client::RequestError;
-use crate::global::HeldConn;
+use crate::global::{HeldConn, MarkError};
 
 /// What a [`Handle`] gives its holder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -250,8 +263,23 @@ pub enum ShareError {
     /// The daemon holds as many shared blocks or views as it can, or this process has as many
     /// views open as one process may.
     TooMany,
+    /// [`SharedBuf::open`] of a block this process owns: use the `SharedBuf` itself (a view
+    /// beside it would let the program hold `&[u8]` and `&mut [u8]` to the same bytes).
+    OwnedHere,
+    /// [`SharedBuf::receive`] of a block this process holds views of: drop them first (for
+    /// the same reason).
+    ViewedHere,
     /// Anything else the daemon or the connection reported.
     Request(RequestError),
+}
+
+impl From<MarkError> for ShareError {
+    fn from(e: MarkError) -> Self {
+        match e {
+            MarkError::Owned => Self::OwnedHere,
+            MarkError::Viewed => Self::ViewedHere,
+        }
+    }
 }
 
 impl fmt::Display for ShareError {
@@ -281,6 +309,12 @@ impl fmt::Display for ShareError {
                 "the daemon holds as many shared blocks or views as it can, or this process \
                  has as many views open as one may",
             ),
+            Self::OwnedHere => f.write_str(
+                "this process owns the block: read it through its SharedBuf, not a view",
+            ),
+            Self::ViewedHere => {
+                f.write_str("this process holds views of the block: drop them before receiving it")
+            }
             Self::Request(e) => write!(f, "share request failed: {e}"),
         }
     }
@@ -385,9 +419,10 @@ impl SharedBuf {
                     Ok(r) => {
                         // The block is the share's now: the vector must never free it.
                         core::mem::forget(v);
-                        Ok(Self {
-                            block: Block::from_answer(conn, &r, HandleKind::View)?,
-                        })
+                        let block = Block::from_answer(conn, &r, HandleKind::View)?;
+                        // A block just shared has no views here (none could be opened).
+                        let _ = block.conn.mark_owned(offset, block.block_bytes, false);
+                        Ok(Self { block })
                     }
                     Err(e) => {
                         conn.return_block(offset, bytes);
@@ -411,9 +446,10 @@ impl SharedBuf {
         match conn.request(Op::Share, 0, len as u64, offset, 0) {
             Ok(r) => {
                 HeldConn::count(block_bytes, true);
-                Ok(Self {
-                    block: Block::from_answer(conn, &r, HandleKind::View)?,
-                })
+                let block = Block::from_answer(conn, &r, HandleKind::View)?;
+                // A block just shared has no views here (none could be opened).
+                let _ = block.conn.mark_owned(offset, block_bytes, false);
+                Ok(Self { block })
             }
             Err(e) => {
                 let _ = conn.request(Op::Free, 0, 0, offset, 0);
@@ -431,7 +467,27 @@ impl SharedBuf {
     /// process or any other served by the same daemon instance, without a copy: one round trip
     /// to the daemon whatever the block's size. The block lives at least as long as the view
     /// (and its clones).
+    ///
+    /// A process that owns the block (holds its `SharedBuf`) gets [`ShareError::OwnedHere`]: it
+    /// reads the block through the `SharedBuf`, since a view beside it would give safe code a
+    /// `&[u8]` of bytes it may change through `&mut [u8]`. (Another process's view is another
+    /// matter: see [`SharedView`].)
     pub fn open(handle: Handle) -> Result<SharedView, ShareError> {
+        Self::open_in(handle, false)
+    }
+
+    /// [`SharedBuf::open`] without the check that this process does not own the block.
+    ///
+    /// # Safety
+    /// While the view (or a clone) lives, the program must not hold a reference to the block's
+    /// bytes from a [`SharedBuf`] of this process together with one from the view: for example,
+    /// it reads and writes the bytes only through raw pointers (`as_ptr`), as the C library
+    /// does on behalf of C programs.
+    pub unsafe fn open_unchecked(handle: Handle) -> Result<SharedView, ShareError> {
+        Self::open_in(handle, true)
+    }
+
+    fn open_in(handle: Handle, unchecked: bool) -> Result<SharedView, ShareError> {
         let conn = HeldConn::live().ok_or(ShareError::NoDaemon)?;
         Block::check_instance(&conn, &handle)?;
         let r = conn.request(
@@ -441,10 +497,30 @@ impl SharedBuf {
             handle.offset,
             handle.token,
         )?;
+        // Checked once the daemon has said that the handle names a live block (a made-up
+        // handle is `NotFound` whatever this process holds).
         let block = Block::from_answer(conn, &r, HandleKind::View)?;
-        Ok(SharedView {
+        let view = SharedView {
             inner: Arc::new(ViewRef(block)),
-        })
+        };
+        let b = &view.inner.0;
+        if let Err(e) = b.conn.mark_view(handle.offset, b.block_bytes, unchecked) {
+            // Dropping the view closes it in the daemon; its mark is not taken.
+            let view = core::mem::ManuallyDrop::new(view);
+            let inner = &view.inner.0;
+            let _ = inner.conn.request(
+                Op::Close,
+                0,
+                u64::from(inner.handle.generation),
+                inner.handle.offset,
+                0,
+            );
+            // SAFETY: `view` is never used again: its connection hold is dropped here once,
+            // and the rest of it (an `Arc` of plain data) is left to leak its few bytes.
+            drop(unsafe { core::ptr::read(&inner.conn) });
+            return Err(e.into());
+        }
+        Ok(view)
     }
 
     /// Gives the block up for exactly one process to take with [`SharedBuf::receive`] and the
@@ -468,6 +544,7 @@ impl SharedBuf {
                     ..b.handle
                 };
                 HeldConn::count(b.block_bytes, false);
+                b.conn.unmark_owned(b.handle.offset);
                 let me = core::mem::ManuallyDrop::new(self);
                 // SAFETY: `me` is never used or dropped again; its connection hold is dropped
                 // here, once.
@@ -480,27 +557,65 @@ impl SharedBuf {
 
     /// Takes ownership (and write access) of the block a transfer handle names; only one
     /// process succeeds. The block's quota moves to this process.
+    ///
+    /// A process that holds views of the block gets [`ShareError::ViewedHere`] (drop them
+    /// first), for the reason [`SharedBuf::open`] gives.
     pub fn receive(handle: Handle) -> Result<SharedBuf, ShareError> {
+        Self::receive_in(handle, false)
+    }
+
+    /// [`SharedBuf::receive`] without the check that this process holds no view of the block.
+    ///
+    /// # Safety
+    /// As for [`SharedBuf::open_unchecked`]: while this process also holds views of the block,
+    /// the program must not hold references to its bytes from both.
+    pub unsafe fn receive_unchecked(handle: Handle) -> Result<SharedBuf, ShareError> {
+        Self::receive_in(handle, true)
+    }
+
+    fn receive_in(handle: Handle, unchecked: bool) -> Result<SharedBuf, ShareError> {
         if handle.kind != HandleKind::Transfer {
             return Err(ShareError::NotTransfer);
         }
         let conn = HeldConn::live().ok_or(ShareError::NoDaemon)?;
         Block::check_instance(&conn, &handle)?;
+        // Marked before the request (a block cannot be given back once received): no view of
+        // it is opened here meanwhile.
+        conn.mark_owned(handle.offset, 0, unchecked)?;
         let r = conn.request(
             Op::Receive,
             0,
             u64::from(handle.generation),
             handle.offset,
             handle.token,
-        )?;
+        );
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                conn.unmark_owned(handle.offset);
+                return Err(e.into());
+            }
+        };
         let block = Block::from_answer(conn, &r, HandleKind::View)?;
         HeldConn::count(block.block_bytes, true);
+        // The block's length, for a forked child that copies what this process holds.
+        block.conn.note_granules(handle.offset, block.block_bytes);
         Ok(SharedBuf { block })
     }
 
     /// The block's length in bytes (as shared; the arena block may be longer).
     pub fn len(&self) -> usize {
         self.block.len
+    }
+
+    /// The block's first byte, without making a reference to the bytes.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.block.ptr.as_ptr()
+    }
+
+    /// The block's first byte, for writing, without making a reference to the bytes.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.block.ptr.as_ptr()
     }
 
     /// Whether the block is 0 bytes long.
@@ -528,17 +643,20 @@ impl DerefMut for SharedBuf {
 impl Drop for SharedBuf {
     fn drop(&mut self) {
         let b = &self.block;
-        // In a forked child, the block is the parent's: nothing to give up here.
-        if b.conn.ours() && b.conn.usable() {
-            let _ = b.conn.request(
-                Op::Close,
-                BlockFlags::OWNER.bits(),
-                u64::from(b.handle.generation),
-                b.handle.offset,
-                0,
-            );
+        // In a forked child, the block is the parent's: nothing to give up, nor to uncount.
+        if b.conn.ours() {
+            if b.conn.usable() {
+                let _ = b.conn.request(
+                    Op::Close,
+                    BlockFlags::OWNER.bits(),
+                    u64::from(b.handle.generation),
+                    b.handle.offset,
+                    0,
+                );
+            }
             HeldConn::count(b.block_bytes, false);
         }
+        b.conn.unmark_owned(b.handle.offset);
     }
 }
 
@@ -566,6 +684,22 @@ impl SharedView {
     pub fn handle(&self) -> Handle {
         self.inner.0.handle
     }
+
+    /// The view's length in bytes (the share's).
+    pub fn len(&self) -> usize {
+        self.inner.0.len
+    }
+
+    /// Whether the view is 0 bytes long.
+    pub fn is_empty(&self) -> bool {
+        self.inner.0.len == 0
+    }
+
+    /// The block's first byte, without making a reference to the bytes: for readers that
+    /// must see the owner's later writes (volatile or atomic reads; see the type's docs).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.inner.0.ptr.as_ptr()
+    }
 }
 
 impl Deref for SharedView {
@@ -589,5 +723,6 @@ impl Drop for ViewRef {
                 0,
             );
         }
+        b.conn.unmark_view(b.handle.offset);
     }
 }
