@@ -1598,7 +1598,10 @@ impl Server {
     }
     /// Whether a shared block starts at byte `off` of the data.
     fn is_shared(&self, off: usize) -> bool {
-        off.is_multiple_of(GRANULE) && self.shares.contains_key(&(off / GRANULE))
+        // On every free and resize: no hashing while nothing is shared.
+        !self.shares.is_empty()
+            && off.is_multiple_of(GRANULE)
+            && self.shares.contains_key(&(off / GRANULE))
     }
 
     /// The first granule of the share at byte `offset` of generation `generation`, if one
