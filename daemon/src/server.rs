@@ -221,9 +221,14 @@ struct Share {
     token: u64,
     /// While in transit ([`Op::Send`]): the token that receives it; 0 otherwise.
     send_token: u64,
-    /// The owning client; `None` once the owner is gone and views remain (the block is
-    /// recorded as [`ORPHAN`]'s).
+    /// The owning client (it may write, send and give up the block); `None` once the owner
+    /// gave it up or is gone, and views remain.
     owner: Option<u32>,
+    /// The client that pays for the block (the block is recorded as its): the owner; after
+    /// the owner gave the block up, still that client until it is gone (so that a process
+    /// cannot keep blocks past its quota by giving them up while it views them); `None`
+    /// after that (recorded as [`ORPHAN`]'s), and then each viewer pays.
+    payer: Option<u32>,
     /// Per client that holds views: how many, and its entry in the view table.
     views: HashMap<u32, (u32, usize)>,
 }
@@ -666,11 +671,27 @@ impl Server {
             kept_blocks += 1;
             kept_bytes += bytes;
             if live_owner {
+                let gone = self
+                    .shares
+                    .get(&g)
+                    .map(|s| s.slot)
+                    .map(|slot| self.share_entry(slot).owner_gone.load(Ordering::Relaxed) != 0);
                 if let Some(s) = self.shares.get_mut(&g) {
-                    s.owner = Some(owner);
+                    s.payer = Some(owner);
+                    s.owner = (gone == Some(false)).then_some(owner);
+                    if s.owner.is_none() {
+                        s.send_token = 0;
+                    }
                     self.count_owned(owner, 1);
                 }
                 self.account(owner, bytes as i64, 1);
+                if self.shares.contains_key(&g) {
+                    self.persist_share(g);
+                }
+                if gone == Some(true) {
+                    // Given up: freed now if its views went with their processes.
+                    self.free_if_unreferenced(g);
+                }
             } else {
                 // Owned by a client that is gone: the block is the views' alone now, and each
                 // viewer pays for it.
@@ -678,6 +699,7 @@ impl Server {
                 let mut viewers = Vec::new();
                 if let Some(s) = self.shares.get_mut(&g) {
                     s.owner = None;
+                    s.payer = None;
                     s.send_token = 0;
                     viewers.extend(s.views.keys().copied());
                 }
@@ -752,6 +774,7 @@ impl Server {
                     token: e.token.load(Ordering::Relaxed),
                     send_token: e.send_token.load(Ordering::Relaxed),
                     owner: None,
+                    payer: None,
                     views: HashMap::new(),
                 },
             );
@@ -913,7 +936,7 @@ impl Server {
                     for c in self.chunks_of((g * GRANULE) as u64, recorded) {
                         used[c] += 1;
                     }
-                    let share_owner = self.shares.get(&g).map(|s| s.owner.unwrap_or(ORPHAN));
+                    let share_owner = self.shares.get(&g).map(|s| s.payer.unwrap_or(ORPHAN));
                     if owner == ORPHAN || share_owner.is_some() {
                         if share_owner != Some(owner) {
                             return Err(format!(
@@ -992,9 +1015,19 @@ impl Server {
                     "share at granule {g}: its state-record entry differs"
                 ));
             }
-            if s.owner.is_none() && (s.views.is_empty() || s.send_token != 0) {
+            let owner_pays = s.owner.is_none_or(|o| s.payer == Some(o));
+            if !owner_pays || (s.owner.is_none() && (s.views.is_empty() || s.send_token != 0)) {
                 return Err(format!(
-                    "share at granule {g}: no owner, no views or in transit"
+                    "share at granule {g}: owner {:?}, payer {:?}, {} views, in transit: {}",
+                    s.owner,
+                    s.payer,
+                    s.views.len(),
+                    s.send_token != 0
+                ));
+            }
+            if e.owner_gone.load(Ordering::Relaxed) != u32::from(s.owner.is_none()) {
+                return Err(format!(
+                    "share at granule {g}: its record says owner_gone wrongly"
                 ));
             }
             for (client, &(count, slot)) in &s.views {
@@ -1028,13 +1061,13 @@ impl Server {
             let owned = self
                 .shares
                 .values()
-                .filter(|s| s.owner == Some(*id))
+                .filter(|s| s.payer == Some(*id))
                 .count();
             let orphan_bytes: u64 = c
                 .viewing
                 .iter()
                 .filter_map(|g| self.shares.get(g))
-                .filter(|s| s.owner.is_none())
+                .filter(|s| s.payer.is_none())
                 .map(|s| s.bytes)
                 .sum();
             if owned != c.owned_shares || orphan_bytes != c.orphan_bytes {
@@ -1679,6 +1712,8 @@ impl Server {
         e.len.store(s.len, Ordering::Relaxed);
         e.token.store(s.token, Ordering::Relaxed);
         e.send_token.store(s.send_token, Ordering::Relaxed);
+        e.owner_gone
+            .store(u32::from(s.owner.is_none()), Ordering::Relaxed);
         e.granule.store(g as u32 + 1, Ordering::Release);
     }
 
@@ -1741,6 +1776,7 @@ impl Server {
                 token,
                 send_token: 0,
                 owner: Some(id),
+                payer: Some(id),
                 views: HashMap::new(),
             },
         );
@@ -1760,7 +1796,7 @@ impl Server {
         if !known {
             return answer(Status::NoSuchShare);
         }
-        let (share_slot, view_token, orphan, bytes) = (s.slot, s.token, s.owner.is_none(), s.bytes);
+        let (share_slot, view_token, orphan, bytes) = (s.slot, s.token, s.payer.is_none(), s.bytes);
         let Some((viewing, uid)) = self.clients.get(&id).map(|c| (c.viewing.len(), c.uid)) else {
             return answer(Status::NoSuchShare);
         };
@@ -1810,7 +1846,7 @@ impl Server {
             if self.shares[&g].owner != Some(id) {
                 return answer(Status::NoSuchShare);
             }
-            self.drop_owner(g);
+            self.give_up(g);
         } else if !self.drop_view(g, id, false) {
             return answer(Status::NoSuchShare);
         }
@@ -1834,7 +1870,7 @@ impl Server {
             return true;
         }
         s.views.remove(&id);
-        let orphan = s.owner.is_none().then_some(s.bytes);
+        let orphan = s.payer.is_none().then_some(s.bytes);
         self.view_entry(slot).share.store(0, Ordering::Release);
         self.free_view_slots.push(slot);
         if let Some(c) = self.clients.get_mut(&id) {
@@ -1848,24 +1884,35 @@ impl Server {
         true
     }
 
-    /// Share `g`'s owner is gone (dropped it, or its process ended): the block belongs to no
-    /// client from now on, and can no longer be received.
-    fn drop_owner(&mut self, g: usize) {
+    /// Share `g`'s owner gives it up (views remain, or it is freed next): it can no longer be
+    /// sent or received, and its client goes on paying for it while it lives.
+    fn give_up(&mut self, g: usize) {
         let Some(s) = self.shares.get_mut(&g) else {
             return;
         };
-        let Some(owner) = s.owner.take() else {
+        s.owner = None;
+        s.send_token = 0;
+        self.persist_share(g);
+    }
+
+    /// Client `id`, which pays for share `g`, is gone: the block belongs to no client from now
+    /// on (recorded as [`ORPHAN`]'s), and each of its viewers pays for it.
+    fn drop_payer(&mut self, g: usize, id: u32) {
+        let Some(s) = self.shares.get_mut(&g) else {
             return;
         };
+        if s.payer != Some(id) {
+            return;
+        }
+        s.payer = None;
+        s.owner = None;
         s.send_token = 0;
         let bytes = s.bytes;
         let viewers: Vec<u32> = s.views.keys().copied().collect();
         self.persist_share(g);
         self.record(g * GRANULE, bytes, ORPHAN);
-        self.account(owner, -(bytes as i64), -1);
-        self.count_owned(owner, -1);
-        // From now on each viewer pays for the block (so that a process cannot keep blocks
-        // past its quota by viewing them and dropping their ownership).
+        self.account(id, -(bytes as i64), -1);
+        self.count_owned(id, -1);
         for v in viewers {
             self.account_orphan(v, bytes as i64);
         }
@@ -1883,11 +1930,15 @@ impl Server {
         let Some(s) = self.shares.remove(&g) else {
             return;
         };
-        // The share first, then the block: a crash in between leaves a block recorded as
-        // ORPHAN's that no share keeps, which a restart frees.
+        // The share first, then the block: a crash in between leaves a block recorded for its
+        // payer (or ORPHAN) that no share keeps, which the payer frees or a restart does.
         self.share_entry(s.slot).granule.store(0, Ordering::Release);
         self.free_share_slots.push(s.slot);
         self.record(g * GRANULE, 0, 0);
+        if let Some(payer) = s.payer {
+            self.account(payer, -(s.bytes as i64), -1);
+            self.count_owned(payer, -1);
+        }
         if let Ok(size) = self.heap.deallocate_at(g * GRANULE) {
             self.chunks_release((g * GRANULE) as u64, size as u64);
         }
@@ -1941,6 +1992,7 @@ impl Server {
         }
         if let Some(s) = self.shares.get_mut(&g) {
             s.owner = Some(id);
+            s.payer = Some(id);
             s.send_token = 0;
         }
         self.persist_share(g);
@@ -1955,19 +2007,19 @@ impl Server {
             .get(&id)
             .map(|c| c.viewing.iter().copied().collect())
             .unwrap_or_default();
-        let owned: Vec<usize> = self
+        let paid: Vec<usize> = self
             .shares
             .iter()
-            .filter(|(_, s)| s.owner == Some(id))
+            .filter(|(_, s)| s.payer == Some(id))
             .map(|(g, _)| *g)
             .collect();
         for &g in &viewing {
             self.drop_view(g, id, true);
         }
-        for &g in &owned {
-            self.drop_owner(g);
+        for &g in &paid {
+            self.drop_payer(g, id);
         }
-        for g in viewing.into_iter().chain(owned) {
+        for g in viewing.into_iter().chain(paid) {
             self.free_if_unreferenced(g);
         }
     }
@@ -2596,7 +2648,7 @@ impl Server {
             "shared_blocks": self.shares.len(),
             "shared_bytes": self.shares.values().map(|s| s.bytes).sum::<u64>(),
             "views": self.shares.values().flat_map(|s| s.views.values()).map(|v| u64::from(v.0)).sum::<u64>(),
-            "orphaned_shares": self.shares.values().filter(|s| s.owner.is_none()).count(),
+            "orphaned_shares": self.shares.values().filter(|s| s.payer.is_none()).count(),
             "client_list": list,
         })
     }

@@ -1411,6 +1411,10 @@ pub struct ShareEntry {
     pub token: AtomicU64,
     /// The token one process may receive the block with while it is in transit; 0 otherwise.
     pub send_token: AtomicU64,
+    /// 1 once the owner has given the block up while views remain: the client the block is
+    /// recorded for still pays for it (until it exits), but owns it no more.
+    pub owner_gone: AtomicU32,
+    _pad: AtomicU32,
 }
 
 /// A client's views of one share in the state record (daemon only). In use while `share` is
@@ -1506,7 +1510,7 @@ const _: () = {
     assert!(size_of::<ResponseSlot>() == 64 && align_of::<ResponseSlot>() == 64);
     assert!(size_of::<OwnerEntry>() == 8);
     assert!(size_of::<ShareTableHeader>() == 64 && align_of::<ShareTableHeader>() == 64);
-    assert!(size_of::<ShareEntry>() == 32 && size_of::<ViewEntry>() == 16);
+    assert!(size_of::<ShareEntry>() == 40 && size_of::<ViewEntry>() == 16);
     assert!(size_of::<Ledger>() == 64 + 8 * LEDGER_ENTRIES && align_of::<Ledger>() == 64);
     assert!(
         ARENA_HEADER_LEN >= size_of::<SegmentHeader>() && ARENA_HEADER_LEN <= ARENA_DATA_OFFSET

@@ -430,18 +430,32 @@ fn every_malformed_request_gets_its_own_status_and_changes_nothing() {
         (view.offset, view.size, view.token),
         (shared.offset, 100, shared.token)
     );
-    let used = num(&status_doc(&d), "used_bytes");
-    // The owner goes first: the view keeps the block; the view's close frees it.
+    let before = status_doc(&d);
+    let (used, paid) = (
+        num(&before, "used_bytes"),
+        num(&row(&before, conn.client_id()), "bytes"),
+    );
+    // The owner goes first: the view keeps the block, and the client that gave it up goes on
+    // paying for it (it lives); the view's close frees it.
     conn.request(i, Op::Close, 2, generation, 0, neighbour.offset)
         .unwrap();
-    assert_eq!(num(&status_doc(&d), "used_bytes"), used);
-    assert_eq!(num(&status_doc(&d), "orphaned_shares"), 1);
+    let between = status_doc(&d);
+    assert_eq!(num(&between, "used_bytes"), used);
+    assert_eq!(num(&between, "orphaned_shares"), 0, "{between}");
+    assert_eq!(num(&row(&between, conn.client_id()), "bytes"), paid);
+    assert_eq!(
+        conn.request(i, Op::Send, 0, generation, 0, neighbour.offset)
+            .map(|_| ()),
+        Err(RequestError::Refused(Status::NotOwner)),
+        "given up: no longer the owner's to send"
+    );
     sibling
         .request(sibling_slot, Op::Close, 0, generation, 0, neighbour.offset)
         .unwrap();
     let after = status_doc(&d);
     assert_eq!(num(&after, "used_bytes"), used - 4096, "{after}");
     assert_eq!(num(&after, "shared_blocks"), 0, "{after}");
+    assert_eq!(num(&row(&after, conn.client_id()), "bytes"), paid - 4096);
     assert!(d.stats_line().contains("heap check ok"));
 }
 
