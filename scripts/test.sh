@@ -79,6 +79,7 @@ step "bench smoke" bash scripts/bench.sh --quick
 step "bench smoke (region over seeds)" bash scripts/bench.sh --quick --region-seeds 2
 step "bench smoke (daemon round trip)" bash scripts/bench-roundtrip.sh --quick
 step "bench smoke (large-block churn)" bash scripts/bench-churn.sh --quick
+step "bench smoke (share handles)" bash scripts/bench-share.sh --quick
 step "bench smoke (clients scaling)" bash scripts/bench-scale.sh --quick
 step "bench smoke (C library)" bash scripts/bench-c.sh --quick
 step "bench smoke (spin budgets)" bash scripts/bench-spin.sh --quick --budgets 0,50 --gaps 0,100
