@@ -313,6 +313,10 @@ pub struct Server {
     /// Free entries of the state record's share and view tables.
     free_share_slots: Vec<usize>,
     free_view_slots: Vec<usize>,
+    /// One more than the highest entry of each table ever in use (every entry above is free
+    /// and zero): how far `check` scans.
+    share_slots_hi: usize,
+    view_slots_hi: usize,
 }
 
 fn answer(status: Status) -> Response {
@@ -439,6 +443,8 @@ impl Server {
             shares: HashMap::new(),
             free_share_slots: (0..MAX_SHARES).rev().collect(),
             free_view_slots: (0..MAX_VIEW_REFS).rev().collect(),
+            share_slots_hi: 0,
+            view_slots_hi: 0,
         };
         if reattached {
             s.rebuild(kept);
@@ -779,6 +785,7 @@ impl Server {
                 },
             );
         }
+        self.share_slots_hi = by_slot.keys().map(|&i| i + 1).max().unwrap_or(0);
         for i in (0..MAX_VIEW_REFS).rev() {
             let e = self.view_entry(i);
             let share = (e.share.load(Ordering::Acquire) as usize).wrapping_sub(1);
@@ -801,6 +808,7 @@ impl Server {
             if let Some(s) = self.shares.get_mut(&g) {
                 s.views.insert(client, (count, i));
             }
+            self.view_slots_hi = self.view_slots_hi.max(i + 1);
             if let Some(c) = self.clients.get_mut(&client) {
                 c.viewing.insert(g);
                 let uid = c.uid;
@@ -1090,10 +1098,11 @@ impl Server {
         {
             return Err("per-user share or view counts differ from the clients'".into());
         }
-        let used_shares = (0..MAX_SHARES)
+        // Entries above the high-water marks were never handed out since the tables were read.
+        let used_shares = (0..self.share_slots_hi)
             .filter(|&i| self.share_entry(i).granule.load(Ordering::Relaxed) != 0)
             .count();
-        let used_views = (0..MAX_VIEW_REFS)
+        let used_views = (0..self.view_slots_hi)
             .filter(|&i| self.view_entry(i).share.load(Ordering::Relaxed) != 0)
             .count();
         if used_shares != self.shares.len()
@@ -1761,6 +1770,7 @@ impl Server {
         let Some(slot) = self.free_share_slots.pop() else {
             return answer(Status::TooManyShares);
         };
+        self.share_slots_hi = self.share_slots_hi.max(slot + 1);
         let header = self.share_header();
         let generation = header.next_generation.load(Ordering::Relaxed);
         header
@@ -1819,6 +1829,7 @@ impl Server {
                 let Some(slot) = self.free_view_slots.pop() else {
                     return answer(Status::TooManyShares);
                 };
+                self.view_slots_hi = self.view_slots_hi.max(slot + 1);
                 self.count_views(uid, 1);
                 if orphan {
                     self.account_orphan(id, bytes as i64);
