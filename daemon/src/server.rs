@@ -1941,8 +1941,13 @@ impl Server {
         let Some(s) = self.shares.remove(&g) else {
             return;
         };
-        // The share first, then the block: a crash in between leaves a block recorded for its
-        // payer (or ORPHAN) that no share keeps, which the payer frees or a restart does.
+        // The block recorded as ORPHAN's first, then the share, then the block: a crash in
+        // between leaves a block no live share keeps and no client holds, which a restart
+        // frees (left recorded for its payer, it would be kept as a block the payer's program
+        // does not know it holds).
+        if s.payer.is_some() {
+            self.record(g * GRANULE, s.bytes, ORPHAN);
+        }
         self.share_entry(s.slot).granule.store(0, Ordering::Release);
         self.free_share_slots.push(s.slot);
         self.record(g * GRANULE, 0, 0);

@@ -217,10 +217,13 @@ struct ShareMarks {
 
 /// [`ShareMarks`] entry: this process owns the block.
 const MARK_OWNED: u64 = 1 << 63;
-/// [`ShareMarks`] entry: one view reference (bits 32 to 62 count them).
+/// [`ShareMarks`] entry: a thread of this process is receiving the block (asked the daemon,
+/// no answer yet).
+const MARK_RECEIVING: u64 = 1 << 62;
+/// [`ShareMarks`] entry: one view reference (bits 32 to 61 count them).
 const MARK_VIEW: u64 = 1 << 32;
 /// [`ShareMarks`] entry: the view count's bits.
-const MARK_VIEWS: u64 = MARK_OWNED - MARK_VIEW;
+const MARK_VIEWS: u64 = MARK_RECEIVING - MARK_VIEW;
 /// [`ShareMarks`] entry: the block's length in granules (bits 0 to 31).
 const MARK_GRANULES: u64 = MARK_VIEW - 1;
 
@@ -777,36 +780,54 @@ impl HeldConn {
         }
     }
 
-    /// Marks the shared block at `offset` (`bytes` long, 0 if not known yet) owned by this
-    /// process; refused while this process holds views of it (or owns it), unless `unchecked`.
-    pub(crate) fn mark_owned(
-        &self,
-        offset: u64,
-        bytes: u64,
-        unchecked: bool,
-    ) -> Result<(), MarkError> {
+    /// Marks the shared block at `offset` (`bytes` long) owned by this process: one it has just
+    /// shared (no other mark of this process can name that block: every mark is taken away
+    /// before the block it names can be freed, and a receive in flight that names the offset
+    /// names another, older share, which the daemon refuses), or one it received unchecked.
+    pub(crate) fn mark_owned(&self, offset: u64, bytes: u64) {
         let granules = self.granules_of(bytes);
+        let _ = self.mark(offset, |e| {
+            Ok(e & !MARK_GRANULES | MARK_OWNED | Self::granules_mark(granules, e))
+        });
+    }
+
+    /// Before asking the daemon to receive the block at `offset`: refused while this process
+    /// owns it or holds views of it (or receives it in another thread), unless `unchecked`.
+    pub(crate) fn begin_receive(&self, offset: u64, unchecked: bool) -> Result<(), MarkError> {
         self.mark(offset, |e| {
-            if e & MARK_OWNED != 0 && !unchecked {
+            if e & (MARK_OWNED | MARK_RECEIVING) != 0 && !unchecked {
                 Err(MarkError::Owned)
             } else if e & MARK_VIEWS != 0 && !unchecked {
                 Err(MarkError::Viewed)
             } else {
-                Ok(MARK_OWNED | Self::granules_mark(granules, e))
+                Ok(e | MARK_RECEIVING)
             }
         })
     }
 
-    /// This process no longer owns the shared block at `offset`.
-    pub(crate) fn unmark_owned(&self, offset: u64) {
+    /// After the daemon answered a receive of the block at `offset` (`bytes` long): owned if
+    /// it `succeeded`.
+    pub(crate) fn end_receive(&self, offset: u64, bytes: u64, succeeded: bool) {
+        let granules = self.granules_of(bytes);
         let _ = self.mark(offset, |e| {
-            let e = e & !MARK_OWNED;
-            Ok(if e & MARK_VIEWS == 0 { 0 } else { e })
+            let e = e & !MARK_RECEIVING;
+            Ok(if succeeded {
+                e & !MARK_GRANULES | MARK_OWNED | Self::granules_mark(granules, e)
+            } else {
+                Self::tidy(e)
+            })
         });
     }
 
+    /// This process no longer owns the shared block at `offset`. (Called before the daemon is
+    /// told, so that the mark is gone before the block can be freed and handed out again.)
+    pub(crate) fn unmark_owned(&self, offset: u64) {
+        let _ = self.mark(offset, |e| Ok(Self::tidy(e & !MARK_OWNED)));
+    }
+
     /// Counts one more view reference of this process to the shared block at `offset`
-    /// (`bytes` long); refused while this process owns it, unless `unchecked`.
+    /// (`bytes` long), which the daemon has just opened; refused while this process owns it
+    /// (or receives it), unless `unchecked`.
     pub(crate) fn mark_view(
         &self,
         offset: u64,
@@ -815,34 +836,32 @@ impl HeldConn {
     ) -> Result<(), MarkError> {
         let granules = self.granules_of(bytes);
         self.mark(offset, |e| {
-            if e & MARK_OWNED != 0 && !unchecked {
+            if e & (MARK_OWNED | MARK_RECEIVING) != 0 && !unchecked {
                 return Err(MarkError::Owned);
             }
-            // Saturates rather than overflowing into the owner bit (2^31 views of one block
-            // cannot be held: the daemon refuses a count past u32::MAX, and each view costs
-            // memory here).
+            // Saturates rather than overflowing into the flags (2^30 views of one block cannot
+            // be held: each view costs memory here).
             let views = (e & MARK_VIEWS).saturating_add(MARK_VIEW).min(MARK_VIEWS);
-            Ok(views | Self::granules_mark(granules, e))
+            Ok(e & !(MARK_VIEWS | MARK_GRANULES) | views | Self::granules_mark(granules, e))
         })
     }
 
-    /// One view reference fewer to the shared block at `offset`.
+    /// One view reference fewer to the shared block at `offset` (called before the daemon is
+    /// told, as for [`HeldConn::unmark_owned`]).
     pub(crate) fn unmark_view(&self, offset: u64) {
         let _ = self.mark(offset, |e| {
             let views = (e & MARK_VIEWS).saturating_sub(MARK_VIEW);
-            Ok(if views == 0 && e & MARK_OWNED == 0 {
-                0
-            } else {
-                (e & !MARK_VIEWS) | views
-            })
+            Ok(Self::tidy(e & !MARK_VIEWS | views))
         });
     }
 
-    /// Records the length of the shared block at `offset` that this process owns or views,
-    /// if its mark has none yet (for a forked child that copies what this process holds).
-    pub(crate) fn note_granules(&self, offset: u64, bytes: u64) {
-        let granules = self.granules_of(bytes);
-        let _ = self.mark(offset, |e| Ok(e | Self::granules_mark(granules, e)));
+    /// Entry `e`, emptied (its length forgotten) if nothing of this process holds it any more.
+    fn tidy(e: u64) -> u64 {
+        if e & (MARK_OWNED | MARK_RECEIVING | MARK_VIEWS) == 0 {
+            0
+        } else {
+            e
+        }
     }
 
     /// Granules of an arena block of `bytes`.

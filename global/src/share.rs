@@ -420,8 +420,7 @@ impl SharedBuf {
                         // The block is the share's now: the vector must never free it.
                         core::mem::forget(v);
                         let block = Block::from_answer(conn, &r, HandleKind::View)?;
-                        // A block just shared has no views here (none could be opened).
-                        let _ = block.conn.mark_owned(offset, block.block_bytes, false);
+                        block.conn.mark_owned(offset, block.block_bytes);
                         Ok(Self { block })
                     }
                     Err(e) => {
@@ -447,8 +446,7 @@ impl SharedBuf {
             Ok(r) => {
                 HeldConn::count(block_bytes, true);
                 let block = Block::from_answer(conn, &r, HandleKind::View)?;
-                // A block just shared has no views here (none could be opened).
-                let _ = block.conn.mark_owned(offset, block_bytes, false);
+                block.conn.mark_owned(offset, block_bytes);
                 Ok(Self { block })
             }
             Err(e) => {
@@ -529,6 +527,9 @@ impl SharedBuf {
     /// On failure the buffer comes back with the error.
     pub fn send(self) -> Result<Handle, (SharedBuf, ShareError)> {
         let b = &self.block;
+        // Unmarked first: once sent, the block may be received, freed and handed out to this
+        // process again before the answer is read.
+        b.conn.unmark_owned(b.handle.offset);
         let r = b.conn.request(
             Op::Send,
             0,
@@ -544,14 +545,16 @@ impl SharedBuf {
                     ..b.handle
                 };
                 HeldConn::count(b.block_bytes, false);
-                b.conn.unmark_owned(b.handle.offset);
                 let me = core::mem::ManuallyDrop::new(self);
                 // SAFETY: `me` is never used or dropped again; its connection hold is dropped
                 // here, once.
                 drop(unsafe { core::ptr::read(&me.block.conn) });
                 Ok(handle)
             }
-            Err(e) => Err((self, e.into())),
+            Err(e) => {
+                b.conn.mark_owned(b.handle.offset, b.block_bytes);
+                Err((self, e.into()))
+            }
         }
     }
 
@@ -581,7 +584,7 @@ impl SharedBuf {
         Block::check_instance(&conn, &handle)?;
         // Marked before the request (a block cannot be given back once received): no view of
         // it is opened here meanwhile.
-        conn.mark_owned(handle.offset, 0, unchecked)?;
+        conn.begin_receive(handle.offset, unchecked)?;
         let r = conn.request(
             Op::Receive,
             0,
@@ -592,14 +595,21 @@ impl SharedBuf {
         let r = match r {
             Ok(r) => r,
             Err(e) => {
-                conn.unmark_owned(handle.offset);
+                conn.end_receive(handle.offset, 0, false);
                 return Err(e.into());
             }
         };
-        let block = Block::from_answer(conn, &r, HandleKind::View)?;
+        let block = match Block::from_answer(conn.clone(), &r, HandleKind::View) {
+            Ok(block) => block,
+            Err(e) => {
+                conn.end_receive(handle.offset, 0, false);
+                return Err(e);
+            }
+        };
         HeldConn::count(block.block_bytes, true);
-        // The block's length, for a forked child that copies what this process holds.
-        block.conn.note_granules(handle.offset, block.block_bytes);
+        block
+            .conn
+            .end_receive(handle.offset, block.block_bytes, true);
         Ok(SharedBuf { block })
     }
 
@@ -643,6 +653,9 @@ impl DerefMut for SharedBuf {
 impl Drop for SharedBuf {
     fn drop(&mut self) {
         let b = &self.block;
+        // Unmarked first, so that the mark is gone before the block can be freed and handed
+        // out to this process again.
+        b.conn.unmark_owned(b.handle.offset);
         // In a forked child, the block is the parent's: nothing to give up, nor to uncount.
         if b.conn.ours() {
             if b.conn.usable() {
@@ -656,7 +669,6 @@ impl Drop for SharedBuf {
             }
             HeldConn::count(b.block_bytes, false);
         }
-        b.conn.unmark_owned(b.handle.offset);
     }
 }
 
@@ -713,6 +725,8 @@ impl Deref for SharedView {
 impl Drop for ViewRef {
     fn drop(&mut self) {
         let b = &self.0;
+        // Unmarked first, as in `SharedBuf::drop`.
+        b.conn.unmark_view(b.handle.offset);
         // In a forked child, the view is the parent's: nothing to close here.
         if b.conn.ours() && b.conn.usable() {
             let _ = b.conn.request(
@@ -723,6 +737,5 @@ impl Drop for ViewRef {
                 0,
             );
         }
-        b.conn.unmark_view(b.handle.offset);
     }
 }

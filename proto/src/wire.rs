@@ -59,7 +59,7 @@
 use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// Version of this layout. Bumped on any incompatible change.
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 
 /// Magic numbers at the start of each segment (ASCII `XALLOC` and a kind letter).
 pub const MAGIC: [u64; 4] = [
