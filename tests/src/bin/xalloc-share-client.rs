@@ -354,6 +354,52 @@ fn fork(state: &mut State, seed: u64) -> Result<String, Failure> {
     Ok(format!("child exit={}", libc::WEXITSTATUS(status)))
 }
 
+/// `own-race THREADS ITERS`: each thread makes a 64 KiB buffer, opens a view of its own
+/// handle (which must be refused: this process owns the block), and drops the buffer, over and
+/// over, so that blocks are freed and handed out again at the same offsets across threads.
+/// Prints how many opens were refused and how many gave a view beside a live buffer.
+fn own_race(threads: u64, iters: u64) -> Result<String, Failure> {
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || -> Result<(u64, u64), ShareError> {
+                let (mut refused, mut both) = (0, 0);
+                for _ in 0..iters {
+                    let buf = SharedBuf::new(64 << 10)?;
+                    match SharedBuf::open(buf.handle()) {
+                        Err(ShareError::OwnedHere) => refused += 1,
+                        Ok(_) => both += 1,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok((refused, both))
+            })
+        })
+        .collect();
+    let (mut refused, mut both) = (0, 0);
+    for w in workers {
+        let (r, b) = w
+            .join()
+            .map_err(|_| Failure::Other("a thread panicked".into()))??;
+        refused += r;
+        both += b;
+    }
+    Ok(format!("refused={refused} both={both}"))
+}
+
+/// `unchecked-then-safe`: a buffer, a view of it opened with `open_unchecked` (read through
+/// raw pointers only) and dropped; then the safe `open` of the buffer's own handle must still
+/// be refused.
+fn unchecked_then_safe() -> Result<String, Failure> {
+    let buf = SharedBuf::new(4096)?;
+    // SAFETY: the view is only dropped; no reference to its bytes is made.
+    let view = unsafe { SharedBuf::open_unchecked(buf.handle()) }?;
+    drop(view);
+    match SharedBuf::open(buf.handle()) {
+        Err(e) => Ok(format!("safe open after unchecked: {e:?}")),
+        Ok(_) => Ok("safe open after unchecked: a view beside the buffer".into()),
+    }
+}
+
 /// Runs one command; its output line.
 fn run(state: &mut State, words: &[&str]) -> Result<String, Failure> {
     match words.first().copied().unwrap_or("") {
@@ -517,6 +563,8 @@ fn run(state: &mut State, words: &[&str]) -> Result<String, Failure> {
             let _ = std::io::stdout().flush();
             std::process::exit(0)
         }
+        "own-race" => own_race(num(words, 1, "THREADS")?, num(words, 2, "ITERS")?),
+        "unchecked-then-safe" => unchecked_then_safe(),
         "forge-free" => forge_free(num(words, 1, "LEN")?),
         "forge" => forge(num(words, 1, "OFFSET")?, num(words, 2, "GEN")?),
         other => Err(Failure::Other(format!("unknown command {other:?}"))),
