@@ -664,7 +664,7 @@ impl Server {
             if !kept {
                 self.record(g * GRANULE, 0, 0);
                 if let Some(s) = self.shares.remove(&g) {
-                    self.forget_share(s);
+                    self.forget_share(g, s);
                 }
                 dropped += 1;
                 continue;
@@ -724,7 +724,7 @@ impl Server {
             .collect();
         for g in stray {
             if let Some(s) = self.shares.remove(&g) {
-                self.forget_share(s);
+                self.forget_share(g, s);
             }
         }
         // Blocks released but not yet swept by the old daemon are freed now (each at most
@@ -817,16 +817,16 @@ impl Server {
         }
     }
 
-    /// Erases share `s` (taken out of `shares`) and its views from the state record, and
-    /// from its viewers.
-    fn forget_share(&mut self, s: Share) {
-        let g = self.share_entry(s.slot).granule.swap(0, Ordering::AcqRel) as usize;
+    /// Erases share `s` of granule `g` (taken out of `shares`) and its views from the state
+    /// record, and from its viewers.
+    fn forget_share(&mut self, g: usize, s: Share) {
+        self.share_entry(s.slot).granule.store(0, Ordering::Release);
         self.free_share_slots.push(s.slot);
         for (client, (_, slot)) in s.views {
             self.view_entry(slot).share.store(0, Ordering::Release);
             self.free_view_slots.push(slot);
             if let Some(c) = self.clients.get_mut(&client) {
-                c.viewing.remove(&g.wrapping_sub(1));
+                c.viewing.remove(&g);
                 let uid = c.uid;
                 self.count_views(uid, -1);
             }

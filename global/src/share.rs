@@ -498,27 +498,23 @@ impl SharedBuf {
         // Checked once the daemon has said that the handle names a live block (a made-up
         // handle is `NotFound` whatever this process holds).
         let block = Block::from_answer(conn, &r, HandleKind::View)?;
-        let view = SharedView {
-            inner: Arc::new(ViewRef(block)),
-        };
-        let b = &view.inner.0;
-        if let Err(e) = b.conn.mark_view(handle.offset, b.block_bytes, unchecked) {
-            // Dropping the view closes it in the daemon; its mark is not taken.
-            let view = core::mem::ManuallyDrop::new(view);
-            let inner = &view.inner.0;
-            let _ = inner.conn.request(
+        if let Err(e) = block
+            .conn
+            .mark_view(handle.offset, block.block_bytes, unchecked)
+        {
+            // Not a view: the reference the daemon just counted goes again.
+            let _ = block.conn.request(
                 Op::Close,
                 0,
-                u64::from(inner.handle.generation),
-                inner.handle.offset,
+                u64::from(block.handle.generation),
+                block.handle.offset,
                 0,
             );
-            // SAFETY: `view` is never used again: its connection hold is dropped here once,
-            // and the rest of it (an `Arc` of plain data) is left to leak its few bytes.
-            drop(unsafe { core::ptr::read(&inner.conn) });
             return Err(e.into());
         }
-        Ok(view)
+        Ok(SharedView {
+            inner: Arc::new(ViewRef(block)),
+        })
     }
 
     /// Gives the block up for exactly one process to take with [`SharedBuf::receive`] and the

@@ -88,14 +88,6 @@ const FORKS: usize = 12;
 // ---------------------------------------------------------------------------------------------
 // Building
 
-/// The repository's root (the Makefile's directory).
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
 /// `lib/` of the repository, where `make lib` leaves the libraries and the header.
 fn lib_dir() -> PathBuf {
     repo().join("lib")
@@ -126,21 +118,6 @@ fn need(tool: &str) {
         "`{tool}` is needed by the C library's tests and cannot be run here; install it \
          (CI's .ci/run does)"
     );
-}
-
-/// A command with the environment these tests control taken out of the caller's.
-fn command(program: impl AsRef<OsStr>) -> Command {
-    let mut c = Command::new(program);
-    for var in [
-        "LD_PRELOAD",
-        "XALLOC_NAME",
-        "XALLOC_THRESHOLD",
-        "XALLOC_CACHE",
-    ] {
-        c.env_remove(var);
-    }
-    c.env("LC_ALL", "C");
-    c
 }
 
 /// Runs `cmd` to its end and panics, with everything it printed, unless it succeeded.

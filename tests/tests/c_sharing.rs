@@ -19,7 +19,6 @@
 
 mod common;
 
-use std::ffi::OsStr;
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -40,29 +39,6 @@ const SIZE: u64 = (4 << 20) + 123;
 
 // ---------------------------------------------------------------------------------------------
 // Building and running (a small copy of `c_library.rs`'s helpers)
-
-/// The repository's root (the Makefile's directory).
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
-/// A command with the environment these tests control taken out of the caller's.
-fn command(program: impl AsRef<OsStr>) -> Command {
-    let mut c = Command::new(program);
-    for var in [
-        "LD_PRELOAD",
-        "XALLOC_NAME",
-        "XALLOC_THRESHOLD",
-        "XALLOC_CACHE",
-    ] {
-        c.env_remove(var);
-    }
-    c.env("LC_ALL", "C");
-    c
-}
 
 /// Runs `cmd` to its end; panics if it cannot be started.
 fn output(cmd: &mut Command) -> Output {

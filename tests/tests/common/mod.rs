@@ -501,3 +501,26 @@ pub fn is_root(why: &str) -> bool {
     }
     root
 }
+
+/// The repository's root (the parent of `tests/`).
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A command with the environment the client tests control taken out of the caller's.
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(program);
+    for var in [
+        "LD_PRELOAD",
+        "XALLOC_NAME",
+        "XALLOC_THRESHOLD",
+        "XALLOC_CACHE",
+    ] {
+        c.env_remove(var);
+    }
+    c.env("LC_ALL", "C");
+    c
+}
