@@ -640,8 +640,9 @@ impl Deref for SharedBuf {
 
 impl DerefMut for SharedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `Block::bytes`; this process owns the block, and `&mut self` makes
-        // this the only reference to it here (views are read-only by contract).
+        // SAFETY: as in `Block::bytes`; this process owns the block, `&mut self` makes this
+        // the only reference to it from the buffer, and no view of the block lives in this
+        // process (the share marks refuse one; `open_unchecked`'s caller answers for its own).
         unsafe { core::slice::from_raw_parts_mut(self.block.ptr.as_ptr(), self.block.len) }
     }
 }
