@@ -216,12 +216,13 @@ impl InBand {
     ///
     /// Returns the id of its first block and its size in granules (sentinel excluded), or why
     /// the region cannot be used (null or too small for a block, past the end of the address
-    /// space, all [`MAX_REGIONS`] regions taken). Regions larger than [`MAX_REGION_GRANULES`]
-    /// granules are used up to that size.
+    /// space, all [`MAX_REGIONS`] regions taken). Regions larger than `max_granules` granules
+    /// (at most [`MAX_REGION_GRANULES`] - 1) are used up to that size.
     pub(crate) fn push_region(
         &mut self,
         start: *mut u8,
         size: usize,
+        max_granules: u32,
     ) -> Result<(BlockId, u32), crate::InitError> {
         use crate::InitError;
         if self.count == MAX_REGIONS {
@@ -239,8 +240,8 @@ impl InBand {
             .filter(|&b| b <= end)
             .ok_or(InitError::TooSmall)?;
         // Blocks fill [base - 8, base + 16n - 8); the sentinel header takes [base + 16n - 8, base + 16n).
-        let n =
-            ((end - base) >> IN_BAND_GRANULE_SHIFT).min(MAX_REGION_GRANULES as usize - 1) as u32;
+        let n = ((end - base) >> IN_BAND_GRANULE_SHIFT)
+            .min(max_granules.min(MAX_REGION_GRANULES - 1) as usize) as u32;
         if n == 0 {
             return Err(InitError::TooSmall);
         }

@@ -459,3 +459,34 @@ fn heap_state_stays_small() {
     let size = core::mem::size_of::<Heap>();
     assert!((6_400..7_000).contains(&size), "size_of::<Heap>() = {size}");
 }
+
+#[test]
+fn state_sizes() {
+    // Printed for the README; the small configuration's bound is also a compile-time assertion.
+    let (small, default) = (size_of::<crate::SmallHeap>(), size_of::<Heap>());
+    std::println!("SmallHeap {small} bytes, Heap {default} bytes");
+    assert!(small <= 1024, "{small}");
+}
+
+#[test]
+fn small_heap_uses_a_large_region_up_to_its_largest_block() {
+    use crate::SmallHeap;
+    let max = SmallHeap::MAX_BLOCK_GRANULES as usize * 16;
+    assert_eq!(max, (128 << 10) - 16);
+    let mut buf = buffer(512 << 10);
+    let mut h = SmallHeap::empty();
+    // SAFETY: `buf` outlives the heap and is used by nothing else.
+    unsafe { h.try_init(buf.as_mut_ptr().cast(), buf.len() * 16) }.unwrap();
+    let s = h.stats();
+    assert_eq!(s.region_bytes, max);
+    // The whole region is one block, and one allocation can take all of it.
+    assert_eq!(s.largest_free_bytes, max - 8);
+    let all = layout(s.largest_free_bytes, 16);
+    let p = h.allocate(all).unwrap();
+    h.check_invariants().unwrap();
+    assert!(h.allocate(layout(s.largest_free_bytes + 1, 16)).is_none());
+    // SAFETY: `p` is live with `all`.
+    unsafe { h.deallocate(p, all) };
+    h.check_invariants().unwrap();
+    assert_eq!(h.stats(), s);
+}

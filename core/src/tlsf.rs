@@ -56,15 +56,22 @@ use core::ptr::NonNull;
 use crate::store::{BlockId, MetaStore, OutOfBand, LOCAL_BITS, LOCAL_MASK, MAX_REGIONS, NIL};
 use crate::{AllocAtError, FreeError, InvariantError, ResizeError, Stats};
 
-/// log2 of the number of second-level classes per power of two.
+/// log2 of the number of second-level classes per power of two in the default configuration.
 ///
 /// 6 rather than the classic 5: on the benchmark streams the finer classes cut the region a
 /// workload needs by about 1 % at no measurable cost in time.
 pub const SLI: u32 = 6;
-/// Second-level classes per power of two.
+/// Second-level classes per power of two in the default configuration.
 pub const SL: usize = 1 << SLI;
-/// First-level classes: enough for blocks of up to `2^LOCAL_BITS` granules.
+/// First-level classes in the default configuration: enough for blocks of up to
+/// `2^LOCAL_BITS` granules.
 pub const FL: usize = (LOCAL_BITS - SLI + 1) as usize;
+
+/// First-level classes of [`crate::SmallHeap`]: with [`SMALL_SL`], blocks of up to
+/// `2^13 - 1` granules (128 KiB in band).
+pub const SMALL_FL: usize = 10;
+/// Second-level classes per power of two of [`crate::SmallHeap`].
+pub const SMALL_SL: usize = 16;
 
 /// `size_flags` bit: the block is free.
 const FREE: u32 = 1;
@@ -89,13 +96,18 @@ const SIZE_SHIFT: u32 = 2;
 
 /// The second-level bitmap type.
 type SlMap = u64;
-// The bitmaps hold one bit per class.
-const _: () = assert!(FL <= 32 && SL <= SlMap::BITS as usize);
 
-/// The TLSF allocator over regions whose metadata lives in `S`.
+/// The TLSF allocator over regions whose metadata lives in `S`, with `FL` first-level classes
+/// and `SL` second-level classes per power of two.
 ///
-/// Use it through the aliases [`crate::Heap`] (in band) and [`crate::OobHeap`] (out of band).
-pub struct Tlsf<S> {
+/// The class count sets the heap's own state (`FL * SL` list heads of 4 bytes, `FL` bitmaps of
+/// 8) and the largest block: `2^(FL + log2(SL) - 1) - 1` granules; a region larger than that is
+/// used up to that size. `SL` is a power of two from 2 to 64, `FL` from 1 to 32, and the largest
+/// block at most [`LOCAL_MASK`] granules; other values do not compile.
+///
+/// Use it through the aliases [`crate::Heap`] (in band, default classes), [`crate::SmallHeap`]
+/// (in band, state under 1 KiB) and [`crate::OobHeap`] (out of band).
+pub struct Tlsf<S, const FL: usize = { self::FL }, const SL: usize = { self::SL }> {
     store: S,
     fl_bitmap: u32,
     sl_bitmap: [SlMap; FL],
@@ -136,34 +148,57 @@ fn msb(x: u32) -> u32 {
     31 - x.leading_zeros()
 }
 
-/// The class of a block of `size` granules (`1 <= size <= LOCAL_MASK`).
-#[inline(always)]
-fn class_of(size: u32) -> Class {
-    if size < SL as u32 {
-        (0, size as usize)
-    } else {
-        let m = msb(size);
-        let fl = (m - SLI + 1) as usize;
-        let sl = (size >> (m - SLI)) as usize & (SL - 1);
-        // `size <= LOCAL_MASK` bounds `fl`; `min` lets the compiler drop the bounds checks.
-        (fl.min(FL - 1), sl)
-    }
-}
+impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
+    /// log2 of `SL`.
+    const SLI: u32 = SL.trailing_zeros();
 
-/// The smallest class whose every block holds `size` granules (`size <= LOCAL_MASK / 2`).
-#[inline(always)]
-fn class_at_least(size: u32) -> Class {
-    if size < SL as u32 {
-        (0, size as usize)
-    } else {
-        let round = (1u32 << (msb(size) - SLI)) - 1;
-        class_of(size + round)
-    }
-}
+    /// The most granules one block can have: the largest size that has a class.
+    pub const MAX_BLOCK_GRANULES: u32 = {
+        assert!(SL.is_power_of_two() && SL >= 2 && SL <= SlMap::BITS as usize);
+        assert!(FL >= 1 && FL <= 32);
+        let bits = FL as u32 + SL.trailing_zeros() - 1;
+        assert!(
+            bits <= LOCAL_BITS,
+            "the classes reach past the largest region"
+        );
+        if bits == LOCAL_BITS {
+            LOCAL_MASK
+        } else {
+            (1 << bits) - 1
+        }
+    };
 
-impl<S: MetaStore> Tlsf<S> {
+    /// The class of a block of `size` granules (`1 <= size <= MAX_BLOCK_GRANULES`).
+    #[inline(always)]
+    fn class_of(size: u32) -> Class {
+        if size < SL as u32 {
+            (0, size as usize)
+        } else {
+            let m = msb(size);
+            let fl = (m - Self::SLI + 1) as usize;
+            let sl = (size >> (m - Self::SLI)) as usize & (SL - 1);
+            // `size <= MAX_BLOCK_GRANULES` bounds `fl`; `min` lets the compiler drop the bounds
+            // checks.
+            (fl.min(FL - 1), sl)
+        }
+    }
+
+    /// The smallest class whose every block holds `size` granules
+    /// (`size <= MAX_BLOCK_GRANULES / 2`).
+    #[inline(always)]
+    fn class_at_least(size: u32) -> Class {
+        if size < SL as u32 {
+            (0, size as usize)
+        } else {
+            let round = (1u32 << (msb(size) - Self::SLI)) - 1;
+            Self::class_of(size + round)
+        }
+    }
+
     /// A heap with no regions over `store`.
     pub(crate) const fn with_store(store: S) -> Self {
+        // Evaluating the constant checks the class parameters at compile time.
+        let _ = Self::MAX_BLOCK_GRANULES;
         Self {
             store,
             fl_bitmap: 0,
@@ -247,7 +282,7 @@ impl<S: MetaStore> Tlsf<S> {
         let shift = self.store.granule_shift();
         let bytes = size.checked_add(S::OVERHEAD + (1 << shift) - 1)?;
         let g = (bytes >> shift).max(1);
-        if g > LOCAL_MASK as usize / 2 {
+        if g > Self::MAX_BLOCK_GRANULES as usize {
             return None;
         }
         Some(g as u32)
@@ -281,7 +316,7 @@ impl<S: MetaStore> Tlsf<S> {
     /// As for `make_free`, and `links` is `b.p` or `owner_handle(b.p, _)` for `b`'s owner.
     #[inline(always)]
     unsafe fn make_free_via(&mut self, b: Blk<S::Ptr>, size: u32, links: S::Ptr) {
-        let c @ (fl, sl) = class_of(size);
+        let c @ (fl, sl) = Self::class_of(size);
         self.free_blocks += 1;
         // SAFETY: `b` is a block start becoming free.
         unsafe { self.store.set_size_flags(b.p, (size << SIZE_SHIFT) | FREE) };
@@ -401,7 +436,7 @@ impl<S: MetaStore> Tlsf<S> {
             // small, so the arithmetic cannot overflow.
             let g = ((layout.size() + S::OVERHEAD + (1 << shift) - 1) >> shift).max(1) as u32;
             let pad = ((layout.align() >> shift) as u32).saturating_sub(1);
-            if let Some(c) = self.find_class(class_at_least(g + pad)) {
+            if let Some(c) = self.find_class(Self::class_at_least(g + pad)) {
                 if pad == 0 {
                     // SAFETY: invariant 2: list `c` is non-empty, and every block of class `c`
                     // holds `g` granules.
@@ -461,7 +496,7 @@ impl<S: MetaStore> Tlsf<S> {
         // `align` is a power of two above the granule, so `align >> shift` is at least 2.
         u32::try_from((align >> shift) - 1)
             .ok()
-            .filter(|&pad| pad <= LOCAL_MASK / 2)
+            .filter(|&pad| pad <= Self::MAX_BLOCK_GRANULES / 2)
     }
 
     /// Picks, without unlinking it, the free block an allocation of `g` granules at `align`
@@ -481,11 +516,16 @@ impl<S: MetaStore> Tlsf<S> {
     fn candidate(&self, g: u32, align: usize, delta: usize) -> Option<(Blk<S::Ptr>, Class)> {
         let shift = self.store.granule_shift();
         let pad = self.max_front_pad(align)?;
-        let search = g.checked_add(pad).filter(|&s| s <= LOCAL_MASK / 2)?;
-        let good = class_at_least(search);
+        // Past half the largest block, rounding up to a class boundary could leave the classes;
+        // such requests go to `exhaustive_candidate`, which is bounded there too: a region holds
+        // at most one block of more than half the largest block.
+        let search = g
+            .checked_add(pad)
+            .filter(|&s| s <= Self::MAX_BLOCK_GRANULES / 2)?;
+        let good = Self::class_at_least(search);
         let big = ((g as usize) << shift) >= LOW_FIRST_BYTES;
         if big {
-            let own = class_of(g);
+            let own = Self::class_of(g);
             if own != good && self.has(own) {
                 if let Some(b) = self.first_fit_in(own, g, align, delta, SCAN_LIMIT) {
                     return Some((b, own));
@@ -545,7 +585,7 @@ impl<S: MetaStore> Tlsf<S> {
         delta: usize,
     ) -> Option<(Blk<S::Ptr>, Class)> {
         self.max_front_pad(align)?;
-        let mut from = class_of(g);
+        let mut from = Self::class_of(g);
         while let Some(c @ (fl, sl)) = self.find_class(from) {
             if let Some(b) = self.first_fit_in(c, g, align, delta, u32::MAX) {
                 return Some((b, c));
@@ -717,14 +757,14 @@ impl<S: MetaStore> Tlsf<S> {
             let nv = self.store.size_flags(next.p);
             if nv & FREE != 0 {
                 let ns = size_of_flags(nv);
-                self.unlink(next, class_of(ns));
+                self.unlink(next, Self::class_of(ns));
                 self.store.retire(next.p);
                 size += ns;
             }
             if prev_free != 0 {
                 let ps = self.store.prev_size(b.p);
                 let prev = self.before(b, ps);
-                self.unlink(prev, class_of(ps));
+                self.unlink(prev, Self::class_of(ps));
                 self.store.retire(b.p);
                 b = prev;
                 links = prev.p;
@@ -851,7 +891,7 @@ impl<S: MetaStore> Tlsf<S> {
             // SAFETY: `next` is a free block of `ns` granules; merged into `b`, the span's
             // successor has `PREV_FREE` set, and `b`'s own predecessor state is `pf`.
             unsafe {
-                self.unlink(next, class_of(ns));
+                self.unlink(next, Self::class_of(ns));
                 self.store.retire(next.p);
                 self.carve(b, size + ns, g, pf);
             }
@@ -918,8 +958,8 @@ impl<S: MetaStore> Tlsf<S> {
             region_bytes: self.total_granules << gs,
             used_bytes: self.used_granules << gs,
             free_bytes: (self.total_granules - self.used_granules) << gs,
-            // One allocation takes at most `LOCAL_MASK / 2` granules (see `granules_for`).
-            largest_free_bytes: ((largest.min(LOCAL_MASK / 2) as usize) << gs)
+            // One allocation takes at most `MAX_BLOCK_GRANULES` granules (see `granules_for`).
+            largest_free_bytes: ((largest.min(Self::MAX_BLOCK_GRANULES) as usize) << gs)
                 .saturating_sub(S::OVERHEAD),
             live_blocks: self.live,
             free_blocks: self.free_blocks,
@@ -1009,7 +1049,7 @@ impl<S: MetaStore> Tlsf<S> {
                     let p = self.store.locate(id);
                     // SAFETY: `id` looks like a block start (checked just above).
                     let v = unsafe { self.store.size_flags(p) };
-                    if v & FREE == 0 || class_of(size_of_flags(v)) != (fl, sl) {
+                    if v & FREE == 0 || Self::class_of(size_of_flags(v)) != (fl, sl) {
                         return fail("listed block is used or in the wrong class", id);
                     }
                     // SAFETY: `id` is a free block.
@@ -1043,7 +1083,7 @@ impl<S: MetaStore> Tlsf<S> {
         let p = self.store.locate(id);
         // SAFETY: `id` is a free block (found free by the physical walk).
         let next = unsafe { self.store.next_free(p) };
-        let c @ (fl, sl) = class_of(size);
+        let c @ (fl, sl) = Self::class_of(size);
         if !self.has(c) {
             return fail("free block's class has its bitmap bit clear");
         }
@@ -1205,7 +1245,7 @@ impl Tlsf<OutOfBand> {
         }
         // SAFETY: `start` is a free block of `size` granules, listed in its class, and holds
         // `front + g` granules.
-        unsafe { self.take_after(self.blk(start), class_of(size), id - start, g) };
+        unsafe { self.take_after(self.blk(start), Self::class_of(size), id - start, g) };
         Ok(())
     }
 
@@ -1235,7 +1275,7 @@ impl Tlsf<OutOfBand> {
     }
 }
 
-impl<S> Tlsf<S> {
+impl<S, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// Number of regions added.
     pub fn region_count(&self) -> usize {
         self.regions

@@ -28,7 +28,7 @@ use std::ptr::NonNull;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
-use xalloc_core::{FirstFit, Heap, MetaEntry, OobHeap, RegionAllocator, Stats};
+use xalloc_core::{FirstFit, Heap, MetaEntry, OobHeap, RegionAllocator, SmallHeap, Stats};
 
 /// Sizes of the property runs; much smaller under Miri.
 #[cfg(not(miri))]
@@ -534,6 +534,16 @@ proptest! {
         run(&mut heap, &ops, region.range(), EXACT)?;
     }
 
+    /// The small configuration; regions past its 128 KiB are used up to that size.
+    #[test]
+    fn small_heap_in_band(ops in ops(limits::MAX_OPS)) {
+        let region = Region::new(limits::REGION, MAX_ALIGN, 0);
+        let mut heap = SmallHeap::empty();
+        // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
+        unsafe { heap.init(region.start, region.size) };
+        run(&mut heap, &ops, region.range(), EXACT)?;
+    }
+
     #[test]
     fn oob_heap_granule_16(ops in ops(limits::MAX_OPS)) {
         let region = Region::new(limits::REGION, MAX_ALIGN, 0);
@@ -577,6 +587,20 @@ proptest! {
     ) {
         let region = Region::new(size, MAX_ALIGN, offset);
         let mut heap = Heap::empty();
+        // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
+        unsafe { heap.init(region.start, region.size) };
+        run(&mut heap, &ops, region.range(), EXACT)?;
+    }
+
+    /// The same for the small configuration.
+    #[test]
+    fn small_heap_region_sizes(
+        size in prop::sample::select(REGION_SIZES.to_vec()),
+        offset in 0usize..16,
+        ops in ops(limits::MAX_OPS / 4),
+    ) {
+        let region = Region::new(size, MAX_ALIGN, offset);
+        let mut heap = SmallHeap::empty();
         // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
         unsafe { heap.init(region.start, region.size) };
         run(&mut heap, &ops, region.range(), EXACT)?;
