@@ -3,6 +3,7 @@
 use core::alloc::Layout;
 use core::cell::Cell;
 use core::ptr::{self, NonNull};
+use core::sync::atomic::{AtomicU8, Ordering};
 
 /// The interface the harness replays streams through.
 ///
@@ -68,6 +69,9 @@ fn or_null(p: Option<NonNull<u8>>) -> *mut u8 {
     p.map_or(ptr::null_mut(), NonNull::as_ptr)
 }
 
+/// The percentage `Xalloc` passes to `Tlsf::set_compact_above` (`--compact-above`).
+pub static XALLOC_COMPACT_ABOVE: AtomicU8 = AtomicU8::new(xalloc_core::tlsf::DEFAULT_COMPACT_ABOVE);
+
 /// `xalloc_core::Heap`, the allocator this benchmark is about.
 pub struct Xalloc(xalloc_core::Heap);
 
@@ -80,6 +84,8 @@ impl BenchAlloc for Xalloc {
         self.0 = xalloc_core::Heap::empty();
         // SAFETY: forwarded from the caller.
         unsafe { self.0.init(start, size) };
+        self.0
+            .set_compact_above(XALLOC_COMPACT_ABOVE.load(Ordering::Relaxed));
         true
     }
     #[inline]

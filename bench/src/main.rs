@@ -60,6 +60,9 @@ usage: xalloc-bench [--quick] [--workload NAME]... [--only ALLOC]... [--reps N]
   --reps N         throughput repetitions, median reported (default 5, quick 3)
   --region-seeds N measure only region/peak-live, on N streams of other seeds
                    per workload (the usual one first), and report mean, min, max
+  --compact-above P  xalloc's Tlsf::set_compact_above(P), 0-100: it keeps blocks at
+                   low addresses while more than P % of the heap is used (0: always,
+                   the most compact; 100: never, the fastest); default the core's
 ";
 
 /// `v` as a positive integer, or an error naming `flag`.
@@ -110,6 +113,15 @@ fn parse_args() -> Result<Config, String> {
             "--reps" => cfg.reps = positive(value("--reps")?, "--reps")? as usize,
             "--region-seeds" => {
                 cfg.region_seeds = positive(value("--region-seeds")?, "--region-seeds")?
+            }
+            "--compact-above" => {
+                let v = value("--compact-above")?;
+                let p = v
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|&p| p <= 100)
+                    .ok_or(format!("--compact-above needs 0 to 100, not {v:?}"))?;
+                allocs::XALLOC_COMPACT_ABOVE.store(p, std::sync::atomic::Ordering::Relaxed);
             }
             "--help" | "-h" => {
                 print!("{USAGE}");

@@ -187,6 +187,7 @@ fn out_of_memory_returns_none_and_changes_nothing() {
 fn realloc_policy_grows_in_place_moves_down_and_keeps_contents() {
     let mut buf = buffer(1 << 16);
     let mut h = heap_over(&mut buf);
+    h.set_compact_above(0);
     let l = layout(100, 8);
     let a = h.allocate(l).unwrap();
     // SAFETY: every pointer used is a live block of at least the size written or read.
@@ -435,6 +436,7 @@ fn out_of_band_checked_free_refuses_bad_offsets_and_changes_nothing() {
 fn realloc_does_not_copy_large_blocks_down() {
     let mut buf = buffer(4 << 20);
     let mut h = heap_over(&mut buf);
+    h.set_compact_above(0);
     let (la, lb) = (layout(400 << 10, 8), layout(300 << 10, 8));
     let a = h.allocate(la).unwrap();
     let b = h.allocate(lb).unwrap();
@@ -489,4 +491,70 @@ fn small_heap_uses_a_large_region_up_to_its_largest_block() {
     unsafe { h.deallocate(p, all) };
     h.check_invariants().unwrap();
     assert_eq!(h.stats(), s);
+}
+
+#[test]
+fn compaction_setting() {
+    let mut h = Heap::empty();
+    assert_eq!(h.compact_above(), crate::tlsf::DEFAULT_COMPACT_ABOVE);
+    h.set_compact_above(0);
+    assert_eq!(h.compact_above(), 0);
+    h.set_compact_above(200);
+    assert_eq!(h.compact_above(), 100);
+}
+
+#[test]
+fn below_the_compaction_threshold_realloc_stays_put_and_leaves_room_to_grow() {
+    let mut buf = buffer(1 << 20);
+    let mut h = heap_over(&mut buf);
+    h.set_compact_above(100);
+    let l = layout(4000, 8);
+    let a = h.allocate(l).unwrap();
+    let b = h.allocate(l).unwrap();
+    let c = h.allocate(l).unwrap();
+    // SAFETY: every pointer used is a live block of this heap with the layout given.
+    unsafe {
+        h.deallocate(a, l);
+        // A lower block would hold it, but the heap is nearly empty: it shrinks in place.
+        let s = h.reallocate(c, l, 1000).unwrap();
+        assert_eq!(s, c, "shrinks in place");
+        // `b` cannot grow in place (its successor is used): it moves, to a free block twice
+        // the new size, so that growing again by up to that much stays in place.
+        let g = h.reallocate(b, l, 6000).unwrap();
+        assert_ne!(g, b);
+        let g2 = h.reallocate(g, layout(6000, 8), 12000).unwrap();
+        assert_eq!(g2, g, "room was left behind the moved block");
+        h.check_invariants().unwrap();
+        h.deallocate(g2, layout(12000, 8));
+        h.deallocate(s, layout(1000, 8));
+    }
+    h.check_invariants().unwrap();
+    assert_eq!(h.stats().live_blocks, 0);
+}
+
+#[test]
+fn compaction_starts_at_the_threshold() {
+    // 1 MiB heap, compacting above 50 %: a block that could move down only does so once more
+    // than half of the heap is in use.
+    let mut buf = buffer(1 << 20);
+    let mut h = heap_over(&mut buf);
+    h.set_compact_above(50);
+    let small = layout(1000, 8);
+    let hole = h.allocate(small).unwrap();
+    let keep = h.allocate(small).unwrap();
+    let x = h.allocate(small).unwrap();
+    // SAFETY: every pointer used is a live block of this heap with the layout given.
+    unsafe {
+        h.deallocate(hole, small);
+        let y = h.reallocate(x, small, 900).unwrap();
+        assert_eq!(y, x, "under half full: shrinks in place");
+        let filler = layout(600 << 10, 8);
+        let f = h.allocate(filler).unwrap();
+        let z = h.reallocate(y, layout(900, 8), 800).unwrap();
+        assert_eq!(z, hole, "over half full: moves down");
+        h.deallocate(z, layout(800, 8));
+        h.deallocate(f, filler);
+        h.deallocate(keep, small);
+    }
+    h.check_invariants().unwrap();
 }

@@ -91,6 +91,9 @@ pub const LOW_FIRST: u32 = 4;
 /// lowest of [`LOW_FIRST`], second-place insertion); smaller ones take the short path (good fit,
 /// list head), sparing cache misses and unpredictable branches where they would buy little.
 pub const LOW_FIRST_BYTES: usize = 1024;
+/// The largest request that [`Tlsf::allocate`]'s inline path serves while the heap is not
+/// compacting; larger ones take the out-of-line path.
+const FAST_PATH_MAX_BYTES: usize = 1 << 20;
 /// `size_flags` holds the size in granules above the two flag bits.
 const SIZE_SHIFT: u32 = 2;
 
@@ -120,7 +123,17 @@ pub struct Tlsf<S, const FL: usize = { self::FL }, const SL: usize = { self::SL 
     used_granules: usize,
     live: usize,
     free_blocks: usize,
+    /// The low-address policy applies while `used_granules >= compact_from`.
+    compact_from: usize,
+    /// The percentage `compact_from` is derived from (see [`Tlsf::set_compact_above`]), plus
+    /// one; 0 stands for [`DEFAULT_COMPACT_ABOVE`], so that an empty heap is all zeros (a
+    /// `static` of it then lives in `.bss`, not in flash).
+    compact_above_plus_one: u8,
 }
+
+/// The default of [`Tlsf::set_compact_above`]: the low-address policy applies while more than
+/// this percentage of the heap is in use.
+pub const DEFAULT_COMPACT_ABOVE: u8 = 25;
 
 /// A block being worked on: its id (for links) and the store's handle (for access).
 struct Blk<P> {
@@ -210,7 +223,55 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
             used_granules: 0,
             live: 0,
             free_blocks: 0,
+            compact_from: 0,
+            compact_above_plus_one: 0,
         }
+    }
+
+    /// Sets how full the heap must be before it spends time on keeping blocks at low
+    /// addresses: while more than `percent` % of its granules are in use, allocations of at
+    /// least [`LOW_FIRST_BYTES`] look at a few more blocks for a lower one, a freed block that
+    /// lies above its list's head goes second, and [`reallocate`](Self::reallocate) moves blocks
+    /// down (copying up to [`MOVE_DOWN_MAX_BYTES`]); below it, allocation takes the first block
+    /// of the good-fit class and reallocation resizes in place whenever it can.
+    ///
+    /// The low-address policy is what lets a workload run in a region close to its peak live
+    /// bytes (it keeps the high-water mark down), and it costs time: on the benchmark streams
+    /// about 4 times as much per reallocation (it copies blocks down), and up to a fifth more per
+    /// large allocation. Applied only once the heap fills up, it is paid where memory is short.
+    /// It has to start early enough: on the realloc benchmark streams a heap that began
+    /// compacting only past 50 % needed about twice the memory of one that began at 25 %, since
+    /// the blocks placed while it was emptier stayed spread out.
+    /// `0` applies it always (the most compact heap; what a heap whose address range is its
+    /// cost wants, such as a shared arena whose touched pages are memory), `100` never (the
+    /// fastest). Values above 100 count as 100. The default is [`DEFAULT_COMPACT_ABOVE`].
+    pub fn set_compact_above(&mut self, percent: u8) {
+        self.compact_above_plus_one = percent.min(100) + 1;
+        self.update_compact_from();
+    }
+
+    /// The percentage set by [`set_compact_above`](Self::set_compact_above).
+    pub fn compact_above(&self) -> u8 {
+        match self.compact_above_plus_one {
+            0 => DEFAULT_COMPACT_ABOVE,
+            p => p - 1,
+        }
+    }
+
+    fn update_compact_from(&mut self) {
+        let percent = self.compact_above() as usize;
+        self.compact_from = if percent >= 100 {
+            usize::MAX
+        } else {
+            // Split so that `total_granules * percent` cannot overflow on 32-bit targets.
+            self.total_granules / 100 * percent + self.total_granules % 100 * percent / 100
+        };
+    }
+
+    /// Whether the low-address policy applies now (see [`set_compact_above`](Self::set_compact_above)).
+    #[inline(always)]
+    fn compacting(&self) -> bool {
+        self.used_granules >= self.compact_from
     }
 
     /// The metadata store.
@@ -264,6 +325,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         self.region_len[r] = n;
         self.regions = self.regions.max(r + 1);
         self.total_granules += n as usize;
+        self.update_compact_from();
         let b = self.blk(first);
         let end = self.after(b, n);
         // SAFETY: 1. `first` is the region's first block start and `first + n` its sentinel,
@@ -332,7 +394,9 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         let head = self.store.locate(head_id);
         // SAFETY: the list is non-empty, so `head` is a free block; so is `after` if not NIL.
         unsafe {
-            if b.id > head_id && ((size as usize) << self.store.granule_shift()) >= LOW_FIRST_BYTES
+            if b.id > head_id
+                && ((size as usize) << self.store.granule_shift()) >= LOW_FIRST_BYTES
+                && self.compacting()
             {
                 let after = self.store.next_free(head);
                 self.store.set_next_free(links, after);
@@ -431,12 +495,21 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     #[inline]
     pub fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
         let shift = self.store.granule_shift();
-        if layout.size() < LOW_FIRST_BYTES && layout.align() <= LOW_FIRST_BYTES {
+        if layout.align() <= LOW_FIRST_BYTES
+            && (layout.size() < LOW_FIRST_BYTES
+                || (layout.size() <= FAST_PATH_MAX_BYTES && !self.compacting()))
+        {
             // The common case, kept short: good fit, the list's head. Size and alignment are
-            // small, so the arithmetic cannot overflow.
+            // bounded, so the arithmetic cannot overflow; a small configuration's classes may
+            // still end below `g + pad`, which the slow path then refuses.
             let g = ((layout.size() + S::OVERHEAD + (1 << shift) - 1) >> shift).max(1) as u32;
             let pad = ((layout.align() >> shift) as u32).saturating_sub(1);
-            if let Some(c) = self.find_class(Self::class_at_least(g + pad)) {
+            let found = if g + pad <= Self::MAX_BLOCK_GRANULES / 2 {
+                self.find_class(Self::class_at_least(g + pad))
+            } else {
+                None
+            };
+            if let Some(c) = found {
                 if pad == 0 {
                     // SAFETY: invariant 2: list `c` is non-empty, and every block of class `c`
                     // holds `g` granules.
@@ -523,7 +596,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
             .checked_add(pad)
             .filter(|&s| s <= Self::MAX_BLOCK_GRANULES / 2)?;
         let good = Self::class_at_least(search);
-        let big = ((g as usize) << shift) >= LOW_FIRST_BYTES;
+        let big = ((g as usize) << shift) >= LOW_FIRST_BYTES && self.compacting();
         if big {
             let own = Self::class_of(g);
             if own != good && self.has(own) {
@@ -837,20 +910,34 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         let g = self.granules_for(new_size)?;
         // SAFETY: the caller's contract.
         let (b, v) = unsafe { self.used_block(ptr) };
+        let compacting = self.compacting();
+        // SAFETY (both calls): `b` is the used block behind `ptr`, `v` its flags.
+        if !compacting && unsafe { self.resize_in_place(b, v, g) } {
+            return Some(ptr);
+        }
         let size = size_of_flags(v);
         let align = layout.align();
-        let found = self.candidate(g, align, 0);
+        let found = if !compacting && g > size {
+            // A block that grew once is likely to grow again: put it where it can, at the
+            // start of a free block twice its size, whose rest stays free after it.
+            self.candidate(g.saturating_mul(2), align, 0)
+                .or_else(|| self.candidate(g, align, 0))
+        } else {
+            self.candidate(g, align, 0)
+        };
         let copy_bytes = (size.min(g) as usize) << self.store.granule_shift();
-        if let Some((c, class)) =
-            found.filter(|(c, _)| c.id < b.id && copy_bytes <= MOVE_DOWN_MAX_BYTES)
-        {
-            // SAFETY: `c` is a free block of class `class` holding `g` granules at `align`;
-            // `ptr` is live.
-            return Some(unsafe { self.move_to(c, class, g, ptr, layout, new_size) });
-        }
-        // SAFETY: `b` is the used block behind `ptr`, `v` its flags.
-        if unsafe { self.resize_in_place(b, v, g) } {
-            return Some(ptr);
+        if compacting {
+            if let Some((c, class)) =
+                found.filter(|(c, _)| c.id < b.id && copy_bytes <= MOVE_DOWN_MAX_BYTES)
+            {
+                // SAFETY: `c` is a free block of class `class` holding `g` granules at `align`;
+                // `ptr` is live.
+                return Some(unsafe { self.move_to(c, class, g, ptr, layout, new_size) });
+            }
+            // SAFETY: as above.
+            if unsafe { self.resize_in_place(b, v, g) } {
+                return Some(ptr);
+            }
         }
         let (c, class) = match found {
             Some(found) => found,
@@ -920,6 +1007,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     ) -> NonNull<u8> {
         // SAFETY: the caller's contract for `c`.
         let new = unsafe { self.take(c, class, g, layout.align(), 0) };
+
         // SAFETY: `ptr` holds at least `layout.size()` bytes, `new` at least `new_size`; they
         // are distinct live blocks, so they do not overlap. Then `ptr` is freed once.
         unsafe {

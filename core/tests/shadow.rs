@@ -526,11 +526,15 @@ proptest! {
     #![proptest_config(config())]
 
     #[test]
-    fn heap_in_band(ops in ops(limits::MAX_OPS)) {
+    fn heap_in_band(
+        ops in ops(limits::MAX_OPS),
+        compact_above in prop::sample::select(vec![0u8, 1, 25, 100]),
+    ) {
         let region = Region::new(limits::REGION, MAX_ALIGN, 0);
         let mut heap = Heap::empty();
         // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
         unsafe { heap.init(region.start, region.size) };
+        heap.set_compact_above(compact_above);
         run(&mut heap, &ops, region.range(), EXACT)?;
     }
 

@@ -381,6 +381,10 @@ impl Server {
             )
         }
         .map_err(|e| format!("arena of {bytes} bytes: {e}"))?;
+        let mut heap = heap;
+        // Every page of the arena that a block ever reached is memory the system keeps: keep
+        // blocks low however empty the arena is.
+        heap.set_compact_above(0);
         let chunks = seg.arena_bytes.div_ceil(CHUNK) as usize;
         let started_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
