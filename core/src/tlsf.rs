@@ -911,8 +911,10 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         // SAFETY: the caller's contract.
         let (b, v) = unsafe { self.used_block(ptr) };
         let compacting = self.compacting();
-        // SAFETY (both calls): `b` is the used block behind `ptr`, `v` its flags.
-        if !compacting && unsafe { self.resize_in_place(b, v, g) } {
+        if !compacting
+            // SAFETY: `b` is the used block behind `ptr`, `v` its flags.
+            && unsafe { self.resize_in_place(b, v, g) }
+        {
             return Some(ptr);
         }
         let size = size_of_flags(v);
@@ -934,7 +936,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
                 // `ptr` is live.
                 return Some(unsafe { self.move_to(c, class, g, ptr, layout, new_size) });
             }
-            // SAFETY: as above.
+            // SAFETY: `b` is the used block behind `ptr`, `v` its flags.
             if unsafe { self.resize_in_place(b, v, g) } {
                 return Some(ptr);
             }
