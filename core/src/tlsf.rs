@@ -138,7 +138,7 @@ pub struct Tlsf<S, const FL: usize = { self::FL }, const SL: usize = { self::SL 
 
 /// The default of [`Tlsf::set_compact_above`]: the low-address policy applies while more than
 /// this percentage of the heap is in use.
-pub const DEFAULT_COMPACT_ABOVE: u8 = 50;
+pub const DEFAULT_COMPACT_ABOVE: u8 = 25;
 
 /// A block being worked on: its id (for links) and the store's handle (for access).
 struct Blk<P> {
@@ -244,17 +244,17 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// least [`LOW_FIRST_BYTES`] look at a few more blocks for a lower one, a freed block that
     /// lies above its list's head goes second, and [`reallocate`](Self::reallocate) moves blocks
     /// down (copying up to [`MOVE_DOWN_MAX_BYTES`]); below it, allocation takes the first block
-    /// of the good-fit class and reallocation resizes in place whenever it can, and below half
-    /// of it a block that must move to grow goes where it can grow again (to the start of a
-    /// free block twice its new size).
+    /// of the good-fit class, and reallocation resizes in place whenever it can and moves a
+    /// block that cannot grow in place to where it can grow again (the start of a free block
+    /// twice its new size).
     ///
     /// The low-address policy is what lets a workload run in a region close to its peak live
     /// bytes (it keeps the high-water mark down), and it costs time: on the benchmark streams
     /// about 4 times as much per reallocation (it copies blocks down), and up to a fifth more per
     /// large allocation. Applied only once the heap fills up, it is paid where memory is short.
     /// Blocks spread out while the heap is emptier stay spread out when it fills up: on the
-    /// realloc benchmark streams, leaving room to grow up to 50 % full (rather than 25 %)
-    /// doubled the memory needed; other placement choices moved it by about 1 %.
+    /// realloc benchmark streams, a threshold of 50 % rather than 25 % doubled the memory
+    /// needed; on the others the threshold moves it by about 1 %.
     /// `0` applies it always (the most compact heap; what a heap whose address range is its
     /// cost wants, such as a shared arena whose touched pages are memory), `100` never (the
     /// fastest). Values above 100 count as 100. The default is [`DEFAULT_COMPACT_ABOVE`].
@@ -959,11 +959,9 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         }
         let size = size_of_flags(v);
         let align = layout.align();
-        let found = if g > size && self.used_granules < self.compact_from / 2 {
+        let found = if g > size && !compacting {
             // A block that grew once is likely to grow again: put it where it can, at the
-            // start of a free block twice its size, whose rest stays free after it. Only while
-            // the heap is less than half as full as where compaction starts: blocks placed so
-            // apart stay apart when the heap fills up.
+            // start of a free block twice its size, whose rest stays free after it.
             self.candidate(g.saturating_mul(2), align, 0)
                 .or_else(|| self.candidate(g, align, 0))
         } else {
