@@ -521,7 +521,8 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     ///
     /// # Time complexity
     /// O(1), except when the heap is nearly exhausted for this size (see the module docs).
-    #[inline]
+    #[cfg_attr(not(target_os = "none"), inline)]
+    #[cfg_attr(target_os = "none", inline(never))]
     pub fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
         let shift = self.store.granule_shift();
         if layout.align() <= LOW_FIRST_BYTES
@@ -899,7 +900,8 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     ///
     /// # Time complexity
     /// O(1).
-    #[inline]
+    #[cfg_attr(not(target_os = "none"), inline)]
+    #[cfg_attr(target_os = "none", inline(never))]
     pub unsafe fn deallocate(&mut self, ptr: NonNull<u8>, layout: Layout) {
         // SAFETY: the caller's contract.
         let (b, v) = unsafe { self.used_block(ptr) };
