@@ -33,6 +33,10 @@ step() {
 }
 
 step "format" cargo fmt --all --check
+# The two firmware crates are workspaces of their own (thumbv7em targets, their own profiles).
+for crate in examples/firmware bench/code-size; do
+    step "format ($crate)" cargo fmt --manifest-path "$crate/Cargo.toml" --check
+done
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings
 step "clippy (C library's interposer)" cargo clippy -p xalloc-c --features interpose -- -D warnings
 RUSTDOCFLAGS=-Dwarnings step "docs" cargo doc --workspace --no-deps
@@ -41,6 +45,18 @@ RUSTDOCFLAGS=-Dwarnings step "docs" cargo doc --workspace --no-deps
 step "C library (make)" make -s all examples
 step "tests" cargo test --workspace
 step "no_std build" cargo build -p xalloc-core --target thumbv7em-none-eabihf
+# The critical-section lock: on Cortex-M4F, and on Cortex-M0/M0+, which has no compare-and-swap
+# (and so no spin lock); then the firmware example on an emulated Cortex-M4 board (QEMU).
+step "no_std build (critical-section)" \
+    cargo build -p xalloc-core --target thumbv7em-none-eabihf --features critical-section
+step "no_std build (thumbv6m, critical-section)" \
+    cargo build -p xalloc-core --target thumbv6m-none-eabi --features critical-section
+step "tests (critical-section lock)" \
+    cargo test -p xalloc-core --features critical-section --test locked_heap --test global_alloc
+step "firmware in QEMU (mps2-an386)" bash scripts/firmware.sh
+# The code-size table of the README (a smoke run: the table is printed, not checked; see
+# scripts/code-size.sh --check for the target).
+step "code size (thumbv7em firmware)" bash scripts/code-size.sh
 # Miri, strict provenance. The unit, property and doc tests run under Stacked Borrows. The test
 # that installs LockedHeap as the global allocator runs under Tree Borrows: Stacked Borrows gives
 # a `Box<u8>` a tag covering one byte, so the 8 bytes of free-list links that any in-band

@@ -11,7 +11,9 @@
 //!   - [`OobHeap`] = `Tlsf<OutOfBand>`: metadata in a separate table, nothing written inside the
 //!     region, and a checked free by offset ([`OobHeap::deallocate_at`]) for offsets that come
 //!     from untrusted parties. The daemon's shared arena.
-//! - [`LockedHeap`]: a [`Heap`] behind a spin lock, usable as `#[global_allocator]`.
+//! - [`LockedHeap`]: a [`Heap`] behind a lock (a spin lock, or a critical section with the
+//!   `critical-section` feature), usable as `#[global_allocator]`; [`SmallLockedHeap`] the same
+//!   over a [`SmallHeap`] (state under 1 KiB, for heaps up to 128 KiB).
 //! - [`FirstFit`]: the `linked_list_allocator` crate's heap behind the same [`RegionAllocator`]
 //!   trait, kept as the reference baseline.
 //!
@@ -24,15 +26,16 @@
 //! # Example: a firmware heap
 //!
 //! ```
+//! use core::mem::MaybeUninit;
 //! use xalloc_core::LockedHeap;
 //!
 //! // In firmware: `#[global_allocator] static HEAP: LockedHeap = LockedHeap::empty();`
 //! static HEAP: LockedHeap = LockedHeap::empty();
-//! static mut ARENA: [u8; 4096] = [0; 4096];
 //!
-//! // SAFETY: ARENA is used by nothing else, and `init` runs once, before any allocation.
-//! unsafe { HEAP.init(core::ptr::addr_of_mut!(ARENA).cast(), 4096) };
-//! assert_eq!(HEAP.lock().stats().live_blocks, 0);
+//! // Firmware takes a `static mut [MaybeUninit<u8>; N]` once; here, a leaked box.
+//! let mem: &'static mut [MaybeUninit<u8>] = Box::leak(Box::new([MaybeUninit::uninit(); 4096]));
+//! HEAP.init_from_slice(mem).expect("heap memory");
+//! assert_eq!(HEAP.stats().live_blocks, 0);
 //! ```
 #![no_std]
 

@@ -5,8 +5,8 @@
 //! The heap must be initialised before anything allocates, and std's runtime set-up allocates
 //! before `main` (the main thread's name, for the stack-overflow handler). So the heap is
 //! initialised from an ELF `.init_array` constructor, which the loader runs before std's set-up;
-//! `main` calls the same initialisation again, a no-op on a heap that already has its region, for
-//! targets without `.init_array`. The binary has its own `main` (`harness = false` in Cargo.toml)
+//! `main` calls the same initialisation again for targets without `.init_array` (on a heap that
+//! already has its region, `try_init` refuses it and changes nothing). The binary has its own `main` (`harness = false` in Cargo.toml)
 //! because libtest's harness would only add more allocations before the tests; it prints one line
 //! per test and closes with `N passed, M failed`.
 
@@ -17,7 +17,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use xalloc_core::LockedHeap;
+use xalloc_core::{InitError, LockedHeap};
 
 /// Bytes in the static buffer the global allocator serves from.
 #[cfg(not(miri))]
@@ -258,13 +258,17 @@ fn exhaust_and_recover() {
     assert!(v.iter().all(|&b| b == 7));
 }
 
-/// Gives `HEAP` the arena. Idempotent: `init` on a heap that already has its region leaves it as
-/// it was.
+/// Gives `HEAP` the arena. Idempotent: on a heap that already has its region, `try_init` refuses
+/// it with `AlreadyInitialized` and leaves the heap as it was.
 extern "C" fn init_heap() {
     // SAFETY: 1. `ARENA` is `ARENA_SIZE` bytes that live for the whole program and are used by
     //    nothing but `HEAP`; 2. it runs before the first allocation (from the constructor below),
-    //    or, as a second call, is a no-op.
-    unsafe { HEAP.init(ARENA.0.get().cast::<u8>(), ARENA_SIZE) };
+    //    or, as a second call, is refused and changes nothing.
+    let result = unsafe { HEAP.try_init(ARENA.0.get().cast::<u8>(), ARENA_SIZE) };
+    assert!(
+        matches!(result, Ok(()) | Err(InitError::AlreadyInitialized)),
+        "{result:?}"
+    );
 }
 
 /// Runs `init_heap` before std's runtime set-up, which allocates.
@@ -291,10 +295,10 @@ fn box_by_value() {
 
 /// `HEAP`'s own counters see the program's allocations.
 fn stats_track_allocations() {
-    let before = HEAP.lock().stats();
+    let before = HEAP.stats();
     assert!(before.region_bytes + 4096 > ARENA_SIZE, "{before:?}");
     let v = std::hint::black_box(vec![1u8; 100_000]);
-    let during = HEAP.lock().stats();
+    let during = HEAP.stats();
     assert!(in_arena(v.as_ptr()));
     assert_eq!(during.live_blocks, before.live_blocks + 1, "{during:?}");
     assert!(
@@ -303,7 +307,7 @@ fn stats_track_allocations() {
     );
     assert_eq!(during.region_bytes, before.region_bytes);
     drop(v);
-    assert_eq!(HEAP.lock().stats(), before);
+    assert_eq!(HEAP.stats(), before);
 }
 
 fn main() {

@@ -8,13 +8,14 @@
 //!
 //! One difference from firmware: on the host, std's runtime allocates before `main` runs, so the
 //! heap is initialised from an ELF `.init_array` constructor. On a microcontroller, call
-//! `HEAP.init` first thing in the entry function instead (see the README).
+//! `HEAP.init_from_slice` first thing in the entry function instead (see the README, and the
+//! firmware in `examples/firmware/`).
 
 use std::cell::UnsafeCell;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use xalloc_core::{LockedHeap, Stats};
+use xalloc_core::{InitError, LockedHeap, Stats};
 
 /// The size of the heap, as a small microcontroller might give it.
 const HEAP_SIZE: usize = 64 * 1024;
@@ -31,12 +32,17 @@ static HEAP_MEM: HeapMem = HeapMem(UnsafeCell::new([0; HEAP_SIZE]));
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
 
-/// Gives `HEAP` its memory. A second call is a no-op: `init` leaves an initialised heap as it was.
+/// Gives `HEAP` its memory. A second call changes nothing: `try_init` refuses it with
+/// `AlreadyInitialized`.
 extern "C" fn init_heap() {
     // SAFETY: 1. `HEAP_MEM` is `HEAP_SIZE` bytes that live for the whole program and are used by
     //    nothing but `HEAP`; 2. this runs before the first allocation (from the constructor
-    //    below), or, as a second call, changes nothing.
-    unsafe { HEAP.init(HEAP_MEM.0.get().cast::<u8>(), HEAP_SIZE) };
+    //    below), or, as a second call, is refused and changes nothing.
+    let result = unsafe { HEAP.try_init(HEAP_MEM.0.get().cast::<u8>(), HEAP_SIZE) };
+    assert!(
+        matches!(result, Ok(()) | Err(InitError::AlreadyInitialized)),
+        "{result:?}"
+    );
 }
 
 /// Runs `init_heap` before std's runtime set-up, which allocates.
@@ -47,7 +53,7 @@ static INIT_HEAP: extern "C" fn() = init_heap;
 
 fn print_stats(when: &str) {
     // Copy the counters out first: the lock must not be held while printing allocates.
-    let s: Stats = HEAP.lock().stats();
+    let s: Stats = HEAP.stats();
     println!(
         "{when:<22} used {:>6} B  free {:>6} B  largest free {:>6} B  live blocks {:>4}  free blocks {:>3}",
         s.used_bytes, s.free_bytes, s.largest_free_bytes, s.live_blocks, s.free_blocks
