@@ -30,19 +30,10 @@ crate=bench/code-size
 target_dir="$PWD/$crate/target"
 bin_dir="$target_dir/thumbv7em-none-eabihf/release"
 
-# xalloc-core's optional parts, enabled where this checkout has them.
-features=()
-xalloc_lock="spin lock (default)"
-if awk '/^\[/ { in_features = ($0 == "[features]") } in_features && /^critical-section *=/ { found = 1 }
-        END { exit !found }' core/Cargo.toml; then
-    features+=(xalloc-core/critical-section)
-    xalloc_lock="critical section (\`critical-section\` feature)"
-fi
-bins=(baseline xalloc)
-if grep -qs 'SmallLockedHeap' core/src/*.rs; then
-    features+=(xalloc-small)
-    bins+=(xalloc-small)
-fi
+# xalloc locks with its critical-section feature, like every peer here.
+features=(xalloc-core/critical-section xalloc-small)
+xalloc_lock="critical section (\`critical-section\` feature)"
+bins=(baseline xalloc xalloc-small)
 bins+=(rlsf talc talc4 linked-list-allocator embedded-alloc-llff embedded-alloc-tlsf)
 
 # Size in bytes of section $2 of ELF file $1 (0 if absent).
@@ -54,7 +45,7 @@ section() {
 
 declare -A text init_text flash ram
 build() {
-    (cd "$crate" && cargo build --release --quiet --target-dir "$target_dir" \
+    (cd "$crate" && cargo build --release --quiet --locked --target-dir "$target_dir" \
         --features "$1")
 }
 # Full program.
@@ -139,9 +130,6 @@ done
 echo
 echo "Baseline firmware: ${base} bytes of .text (${base_init} with init alone); bytes are" \
     "differences to it. thumbv7em-none-eabihf, $(rustc --version | cut -d' ' -f1-2)."
-if ! grep -qs 'SmallLockedHeap' core/src/*.rs; then
-    echo "(xalloc_core::SmallLockedHeap is not in this checkout: not measured.)"
-fi
 if ((symbols)); then
     echo
     printf '%s' "$listing"

@@ -3,9 +3,9 @@
 #
 #   scripts/test.sh
 #
-# Needs: stable Rust with clippy and rustfmt, the thumbv7em-none-eabihf target, nightly with
-# miri, cargo-fuzz, rsyslog, make, gcc, g++, binutils, pkg-config and python3 (`.ci/run`
-# installs all of them). Some multi-process tests need root (other users, a private mount
+# Needs: stable Rust with clippy and rustfmt, the thumbv7em-none-eabihf and thumbv6m-none-eabi
+# targets, nightly with miri, cargo-fuzz, rsyslog, qemu-system-arm, make, gcc, g++, binutils,
+# pkg-config and python3 (`.ci/run` installs all of them). Some multi-process tests need root (other users, a private mount
 # namespace); under CI they fail rather than skip without it. Every test daemon has its own
 # instance name, and everything it creates is removed. With CI=true (as root), it also runs
 # scripts/setup-rsyslog.sh against the system's rsyslog and checks that a daemon's lines reach
@@ -39,6 +39,8 @@ for crate in examples/firmware bench/code-size; do
 done
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings
 step "clippy (C library's interposer)" cargo clippy -p xalloc-c --features interpose -- -D warnings
+step "clippy (core, critical-section lock)" \
+    cargo clippy -p xalloc-core --features critical-section --all-targets -- -D warnings
 RUSTDOCFLAGS=-Dwarnings step "docs" cargo doc --workspace --no-deps
 # The seed's build (root Makefile): the C library, ./xalloc and the C examples, warnings as
 # errors. The C library's tests (tests/tests/c_library.rs) run make themselves too.

@@ -13,7 +13,7 @@
 //!     from untrusted parties. The daemon's shared arena.
 //! - [`LockedHeap`]: a [`Heap`] behind a lock (a spin lock, or a critical section with the
 //!   `critical-section` feature), usable as `#[global_allocator]`; [`SmallLockedHeap`] the same
-//!   over a [`SmallHeap`] (state under 1 KiB, for heaps up to 128 KiB).
+//!   over a [`SmallHeap`] (state under 1 KiB, for heaps up to about 128 KiB).
 //! - [`FirstFit`]: the `linked_list_allocator` crate's heap behind the same [`RegionAllocator`]
 //!   trait, kept as the reference baseline.
 //!
@@ -40,6 +40,12 @@
 #![no_std]
 
 pub mod first_fit;
+/// `LockedHeap` exists when the crate has a lock for it: the `critical-section` feature, or the
+/// default `spin` feature on a target with compare-and-swap (not `thumbv6m-none-eabi`).
+#[cfg(any(
+    feature = "critical-section",
+    all(feature = "spin", target_has_atomic = "8")
+))]
 pub mod locked;
 pub mod store;
 pub mod tlsf;
@@ -49,7 +55,11 @@ use core::fmt;
 use core::ptr::NonNull;
 
 pub use first_fit::FirstFit;
-pub use locked::{LockedHeap, SmallLockedHeap};
+#[cfg(any(
+    feature = "critical-section",
+    all(feature = "spin", target_has_atomic = "8")
+))]
+pub use locked::{HeapRef, LockedHeap, SmallLockedHeap};
 pub use store::{InBand, MetaEntry, MetaStore, OutOfBand};
 pub use tlsf::Tlsf;
 
@@ -58,9 +68,9 @@ pub use tlsf::Tlsf;
 pub type Heap = Tlsf<InBand>;
 
 /// The heap for small memories: TLSF with in-band metadata and 10 × 16 size classes, so its state
-/// takes under 1 KiB (840 bytes on 64-bit targets, about 800 on 32-bit ones), at the price of classes
+/// takes under 1 KiB (848 bytes on 64-bit targets, 816 on Cortex-M), at the price of classes
 /// four times as coarse (a fit within 6.25 % instead of 1.6 %) and blocks of at most 128 KiB:
-/// each region is used up to 128 KiB. The pick for heaps up to 64-128 KiB.
+/// a larger region is cut into regions of 128 KiB (see [`Tlsf::init`]). The pick for heaps up to 64-128 KiB.
 pub type SmallHeap = Tlsf<InBand, { tlsf::SMALL_FL }, { tlsf::SMALL_SL }>;
 
 // The small configuration's promise, checked on every target the crate is built for.
@@ -297,8 +307,13 @@ impl<const FL: usize, const SL: usize> Tlsf<InBand, FL, SL> {
     /// Gives the heap its first region, `size` bytes at `start`. The start needs no alignment.
     /// At most [`IN_BAND_MAX_LOSS`](store::IN_BAND_MAX_LOSS) bytes (38) of a region are in no
     /// block: up to 15 before the first header (aligning the first payload to 16), the 8-byte
-    /// end sentinel, and up to 15 at the end that do not make a whole granule. (A region of
-    /// more than `16 * 2^30` bytes is used up to that size.)
+    /// end sentinel, and up to 15 at the end that do not make a whole granule.
+    ///
+    /// A region larger than the largest block ([`MAX_BLOCK_GRANULES`](Self::MAX_BLOCK_GRANULES)
+    /// granules: 16 GiB for [`Heap`], 128 KiB for [`SmallHeap`]) is cut into consecutive
+    /// regions of at most that size, as many as the heap still takes
+    /// ([`MAX_REGIONS`](store::MAX_REGIONS) in all, 16 bytes lost at each cut); what lies past
+    /// the last one is not used (compare `stats().region_bytes` with the size given).
     ///
     /// A region too small for one block, or a heap already initialised, leaves the heap as it
     /// was (allocations keep failing on an empty heap). Use [`try_init`](Self::try_init) to learn
@@ -328,13 +343,32 @@ impl<const FL: usize, const SL: usize> Tlsf<InBand, FL, SL> {
     ///
     /// # Safety
     /// As for [`init`](Self::init), and the region overlaps no region the heap already has.
+    /// A region larger than the largest block is cut as for [`init`](Self::init).
     pub unsafe fn add_region(&mut self, start: *mut u8, size: usize) -> Result<(), InitError> {
-        let (first, n) = self
-            .store_mut()
-            .push_region(start, size, Self::MAX_BLOCK_GRANULES)?;
-        // SAFETY: the store registered region `first >> LOCAL_BITS` with `n` granules just now.
-        unsafe { self.adopt_region(first, n) };
-        Ok(())
+        let (mut first, mut n) =
+            self.store_mut()
+                .push_region(start, size, Self::MAX_BLOCK_GRANULES)?;
+        // `push_region` checked that `start + size` does not overflow.
+        let end = start.addr() + size;
+        loop {
+            // SAFETY: the store registered region `first >> LOCAL_BITS` with `n` granules just
+            // now.
+            unsafe { self.adopt_region(first, n) };
+            // The region ends with its sentinel's header, just below the sentinel's payload
+            // address; the bytes from there on were cut off by the largest block's size.
+            let rest = self.store().locate(first + n);
+            if rest.addr() >= end {
+                return Ok(());
+            }
+            match self
+                .store_mut()
+                .push_region(rest, end - rest.addr(), Self::MAX_BLOCK_GRANULES)
+            {
+                Ok(next) => (first, n) = next,
+                // No region left, or too little memory left for a block: the rest is unused.
+                Err(_) => return Ok(()),
+            }
+        }
     }
 }
 

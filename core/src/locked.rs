@@ -36,16 +36,6 @@ use crate::store::InBand;
 use crate::tlsf::{self, Tlsf};
 use crate::{InitError, Stats};
 
-#[cfg(not(any(
-    feature = "critical-section",
-    all(feature = "spin", target_has_atomic = "8")
-)))]
-compile_error!(
-    "xalloc-core's LockedHeap needs a lock: enable the `critical-section` feature (interrupt-safe; \
-     the only choice on targets without compare-and-swap, such as thumbv6m-none-eabi), or keep \
-     the default `spin` feature on a target with compare-and-swap"
-);
-
 /// The critical-section lock: a `RefCell` inside a `critical_section::Mutex`.
 #[cfg(feature = "critical-section")]
 mod lock {
@@ -130,8 +120,8 @@ pub struct LockedHeap<const FL: usize = { tlsf::FL }, const SL: usize = { tlsf::
     lock::Lock<Tlsf<InBand, FL, SL>>,
 );
 
-/// A [`LockedHeap`] over a [`SmallHeap`](crate::SmallHeap): state under 1 KiB, regions of up
-/// to 128 KiB.
+/// A [`LockedHeap`] over a [`SmallHeap`](crate::SmallHeap): state under 1 KiB, blocks of up to
+/// 128 KiB (a larger region is cut into regions of that size).
 pub type SmallLockedHeap = LockedHeap<{ tlsf::SMALL_FL }, { tlsf::SMALL_SL }>;
 
 impl<const FL: usize, const SL: usize> LockedHeap<FL, SL> {
@@ -216,7 +206,7 @@ impl<const FL: usize, const SL: usize> LockedHeap<FL, SL> {
     /// As for [`init`](Self::init).
     pub unsafe fn try_init(&self, start: *mut u8, size: usize) -> Result<(), InitError> {
         // SAFETY: forwarded contract.
-        self.with(|heap| unsafe { heap.try_init(start, size) })
+        self.with(|heap| unsafe { heap.0.try_init(start, size) })
     }
 
     /// Runs `f` on the heap under the lock, and returns what it returns: for statistics, for
@@ -230,8 +220,8 @@ impl<const FL: usize, const SL: usize> LockedHeap<FL, SL> {
     ///
     /// # Panics
     /// With the critical section, when called from inside `f` of another `with` on the same heap.
-    pub fn with<R>(&self, f: impl FnOnce(&mut Tlsf<InBand, FL, SL>) -> R) -> R {
-        match self.0.try_with(f) {
+    pub fn with<R>(&self, f: impl FnOnce(&mut HeapRef<'_, FL, SL>) -> R) -> R {
+        match self.0.try_with(|heap| f(&mut HeapRef(heap))) {
             Some(r) => r,
             None => panic!("LockedHeap::with called while the heap is in use by the same context"),
         }
@@ -240,6 +230,72 @@ impl<const FL: usize, const SL: usize> LockedHeap<FL, SL> {
     /// The heap's counters ([`Tlsf::stats`]), read under the lock.
     pub fn stats(&self) -> Stats {
         self.with(|heap| heap.stats())
+    }
+}
+
+/// The heap of a [`LockedHeap`], lent to the closure of [`LockedHeap::with`]: every reading
+/// method of [`Tlsf`] (through `Deref`) and the ones below, but no `&mut Tlsf`. With one, safe
+/// code could swap the heap for another (`core::mem::replace`) under blocks that the global
+/// allocator handed out, and a later `dealloc` of one of them would free it into a heap that never
+/// had it.
+///
+/// ```compile_fail
+/// use xalloc_core::{Heap, LockedHeap};
+/// static HEAP: LockedHeap = LockedHeap::empty();
+/// // Taking the heap out from under its blocks does not compile: there is no `&mut Tlsf`.
+/// let _old = HEAP.with(|heap| core::mem::replace(&mut **heap, Heap::empty()));
+/// ```
+pub struct HeapRef<'a, const FL: usize, const SL: usize>(&'a mut Tlsf<InBand, FL, SL>);
+
+impl<const FL: usize, const SL: usize> core::ops::Deref for HeapRef<'_, FL, SL> {
+    type Target = Tlsf<InBand, FL, SL>;
+
+    fn deref(&self) -> &Self::Target {
+        self.0
+    }
+}
+
+impl<const FL: usize, const SL: usize> HeapRef<'_, FL, SL> {
+    /// [`Tlsf::allocate`].
+    pub fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
+        self.0.allocate(layout)
+    }
+
+    /// [`Tlsf::deallocate`].
+    ///
+    /// # Safety
+    /// As for [`Tlsf::deallocate`].
+    pub unsafe fn deallocate(&mut self, ptr: NonNull<u8>, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { self.0.deallocate(ptr, layout) }
+    }
+
+    /// [`Tlsf::reallocate`].
+    ///
+    /// # Safety
+    /// As for [`Tlsf::reallocate`].
+    pub unsafe fn reallocate(
+        &mut self,
+        ptr: NonNull<u8>,
+        layout: Layout,
+        new_size: usize,
+    ) -> Option<NonNull<u8>> {
+        // SAFETY: forwarded contract.
+        unsafe { self.0.reallocate(ptr, layout, new_size) }
+    }
+
+    /// [`Tlsf::add_region`]: more memory for the heap.
+    ///
+    /// # Safety
+    /// As for [`Tlsf::add_region`].
+    pub unsafe fn add_region(&mut self, start: *mut u8, size: usize) -> Result<(), InitError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.0.add_region(start, size) }
+    }
+
+    /// [`Tlsf::set_compact_above`].
+    pub fn set_compact_above(&mut self, percent: u8) {
+        self.0.set_compact_above(percent);
     }
 }
 

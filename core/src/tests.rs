@@ -471,26 +471,33 @@ fn state_sizes() {
 }
 
 #[test]
-fn small_heap_uses_a_large_region_up_to_its_largest_block() {
+fn small_heap_cuts_a_large_region_into_regions_of_its_largest_block() {
     use crate::SmallHeap;
     let max = SmallHeap::MAX_BLOCK_GRANULES as usize * 16;
     assert_eq!(max, (128 << 10) - 16);
-    let mut buf = buffer(512 << 10);
-    let mut h = SmallHeap::empty();
-    // SAFETY: `buf` outlives the heap and is used by nothing else.
-    unsafe { h.try_init(buf.as_mut_ptr().cast(), buf.len() * 16) }.unwrap();
-    let s = h.stats();
-    assert_eq!(s.region_bytes, max);
-    // The whole region is one block, and one allocation can take all of it.
-    assert_eq!(s.largest_free_bytes, max - 8);
-    let all = layout(s.largest_free_bytes, 16);
-    let p = h.allocate(all).unwrap();
-    h.check_invariants().unwrap();
-    assert!(h.allocate(layout(s.largest_free_bytes + 1, 16)).is_none());
-    // SAFETY: `p` is live with `all`.
-    unsafe { h.deallocate(p, all) };
-    h.check_invariants().unwrap();
-    assert_eq!(h.stats(), s);
+    for (bytes, regions) in [(200 << 10, 2), (512 << 10, 4), (1 << 20, 4)] {
+        let mut buf = buffer(bytes);
+        let mut h = SmallHeap::empty();
+        // SAFETY: `buf` outlives the heap and is used by nothing else.
+        unsafe { h.try_init(buf.as_mut_ptr().cast(), buf.len() * 16) }.unwrap();
+        h.check_invariants().unwrap();
+        let s = h.stats();
+        assert_eq!(h.region_count(), regions, "{bytes} bytes");
+        // Every byte is used up to the fourth region, less 38 per region at most.
+        let usable = bytes.min(4 * (max + 16));
+        assert!(s.region_bytes + 38 * regions >= usable, "{bytes}: {s:?}");
+        assert!(s.region_bytes <= usable);
+        // One allocation can take a whole largest block; one more byte cannot fit.
+        assert_eq!(s.largest_free_bytes, max - 8);
+        let all = layout(s.largest_free_bytes, 16);
+        let p = h.allocate(all).unwrap();
+        h.check_invariants().unwrap();
+        assert!(h.allocate(layout(s.largest_free_bytes + 1, 16)).is_none());
+        // SAFETY: `p` is live with `all`.
+        unsafe { h.deallocate(p, all) };
+        h.check_invariants().unwrap();
+        assert_eq!(h.stats(), s);
+    }
 }
 
 #[test]

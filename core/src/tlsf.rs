@@ -41,6 +41,11 @@
 //! [`Tlsf::reallocate`] moves a block down whenever a lower block fits and the copy is at most
 //! [`MOVE_DOWN_MAX_BYTES`].
 //!
+//! All of that applies only while the heap is at least [`Tlsf::set_compact_above`] % full (25
+//! by default). Below, every request up to 1 MiB takes the good-fit head, and reallocation
+//! resizes in place first; a block that cannot grow in place moves to the start of a free block
+//! twice its new size, where it can grow again.
+//!
 //! # Time complexity
 //!
 //! `allocate`, `deallocate` and in-place `reallocate` are O(1) for every alignment: the bitmap
@@ -60,8 +65,8 @@ use crate::{AllocAtError, FreeError, InvariantError, ResizeError, Stats};
 // to 7 % slower without it (large blocks, reallocation). On bare-metal targets
 // (`target_os = "none"`) the optimiser decides, and the helpers called from several places
 // (free-list insertion and removal, carving and releasing blocks, the class and candidate
-// searches, `allocate` and `deallocate`) stay out of line: a firmware built for size carries one copy of each, 3.7 KB of
-// code instead of 11.2 (the README's code-size table).
+// searches, `allocate` and `deallocate`) stay out of line: a firmware built for size carries one
+// copy of each, 3.9 KB of code instead of 11.2 (the README's code-size table).
 
 /// log2 of the number of second-level classes per power of two in the default configuration.
 ///
@@ -112,7 +117,7 @@ type SlMap = u64;
 ///
 /// The class count sets the heap's own state (`FL * SL` list heads of 4 bytes, `FL` bitmaps of
 /// 8) and the largest block: `2^(FL + log2(SL) - 1) - 1` granules; a region larger than that is
-/// used up to that size. `SL` is a power of two from 2 to 64, `FL` from 1 to 32, and the largest
+/// cut into regions of that size (see `init`). `SL` is a power of two from 2 to 64, `FL` from 1 to 32, and the largest
 /// block at most [`LOCAL_MASK`] granules; other values do not compile.
 ///
 /// Use it through the aliases [`crate::Heap`] (in band, default classes), [`crate::SmallHeap`]
@@ -240,7 +245,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     }
 
     /// Sets how full the heap must be before it spends time on keeping blocks at low
-    /// addresses: while more than `percent` % of its granules are in use, allocations of at
+    /// addresses: while at least `percent` % of its granules are in use, allocations of at
     /// least [`LOW_FIRST_BYTES`] look at a few more blocks for a lower one, a freed block that
     /// lies above its list's head goes second, and [`reallocate`](Self::reallocate) moves blocks
     /// down (copying up to [`MOVE_DOWN_MAX_BYTES`]); below it, allocation takes the first block
@@ -924,8 +929,9 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// Resizes the block at `ptr` to `new_size` bytes, keeping `layout.align()`. On failure
     /// returns `None` and leaves the block as it was.
     ///
-    /// The policy keeps the region compact rather than always resizing in place, since blocks
-    /// that only ever grow in place spread over two to three times the memory they hold on a
+    /// While the heap is at least [`set_compact_above`](Self::set_compact_above) % full, the
+    /// policy keeps the region compact rather than always resizing in place, since blocks that
+    /// only ever grow in place spread over two to three times the memory they hold on a
     /// realloc-heavy workload:
     /// - if the block that `allocate` would pick for the new size lies at a lower address, the
     ///   block moves there (shrinking or growing), unless that means copying more than
@@ -933,6 +939,10 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// - else a shrinking block shrinks in place, and a growing one grows into a free successor
     ///   when that has room;
     /// - else it moves wherever `allocate` finds room.
+    ///
+    /// Below that, the block is resized in place when it can be, and otherwise moves to the
+    /// start of a free block of twice the new size if there is one (so that it can grow again
+    /// in place), else wherever `allocate` finds room.
     ///
     /// # Safety
     /// `ptr` was returned by this heap with `layout` (same alignment; size at most the block's)

@@ -28,7 +28,9 @@ use std::ptr::NonNull;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
-use xalloc_core::{FirstFit, Heap, MetaEntry, OobHeap, RegionAllocator, SmallHeap, Stats};
+use xalloc_core::{
+    FirstFit, Heap, InBand, MetaEntry, OobHeap, RegionAllocator, SmallHeap, Stats, Tlsf,
+};
 
 /// Sizes of the property runs; much smaller under Miri.
 #[cfg(not(miri))]
@@ -188,6 +190,9 @@ fn pattern_run(seed: u8, i: usize, len: usize) -> &'static [u8] {
 /// The shadow of one allocator: the blocks it handed out and what each must contain.
 struct Model {
     region: Range<usize>,
+    /// The parts of `region` given to the heap, when it was given several: every block must lie
+    /// inside one of them. Empty: the whole region.
+    subs: Vec<Range<usize>>,
     blocks: Vec<Live>,
     /// start address -> end address of every live block.
     ranges: BTreeMap<usize, usize>,
@@ -198,6 +203,7 @@ impl Model {
     fn new(region: Range<usize>) -> Self {
         Model {
             region,
+            subs: Vec::new(),
             blocks: Vec::new(),
             ranges: BTreeMap::new(),
             next_seed: 1,
@@ -219,6 +225,11 @@ impl Model {
             start & (layout.align() - 1) == 0,
             "block at {start:#x} not aligned to {}",
             layout.align()
+        );
+        prop_assert!(
+            self.subs.is_empty() || self.subs.iter().any(|r| r.start <= start && end <= r.end),
+            "block {start:#x}..{end:#x} in none of the regions given {:x?}",
+            self.subs
         );
         if let Some((&s, &e)) = self.ranges.range(..end).next_back() {
             prop_assert!(
@@ -364,7 +375,19 @@ fn run<A: RegionAllocator>(
     region: Range<usize>,
     expect: Expect,
 ) -> Result<(), TestCaseError> {
+    run_in(a, ops, region, Vec::new(), expect)
+}
+
+/// [`run`] for a heap given the parts `subs` of `region` (empty: all of it).
+fn run_in<A: RegionAllocator>(
+    a: &mut A,
+    ops: &[Op],
+    region: Range<usize>,
+    subs: Vec<Range<usize>>,
+    expect: Expect,
+) -> Result<(), TestCaseError> {
     let mut model = Model::new(region);
+    model.subs = subs;
     let initial = a.stats();
     check_state(a, &model, &initial, expect, 0)?;
 
@@ -654,6 +677,148 @@ const REGION_SIZES: [usize; 12] = [
 const REGION_SIZES: [usize; 8] = [0, 1, 15, 64, 100, 255, 4099, 65536 + 13];
 
 /// A region too small to hold any block leaves a heap whose allocations all fail.
+/// The small configuration's largest block, in bytes.
+const SMALL_MAX_BYTES: usize = 8191 * 16;
+
+/// Sizes that reach the largest block of the small configuration and past it.
+fn wide_size() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        8 => 1usize..=64,
+        4 => 65usize..=1024,
+        4 => 1025usize..=16 * 1024,
+        3 => 16 * 1024usize..=SMALL_MAX_BYTES + 64,
+        3 => (0usize..48).prop_map(|d| SMALL_MAX_BYTES + 24 - d),
+        3 => (0usize..64).prop_map(|d| SMALL_MAX_BYTES / 2 + 32 - d),
+        1 => SMALL_MAX_BYTES..=1 << 20,
+    ]
+}
+
+fn wide_op() -> impl Strategy<Value = Op> {
+    let align = prop_oneof![
+        6 => (0u32..=4).prop_map(|s| 1usize << s),
+        3 => (5u32..=10).prop_map(|s| 1usize << s),
+        2 => (11u32..=12).prop_map(|s| 1usize << s),
+    ];
+    prop_oneof![
+        5 => (wide_size(), align).prop_map(|(size, align)| Op::Allocate { size, align }),
+        3 => any::<Index>().prop_map(|index| Op::Free { index }),
+        3 => (any::<Index>(), wide_size())
+            .prop_map(|(index, new_size)| Op::Realloc { index, new_size }),
+    ]
+}
+
+/// Sizes of the parts of one buffer given to a heap as its regions: too small for a block,
+/// around the small configuration's largest block, and larger (cut into several regions).
+fn part_sizes() -> impl Strategy<Value = Vec<usize>> {
+    prop::collection::vec(
+        prop::sample::select(vec![
+            0usize,
+            15,
+            40,
+            100,
+            4096,
+            65536 + 13,
+            SMALL_MAX_BYTES - 1,
+            SMALL_MAX_BYTES + 8,
+            SMALL_MAX_BYTES + 23,
+            SMALL_MAX_BYTES + 40,
+            131072,
+            300_000,
+        ]),
+        1..=5,
+    )
+}
+
+/// Gives a `Tlsf<InBand, FL, SL>` the parts `sizes` of one buffer (at start offsets `offsets`,
+/// with gaps between them), with `compact_above` set before or after, and runs `ops` on it.
+fn run_on_parts<const FL: usize, const SL: usize>(
+    sizes: &[usize],
+    offsets: &[usize],
+    compact_above: u8,
+    set_before: bool,
+    ops: &[Op],
+) -> Result<(), TestCaseError> {
+    let gap = 48;
+    let total = sizes.iter().sum::<usize>() + (gap + 16) * sizes.len();
+    let region = Region::new(total, MAX_ALIGN, 0);
+    let mut heap = Tlsf::<InBand, FL, SL>::empty();
+    if set_before {
+        heap.set_compact_above(compact_above);
+    }
+    let (mut parts, mut at) = (Vec::new(), 0);
+    for (i, &size) in sizes.iter().enumerate() {
+        let start = region
+            .start
+            .wrapping_add(at + offsets[i % offsets.len()] % 16);
+        // SAFETY: disjoint parts of a live buffer used by nothing else; it outlives the heap.
+        if unsafe { heap.add_region(start, size) }.is_ok() {
+            parts.push(start.addr()..start.addr() + size);
+        }
+        at += 16 + size + gap;
+    }
+    if !set_before {
+        heap.set_compact_above(compact_above);
+    }
+    // A part larger than the largest block becomes several regions.
+    prop_assert!(heap.region_count() >= parts.len());
+    heap.check_invariants()
+        .map_err(|e| TestCaseError::fail(format!("{e}")))?;
+    run_in(&mut heap, ops, region.range(), parts, EXACT)
+}
+
+proptest! {
+    // A quarter of the cases: each runs on up to five regions with blocks of up to 1 MiB.
+    #![proptest_config(ProptestConfig { cases: limits::CASES / 4, ..config() })]
+
+    /// The small configuration over several regions, some cut at its largest block, at every
+    /// compaction setting.
+    // Blocks of up to 1 MiB, filled and checked byte by byte: too slow for Miri, which
+    // runs the other properties here.
+    #[cfg_attr(miri, ignore)]
+    #[test]
+    fn small_heap_regions(
+        sizes in part_sizes(),
+        offsets in prop::collection::vec(0usize..16, 1..=4),
+        compact_above in prop::sample::select(vec![0u8, 1, 25, 50, 100, 255]),
+        set_before in any::<bool>(),
+        ops in prop::collection::vec(wide_op(), 1..=limits::MAX_OPS / 2),
+    ) {
+        run_on_parts::<{ xalloc_core::tlsf::SMALL_FL }, { xalloc_core::tlsf::SMALL_SL }>(
+            &sizes, &offsets, compact_above, set_before, &ops,
+        )?;
+    }
+
+    /// The same for the default configuration.
+    // Blocks of up to 1 MiB, filled and checked byte by byte: too slow for Miri, which
+    // runs the other properties here.
+    #[cfg_attr(miri, ignore)]
+    #[test]
+    fn heap_regions(
+        sizes in part_sizes(),
+        offsets in prop::collection::vec(0usize..16, 1..=4),
+        compact_above in prop::sample::select(vec![0u8, 1, 25, 50, 100, 255]),
+        set_before in any::<bool>(),
+        ops in prop::collection::vec(wide_op(), 1..=limits::MAX_OPS / 2),
+    ) {
+        run_on_parts::<{ xalloc_core::tlsf::FL }, { xalloc_core::tlsf::SL }>(
+            &sizes, &offsets, compact_above, set_before, &ops,
+        )?;
+    }
+
+    /// A configuration neither uses (7 x 8 classes: blocks of up to 1023 granules).
+    // Blocks of up to 1 MiB, filled and checked byte by byte: too slow for Miri, which
+    // runs the other properties here.
+    #[cfg_attr(miri, ignore)]
+    #[test]
+    fn odd_configuration(
+        sizes in part_sizes(),
+        compact_above in prop::sample::select(vec![0u8, 25, 100]),
+        ops in prop::collection::vec(wide_op(), 1..=limits::MAX_OPS / 2),
+    ) {
+        run_on_parts::<7, 8>(&sizes, &[3], compact_above, true, &ops)?;
+    }
+}
+
 #[test]
 fn tiny_regions_allocate_nothing() {
     for size in [0usize, 1, 2, 7, 8, 15] {
