@@ -53,6 +53,8 @@ step "no_std build (critical-section)" \
     cargo build -p xalloc-core --target thumbv7em-none-eabihf --features critical-section
 step "no_std build (thumbv6m, critical-section)" \
     cargo build -p xalloc-core --target thumbv6m-none-eabi --features critical-section
+step "no_std build (thumbv6m, heaps without a lock)" \
+    cargo build -p xalloc-core --target thumbv6m-none-eabi --no-default-features
 step "tests (critical-section lock)" \
     cargo test -p xalloc-core --features critical-section --test locked_heap --test global_alloc
 step "firmware in QEMU (mps2-an386)" bash scripts/firmware.sh

@@ -17,7 +17,8 @@
 //!
 //! When both features are on, the critical section wins (cargo features add up: a crate that
 //! asks for `critical-section` gets it even if another leaves the defaults on). With neither,
-//! or with only `spin` on a target without compare-and-swap, the crate does not compile.
+//! or with only `spin` on a target without compare-and-swap, there is no `LockedHeap` (the
+//! heaps themselves, [`Heap`](crate::Heap) and the others, are always there).
 //!
 //! # Re-entry
 //!
@@ -239,7 +240,7 @@ impl<const FL: usize, const SL: usize> LockedHeap<FL, SL> {
 /// allocator handed out, and a later `dealloc` of one of them would free it into a heap that never
 /// had it.
 ///
-/// ```compile_fail
+/// ```compile_fail,E0596
 /// use xalloc_core::{Heap, LockedHeap};
 /// static HEAP: LockedHeap = LockedHeap::empty();
 /// // Taking the heap out from under its blocks does not compile: there is no `&mut Tlsf`.

@@ -8,6 +8,10 @@
 //!   re-entry from inside `with` is refused (null, leaked free, panic) instead of aliasing.
 //!
 //! Each test has its own heap, not the global allocator (the harness allocates too).
+#![cfg(any(
+    feature = "critical-section",
+    all(feature = "spin", target_has_atomic = "8")
+))]
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::mem::MaybeUninit;
