@@ -1642,9 +1642,17 @@ mod tests {
                 let again =
                     SegmentHeader::new(SegmentKind::Response, SLOTS, GRANULE, ARENA, 100, b.id());
                 again.store(response_map.header().unwrap());
+                // Bounded, so that a client that never rebinds fails the test instead of
+                // leaving `Daemon::drop` waiting for this thread forever.
+                let deadline = Instant::now() + Duration::from_secs(10);
                 let sock = loop {
                     if let Some(s) = unix::accept(&listener).unwrap() {
                         break s;
+                    }
+                    if Instant::now() > deadline {
+                        b.kill().unwrap();
+                        b.wait().unwrap();
+                        panic!("the client never connected again to rebind");
                     }
                     std::thread::sleep(Duration::from_millis(1));
                 };
@@ -1764,7 +1772,12 @@ mod tests {
         let first = conn.daemon_pid();
         assert_ne!(first, std::process::id());
         let deadline = Instant::now() + Duration::from_secs(5);
-        while conn.daemon_pid() == first || conn.bound_pid.load(Ordering::Relaxed) == first {
+        // Rebound means bound to the new daemon: `bound_pid` also reads 0 for a while when the
+        // socket is lost, which is not first's pid either (waiting for that only let the test go
+        // on before the rebind, and the fake daemon then waited for it forever).
+        while conn.daemon_pid() == first
+            || conn.bound_pid.load(Ordering::Relaxed) != conn.daemon_pid()
+        {
             assert!(Instant::now() < deadline, "not rebound");
             conn.daemon_alive();
             std::thread::sleep(Duration::from_millis(5));
