@@ -78,6 +78,7 @@ impl RegionAllocator for FirstFit {
             largest_free_bytes: self.inner.free(),
             live_blocks: self.live,
             free_blocks: 0,
+            quick_list_bytes: 0,
         }
     }
 

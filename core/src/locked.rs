@@ -298,6 +298,11 @@ impl<const FL: usize, const SL: usize> HeapRef<'_, FL, SL> {
     pub fn set_compact_above(&mut self, percent: u8) {
         self.0.set_compact_above(percent);
     }
+
+    /// [`Tlsf::trim`]: the blocks held on the quick lists back to the free lists.
+    pub fn trim(&mut self) {
+        self.0.trim();
+    }
 }
 
 // SAFETY: every method forwards to `Tlsf` under the lock, which returns blocks that are aligned,

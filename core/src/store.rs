@@ -69,10 +69,17 @@ pub const MAX_REGION_GRANULES: u32 = LOCAL_MASK;
 ///    of any *used* block's payload;
 /// 5. `OVERHEAD < granule()`, and `granule()` is a power of two of at least 8;
 /// 6. `owner_handle(locate(b), owner)`, where `owner` is the payload pointer the heap handed out
-///    for `b`, is a handle to the same block that the free-list accessors may use.
+///    for `b`, is a handle to the same block that the free-list accessors may use;
+/// 7. if `QUICK_LISTS`, every block's payload is at least a pointer long and pointer-aligned, and
+///    the heap may write it while nobody holds the block.
 pub unsafe trait MetaStore {
     /// Bytes of every block that its owner cannot use (the in-band header).
     const OVERHEAD: usize;
+
+    /// Whether the heap may keep blocks that were freed on quick lists linked through their
+    /// payloads (see [`Tlsf`](crate::Tlsf)'s module docs): not where nothing may be written
+    /// inside the region.
+    const QUICK_LISTS: bool;
 
     /// A direct handle to one block's metadata.
     type Ptr: Copy + PartialEq;
@@ -253,15 +260,21 @@ impl InBand {
     }
 }
 
+// The smallest in-band payload holds a quick list's link (the `MetaStore` contract's item 7).
+const _: () =
+    assert!((1 << IN_BAND_GRANULE_SHIFT) - IN_BAND_HEADER >= core::mem::size_of::<*mut u8>());
+
 // SAFETY: 1. `push_region` places block `b`'s payload at `base + 16 * local(b)`, derived from the
 // region's own pointer, with its header in the 8 bytes below and the next block's header 16 * size
 // bytes further, so the payload has `16 * size - 8` bytes of its own, 16-aligned; the handle is
 // that payload pointer. 2. `block_of` inverts `locate`. 3. Handles of one region are pointers into
 // it, 16 bytes per granule. 4. Each field is its own 4-byte word: two in the header, two in a
 // *free* block's payload. 5. OVERHEAD = 8 < 16. 6. The owner's payload pointer has the address of
-// `locate(b)` and provenance over the payload, where the links are.
+// `locate(b)` and provenance over the payload, where the links are. 7. Payloads are 16-aligned
+// and at least 8 bytes (asserted above), inside the region the heap owns.
 unsafe impl MetaStore for InBand {
     const OVERHEAD: usize = IN_BAND_HEADER;
+    const QUICK_LISTS: bool = true;
 
     /// The block's payload address (its header is the 8 bytes below).
     type Ptr = *mut u8;
@@ -488,6 +501,7 @@ impl OutOfBand {
 // at least 8.
 unsafe impl MetaStore for OutOfBand {
     const OVERHEAD: usize = 0;
+    const QUICK_LISTS: bool = false;
 
     /// The block's entry in the table.
     type Ptr = *mut MetaEntry;

@@ -2,7 +2,7 @@
 //! by `scripts/firmware.sh` (or `cargo run` in this directory).
 //!
 //! The heap is a [`SmallLockedHeap`] over 32 KiB of RAM: for a heap this size its state (under
-//! 1 KiB) costs far less than the default [`LockedHeap`](xalloc_core::LockedHeap)'s 6.6 KiB
+//! 1 KiB) costs far less than the default [`LockedHeap`](xalloc_core::LockedHeap)'s 6.8 KiB
 //! would, and its coarser size classes cost little. It locks with a critical section
 //! (xalloc-core's `critical-section` feature, cortex-m's `critical-section-single-core`: interrupts
 //! masked), so the SysTick handler allocates and frees too. The program checks, and panics (exit
@@ -154,13 +154,14 @@ fn SysTick() {
 /// Prints the heap's counters.
 fn print_stats(when: &str, s: &Stats) {
     hprintln!(
-        "{when}: region {} B, used {} B, free {} B, largest free {} B, {} live blocks, {} free blocks",
+        "{when}: region {} B, used {} B, free {} B, largest free {} B, {} live blocks, {} free blocks, {} B on quick lists",
         s.region_bytes,
         s.used_bytes,
         s.free_bytes,
         s.largest_free_bytes,
         s.live_blocks,
-        s.free_blocks
+        s.free_blocks,
+        s.quick_list_bytes
     );
 }
 
@@ -301,12 +302,22 @@ fn main() -> ! {
     drop(kept);
     let s = HEAP.stats();
     print_stats("all freed", &s);
+    assert_eq!((s.live_blocks, s.used_bytes), (0, 0), "{s:?}");
+    // Small freed blocks may wait whole on the quick lists; trimming merges them back.
+    HEAP.with(|heap| heap.trim());
+    let s = HEAP.stats();
+    print_stats("trimmed", &s);
     assert_eq!(
-        (s.live_blocks, s.used_bytes, s.free_blocks),
-        (0, 0, 1),
+        (
+            s.live_blocks,
+            s.used_bytes,
+            s.free_blocks,
+            s.quick_list_bytes
+        ),
+        (0, 0, 1, 0),
         "{s:?}"
     );
-    hprintln!("check 4: all freed, the heap is one free block again");
+    hprintln!("check 4: all freed and trimmed, the heap is one free block again");
 
     #[cfg(feature = "oom")]
     {
