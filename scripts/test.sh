@@ -41,6 +41,9 @@ step "clippy" cargo clippy --workspace --all-targets -- -D warnings
 step "clippy (C library's interposer)" cargo clippy -p xalloc-c --features interpose -- -D warnings
 step "clippy (core, critical-section lock)" \
     cargo clippy -p xalloc-core --features critical-section --all-targets -- -D warnings
+# The configuration built for code size (feature `small-code`; core/src/lib.rs, "Code size").
+step "clippy (core, small-code)" \
+    cargo clippy -p xalloc-core --features critical-section,small-code --all-targets -- -D warnings
 RUSTDOCFLAGS=-Dwarnings step "docs" cargo doc --workspace --no-deps
 # The seed's build (root Makefile): the C library, ./xalloc and the C examples, warnings as
 # errors. The C library's tests (tests/tests/c_library.rs) run make themselves too.
@@ -57,10 +60,14 @@ step "no_std build (thumbv6m, heaps without a lock)" \
     cargo build -p xalloc-core --target thumbv6m-none-eabi --no-default-features
 step "tests (critical-section lock)" \
     cargo test -p xalloc-core --features critical-section --test locked_heap --test global_alloc
+# Unit, shadow (proptest) and lock tests of the code-size configuration, and its no_std builds.
+step "tests (core, small-code)" cargo test -p xalloc-core --features small-code
+step "no_std build (thumbv6m, critical-section, small-code)" \
+    cargo build -p xalloc-core --target thumbv6m-none-eabi --features critical-section,small-code
 step "firmware in QEMU (mps2-an386)" bash scripts/firmware.sh
-# The code-size table of the README (a smoke run: the table is printed, not checked; see
-# scripts/code-size.sh --check for the target).
-step "code size (thumbv7em firmware)" bash scripts/code-size.sh
+# The code-size table of the README, and its target: `SmallLockedHeap` with `small-code` is no
+# larger than rlsf.
+step "code size (thumbv7em firmware)" bash scripts/code-size.sh --check
 # Miri, strict provenance. The unit, property and doc tests run under Stacked Borrows. The test
 # that installs LockedHeap as the global allocator runs under Tree Borrows: Stacked Borrows gives
 # a `Box<u8>` a tag covering one byte, so the 8 bytes of free-list links that any in-band

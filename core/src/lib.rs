@@ -23,6 +23,31 @@
 //! Every link the algorithm stores is a granule index from the start of its region, never an
 //! address, so a region can be mapped at a different address in each process that uses it.
 //!
+//! # Code size
+//!
+//! The cargo feature **`small-code`** builds the heaps for flash-constrained firmware: a
+//! [`SmallLockedHeap`] then adds about 1.3 KB of code to a Cortex-M firmware (no more than rlsf;
+//! 3.1 KB without the feature; the README's "Code size" table, `scripts/code-size.sh`). Same API;
+//! what it gives up, compiled out:
+//!
+//! - the low-address placement and reallocation policy ([`Tlsf::set_compact_above`] has no
+//!   effect): a workload may need more memory;
+//! - the exhaustive search: allocation takes a block of the smallest non-empty class whose every
+//!   block fits (good fit), so it fails when only a block of a lower class would fit, and for
+//!   requests above half the largest block. [`Stats::largest_free_bytes`] reports what that
+//!   search guarantees;
+//! - reallocation resizes in place when the block or its free successor has room, and otherwise
+//!   allocates, copies and frees;
+//! - the quick lists (every freed block is merged at once; their heads stay in the state);
+//! - one region per [`Heap`] or [`SmallHeap`] (`add_region` returns
+//!   [`InitError::TooManyRegions`]; a region larger than the largest block is used up to it);
+//! - [`Tlsf::stats`] counts the free blocks by walking the free lists (O(free blocks)).
+//!
+//! Allocation, free and in-place reallocation stay O(1), every alignment is honoured and
+//! [`Tlsf::check_invariants`] holds. The feature changes every heap of the build (cargo features
+//! add up), so a host program should not enable it: the out-of-band heap is built the same way
+//! but loses the same policies.
+//!
 //! # Example: a firmware heap
 //!
 //! ```
@@ -129,7 +154,9 @@ impl fmt::Display for InitError {
         match self {
             Self::TooSmall => f.write_str("region too small to hold a block after alignment"),
             Self::Overflow => f.write_str("region end overflows the address space"),
-            Self::TooManyRegions => write!(f, "heap already has {} regions", store::MAX_REGIONS),
+            Self::TooManyRegions => {
+                write!(f, "heap already has {} regions", store::IN_BAND_REGIONS)
+            }
             Self::AlreadyInitialized => {
                 f.write_str("heap already initialised; use add_region to extend it")
             }
@@ -324,8 +351,9 @@ impl<const FL: usize, const SL: usize> Tlsf<InBand, FL, SL> {
     /// A region larger than the largest block ([`MAX_BLOCK_GRANULES`](Self::MAX_BLOCK_GRANULES)
     /// granules: 16 GiB for [`Heap`], 128 KiB for [`SmallHeap`]) is cut into consecutive
     /// regions of at most that size, as many as the heap still takes
-    /// ([`MAX_REGIONS`](store::MAX_REGIONS) in all, 16 bytes lost at each cut); what lies past
-    /// the last one is not used (compare `stats().region_bytes` with the size given).
+    /// ([`IN_BAND_REGIONS`](store::IN_BAND_REGIONS) in all, one with `small-code`; 16 bytes lost
+    /// at each cut); what lies past the last one is not used (compare `stats().region_bytes`
+    /// with the size given).
     ///
     /// A region too small for one block, or a heap already initialised, leaves the heap as it
     /// was (allocations keep failing on an empty heap). Use [`try_init`](Self::try_init) to learn
@@ -357,29 +385,31 @@ impl<const FL: usize, const SL: usize> Tlsf<InBand, FL, SL> {
     /// As for [`init`](Self::init), and the region overlaps no region the heap already has.
     /// A region larger than the largest block is cut as for [`init`](Self::init).
     pub unsafe fn add_region(&mut self, start: *mut u8, size: usize) -> Result<(), InitError> {
-        let (mut first, mut n) =
-            self.store_mut()
-                .push_region(start, size, Self::MAX_BLOCK_GRANULES)?;
-        // `push_region` checked that `start + size` does not overflow.
-        let end = start.addr() + size;
+        // One call of `push_region` and `adopt_region`, in a loop over the pieces, so that a
+        // firmware carries one copy of each.
+        let (mut at, mut len) = (start, size);
         loop {
+            let (first, n) = match self
+                .store_mut()
+                .push_region(at, len, Self::MAX_BLOCK_GRANULES)
+            {
+                Ok(region) => region,
+                // The region itself is refused.
+                Err(e) if at == start => return Err(e),
+                // No region left, or too little memory left for a block: the rest is unused.
+                Err(_) => return Ok(()),
+            };
             // SAFETY: the store registered region `first >> LOCAL_BITS` with `n` granules just
             // now.
             unsafe { self.adopt_region(first, n) };
             // The region ends with its sentinel's header, just below the sentinel's payload
             // address; the bytes from there on were cut off by the largest block's size.
-            let rest = self.store().locate(first + n);
-            if rest.addr() >= end {
+            // `push_region` checked that `start + size` does not overflow.
+            let (rest, end) = (self.store().locate(first + n), start.addr() + size);
+            if store::IN_BAND_REGIONS == 1 || rest.addr() >= end {
                 return Ok(());
             }
-            match self
-                .store_mut()
-                .push_region(rest, end - rest.addr(), Self::MAX_BLOCK_GRANULES)
-            {
-                Ok(next) => (first, n) = next,
-                // No region left, or too little memory left for a block: the rest is unused.
-                Err(_) => return Ok(()),
-            }
+            (at, len) = (rest, end - rest.addr());
         }
     }
 }

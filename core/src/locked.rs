@@ -169,19 +169,30 @@ impl<const FL: usize, const SL: usize> LockedHeap<FL, SL> {
     /// Gives the heap its memory, `size` bytes at `start` ([`Tlsf::init`]);
     /// [`init_from_slice`](Self::init_from_slice) is the safe form.
     ///
-    /// Misuse (a second call, or a region too small for one block) fails a debug assertion
-    /// whose message says what to do. Without debug assertions it leaves the heap as it was:
-    /// a heap without memory then fails every allocation. [`try_init`](Self::try_init) returns
-    /// the error instead.
+    /// Misuse (a second call, a call from inside [`with`](Self::with)'s closure, or a region
+    /// too small for one block) fails a debug assertion whose message says what to do. Without
+    /// debug assertions it leaves the heap as it was: a heap without memory then fails every
+    /// allocation. [`try_init`](Self::try_init) returns the error instead.
     ///
     /// # Safety
     /// As for [`Tlsf::init`]:
     /// - `start..start + size` is valid for reads and writes for as long as the heap is used;
     /// - nothing else accesses that memory, except through blocks this heap hands out.
     pub unsafe fn init(&self, start: *mut u8, size: usize) {
-        // SAFETY: forwarded contract.
-        let result = unsafe { self.try_init(start, size) };
+        // Not through `with`, whose panic on re-entry would be code in every firmware: a
+        // re-entry is misuse like the others.
+        let result = self.0.try_with(|heap| {
+            // SAFETY: forwarded contract.
+            unsafe { heap.try_init(start, size) }
+        });
         // The assertion fires outside the lock.
+        let Some(result) = result else {
+            debug_assert!(
+                false,
+                "LockedHeap::init called while the heap is in use by the same context"
+            );
+            return;
+        };
         if let Err(e) = result {
             let what_to_do = match e {
                 InitError::AlreadyInitialized => {

@@ -37,6 +37,14 @@ pub const REGION_BITS: u32 = 2;
 /// How many regions one heap can manage.
 pub const MAX_REGIONS: usize = 1 << REGION_BITS;
 
+/// How many regions an [`InBand`] heap takes: [`MAX_REGIONS`], or one with the `small-code`
+/// feature, which then finds a block's region without a search.
+pub const IN_BAND_REGIONS: usize = if cfg!(feature = "small-code") {
+    1
+} else {
+    MAX_REGIONS
+};
+
 /// Bits of a [`BlockId`] that hold the granule index within the region.
 pub const LOCAL_BITS: u32 = 32 - REGION_BITS;
 
@@ -232,27 +240,22 @@ impl InBand {
         max_granules: u32,
     ) -> Result<(BlockId, u32), crate::InitError> {
         use crate::InitError;
-        if self.count == MAX_REGIONS {
+        let r = self.count;
+        if r >= IN_BAND_REGIONS {
             return Err(InitError::TooManyRegions);
-        }
-        if start.is_null() {
-            return Err(InitError::TooSmall);
         }
         let addr = start.addr();
         let end = addr.checked_add(size).ok_or(InitError::Overflow)?;
-        // The first payload is the first 16-aligned address with room for a header below it.
-        let base = addr
-            .checked_add(IN_BAND_HEADER)
-            .and_then(|a| a.checked_next_multiple_of(16))
-            .filter(|&b| b <= end)
-            .ok_or(InitError::TooSmall)?;
+        // The first payload is the first 16-aligned address with room for a header below it
+        // (wrapping only when `addr` is within 23 bytes of the address space's end, which the
+        // check `base > addr` catches).
+        let base = addr.wrapping_add(IN_BAND_HEADER + 15) & !15;
         // Blocks fill [base - 8, base + 16n - 8); the sentinel header takes [base + 16n - 8, base + 16n).
-        let n = ((end - base) >> IN_BAND_GRANULE_SHIFT)
+        let n = (end.saturating_sub(base) >> IN_BAND_GRANULE_SHIFT)
             .min(max_granules.min(MAX_REGION_GRANULES - 1) as usize) as u32;
-        if n == 0 {
+        if start.is_null() || base < addr || n == 0 {
             return Err(InitError::TooSmall);
         }
-        let r = self.count;
         self.bases[r] = start.wrapping_add(base - addr);
         self.lens[r] = n;
         self.count += 1;
@@ -286,7 +289,12 @@ unsafe impl MetaStore for InBand {
 
     #[inline(always)]
     fn locate(&self, b: BlockId) -> *mut u8 {
-        let r = (b >> LOCAL_BITS) as usize;
+        // With one region, ids have no region bits.
+        let r = if IN_BAND_REGIONS == 1 {
+            0
+        } else {
+            (b >> LOCAL_BITS) as usize
+        };
         let off = ((b & LOCAL_MASK) as usize) << IN_BAND_GRANULE_SHIFT;
         self.bases[r].wrapping_add(off)
     }
@@ -363,7 +371,9 @@ unsafe impl MetaStore for InBand {
     #[inline(always)]
     fn block_of(&self, ptr: NonNull<u8>) -> Option<(BlockId, *mut u8)> {
         let addr = ptr.as_ptr().addr();
-        for r in 0..self.count {
+        // `count <= IN_BAND_REGIONS`; `min` lets the compiler drop the bounds checks (and with
+        // one region, the loop).
+        for r in 0..self.count.min(IN_BAND_REGIONS) {
             let off = addr.wrapping_sub(self.bases[r].addr());
             if off < (self.lens[r] as usize) << IN_BAND_GRANULE_SHIFT {
                 if off & ((1 << IN_BAND_GRANULE_SHIFT) - 1) != 0 {

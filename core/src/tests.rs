@@ -149,6 +149,8 @@ fn every_alignment_up_to_64k() {
 }
 
 #[test]
+// `small-code` gives up the exhaustive search (crate docs, "Code size").
+#[cfg(not(feature = "small-code"))]
 fn largest_block_is_always_found() {
     // TLSF's rounding alone would refuse a request for exactly the one free block's size when
     // that size is not a class boundary.
@@ -188,6 +190,8 @@ fn out_of_memory_returns_none_and_changes_nothing() {
 }
 
 #[test]
+// `small-code` gives up the reallocation policy (crate docs, "Code size").
+#[cfg(not(feature = "small-code"))]
 fn realloc_policy_grows_in_place_moves_down_and_keeps_contents() {
     let mut buf = buffer(1 << 16);
     let mut h = heap_over(&mut buf);
@@ -221,6 +225,8 @@ fn realloc_policy_grows_in_place_moves_down_and_keeps_contents() {
 }
 
 #[test]
+// `small-code` gives up regions beyond the first (crate docs, "Code size").
+#[cfg(not(feature = "small-code"))]
 fn regions_can_be_added() {
     let mut b1 = buffer(512);
     let mut b2 = buffer(4096);
@@ -440,6 +446,8 @@ fn out_of_band_checked_free_refuses_bad_offsets_and_changes_nothing() {
 }
 
 #[test]
+// `small-code` gives up the low-address policy (crate docs, "Code size").
+#[cfg(not(feature = "small-code"))]
 fn realloc_does_not_copy_large_blocks_down() {
     let mut buf = buffer(4 << 20);
     let mut h = heap_over(&mut buf);
@@ -478,6 +486,8 @@ fn state_sizes() {
 }
 
 #[test]
+// `small-code` gives up regions beyond the first (crate docs, "Code size").
+#[cfg(not(feature = "small-code"))]
 fn small_heap_cuts_a_large_region_into_regions_of_its_largest_block() {
     use crate::SmallHeap;
     let max = SmallHeap::MAX_BLOCK_GRANULES as usize * 16;
@@ -547,6 +557,8 @@ fn below_the_compaction_threshold_realloc_stays_put_and_leaves_room_to_grow() {
 }
 
 #[test]
+// `small-code` gives up the low-address policy (crate docs, "Code size").
+#[cfg(not(feature = "small-code"))]
 fn compaction_starts_at_the_threshold() {
     // 1 MiB heap, compacting above 50 %: a block that could move down only does so once more
     // than half of the heap is in use. The blocks are too large for the quick lists (the hole
@@ -574,147 +586,220 @@ fn compaction_starts_at_the_threshold() {
     h.check_invariants().unwrap();
 }
 
-#[test]
-fn a_freed_small_block_waits_whole_on_its_quick_list() {
-    let mut buf = buffer(64 * 1024);
-    let mut h = heap_over(&mut buf);
-    let l = layout(100, 8);
-    let a = h.allocate(l).unwrap();
-    let b = h.allocate(l).unwrap();
-    // SAFETY: live blocks of this heap, each freed once.
-    unsafe {
-        h.deallocate(a, l);
-        let s = h.stats();
-        // Not merged with the free space after `b`'s neighbour: held whole.
-        assert_eq!(
-            (s.live_blocks, s.quick_list_bytes, s.free_blocks),
-            (1, 112, 1)
-        );
-        assert_eq!(s.used_bytes, 112);
+/// The quick lists (not built with `small-code`).
+#[cfg(not(feature = "small-code"))]
+mod quick_lists {
+    use super::*;
+
+    #[test]
+    fn a_freed_small_block_waits_whole_on_its_quick_list() {
+        let mut buf = buffer(64 * 1024);
+        let mut h = heap_over(&mut buf);
+        let l = layout(100, 8);
+        let a = h.allocate(l).unwrap();
+        let b = h.allocate(l).unwrap();
+        // SAFETY: live blocks of this heap, each freed once.
+        unsafe {
+            h.deallocate(a, l);
+            let s = h.stats();
+            // Not merged with the free space after `b`'s neighbour: held whole.
+            assert_eq!(
+                (s.live_blocks, s.quick_list_bytes, s.free_blocks),
+                (1, 112, 1)
+            );
+            assert_eq!(s.used_bytes, 112);
+            h.check_invariants().unwrap();
+            // The next request of its size takes it back, another size does not.
+            let c = h.allocate(layout(200, 8)).unwrap();
+            assert_ne!(c, a);
+            assert_eq!(h.allocate(l), Some(a));
+            assert_eq!(h.stats().quick_list_bytes, 0);
+            h.deallocate(a, l);
+            h.deallocate(b, l);
+            h.deallocate(c, layout(200, 8));
+        }
         h.check_invariants().unwrap();
-        // The next request of its size takes it back, another size does not.
-        let c = h.allocate(layout(200, 8)).unwrap();
-        assert_ne!(c, a);
-        assert_eq!(h.allocate(l), Some(a));
+        h.trim();
+        let s = h.stats();
+        assert_eq!(
+            (s.quick_list_bytes, s.free_blocks, s.live_blocks),
+            (0, 1, 0)
+        );
+        h.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_quick_block_is_taken_only_at_its_alignment() {
+        let mut buf = buffer(64 * 1024);
+        let mut h = heap_over(&mut buf);
+        let l = layout(40, 16);
+        // Two blocks of 3 granules: one of them is not 64-aligned.
+        let (a, b) = (h.allocate(l).unwrap(), h.allocate(l).unwrap());
+        let off = if a.as_ptr().addr().is_multiple_of(64) {
+            b
+        } else {
+            a
+        };
+        let keep = if off == a { b } else { a };
+        // SAFETY: live blocks of this heap, each freed once.
+        unsafe {
+            h.deallocate(off, l);
+            let p = h.allocate(layout(40, 64)).unwrap();
+            assert!(p.as_ptr().addr().is_multiple_of(64));
+            assert_ne!(p, off);
+            assert_eq!(h.stats().quick_list_bytes, 48, "still listed");
+            h.deallocate(p, layout(40, 64));
+            h.deallocate(keep, l);
+        }
+        h.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn quick_lists_never_make_an_allocation_fail() {
+        // Free many small blocks while the heap is roomy: the quick lists fill to their budget. A
+        // request for the whole heap must still succeed, by merging them back.
+        let mut buf = buffer(256 * 1024);
+        let mut h = heap_over(&mut buf);
+        let whole = h.stats().largest_free_bytes;
+        let l = layout(500, 8);
+        let blocks: Vec<_> = (0..64).map(|_| h.allocate(l).unwrap()).collect();
+        for p in &blocks {
+            // SAFETY: live blocks of this heap, each freed once.
+            unsafe { h.deallocate(*p, l) };
+        }
+        let s = h.stats();
+        assert!(s.quick_list_bytes > 0, "{s:?}");
+        assert!(
+            s.quick_list_bytes <= s.region_bytes / crate::tlsf::QUICK_SHARE,
+            "{s:?}"
+        );
+        assert!(s.largest_free_bytes < whole, "{s:?}");
+        h.check_invariants().unwrap();
+        let all = h.allocate(layout(whole, 16)).expect("the whole heap");
         assert_eq!(h.stats().quick_list_bytes, 0);
-        h.deallocate(a, l);
-        h.deallocate(b, l);
-        h.deallocate(c, layout(200, 8));
+        h.check_invariants().unwrap();
+        // SAFETY: live block of this heap.
+        unsafe { h.deallocate(all, layout(whole, 16)) };
+        // The same through reallocation: a block grown to the whole heap.
+        let blocks: Vec<_> = (0..64).map(|_| h.allocate(l).unwrap()).collect();
+        for p in &blocks[1..] {
+            // SAFETY: live blocks of this heap, each freed once.
+            unsafe { h.deallocate(*p, l) };
+        }
+        // SAFETY: `blocks[0]` is live with layout `l`.
+        let grown = unsafe { h.reallocate(blocks[0], l, whole) }.expect("grown to the whole heap");
+        assert_eq!(h.stats().quick_list_bytes, 0);
+        // SAFETY: live block of this heap.
+        unsafe { h.deallocate(grown, layout(whole, 8)) };
+        h.trim();
+        assert_eq!(h.stats().largest_free_bytes, whole);
+        h.check_invariants().unwrap();
     }
-    h.check_invariants().unwrap();
-    h.trim();
-    let s = h.stats();
-    assert_eq!(
-        (s.quick_list_bytes, s.free_blocks, s.live_blocks),
-        (0, 1, 0)
-    );
-    h.check_invariants().unwrap();
-}
 
-#[test]
-fn a_quick_block_is_taken_only_at_its_alignment() {
-    let mut buf = buffer(64 * 1024);
-    let mut h = heap_over(&mut buf);
-    let l = layout(40, 16);
-    // Two blocks of 3 granules: one of them is not 64-aligned.
-    let (a, b) = (h.allocate(l).unwrap(), h.allocate(l).unwrap());
-    let off = if a.as_ptr().addr().is_multiple_of(64) {
-        b
-    } else {
-        a
-    };
-    let keep = if off == a { b } else { a };
-    // SAFETY: live blocks of this heap, each freed once.
-    unsafe {
-        h.deallocate(off, l);
-        let p = h.allocate(layout(40, 64)).unwrap();
-        assert!(p.as_ptr().addr().is_multiple_of(64));
-        assert_ne!(p, off);
-        assert_eq!(h.stats().quick_list_bytes, 48, "still listed");
-        h.deallocate(p, layout(40, 64));
-        h.deallocate(keep, l);
-    }
-    h.check_invariants().unwrap();
-}
-
-#[test]
-fn quick_lists_never_make_an_allocation_fail() {
-    // Free many small blocks while the heap is roomy: the quick lists fill to their budget. A
-    // request for the whole heap must still succeed, by merging them back.
-    let mut buf = buffer(256 * 1024);
-    let mut h = heap_over(&mut buf);
-    let whole = h.stats().largest_free_bytes;
-    let l = layout(500, 8);
-    let blocks: Vec<_> = (0..64).map(|_| h.allocate(l).unwrap()).collect();
-    for p in &blocks {
+    #[test]
+    fn quick_lists_close_when_the_heap_fills_up_or_compacts_always() {
+        let mut buf = buffer(64 * 1024);
+        let mut h = heap_over(&mut buf);
+        let l = layout(100, 8);
+        // Over PLACE_LOW_ABOVE % in use: freed blocks are merged at once.
+        let filler = layout(h.stats().free_bytes * 3 / 4, 8);
+        let f = h.allocate(filler).unwrap();
+        let a = h.allocate(l).unwrap();
         // SAFETY: live blocks of this heap, each freed once.
-        unsafe { h.deallocate(*p, l) };
+        unsafe {
+            h.deallocate(a, l);
+            assert_eq!(h.stats().quick_list_bytes, 0, "heap three quarters full");
+            h.deallocate(f, filler);
+        }
+        // `set_compact_above(0)`: never.
+        h.set_compact_above(0);
+        let a = h.allocate(l).unwrap();
+        // SAFETY: as above.
+        unsafe { h.deallocate(a, l) };
+        assert_eq!(h.stats().quick_list_bytes, 0, "compacting always");
+        assert_eq!(h.stats().free_blocks, 1);
+        h.check_invariants().unwrap();
     }
-    let s = h.stats();
-    assert!(s.quick_list_bytes > 0, "{s:?}");
-    assert!(
-        s.quick_list_bytes <= s.region_bytes / crate::tlsf::QUICK_SHARE,
-        "{s:?}"
-    );
-    assert!(s.largest_free_bytes < whole, "{s:?}");
-    h.check_invariants().unwrap();
-    let all = h.allocate(layout(whole, 16)).expect("the whole heap");
-    assert_eq!(h.stats().quick_list_bytes, 0);
-    h.check_invariants().unwrap();
-    // SAFETY: live block of this heap.
-    unsafe { h.deallocate(all, layout(whole, 16)) };
-    // The same through reallocation: a block grown to the whole heap.
-    let blocks: Vec<_> = (0..64).map(|_| h.allocate(l).unwrap()).collect();
-    for p in &blocks[1..] {
-        // SAFETY: live blocks of this heap, each freed once.
-        unsafe { h.deallocate(*p, l) };
+
+    #[test]
+    fn out_of_band_heaps_have_no_quick_lists() {
+        let granule = 64;
+        let mut region = vec![0u8; 64 * granule];
+        let mut table = vec![MetaEntry::default(); 65];
+        let mut h = oob_over(&mut region, &mut table, granule);
+        let l = layout(100, 8);
+        let a = h.allocate(l).unwrap();
+        // SAFETY: live block of this heap.
+        unsafe { h.deallocate(a, l) };
+        assert_eq!(h.stats().quick_list_bytes, 0);
+        assert_eq!(h.stats().free_blocks, 1);
+        h.check_invariants().unwrap();
     }
-    // SAFETY: `blocks[0]` is live with layout `l`.
-    let grown = unsafe { h.reallocate(blocks[0], l, whole) }.expect("grown to the whole heap");
-    assert_eq!(h.stats().quick_list_bytes, 0);
-    // SAFETY: live block of this heap.
-    unsafe { h.deallocate(grown, layout(whole, 8)) };
-    h.trim();
-    assert_eq!(h.stats().largest_free_bytes, whole);
-    h.check_invariants().unwrap();
 }
 
-#[test]
-fn quick_lists_close_when_the_heap_fills_up_or_compacts_always() {
-    let mut buf = buffer(64 * 1024);
-    let mut h = heap_over(&mut buf);
-    let l = layout(100, 8);
-    // Over PLACE_LOW_ABOVE % in use: freed blocks are merged at once.
-    let filler = layout(h.stats().free_bytes * 3 / 4, 8);
-    let f = h.allocate(filler).unwrap();
-    let a = h.allocate(l).unwrap();
-    // SAFETY: live blocks of this heap, each freed once.
-    unsafe {
-        h.deallocate(a, l);
-        assert_eq!(h.stats().quick_list_bytes, 0, "heap three quarters full");
-        h.deallocate(f, filler);
-    }
-    // `set_compact_above(0)`: never.
-    h.set_compact_above(0);
-    let a = h.allocate(l).unwrap();
-    // SAFETY: as above.
-    unsafe { h.deallocate(a, l) };
-    assert_eq!(h.stats().quick_list_bytes, 0, "compacting always");
-    assert_eq!(h.stats().free_blocks, 1);
-    h.check_invariants().unwrap();
-}
+/// What `small-code` keeps of the above: one region, good fit, in-place reallocation, a
+/// truthful `largest_free_bytes`.
+#[cfg(feature = "small-code")]
+mod small_code {
+    use super::*;
+    use crate::SmallHeap;
 
-#[test]
-fn out_of_band_heaps_have_no_quick_lists() {
-    let granule = 64;
-    let mut region = vec![0u8; 64 * granule];
-    let mut table = vec![MetaEntry::default(); 65];
-    let mut h = oob_over(&mut region, &mut table, granule);
-    let l = layout(100, 8);
-    let a = h.allocate(l).unwrap();
-    // SAFETY: live block of this heap.
-    unsafe { h.deallocate(a, l) };
-    assert_eq!(h.stats().quick_list_bytes, 0);
-    assert_eq!(h.stats().free_blocks, 1);
-    h.check_invariants().unwrap();
+    #[test]
+    fn one_region_and_a_truthful_largest_free_bytes() {
+        let mut buf = buffer(200 << 10);
+        let mut h = SmallHeap::empty();
+        // SAFETY: `buf` outlives the heap and is used by nothing else.
+        unsafe { h.try_init(buf.as_mut_ptr().cast(), buf.len() * 16) }.unwrap();
+        assert_eq!(h.region_count(), 1);
+        let mut more = buffer(1024);
+        assert_eq!(
+            // SAFETY: as above.
+            unsafe { h.add_region(more.as_mut_ptr().cast(), more.len() * 16) },
+            Err(crate::InitError::TooManyRegions)
+        );
+        h.check_invariants().unwrap();
+        let largest = h.stats().largest_free_bytes;
+        assert!(largest > 32 << 10, "{largest}");
+        let p = h.allocate(layout(largest, 16)).expect("largest_free_bytes");
+        h.check_invariants().unwrap();
+        // SAFETY: `p` is live with this layout.
+        unsafe { h.deallocate(p, layout(largest, 16)) };
+        assert_eq!(h.stats().free_blocks, 1);
+    }
+
+    #[test]
+    fn realloc_resizes_in_place_or_moves() {
+        let mut buf = buffer(4096);
+        let mut h = heap_over(&mut buf);
+        let l = layout(100, 8);
+        let p = h.allocate(l).unwrap();
+        // SAFETY: `p` is live with `l`.
+        unsafe { p.as_ptr().write_bytes(0x5a, 100) };
+        // Grows into the free successor, then shrinks, in place.
+        // SAFETY: `p` is live with `l`.
+        let q = unsafe { h.reallocate(p, l, 1000) }.unwrap();
+        assert_eq!(q, p);
+        h.check_invariants().unwrap();
+        // SAFETY: `q` is live with size 1000.
+        let r = unsafe { h.reallocate(q, layout(1000, 8), 50) }.unwrap();
+        assert_eq!(r, p);
+        h.check_invariants().unwrap();
+        // A block behind it forces a move, which keeps the contents.
+        let blocker = h.allocate(layout(16, 8)).unwrap();
+        // SAFETY: `r` is live with size 50.
+        let s = unsafe { h.reallocate(r, layout(50, 8), 500) }.unwrap();
+        assert_ne!(s, r);
+        // SAFETY: `s` holds at least 50 initialised bytes.
+        assert!(unsafe { core::slice::from_raw_parts(s.as_ptr(), 50) }
+            .iter()
+            .all(|&b| b == 0x5a));
+        h.check_invariants().unwrap();
+        // SAFETY: live blocks of this heap.
+        unsafe {
+            h.deallocate(s, layout(500, 8));
+            h.deallocate(blocker, layout(16, 8));
+        }
+        assert_eq!(h.stats().free_blocks, 1);
+        h.check_invariants().unwrap();
+    }
 }

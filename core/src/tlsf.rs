@@ -82,6 +82,13 @@ use crate::{AllocAtError, FreeError, InvariantError, ResizeError, Stats};
 // (free-list insertion and removal, carving and releasing blocks, the class and candidate
 // searches, `allocate` and `deallocate`) stay out of line: a firmware built for size carries one
 // copy of each, 3.9 KB of code instead of 11.2 (the README's code-size table).
+//
+// With the `small-code` feature (read as `SMALL_CODE` in conditions, so that the dead paths
+// vanish at compile time), the low-address policy, the exhaustive search and the fast path's
+// copy of the allocation are left out, reallocation resizes in place or moves, free blocks are
+// counted only by `stats`, and the helpers a firmware would otherwise carry twice are inlined
+// into their one caller (the `feature = "small-code"` inlining attributes): see the crate docs,
+// "Code size".
 
 /// log2 of the number of second-level classes per power of two in the default configuration.
 ///
@@ -121,6 +128,9 @@ pub const LOW_FIRST_BYTES: usize = 1024;
 /// The largest request that [`Tlsf::allocate`]'s inline path serves while the heap is not
 /// compacting; larger ones take the out-of-line path.
 const FAST_PATH_MAX_BYTES: usize = 1 << 20;
+/// Whether the crate is built for code size (feature `small-code`): the conditions that read it
+/// drop whole paths at compile time.
+const SMALL_CODE: bool = cfg!(feature = "small-code");
 /// `size_flags` holds the size in granules above the two flag bits.
 const SIZE_SHIFT: u32 = 2;
 
@@ -221,6 +231,9 @@ fn msb(x: u32) -> u32 {
 impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// log2 of `SL`.
     const SLI: u32 = SL.trailing_zeros();
+
+    /// Whether this heap keeps quick lists: where the store lets it, unless built for code size.
+    const QUICK: bool = S::QUICK_LISTS && !SMALL_CODE;
 
     /// The most granules one block can have: the largest size that has a class.
     pub const MAX_BLOCK_GRANULES: u32 = {
@@ -332,6 +345,10 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     }
 
     fn update_compact_from(&mut self) {
+        if SMALL_CODE {
+            // Never read: the low-address policy and the quick lists are compiled out.
+            return;
+        }
         self.quick_budget = self.total_granules / QUICK_SHARE;
         let percent = self.compact_above();
         let place_low = match percent {
@@ -358,7 +375,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     #[cfg_attr(not(target_os = "none"), inline(always))]
     #[cfg_attr(target_os = "none", inline)]
     fn compacting(&self) -> bool {
-        self.used_granules >= self.compact_from
+        !SMALL_CODE && self.used_granules >= self.compact_from
     }
 
     /// Whether allocation places blocks low, and the quick lists are closed, now (see
@@ -366,7 +383,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     #[cfg_attr(not(target_os = "none"), inline(always))]
     #[cfg_attr(target_os = "none", inline)]
     fn placing_low(&self) -> bool {
-        self.used_granules >= self.place_low_from
+        !SMALL_CODE && self.used_granules >= self.place_low_from
     }
 
     /// The metadata store.
@@ -452,10 +469,49 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
 
     // ----- free lists -----
 
+    /// Whether second-level bitmaps are worked on as `u32`: when they have at most 32 classes
+    /// on a 32-bit target, where `u64` shifts and bit scans take several instructions each. The
+    /// stored `u64` then never has a bit above 31 set.
+    const NARROW: bool = SL <= 32 && usize::BITS <= 32;
+
+    /// The second-level bitmap of first-level class `fl`.
+    #[cfg_attr(not(target_os = "none"), inline(always))]
+    #[cfg_attr(target_os = "none", inline)]
+    fn sl_map(&self, fl: usize) -> SlMap {
+        if Self::NARROW {
+            // Zero-extended, so that every operation on it compiles to 32-bit ones.
+            self.sl_bitmap[fl] as u32 as SlMap
+        } else {
+            self.sl_bitmap[fl]
+        }
+    }
+
+    /// `SlMap` with bits `sl` and up set, for `sl < SL`.
+    #[cfg_attr(not(target_os = "none"), inline(always))]
+    #[cfg_attr(target_os = "none", inline)]
+    fn bits_from(sl: usize) -> SlMap {
+        if Self::NARROW {
+            (!0u32 << sl) as SlMap
+        } else {
+            !0 << sl
+        }
+    }
+
+    /// `SlMap` with bit `sl` set, for `sl < SL`.
+    #[cfg_attr(not(target_os = "none"), inline(always))]
+    #[cfg_attr(target_os = "none", inline)]
+    fn bit(sl: usize) -> SlMap {
+        if Self::NARROW {
+            (1u32 << sl) as SlMap
+        } else {
+            1 << sl
+        }
+    }
+
     #[cfg_attr(not(target_os = "none"), inline(always))]
     #[cfg_attr(target_os = "none", inline)]
     fn has(&self, (fl, sl): Class) -> bool {
-        self.sl_bitmap[fl] & (1 << sl) != 0
+        self.sl_map(fl) & Self::bit(sl) != 0
     }
 
     /// Marks `b` free with `size` granules and puts it on its class's list: first, or second
@@ -482,14 +538,17 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     #[cfg_attr(target_os = "none", inline(never))]
     unsafe fn make_free_via(&mut self, b: Blk<S::Ptr>, size: u32, links: S::Ptr) {
         let c @ (fl, sl) = Self::class_of(size);
-        self.free_blocks += 1;
+        if !SMALL_CODE {
+            // Small code counts free blocks in `stats` instead.
+            self.free_blocks += 1;
+        }
         // SAFETY: `b` is a block start becoming free.
         unsafe { self.store.set_size_flags(b.p, (size << SIZE_SHIFT) | FREE) };
         if !self.has(c) {
             // SAFETY: as above.
             unsafe { self.store.set_next_free(links, NIL) };
             self.heads[fl][sl] = b.id;
-            self.sl_bitmap[fl] |= 1 << sl;
+            self.sl_bitmap[fl] = self.sl_map(fl) | Self::bit(sl);
             self.fl_bitmap |= 1 << fl;
             return;
         }
@@ -519,8 +578,9 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     #[cfg_attr(not(target_os = "none"), inline(always))]
     #[cfg_attr(target_os = "none", inline)]
     fn clear_bit(&mut self, (fl, sl): Class) {
-        self.sl_bitmap[fl] &= !(1 << sl);
-        if self.sl_bitmap[fl] == 0 {
+        let map = self.sl_map(fl) & !Self::bit(sl);
+        self.sl_bitmap[fl] = map;
+        if map == 0 {
             self.fl_bitmap &= !(1 << fl);
         }
     }
@@ -530,9 +590,12 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// # Safety
     /// `b` is a free block in the list of class `c`.
     #[cfg_attr(not(target_os = "none"), inline(always))]
-    #[cfg_attr(target_os = "none", inline(never))]
+    #[cfg_attr(all(target_os = "none", not(feature = "small-code")), inline(never))]
+    #[cfg_attr(all(target_os = "none", feature = "small-code"), inline)]
     unsafe fn unlink(&mut self, b: Blk<S::Ptr>, c @ (fl, sl): Class) {
-        self.free_blocks -= 1;
+        if !SMALL_CODE {
+            self.free_blocks -= 1;
+        }
         // SAFETY: `b` is free, so its `next_free` names a free block or NIL.
         let next = unsafe { self.store.next_free(b.p) };
         // The list is non-empty (it holds `b`), so `heads[fl][sl]` is meaningful. A head's
@@ -556,6 +619,18 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         }
     }
 
+    /// Unlinks free block `b` of `size` granules from the list of its class.
+    ///
+    /// # Safety
+    /// `b` is a free block of `size` granules in the list of its class.
+    #[cfg_attr(not(target_os = "none"), inline(always))]
+    #[cfg_attr(all(target_os = "none", not(feature = "small-code")), inline)]
+    #[cfg_attr(all(target_os = "none", feature = "small-code"), inline(never))]
+    unsafe fn unlink_sized(&mut self, b: Blk<S::Ptr>, size: u32) {
+        // SAFETY: forwarded; a free block is in the list of its size's class.
+        unsafe { self.unlink(b, Self::class_of(size)) }
+    }
+
     /// Sets or clears the `PREV_FREE` bit of block (or sentinel) `b`.
     ///
     /// # Safety
@@ -577,18 +652,21 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
 
     /// The first non-empty class at or above `(fl, sl)`.
     #[cfg_attr(not(target_os = "none"), inline(always))]
-    #[cfg_attr(target_os = "none", inline(never))]
+    #[cfg_attr(all(target_os = "none", not(feature = "small-code")), inline(never))]
+    #[cfg_attr(all(target_os = "none", feature = "small-code"), inline)]
     fn find_class(&self, (fl, sl): Class) -> Option<Class> {
-        let sl_map = self.sl_bitmap[fl] & (!0 << sl);
+        let sl_map = self.sl_map(fl) & Self::bits_from(sl);
         if sl_map != 0 {
-            return Some((fl, sl_map.trailing_zeros() as usize));
+            // Below `SL` (a bit of the map is set); the mask lets the compiler drop the bounds
+            // checks of the caller's `heads[fl][sl]`.
+            return Some((fl, sl_map.trailing_zeros() as usize & (SL - 1)));
         }
         let fl_map = self.fl_bitmap & (!0u32).checked_shl(fl as u32 + 1).unwrap_or(0);
         if fl_map == 0 {
             return None;
         }
         let fl = (fl_map.trailing_zeros() as usize).min(FL - 1);
-        Some((fl, self.sl_bitmap[fl].trailing_zeros() as usize & (SL - 1)))
+        Some((fl, self.sl_map(fl).trailing_zeros() as usize & (SL - 1)))
     }
 
     // ----- allocation -----
@@ -600,10 +678,12 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// # Time complexity
     /// O(1), except when the heap is nearly exhausted for this size (see the module docs).
     #[cfg_attr(not(target_os = "none"), inline)]
-    #[cfg_attr(target_os = "none", inline(never))]
+    #[cfg_attr(all(target_os = "none", not(feature = "small-code")), inline(never))]
+    #[cfg_attr(all(target_os = "none", feature = "small-code"), inline)]
     pub fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
         let shift = self.store.granule_shift();
-        if layout.align() <= LOW_FIRST_BYTES
+        if !SMALL_CODE
+            && layout.align() <= LOW_FIRST_BYTES
             && (layout.size() < LOW_FIRST_BYTES
                 || (layout.size() <= FAST_PATH_MAX_BYTES && !self.placing_low()))
         {
@@ -611,7 +691,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
             // bounded, so the arithmetic cannot overflow; a small configuration's classes may
             // still end below `g + pad`, which the slow path then refuses.
             let g = ((layout.size() + S::OVERHEAD + (1 << shift) - 1) >> shift).max(1) as u32;
-            if S::QUICK_LISTS && (g as usize) < SL {
+            if Self::QUICK && (g as usize) < SL {
                 let p = self.quick[g as usize].0;
                 if !p.is_null() && p.addr() & (layout.align() - 1) == 0 {
                     // SAFETY: `p` heads quick list `g`: a used block of `g` granules whose
@@ -656,7 +736,9 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         if next == NIL {
             self.clear_bit(c);
         }
-        self.free_blocks -= 1;
+        if !SMALL_CODE {
+            self.free_blocks -= 1;
+        }
         // SAFETY: `b` was free (so its predecessor is used), holds `g` granules, and is unlisted.
         unsafe { self.finish_allocation(b, size_of_flags(v), g, 0) }
     }
@@ -700,7 +782,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// # Time complexity
     /// O(blocks on the quick lists), which hold at most `1 / QUICK_SHARE` of the heap.
     pub fn trim(&mut self) {
-        if !S::QUICK_LISTS {
+        if !Self::QUICK {
             return;
         }
         for g in 1..SL {
@@ -731,12 +813,20 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// [`allocate`](Self::allocate) for large or over-aligned requests, and for when no class
     /// guarantees a fit; the payload is aligned as seen at `payload_addr + delta` (see
     /// [`front_pad`](Self::front_pad)).
-    #[inline(never)]
+    #[cfg_attr(not(feature = "small-code"), inline(never))]
     fn allocate_slow(&mut self, layout: Layout, delta: usize) -> Option<NonNull<u8>> {
         let g = self.granules_for(layout.size())?;
-        let align = layout.align();
+        self.allocate_granules(g, layout.align(), delta)
+    }
+
+    /// [`allocate_slow`](Self::allocate_slow) for a request of `g` granules at `align`.
+    #[cfg_attr(not(target_os = "none"), inline(always))]
+    #[cfg_attr(target_os = "none", inline)]
+    fn allocate_granules(&mut self, g: u32, align: usize, delta: usize) -> Option<NonNull<u8>> {
         let (b, c) = match self.candidate(g, align, delta) {
             Some(found) => found,
+            // Small code gives up the exhaustive search (see the crate docs, "Code size").
+            None if SMALL_CODE => return None,
             None => self.last_resort(g, align, delta)?,
         };
         // SAFETY: `b` is a free block of class `c` that holds `g` granules at `align` (as seen
@@ -773,7 +863,8 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// workload needs, low. `None` means only
     /// [`exhaustive_candidate`](Self::exhaustive_candidate) can still find a block.
     #[cfg_attr(not(target_os = "none"), inline(always))]
-    #[cfg_attr(target_os = "none", inline(never))]
+    #[cfg_attr(all(target_os = "none", not(feature = "small-code")), inline(never))]
+    #[cfg_attr(all(target_os = "none", feature = "small-code"), inline)]
     fn candidate(&self, g: u32, align: usize, delta: usize) -> Option<(Blk<S::Ptr>, Class)> {
         let shift = self.store.granule_shift();
         let pad = self.max_front_pad(align)?;
@@ -911,12 +1002,20 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// # Safety
     /// `b` is a free block in the list of class `c`, of at least `front + g` granules.
     #[cfg_attr(not(target_os = "none"), inline(always))]
-    #[cfg_attr(target_os = "none", inline(never))]
+    #[cfg_attr(all(target_os = "none", not(feature = "small-code")), inline(never))]
+    #[cfg_attr(all(target_os = "none", feature = "small-code"), inline)]
     unsafe fn take_after(&mut self, b: Blk<S::Ptr>, c: Class, front: u32, g: u32) -> NonNull<u8> {
         // SAFETY: `b` is a free block start, so its flags hold its size.
         let size = size_of_flags(unsafe { self.store.size_flags(b.p) });
         // SAFETY: `b` is a free block in the list of class `c`.
-        unsafe { self.unlink(b, c) };
+        unsafe {
+            if SMALL_CODE {
+                // One call site of `unlink` in all: its copy in `unlink_sized`.
+                self.unlink_sized(b, size);
+            } else {
+                self.unlink(b, c);
+            }
+        }
         if front == 0 {
             // SAFETY: `b` was free (so its predecessor is used), holds `g`, and is unlisted.
             return unsafe { self.finish_allocation(b, size, g, 0) };
@@ -941,7 +1040,8 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// `b` is a block start of `size >= g` granules in no list; its successor is not free and
     /// has `PREV_FREE` set.
     #[cfg_attr(not(target_os = "none"), inline(always))]
-    #[cfg_attr(target_os = "none", inline(never))]
+    #[cfg_attr(all(target_os = "none", not(feature = "small-code")), inline(never))]
+    #[cfg_attr(all(target_os = "none", feature = "small-code"), inline)]
     unsafe fn finish_allocation(
         &mut self,
         b: Blk<S::Ptr>,
@@ -976,6 +1076,10 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
                 self.make_free(rest, total - g);
                 // `end` keeps `PREV_FREE`: its predecessor is still free.
                 self.store.set_prev_size(end.p, total - g);
+                if SMALL_CODE {
+                    // Unless `resize_in_place` carves a used block followed by a used one.
+                    self.set_prev_free_bit(end, true);
+                }
             } else {
                 self.store.set_prev_size(end.p, total);
                 self.set_prev_free_bit(end, false);
@@ -1015,7 +1119,8 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// `prev_free` tells truly whether its predecessor is free, and `links` is `b.p` or
     /// `owner_handle(b.p, _)` for `b`'s owner.
     #[cfg_attr(not(target_os = "none"), inline(always))]
-    #[cfg_attr(target_os = "none", inline(never))]
+    #[cfg_attr(all(target_os = "none", not(feature = "small-code")), inline(never))]
+    #[cfg_attr(all(target_os = "none", feature = "small-code"), inline)]
     unsafe fn release(&mut self, mut b: Blk<S::Ptr>, mut size: u32, prev_free: u32, links: S::Ptr) {
         let mut links = links;
         // SAFETY: 1. `b + size` is the next block or the sentinel (never free); 2. when
@@ -1026,14 +1131,14 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
             let nv = self.store.size_flags(next.p);
             if nv & FREE != 0 {
                 let ns = size_of_flags(nv);
-                self.unlink(next, Self::class_of(ns));
+                self.unlink_sized(next, ns);
                 self.store.retire(next.p);
                 size += ns;
             }
             if prev_free != 0 {
                 let ps = self.store.prev_size(b.p);
                 let prev = self.before(b, ps);
-                self.unlink(prev, Self::class_of(ps));
+                self.unlink_sized(prev, ps);
                 self.store.retire(b.p);
                 b = prev;
                 links = prev.p;
@@ -1062,7 +1167,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         // split off every spare granule), so the size comes from the layout, which lets the
         // load of the next block's header start without waiting for this one's.
         let size = self.granules_for(layout.size()).unwrap_or(0);
-        if S::QUICK_LISTS
+        if Self::QUICK
             && (size as usize) < SL
             && !self.placing_low()
             && self.quick_granules + size as usize <= self.quick_budget
@@ -1088,6 +1193,12 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     unsafe fn release_used(&mut self, ptr: NonNull<u8>, size: u32) {
         // SAFETY: the caller's contract.
         let (b, v) = unsafe { self.used_block(ptr) };
+        let size = if SMALL_CODE {
+            // Smaller code: no arithmetic on the layout.
+            size_of_flags(v)
+        } else {
+            size
+        };
         debug_assert_eq!(
             size,
             size_of_flags(v),
@@ -1136,6 +1247,25 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         let g = self.granules_for(new_size)?;
         // SAFETY: the caller's contract.
         let (b, v) = unsafe { self.used_block(ptr) };
+        if SMALL_CODE {
+            // In place when it can, else wherever `allocate` finds room.
+            // SAFETY: `b` is the used block behind `ptr`, `v` its flags.
+            if unsafe { self.resize_in_place(b, v, g) } {
+                return Some(ptr);
+            }
+            let new = self.allocate_granules(g, layout.align(), 0)?;
+            // SAFETY: `ptr` holds at least `layout.size()` bytes, `new` at least `new_size`;
+            // they are distinct live blocks, so they do not overlap. Then `ptr` is freed once.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    ptr.as_ptr(),
+                    new.as_ptr(),
+                    layout.size().min(new_size),
+                );
+                self.deallocate(ptr, layout);
+            }
+            return Some(new);
+        }
         let compacting = self.compacting();
         if !compacting
             // SAFETY: `b` is the used block behind `ptr`, `v` its flags.
@@ -1195,6 +1325,30 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// `b` is a used block and `v` its current `size_flags`.
     unsafe fn resize_in_place(&mut self, b: Blk<S::Ptr>, v: u32, g: u32) -> bool {
         let (size, pf) = (size_of_flags(v), v & PREV_FREE);
+        if SMALL_CODE {
+            // One path for both directions: the block and a free successor form a span, which
+            // `carve` splits into the block and a free rest.
+            let next = self.after(b, size);
+            // SAFETY: `next` is the next block or the sentinel.
+            let nv = unsafe { self.store.size_flags(next.p) };
+            let ns = if nv & FREE != 0 { size_of_flags(nv) } else { 0 };
+            if size + ns < g {
+                return false;
+            }
+            // SAFETY: `next`, if free, is a free block of `ns` granules, merged into the span;
+            // the span's successor is then not free (no two free blocks are adjacent), and
+            // `b`'s own predecessor state is `pf`. `carve` in this configuration sets the
+            // successor's `PREV_FREE` bit whichever it was.
+            unsafe {
+                if ns != 0 {
+                    self.unlink_sized(next, ns);
+                    self.store.retire(next.p);
+                }
+                self.carve(b, size + ns, g, pf);
+            }
+            self.used_granules = self.used_granules + g as usize - size as usize;
+            return true;
+        }
         if g <= size {
             if g < size {
                 let tail = self.after(b, g);
@@ -1218,7 +1372,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
             // SAFETY: `next` is a free block of `ns` granules; merged into `b`, the span's
             // successor has `PREV_FREE` set, and `b`'s own predecessor state is `pf`.
             unsafe {
-                self.unlink(next, Self::class_of(ns));
+                self.unlink_sized(next, ns);
                 self.store.retire(next.p);
                 self.carve(b, size + ns, g, pf);
             }
@@ -1279,15 +1433,42 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         if self.fl_bitmap != 0 {
             let fl = msb(self.fl_bitmap) as usize;
             let sl = (SlMap::BITS - 1 - self.sl_bitmap[fl].leading_zeros()) as usize;
-            let mut id = self.heads[fl][sl];
-            while id != NIL {
-                let p = self.store.locate(id);
-                // SAFETY: `id` is in a free list, so it is a free block.
-                let (v, next) = unsafe { (self.store.size_flags(p), self.store.next_free(p)) };
-                largest = largest.max(size_of_flags(v));
-                id = next;
+            if SMALL_CODE {
+                // Allocation takes the good-fit class only (no exhaustive search), so the
+                // largest request that succeeds is the smallest size of the highest non-empty
+                // class, and at most half the largest block (see `candidate`).
+                let low = if fl == 0 { sl } else { (SL + sl) << (fl - 1) };
+                largest = (low as u32).min(Self::MAX_BLOCK_GRANULES / 2);
+            } else {
+                let mut id = self.heads[fl][sl];
+                while id != NIL {
+                    let p = self.store.locate(id);
+                    // SAFETY: `id` is in a free list, so it is a free block.
+                    let (v, next) = unsafe { (self.store.size_flags(p), self.store.next_free(p)) };
+                    largest = largest.max(size_of_flags(v));
+                    id = next;
+                }
             }
         }
+        let free_blocks = if SMALL_CODE {
+            // Not counted as blocks come and go: the free lists are walked.
+            let mut n = 0;
+            for fl in 0..FL {
+                for sl in 0..SL {
+                    if self.has((fl, sl)) {
+                        let mut id = self.heads[fl][sl];
+                        while id != NIL {
+                            n += 1;
+                            // SAFETY: `id` is in a free list, so it is a free block.
+                            id = unsafe { self.store.next_free(self.store.locate(id)) };
+                        }
+                    }
+                }
+            }
+            n
+        } else {
+            self.free_blocks
+        };
         let used = self.used_granules - self.quick_granules;
         Stats {
             region_bytes: self.total_granules << gs,
@@ -1297,7 +1478,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
             largest_free_bytes: ((largest.min(Self::MAX_BLOCK_GRANULES) as usize) << gs)
                 .saturating_sub(S::OVERHEAD),
             live_blocks: self.live - self.quick_blocks,
-            free_blocks: self.free_blocks,
+            free_blocks,
             quick_list_bytes: self.quick_granules << gs,
         }
     }
@@ -1355,12 +1536,18 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
                 return fail("region does not end in its sentinel", end);
             }
         }
+        // Small code keeps no count of free blocks: the walk's is the reference.
+        let counted_free = if SMALL_CODE {
+            free_blocks
+        } else {
+            self.free_blocks
+        };
         if (used, used + free, live, free_blocks)
             != (
                 self.used_granules,
                 self.total_granules,
                 self.live,
-                self.free_blocks,
+                counted_free,
             )
         {
             return fail("counters disagree with the blocks", NIL);
@@ -1399,14 +1586,14 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
                         }
                     }
                     listed += 1;
-                    if listed > self.free_blocks {
+                    if listed > counted_free {
                         return fail("free list longer than the free block count (cycle?)", id);
                     }
                     (prev, id) = (id, next);
                 }
             }
         }
-        if listed != self.free_blocks {
+        if listed != counted_free {
             return fail("a free block is missing from the lists", NIL);
         }
         self.check_quick_lists()
@@ -1419,7 +1606,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         let (mut blocks, mut granules) = (0usize, 0usize);
         for (g, head) in self.quick.iter().enumerate() {
             let mut p = head.0;
-            if !S::QUICK_LISTS && !p.is_null() {
+            if !Self::QUICK && !p.is_null() {
                 return fail("quick list in a heap that may not have them", NIL);
             }
             while let Some(ptr) = NonNull::new(p) {

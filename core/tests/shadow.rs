@@ -783,7 +783,7 @@ fn run_on_parts<const FL: usize, const SL: usize>(
     let (mut regions, mut granules) = (0, 0);
     for part in &parts {
         let (mut at, end) = (part.start, part.end);
-        while regions < xalloc_core::store::MAX_REGIONS {
+        while regions < xalloc_core::store::IN_BAND_REGIONS {
             // The first payload: 16-aligned, with its 8-byte header in the part.
             let base = (at + 8).next_multiple_of(16);
             let n = end.saturating_sub(base) / 16;
