@@ -12,6 +12,7 @@ command -v valgrind >/dev/null || {
     exit 1
 }
 cargo build --release --quiet -p xalloc-bench --bin instructions
+bin="${CARGO_TARGET_DIR:-target}/release/instructions"
 workloads=("$@")
 ((${#workloads[@]})) || workloads=(random-1k random-100k large realloc)
 allocators=(xalloc talc rlsf buddy dlmalloc)
@@ -25,10 +26,11 @@ printf '\n'
 for w in "${workloads[@]}"; do
     printf '| %s |' "$w"
     for a in "${allocators[@]}"; do
+        rc=0
         ops="$(valgrind --tool=callgrind --toggle-collect='instructions::measured' \
-            --callgrind-out-file="$out/cg" target/release/instructions "$a" "$w" 2>"$out/log")"
+            --callgrind-out-file="$out/cg" "$bin" "$a" "$w" 2>"$out/log")" || rc=$?
         ir="$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$out/log")"
-        if [[ -z "$ir" || -z "$ops" ]]; then
+        if ((rc != 0)) || [[ -z "$ir" || -z "$ops" ]]; then
             echo "bench-instructions.sh: no count for $a on $w:" >&2
             cat "$out/log" >&2
             exit 1

@@ -44,9 +44,9 @@
 //! - [`Tlsf::stats`] counts the free blocks by walking the free lists (O(free blocks)).
 //!
 //! Allocation, free and in-place reallocation stay O(1), every alignment is honoured and
-//! [`Tlsf::check_invariants`] holds. The feature changes every heap of the build (cargo features
-//! add up), so a host program should not enable it: the out-of-band heap is built the same way
-//! but loses the same policies.
+//! [`Tlsf::check_invariants`] holds. The feature changes every in-band heap of the build (cargo
+//! features add up), so a host program should not enable it; [`OobHeap`] (the daemon's arena)
+//! keeps every policy with or without it.
 //!
 //! # Example: a firmware heap
 //!
@@ -111,7 +111,7 @@ pub struct Stats {
     pub region_bytes: usize,
     /// Bytes in used blocks.
     pub used_bytes: usize,
-    /// Bytes in free blocks.
+    /// Bytes not in use: in free blocks, and on the quick lists (`quick_list_bytes`).
     pub free_bytes: usize,
     /// The largest allocation (alignment up to the granule) that would succeed now from a free
     /// block; while `quick_list_bytes` is not 0, a larger one may succeed too.

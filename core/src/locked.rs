@@ -169,8 +169,10 @@ impl<const FL: usize, const SL: usize> LockedHeap<FL, SL> {
     /// Gives the heap its memory, `size` bytes at `start` ([`Tlsf::init`]);
     /// [`init_from_slice`](Self::init_from_slice) is the safe form.
     ///
-    /// Misuse (a second call, a call from inside [`with`](Self::with)'s closure, or a region
-    /// too small for one block) fails a debug assertion whose message says what to do. Without
+    /// Misuse (a second call, a region too small for one block, or with the critical-section
+    /// lock a call from inside [`with`](Self::with)'s closure, which the spin lock cannot tell
+    /// from another thread's and waits for) fails a debug assertion whose message says what to
+    /// do. Without
     /// debug assertions it leaves the heap as it was: a heap without memory then fails every
     /// allocation. [`try_init`](Self::try_init) returns the error instead.
     ///

@@ -89,6 +89,11 @@ pub unsafe trait MetaStore {
     /// inside the region.
     const QUICK_LISTS: bool;
 
+    /// Whether heaps over this store are built for code size (see the crate docs, "Code size"):
+    /// the `small-code` feature sets it for [`InBand`], the firmware heap; an out-of-band heap
+    /// (the daemon's) keeps every policy whatever features a build enables.
+    const SMALL_CODE: bool = false;
+
     /// A direct handle to one block's metadata.
     type Ptr: Copy + PartialEq;
 
@@ -278,6 +283,7 @@ const _: () =
 unsafe impl MetaStore for InBand {
     const OVERHEAD: usize = IN_BAND_HEADER;
     const QUICK_LISTS: bool = true;
+    const SMALL_CODE: bool = cfg!(feature = "small-code");
 
     /// The block's payload address (its header is the 8 bytes below).
     type Ptr = *mut u8;

@@ -81,14 +81,14 @@ use crate::{AllocAtError, FreeError, InvariantError, ResizeError, Stats};
 // (`target_os = "none"`) the optimiser decides, and the helpers called from several places
 // (free-list insertion and removal, carving and releasing blocks, the class and candidate
 // searches, `allocate` and `deallocate`) stay out of line: a firmware built for size carries one
-// copy of each, 3.9 KB of code instead of 11.2 (the README's code-size table).
+// copy of each (the README's code-size table).
 //
-// With the `small-code` feature (read as `SMALL_CODE` in conditions, so that the dead paths
-// vanish at compile time), the low-address policy, the exhaustive search and the fast path's
-// copy of the allocation are left out, reallocation resizes in place or moves, free blocks are
-// counted only by `stats`, and the helpers a firmware would otherwise carry twice are inlined
-// into their one caller (the `feature = "small-code"` inlining attributes): see the crate docs,
-// "Code size".
+// With the `small-code` feature, in-band heaps (`MetaStore::SMALL_CODE`, read as
+// `Self::SMALL_CODE` in conditions, so that the dead paths vanish at compile time) leave out the
+// quick lists, the low-address policy, the exhaustive search and the fast path's copy of the
+// allocation; reallocation resizes in place or moves, free blocks are counted only by `stats`,
+// and the helpers a firmware would otherwise carry twice are inlined into their one caller (the
+// `feature = "small-code"` inlining attributes): see the crate docs, "Code size".
 
 /// log2 of the number of second-level classes per power of two in the default configuration.
 ///
@@ -128,9 +128,9 @@ pub const LOW_FIRST_BYTES: usize = 1024;
 /// The largest request that [`Tlsf::allocate`]'s inline path serves while the heap is not
 /// compacting; larger ones take the out-of-line path.
 const FAST_PATH_MAX_BYTES: usize = 1 << 20;
-/// Whether the crate is built for code size (feature `small-code`): the conditions that read it
-/// drop whole paths at compile time.
-const SMALL_CODE: bool = cfg!(feature = "small-code");
+// Whether a heap is built for code size is its store's `MetaStore::SMALL_CODE` (the `small-code`
+// feature, for in-band heaps only), read as `Self::SMALL_CODE`: the conditions that read it drop
+// whole paths at compile time.
 /// `size_flags` holds the size in granules above the two flag bits.
 const SIZE_SHIFT: u32 = 2;
 
@@ -233,7 +233,10 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     const SLI: u32 = SL.trailing_zeros();
 
     /// Whether this heap keeps quick lists: where the store lets it, unless built for code size.
-    const QUICK: bool = S::QUICK_LISTS && !SMALL_CODE;
+    const QUICK: bool = S::QUICK_LISTS && !Self::SMALL_CODE;
+
+    /// Whether this heap is built for code size (see [`MetaStore::SMALL_CODE`]).
+    const SMALL_CODE: bool = S::SMALL_CODE;
 
     /// The most granules one block can have: the largest size that has a class.
     pub const MAX_BLOCK_GRANULES: u32 = {
@@ -334,6 +337,10 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     pub fn set_compact_above(&mut self, percent: u8) {
         self.compact_above_plus_one = percent.min(100) + 1;
         self.update_compact_from();
+        if percent == 0 {
+            // No quick lists from now on, and none left over.
+            self.trim();
+        }
     }
 
     /// The percentage set by [`set_compact_above`](Self::set_compact_above).
@@ -345,7 +352,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     }
 
     fn update_compact_from(&mut self) {
-        if SMALL_CODE {
+        if Self::SMALL_CODE {
             // Never read: the low-address policy and the quick lists are compiled out.
             return;
         }
@@ -375,7 +382,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     #[cfg_attr(not(target_os = "none"), inline(always))]
     #[cfg_attr(target_os = "none", inline)]
     fn compacting(&self) -> bool {
-        !SMALL_CODE && self.used_granules >= self.compact_from
+        !Self::SMALL_CODE && self.used_granules >= self.compact_from
     }
 
     /// Whether allocation places blocks low, and the quick lists are closed, now (see
@@ -383,7 +390,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     #[cfg_attr(not(target_os = "none"), inline(always))]
     #[cfg_attr(target_os = "none", inline)]
     fn placing_low(&self) -> bool {
-        !SMALL_CODE && self.used_granules >= self.place_low_from
+        !Self::SMALL_CODE && self.used_granules >= self.place_low_from
     }
 
     /// The metadata store.
@@ -538,7 +545,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     #[cfg_attr(target_os = "none", inline(never))]
     unsafe fn make_free_via(&mut self, b: Blk<S::Ptr>, size: u32, links: S::Ptr) {
         let c @ (fl, sl) = Self::class_of(size);
-        if !SMALL_CODE {
+        if !Self::SMALL_CODE {
             // Small code counts free blocks in `stats` instead.
             self.free_blocks += 1;
         }
@@ -593,7 +600,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     #[cfg_attr(all(target_os = "none", not(feature = "small-code")), inline(never))]
     #[cfg_attr(all(target_os = "none", feature = "small-code"), inline)]
     unsafe fn unlink(&mut self, b: Blk<S::Ptr>, c @ (fl, sl): Class) {
-        if !SMALL_CODE {
+        if !Self::SMALL_CODE {
             self.free_blocks -= 1;
         }
         // SAFETY: `b` is free, so its `next_free` names a free block or NIL.
@@ -682,7 +689,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     #[cfg_attr(all(target_os = "none", feature = "small-code"), inline)]
     pub fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
         let shift = self.store.granule_shift();
-        if !SMALL_CODE
+        if !Self::SMALL_CODE
             && layout.align() <= LOW_FIRST_BYTES
             && (layout.size() < LOW_FIRST_BYTES
                 || (layout.size() <= FAST_PATH_MAX_BYTES && !self.placing_low()))
@@ -736,7 +743,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         if next == NIL {
             self.clear_bit(c);
         }
-        if !SMALL_CODE {
+        if !Self::SMALL_CODE {
             self.free_blocks -= 1;
         }
         // SAFETY: `b` was free (so its predecessor is used), holds `g` granules, and is unlisted.
@@ -772,6 +779,20 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         self.quick[g as usize].0 = ptr.as_ptr();
         self.quick_granules += g as usize;
         self.quick_blocks += 1;
+    }
+
+    /// Whether `ptr` is on quick list `g` (for debug assertions: it walks the list).
+    #[cfg(debug_assertions)]
+    fn quick_listed(&self, g: u32, ptr: NonNull<u8>) -> bool {
+        let mut p = self.quick[g as usize].0;
+        while !p.is_null() {
+            if p == ptr.as_ptr() {
+                return true;
+            }
+            // SAFETY: a listed block's payload starts with the list's link (see `quick_push`).
+            p = unsafe { p.cast::<*mut u8>().read() };
+        }
+        false
     }
 
     /// Returns every block on the quick lists to the free lists (merging it with its free
@@ -826,7 +847,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         let (b, c) = match self.candidate(g, align, delta) {
             Some(found) => found,
             // Small code gives up the exhaustive search (see the crate docs, "Code size").
-            None if SMALL_CODE => return None,
+            None if Self::SMALL_CODE => return None,
             None => self.last_resort(g, align, delta)?,
         };
         // SAFETY: `b` is a free block of class `c` that holds `g` granules at `align` (as seen
@@ -1009,7 +1030,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         let size = size_of_flags(unsafe { self.store.size_flags(b.p) });
         // SAFETY: `b` is a free block in the list of class `c`.
         unsafe {
-            if SMALL_CODE {
+            if Self::SMALL_CODE {
                 // One call site of `unlink` in all: its copy in `unlink_sized`.
                 self.unlink_sized(b, size);
             } else {
@@ -1076,7 +1097,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
                 self.make_free(rest, total - g);
                 // `end` keeps `PREV_FREE`: its predecessor is still free.
                 self.store.set_prev_size(end.p, total - g);
-                if SMALL_CODE {
+                if Self::SMALL_CODE {
                     // Unless `resize_in_place` carves a used block followed by a used one.
                     self.set_prev_free_bit(end, true);
                 }
@@ -1173,8 +1194,18 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
             && self.quick_granules + size as usize <= self.quick_budget
         {
             #[cfg(debug_assertions)]
-            // SAFETY: the caller's contract.
-            let _ = unsafe { self.used_block(ptr) };
+            {
+                // The checks of `release_used`, and that the block is not listed already: a
+                // listed block is used to the free lists, so only the list tells a double free.
+                // SAFETY: the caller's contract.
+                let (_, v) = unsafe { self.used_block(ptr) };
+                debug_assert_eq!(
+                    size,
+                    size_of_flags(v),
+                    "layout differs from the allocation's"
+                );
+                debug_assert!(!self.quick_listed(size, ptr), "double free");
+            }
             // SAFETY: the caller gives back `ptr`, a used block of `size` granules.
             unsafe { self.quick_push(size, ptr) };
             return;
@@ -1193,17 +1224,17 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     unsafe fn release_used(&mut self, ptr: NonNull<u8>, size: u32) {
         // SAFETY: the caller's contract.
         let (b, v) = unsafe { self.used_block(ptr) };
-        let size = if SMALL_CODE {
-            // Smaller code: no arithmetic on the layout.
-            size_of_flags(v)
-        } else {
-            size
-        };
         debug_assert_eq!(
             size,
             size_of_flags(v),
             "layout differs from the allocation's"
         );
+        let size = if Self::SMALL_CODE {
+            // Smaller code: no arithmetic on the layout.
+            size_of_flags(v)
+        } else {
+            size
+        };
         self.used_granules -= size as usize;
         self.live -= 1;
         let links = self.store.owner_handle(b.p, ptr);
@@ -1247,7 +1278,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         let g = self.granules_for(new_size)?;
         // SAFETY: the caller's contract.
         let (b, v) = unsafe { self.used_block(ptr) };
-        if SMALL_CODE {
+        if Self::SMALL_CODE {
             // In place when it can, else wherever `allocate` finds room.
             // SAFETY: `b` is the used block behind `ptr`, `v` its flags.
             if unsafe { self.resize_in_place(b, v, g) } {
@@ -1325,7 +1356,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     /// `b` is a used block and `v` its current `size_flags`.
     unsafe fn resize_in_place(&mut self, b: Blk<S::Ptr>, v: u32, g: u32) -> bool {
         let (size, pf) = (size_of_flags(v), v & PREV_FREE);
-        if SMALL_CODE {
+        if Self::SMALL_CODE {
             // One path for both directions: the block and a free successor form a span, which
             // `carve` splits into the block and a free rest.
             let next = self.after(b, size);
@@ -1418,7 +1449,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
 
     // ----- introspection -----
 
-    /// Bytes in free blocks, in constant time ([`stats`](Self::stats) also finds the largest
+    /// Bytes not in use: in free blocks and on the quick lists, in constant time ([`stats`](Self::stats) also finds the largest
     /// free block, which walks one free list).
     pub fn free_bytes(&self) -> usize {
         (self.total_granules - self.used_granules + self.quick_granules)
@@ -1433,7 +1464,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         if self.fl_bitmap != 0 {
             let fl = msb(self.fl_bitmap) as usize;
             let sl = (SlMap::BITS - 1 - self.sl_bitmap[fl].leading_zeros()) as usize;
-            if SMALL_CODE {
+            if Self::SMALL_CODE {
                 // Allocation takes the good-fit class only (no exhaustive search), so the
                 // largest request that succeeds is the smallest size of the highest non-empty
                 // class, and at most half the largest block (see `candidate`).
@@ -1450,7 +1481,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
                 }
             }
         }
-        let free_blocks = if SMALL_CODE {
+        let free_blocks = if Self::SMALL_CODE {
             // Not counted as blocks come and go: the free lists are walked.
             let mut n = 0;
             for fl in 0..FL {
@@ -1537,7 +1568,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
             }
         }
         // Small code keeps no count of free blocks: the walk's is the reference.
-        let counted_free = if SMALL_CODE {
+        let counted_free = if Self::SMALL_CODE {
             free_blocks
         } else {
             self.free_blocks
