@@ -177,6 +177,17 @@ pub unsafe trait MetaStore {
     /// there.
     fn block_of(&self, ptr: NonNull<u8>) -> Option<(BlockId, Self::Ptr)>;
 
+    /// [`block_of`](Self::block_of) for a pointer known to be the payload of a block of this
+    /// store, without the checks (the heap's free and reallocation paths).
+    ///
+    /// # Safety
+    /// `block_of(ptr)` is `Some`.
+    #[inline(always)]
+    unsafe fn block_of_unchecked(&self, ptr: NonNull<u8>) -> (BlockId, Self::Ptr) {
+        // SAFETY: the caller's contract.
+        unsafe { self.block_of(ptr).unwrap_unchecked() }
+    }
+
     /// For [`Tlsf::check_invariants`](crate::Tlsf::check_invariants): whether the store's
     /// record of the granules strictly inside block `p` of `size` granules is clear, where the
     /// store keeps one (out of band, every entry but a block's first is zero, which is what
@@ -372,6 +383,22 @@ unsafe impl MetaStore for InBand {
     unsafe fn payload(&self, p: *mut u8) -> NonNull<u8> {
         // SAFETY: a valid block's payload lies inside a region, above its non-null start.
         unsafe { NonNull::new_unchecked(p) }
+    }
+
+    #[inline(always)]
+    unsafe fn block_of_unchecked(&self, ptr: NonNull<u8>) -> (BlockId, *mut u8) {
+        if IN_BAND_REGIONS == 1 || self.count == 1 {
+            // One region (the usual heap, and the only one with `small-code`): no search. The caller guarantees that `ptr` lies in
+            // it, on a granule boundary, so the offset is a whole number of granules below
+            // `LOCAL_MASK`, and region 0's ids are the granule indices themselves.
+            let off = ptr.as_ptr().addr().wrapping_sub(self.bases[0].addr());
+            return (
+                (off >> IN_BAND_GRANULE_SHIFT) as BlockId,
+                self.bases[0].wrapping_add(off),
+            );
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.block_of(ptr).unwrap_unchecked() }
     }
 
     #[inline(always)]

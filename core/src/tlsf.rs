@@ -1117,11 +1117,13 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     #[cfg_attr(not(target_os = "none"), inline(always))]
     #[cfg_attr(target_os = "none", inline)]
     unsafe fn used_block(&self, ptr: NonNull<u8>) -> (Blk<S::Ptr>, u32) {
-        let found = self.store.block_of(ptr);
-        debug_assert!(found.is_some(), "pointer not from this heap");
+        debug_assert!(
+            self.store.block_of(ptr).is_some(),
+            "pointer not from this heap"
+        );
         // SAFETY: the caller passes a pointer this heap returned and did not free, so it lies in a
         // region, on a granule boundary.
-        let (id, p) = unsafe { found.unwrap_unchecked() };
+        let (id, p) = unsafe { self.store.block_of_unchecked(ptr) };
         // SAFETY: `p` is a used block start.
         let v = unsafe { self.store.size_flags(p) };
         debug_assert!(
