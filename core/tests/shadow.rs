@@ -29,7 +29,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
 use xalloc_core::{
-    FirstFit, Heap, InBand, MetaEntry, OobHeap, RegionAllocator, SmallHeap, Stats, Tlsf,
+    tlsf, FirstFit, Heap, InBand, MetaEntry, OobHeap, RegionAllocator, SmallHeap, Stats, Tlsf,
 };
 
 /// Sizes of the property runs; much smaller under Miri.
@@ -631,11 +631,7 @@ proptest! {
         offset in 0usize..16,
         ops in ops(limits::MAX_OPS / 4),
     ) {
-        let region = Region::new(size, MAX_ALIGN, offset);
-        let mut heap = Heap::empty();
-        // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
-        unsafe { heap.init(region.start, region.size) };
-        run(&mut heap, &ops, region.range(), EXACT)?;
+        in_band_region_size::<{ tlsf::FL }, { tlsf::SL }>(size, offset, &ops)?;
     }
 
     /// The same for the small configuration.
@@ -645,11 +641,7 @@ proptest! {
         offset in 0usize..16,
         ops in ops(limits::MAX_OPS / 4),
     ) {
-        let region = Region::new(size, MAX_ALIGN, offset);
-        let mut heap = SmallHeap::empty();
-        // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
-        unsafe { heap.init(region.start, region.size) };
-        run(&mut heap, &ops, region.range(), EXACT)?;
+        in_band_region_size::<{ tlsf::SMALL_FL }, { tlsf::SMALL_SL }>(size, offset, &ops)?;
     }
 
     /// The same for the out-of-band heap, at every granule, with granule-aligned starts.
@@ -674,6 +666,20 @@ proptest! {
             ),
         }
     }
+}
+
+/// An in-band heap with `FL` × `SL` classes over `size` bytes starting `offset` bytes past a
+/// 16-aligned address, driven through `ops`.
+fn in_band_region_size<const FL: usize, const SL: usize>(
+    size: usize,
+    offset: usize,
+    ops: &[Op],
+) -> Result<(), TestCaseError> {
+    let region = Region::new(size, MAX_ALIGN, offset);
+    let mut heap = Tlsf::<InBand, FL, SL>::empty();
+    // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
+    unsafe { heap.init(region.start, region.size) };
+    run(&mut heap, ops, region.range(), EXACT)
 }
 
 /// Region sizes for the multi-size properties: empty, tiny, odd and large.
