@@ -47,21 +47,32 @@
 //! [`Tlsf::check_invariants`] holds. The feature changes every in-band heap of the build (cargo
 //! features add up), so a host program should not enable it; [`OobHeap`] (the daemon's arena)
 //! keeps every policy with or without it.
-//!
-//! # Example: a firmware heap
-//!
-//! ```
-//! use core::mem::MaybeUninit;
-//! use xalloc_core::LockedHeap;
-//!
-//! // In firmware: `#[global_allocator] static HEAP: LockedHeap = LockedHeap::empty();`
-//! static HEAP: LockedHeap = LockedHeap::empty();
-//!
-//! // Firmware takes a `static mut [MaybeUninit<u8>; N]` once; here, a leaked box.
-//! let mem: &'static mut [MaybeUninit<u8>] = Box::leak(Box::new([MaybeUninit::uninit(); 4096]));
-//! HEAP.init_from_slice(mem).expect("heap memory");
-//! assert_eq!(HEAP.stats().live_blocks, 0);
-//! ```
+
+// The example needs `LockedHeap`, which exists only with a lock; without one, the crate map's
+// links to it are plain text.
+#![cfg_attr(
+    any(feature = "critical-section", all(feature = "spin", target_has_atomic = "8")),
+    doc = r#"
+# Example: a firmware heap
+
+```
+use core::mem::MaybeUninit;
+use xalloc_core::LockedHeap;
+
+// In firmware: `#[global_allocator] static HEAP: LockedHeap = LockedHeap::empty();`
+static HEAP: LockedHeap = LockedHeap::empty();
+
+// Firmware takes a `static mut [MaybeUninit<u8>; N]` once; here, a leaked box.
+let mem: &'static mut [MaybeUninit<u8>] = Box::leak(Box::new([MaybeUninit::uninit(); 4096]));
+HEAP.init_from_slice(mem).expect("heap memory");
+assert_eq!(HEAP.stats().live_blocks, 0);
+```
+"#
+)]
+#![cfg_attr(
+    not(any(feature = "critical-section", all(feature = "spin", target_has_atomic = "8"))),
+    allow(rustdoc::broken_intra_doc_links)
+)]
 #![no_std]
 
 pub mod first_fit;
