@@ -51,7 +51,10 @@
 // The example needs `LockedHeap`, which exists only with a lock; without one, the crate map's
 // links to it are plain text.
 #![cfg_attr(
-    any(feature = "critical-section", all(feature = "spin", target_has_atomic = "8")),
+    any(
+        feature = "critical-section",
+        all(feature = "spin", target_has_atomic = "8")
+    ),
     doc = r#"
 # Example: a firmware heap
 
@@ -70,7 +73,10 @@ assert_eq!(HEAP.stats().live_blocks, 0);
 "#
 )]
 #![cfg_attr(
-    not(any(feature = "critical-section", all(feature = "spin", target_has_atomic = "8"))),
+    not(any(
+        feature = "critical-section",
+        all(feature = "spin", target_has_atomic = "8")
+    )),
     allow(rustdoc::broken_intra_doc_links)
 )]
 #![no_std]

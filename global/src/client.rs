@@ -1537,11 +1537,24 @@ mod tests {
     struct Daemon {
         name: String,
         thread: Option<std::thread::JoinHandle<()>>,
+        /// `Fake::Restart`: the first daemon crashes when this is sent on (or dropped).
+        crash: Option<std::sync::mpsc::Sender<()>>,
+    }
+
+    impl Daemon {
+        /// `Fake::Restart`: kills the first stand-in daemon (once the client has connected, so
+        /// that its liveness check sees it alive).
+        fn crash(&mut self) {
+            if let Some(crash) = self.crash.take() {
+                let _ = crash.send(());
+            }
+        }
     }
 
     impl Drop for Daemon {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(format!("/dev/shm/{}.socket", self.name));
+            self.crash.take();
             if let Some(t) = self.thread.take() {
                 t.join().unwrap();
             }
@@ -1562,6 +1575,7 @@ mod tests {
                 .unwrap()
         };
         let mut first = (fake == Fake::Restart).then(sleeper);
+        let (crash, crash_now) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
             let sock = loop {
                 if let Some(s) = unix::accept(&listener).unwrap() {
@@ -1634,7 +1648,10 @@ mod tests {
             };
             unix::send_with_fds(&sock, &w.encode(), fds).unwrap();
             if let Some(mut a) = first.take() {
-                // The crash, and the restarted daemon re-attaching to the channel.
+                // The crash, once the client has connected (its connect checks that the daemon
+                // is alive: killing it right after the welcome made that check fail at random),
+                // and the restarted daemon re-attaching to the channel.
+                let _ = crash_now.recv_timeout(Duration::from_secs(10));
                 a.kill().unwrap();
                 a.wait().unwrap();
                 drop(sock);
@@ -1727,6 +1744,7 @@ mod tests {
         Daemon {
             name,
             thread: Some(thread),
+            crash: Some(crash),
         }
     }
 
@@ -1767,8 +1785,9 @@ mod tests {
 
     #[test]
     fn a_restarted_daemon_gets_the_channel_a_connection_again() {
-        let d = daemon(Fake::Restart, 0);
+        let mut d = daemon(Fake::Restart, 0);
         let conn = Connection::connect(&d.name).unwrap();
+        d.crash();
         let first = conn.daemon_pid();
         assert_ne!(first, std::process::id());
         let deadline = Instant::now() + Duration::from_secs(5);
