@@ -1157,6 +1157,12 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
                 self.unlink_sized(next, ns);
                 self.store.retire(next.p);
                 size += ns;
+                // The block after `next` has its `PREV_FREE` bit set already (`next` was free).
+            } else {
+                // `next` stays, after the free block this becomes: its bit is set now, from the
+                // flags just read (reading them again at the end would be another cache miss
+                // on large blocks).
+                self.store.set_size_flags(next.p, nv | PREV_FREE);
             }
             if prev_free != 0 {
                 let ps = self.store.prev_size(b.p);
@@ -1170,7 +1176,6 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
             self.make_free_via(b, size, links);
             let end = self.after(b, size);
             self.store.set_prev_size(end.p, size);
-            self.set_prev_free_bit(end, true);
         }
     }
 
