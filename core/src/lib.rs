@@ -4,7 +4,8 @@
 //! # Map
 //!
 //! - [`Tlsf`] ([`tlsf`]): the algorithm. O(1) allocate and free for every alignment, immediate
-//!   coalescing, in-place reallocation when the next block is free. Generic over a
+//!   coalescing (except for small blocks held whole on quick lists while an in-band heap is
+//!   roomy), in-place reallocation when the next block is free. Generic over a
 //!   [`MetaStore`] ([`store`]) that says where block metadata lives:
 //!   - [`Heap`] = `Tlsf<InBand>`: 8-byte headers beside the blocks, 16-byte minimum block, up to
 //!     [`MAX_REGIONS`](store::MAX_REGIONS) regions. The embedded heap.
@@ -20,15 +21,17 @@
 //! The protocol between the daemon and its clients, and the OS layer beneath it, live in the
 //! `xalloc-proto` crate: this one is the allocation algorithms and nothing else.
 //!
-//! Every link the algorithm stores is a granule index from the start of its region, never an
-//! address, so a region can be mapped at a different address in each process that uses it.
+//! Every free-list link the algorithm stores is a granule index from the start of its region,
+//! never an address, so a region can be mapped at a different address in each process that uses
+//! it. The quick lists link payload addresses, and only in band: a heap whose metadata lives in
+//! its region is one process's memory, while a shared region is out of band and has none.
 //!
 //! # Code size
 //!
-//! The cargo feature **`small-code`** builds the heaps for flash-constrained firmware: a
-//! [`SmallLockedHeap`] then adds about 1.3 KB of code to a Cortex-M firmware (no more than rlsf;
-//! 3.1 KB without the feature; the README's "Code size" table, `scripts/code-size.sh`). Same API;
-//! what it gives up, compiled out:
+//! The cargo feature **`small-code`** builds the in-band heaps for flash-constrained firmware: a
+//! [`SmallLockedHeap`] then adds about 1.3 KB of code to a Cortex-M firmware, no more than rlsf
+//! (3.7 KB without the feature; the README's "Code size" table, `scripts/code-size.sh`). Same
+//! API; what it gives up, compiled out:
 //!
 //! - the low-address placement and reallocation policy ([`Tlsf::set_compact_above`] has no
 //!   effect): a workload may need more memory;
