@@ -126,11 +126,8 @@ pub const LOW_FIRST: u32 = 4;
 /// list head), sparing cache misses and unpredictable branches where they would buy little.
 pub const LOW_FIRST_BYTES: usize = 1024;
 /// The largest request that [`Tlsf::allocate`]'s inline path serves while the heap is not
-/// compacting; larger ones take the out-of-line path.
+/// placing blocks low (see [`Tlsf::set_compact_above`]); larger ones take the out-of-line path.
 const FAST_PATH_MAX_BYTES: usize = 1 << 20;
-// Whether a heap is built for code size is its store's `MetaStore::SMALL_CODE` (the `small-code`
-// feature, for in-band heaps only), read as `Self::SMALL_CODE`: the conditions that read it drop
-// whole paths at compile time.
 /// `size_flags` holds the size in granules above the two flag bits.
 const SIZE_SHIFT: u32 = 2;
 
@@ -323,13 +320,14 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     ///
     /// The low-address policy is what lets a workload run in a region close to its peak live
     /// bytes (it keeps the high-water mark down), and it costs time: on the benchmark streams
-    /// about 4 times as much per reallocation (it copies blocks down), and a fifth to a third
-    /// more per allocation of small and large blocks (quick lists off, more blocks read).
+    /// about 4.4 times as much per reallocation (it copies blocks down), and a fifth to three
+    /// fifths more per allocation and free (quick lists closed, more blocks read).
     /// Applied only once the heap fills up, it is paid where memory is short. Blocks spread out
     /// while the heap is emptier stay spread out when it fills up: on the realloc benchmark
-    /// streams, reallocation compacting from 50 % rather than 25 % doubled the memory needed;
-    /// allocation's steps did not need more memory on any stream when applied from 60 %, and
-    /// cost up to 12 % more memory from 80 % (the README's "Speed against memory").
+    /// streams, reallocation compacting from 50 % rather than 25 % took a quarter more memory
+    /// (from 60 %, twice as much); allocation's steps did not need more memory on any stream
+    /// when applied from 60 %, and up to 10 % more from 80 % (the README's "Speed against
+    /// memory").
     /// `0` applies everything always (the most compact heap, without quick lists; what a heap
     /// whose address range is its cost wants, such as a shared arena whose touched pages are
     /// memory), `100` nothing ever (the fastest). Values above 100 count as 100. The default
