@@ -15,7 +15,7 @@ cargo build --release --quiet -p xalloc-bench --bin instructions
 bin="${CARGO_TARGET_DIR:-target}/release/instructions"
 workloads=("$@")
 ((${#workloads[@]})) || workloads=(random-1k random-100k large realloc)
-allocators=(xalloc talc rlsf buddy dlmalloc)
+allocators=(xalloc xalloc-bins talc rlsf buddy dlmalloc)
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 printf '| instructions per op |'

@@ -72,11 +72,19 @@ fn or_null(p: Option<NonNull<u8>>) -> *mut u8 {
 /// The percentage `Xalloc` passes to `Tlsf::set_compact_above` (`--compact-above`).
 pub static XALLOC_COMPACT_ABOVE: AtomicU8 = AtomicU8::new(xalloc_core::tlsf::DEFAULT_COMPACT_ABOVE);
 
-/// `xalloc_core::Heap`, the allocator this benchmark is about.
-pub struct Xalloc(xalloc_core::Heap);
+/// The percentage `XallocBins` passes to `Tlsf::set_size_bins` (`--size-bins`).
+pub static XALLOC_BINS: AtomicU8 = AtomicU8::new(25);
 
-impl BenchAlloc for Xalloc {
-    const NAME: &'static str = "xalloc";
+/// `xalloc_core::Heap`, the allocator this benchmark is about: as configured by default, or with
+/// its size bins on (`BINS`, see [`XallocBins`]).
+pub struct Xalloc<const BINS: bool = false>(xalloc_core::Heap);
+
+/// xalloc with its size bins on (`XALLOC_BINS` %, 25 by default): the setting that trades memory
+/// for speed on large blocks.
+pub type XallocBins = Xalloc<true>;
+
+impl<const BINS: bool> BenchAlloc for Xalloc<BINS> {
+    const NAME: &'static str = if BINS { "xalloc-bins" } else { "xalloc" };
     fn create() -> Box<Self> {
         Box::new(Xalloc(xalloc_core::Heap::empty()))
     }
@@ -86,6 +94,9 @@ impl BenchAlloc for Xalloc {
         unsafe { self.0.init(start, size) };
         self.0
             .set_compact_above(XALLOC_COMPACT_ABOVE.load(Ordering::Relaxed));
+        if BINS {
+            self.0.set_size_bins(XALLOC_BINS.load(Ordering::Relaxed));
+        }
         true
     }
     #[inline]

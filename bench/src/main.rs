@@ -13,7 +13,7 @@ mod workload;
 use std::panic::{self, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
-use allocs::{BenchAlloc, Buddy, Dl, Glibc, LinkedList, Rlsf, Talc, Xalloc};
+use allocs::{BenchAlloc, Buddy, Dl, Glibc, LinkedList, Rlsf, Talc, Xalloc, XallocBins};
 use runner::{replay, Arena, FootprintProbe, Mode, Outcome};
 use workload::{peak_live, Workload};
 
@@ -55,14 +55,18 @@ usage: xalloc-bench [--quick] [--workload NAME]... [--only ALLOC]... [--reps N]
   --workload NAME  run only this workload (repeatable or comma-separated):
                    random-1k, random-100k, large, realloc
   --only ALLOC     run only allocators whose name contains ALLOC (repeatable
-                   or comma-separated): xalloc, talc, rlsf, dlmalloc, buddy,
-                   linked_list, glibc
+                   or comma-separated): xalloc, xalloc-bins, talc, rlsf, dlmalloc, buddy,
+                   linked_list, glibc (xalloc-bins: xalloc with its size
+                   bins on, speed for memory)
   --reps N         throughput repetitions, median reported (default 5, quick 3)
   --region-seeds N measure only region/peak-live, on N streams of other seeds
                    per workload (the usual one first), and report mean, min, max
   --compact-above P  xalloc's Tlsf::set_compact_above(P), 0-100: it keeps blocks at
                    low addresses while more than P % of the heap is used (0: always,
                    the most compact; 100: never, the fastest); default the core's
+  --size-bins P    the share xalloc-bins gives Tlsf::set_size_bins(P), 1-100:
+                   its size bins hold freed blocks of 1 KiB and more, up to P % of
+                   the heap (default 25)
 ";
 
 /// `v` as a positive integer, or an error naming `flag`.
@@ -122,6 +126,15 @@ fn parse_args() -> Result<Config, String> {
                     .filter(|&p| p <= 100)
                     .ok_or(format!("--compact-above needs 0 to 100, not {v:?}"))?;
                 allocs::XALLOC_COMPACT_ABOVE.store(p, std::sync::atomic::Ordering::Relaxed);
+            }
+            "--size-bins" => {
+                let v = value("--size-bins")?;
+                let p = v
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|&p| (1..=100).contains(&p))
+                    .ok_or(format!("--size-bins needs 1 to 100, not {v:?}"))?;
+                allocs::XALLOC_BINS.store(p, std::sync::atomic::Ordering::Relaxed);
             }
             "--help" | "-h" => {
                 print!("{USAGE}");
@@ -547,7 +560,8 @@ fn region_seeds_report(ctx: &mut Ctx, names: &[&str], allocators: &[(&str, MakeF
 
 /// In report order: xalloc first.
 const ALLOCATORS: &[(&str, MakeFn)] = &[
-    (Xalloc::NAME, contest::<Xalloc>),
+    (<Xalloc>::NAME, contest::<Xalloc>),
+    (XallocBins::NAME, contest::<XallocBins>),
     (Talc::NAME, contest::<Talc>),
     (Rlsf::NAME, contest::<Rlsf>),
     (Dl::NAME, contest::<Dl>),
@@ -587,7 +601,7 @@ fn print_table(wl: &Workload, rows: &[Row]) {
     println!("|---|---:|---:|---:|---:|---:|");
     let base = rows
         .iter()
-        .find(|r| r.name == Xalloc::NAME)
+        .find(|r| r.name == <Xalloc>::NAME)
         .and_then(|r| r.ns_per_op);
     let mut notes = Vec::new();
     for r in rows {
@@ -849,6 +863,7 @@ mod tests {
         }
         for wl in &streams {
             run::<Xalloc>(&mut arena, wl);
+            run::<XallocBins>(&mut arena, wl);
             run::<Talc>(&mut arena, wl);
             run::<Rlsf>(&mut arena, wl);
             run::<Dl>(&mut arena, wl);

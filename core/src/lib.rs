@@ -9,9 +9,9 @@
 //!   [`MetaStore`] ([`store`]) that says where block metadata lives:
 //!   - [`Heap`] = `Tlsf<InBand>`: 8-byte headers beside the blocks, 16-byte minimum block, up to
 //!     [`MAX_REGIONS`](store::MAX_REGIONS) regions. The embedded heap.
-//!   - [`OobHeap`] = `Tlsf<OutOfBand>`: metadata in a separate table, nothing written inside the
-//!     region, and a checked free by offset ([`OobHeap::deallocate_at`]) for offsets that come
-//!     from untrusted parties. The daemon's shared arena.
+//!   - [`OobHeap`] = `Tlsf<OutOfBand, FL, SL, 0>`: metadata in a separate table, nothing
+//!     written inside the region, and a checked free by offset ([`OobHeap::deallocate_at`]) for
+//!     offsets that come from untrusted parties. The daemon's shared arena.
 //! - [`LockedHeap`]: a [`Heap`] behind a lock (a spin lock, or a critical section with the
 //!   `critical-section` feature), usable as `#[global_allocator]`; [`SmallLockedHeap`] the same
 //!   over a [`SmallHeap`] (state under 1 KiB, for heaps up to about 128 KiB).
@@ -109,20 +109,23 @@ pub use store::{InBand, MetaEntry, MetaStore, OutOfBand};
 pub use tlsf::Tlsf;
 
 /// The default heap: TLSF with in-band metadata over one or more regions, each of up to 16 GiB.
-/// Its state (the heads of the free lists and of the quick lists) takes about 7.1 KiB.
+/// Its state (the heads of the free lists, the quick lists and the size bins) takes
+/// about 7.6 KiB.
 pub type Heap = Tlsf<InBand>;
 
 /// The heap for small memories: TLSF with in-band metadata and 10 × 16 size classes, so its state
-/// takes under 1 KiB (1008 bytes on 64-bit targets, 896 on Cortex-M), at the price of classes
+/// takes under 1 KiB (1016 bytes on 64-bit targets, 904 on Cortex-M), at the price of classes
 /// four times as coarse (a fit within 6.25 % instead of 1.6 %) and blocks of at most 128 KiB:
 /// a larger region is cut into regions of 128 KiB (see [`Tlsf::init`]). The pick for heaps up to 64-128 KiB.
-pub type SmallHeap = Tlsf<InBand, { tlsf::SMALL_FL }, { tlsf::SMALL_SL }>;
+/// It has no size bins ([`Tlsf::set_size_bins`]).
+pub type SmallHeap = Tlsf<InBand, { tlsf::SMALL_FL }, { tlsf::SMALL_SL }, 0>;
 
 // The small configuration's promise, checked on every target the crate is built for.
 const _: () = assert!(core::mem::size_of::<SmallHeap>() <= 1024);
 
-/// TLSF with its metadata in a separate table: nothing is written inside the region.
-pub type OobHeap = Tlsf<OutOfBand>;
+/// TLSF with its metadata in a separate table: nothing is written inside the region (so no
+/// quick lists or size bins either).
+pub type OobHeap = Tlsf<OutOfBand, { tlsf::FL }, { tlsf::SL }, 0>;
 
 /// Counters of a heap. Block sizes include per-block overhead, rounded to the granule.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -131,18 +134,20 @@ pub struct Stats {
     pub region_bytes: usize,
     /// Bytes in used blocks.
     pub used_bytes: usize,
-    /// Bytes not in use: in free blocks, and on the quick lists (`quick_list_bytes`).
+    /// Bytes not in use: in free blocks, and on the quick lists and in the size bins
+    /// (`quick_list_bytes`).
     pub free_bytes: usize,
     /// The largest allocation (alignment up to the granule) that would succeed now from a free
     /// block; while `quick_list_bytes` is not 0, a larger one may succeed too.
     pub largest_free_bytes: usize,
     /// Blocks allocated and not freed.
     pub live_blocks: usize,
-    /// Free blocks (after coalescing), not counting those on the quick lists.
+    /// Free blocks (after coalescing), not counting those on the quick lists or in the bins.
     pub free_blocks: usize,
-    /// Bytes of freed blocks held whole on the quick lists for the next requests of their sizes
-    /// (part of `free_bytes`, in no free block; see [`Tlsf::trim`]). `largest_free_bytes` does
-    /// not count them: while this is not 0, a larger request may succeed too.
+    /// Bytes of freed blocks held whole on the quick lists and in the size bins for the next
+    /// requests of their sizes (part of `free_bytes`, in no free block; see [`Tlsf::trim`]).
+    /// `largest_free_bytes` does not count them: while this is not 0, a larger request may
+    /// succeed too.
     pub quick_list_bytes: usize,
 }
 
@@ -326,7 +331,9 @@ pub trait RegionAllocator {
     fn trim(&mut self) {}
 }
 
-impl<S: MetaStore, const FL: usize, const SL: usize> RegionAllocator for Tlsf<S, FL, SL> {
+impl<S: MetaStore, const FL: usize, const SL: usize, const SB: usize> RegionAllocator
+    for Tlsf<S, FL, SL, SB>
+{
     #[inline]
     fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
         Tlsf::allocate(self, layout)
@@ -357,7 +364,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> RegionAllocator for Tlsf<S,
     }
 }
 
-impl<const FL: usize, const SL: usize> Tlsf<InBand, FL, SL> {
+impl<const FL: usize, const SL: usize, const SB: usize> Tlsf<InBand, FL, SL, SB> {
     /// A heap with no memory; every allocation fails until [`init`](Self::init).
     pub const fn empty() -> Self {
         Self::with_store(InBand::empty())
@@ -434,7 +441,7 @@ impl<const FL: usize, const SL: usize> Tlsf<InBand, FL, SL> {
     }
 }
 
-impl Tlsf<OutOfBand> {
+impl crate::OobHeap {
     /// The number of [`MetaEntry`] slots `new` needs for a region of `region_size` bytes.
     pub const fn table_entries(region_size: usize, granule: usize) -> usize {
         OutOfBand::table_entries(region_size, granule)

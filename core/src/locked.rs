@@ -117,18 +117,20 @@ mod lock {
 /// Each operation holds the lock (with the critical section: keeps interrupts masked) for the
 /// [`Tlsf`] operation it forwards to: O(1) for allocate and free; a reallocation that moves its
 /// block also copies it under the lock.
-pub struct LockedHeap<const FL: usize = { tlsf::FL }, const SL: usize = { tlsf::SL }>(
-    lock::Lock<Tlsf<InBand, FL, SL>>,
-);
+pub struct LockedHeap<
+    const FL: usize = { tlsf::FL },
+    const SL: usize = { tlsf::SL },
+    const SB: usize = { tlsf::SIZE_BINS },
+>(lock::Lock<Tlsf<InBand, FL, SL, SB>>);
 
 /// A [`LockedHeap`] over a [`SmallHeap`](crate::SmallHeap): state under 1 KiB, blocks of up to
 /// 128 KiB (a larger region is cut into regions of that size).
-pub type SmallLockedHeap = LockedHeap<{ tlsf::SMALL_FL }, { tlsf::SMALL_SL }>;
+pub type SmallLockedHeap = LockedHeap<{ tlsf::SMALL_FL }, { tlsf::SMALL_SL }, 0>;
 
-impl<const FL: usize, const SL: usize> LockedHeap<FL, SL> {
+impl<const FL: usize, const SL: usize, const SB: usize> LockedHeap<FL, SL, SB> {
     /// A heap with no memory: every allocation fails until one of the `init` functions.
     pub const fn empty() -> Self {
-        Self(lock::Lock::new(Tlsf::<InBand, FL, SL>::empty()))
+        Self(lock::Lock::new(Tlsf::<InBand, FL, SL, SB>::empty()))
     }
 
     /// Gives the heap `mem` as its memory, for good: the safe way to initialise it.
@@ -234,7 +236,7 @@ impl<const FL: usize, const SL: usize> LockedHeap<FL, SL> {
     ///
     /// # Panics
     /// With the critical section, when called from inside `f` of another `with` on the same heap.
-    pub fn with<R>(&self, f: impl FnOnce(&mut HeapRef<'_, FL, SL>) -> R) -> R {
+    pub fn with<R>(&self, f: impl FnOnce(&mut HeapRef<'_, FL, SL, SB>) -> R) -> R {
         match self.0.try_with(|heap| f(&mut HeapRef(heap))) {
             Some(r) => r,
             None => panic!("LockedHeap::with called while the heap is in use by the same context"),
@@ -259,17 +261,21 @@ impl<const FL: usize, const SL: usize> LockedHeap<FL, SL> {
 /// // Taking the heap out from under its blocks does not compile: there is no `&mut Tlsf`.
 /// let _old = HEAP.with(|heap| core::mem::replace(&mut **heap, Heap::empty()));
 /// ```
-pub struct HeapRef<'a, const FL: usize, const SL: usize>(&'a mut Tlsf<InBand, FL, SL>);
+pub struct HeapRef<'a, const FL: usize, const SL: usize, const SB: usize>(
+    &'a mut Tlsf<InBand, FL, SL, SB>,
+);
 
-impl<const FL: usize, const SL: usize> core::ops::Deref for HeapRef<'_, FL, SL> {
-    type Target = Tlsf<InBand, FL, SL>;
+impl<const FL: usize, const SL: usize, const SB: usize> core::ops::Deref
+    for HeapRef<'_, FL, SL, SB>
+{
+    type Target = Tlsf<InBand, FL, SL, SB>;
 
     fn deref(&self) -> &Self::Target {
         self.0
     }
 }
 
-impl<const FL: usize, const SL: usize> HeapRef<'_, FL, SL> {
+impl<const FL: usize, const SL: usize, const SB: usize> HeapRef<'_, FL, SL, SB> {
     /// [`Tlsf::allocate`].
     pub fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
         self.0.allocate(layout)
@@ -312,7 +318,13 @@ impl<const FL: usize, const SL: usize> HeapRef<'_, FL, SL> {
         self.0.set_compact_above(percent);
     }
 
-    /// [`Tlsf::trim`]: the blocks held on the quick lists back to the free lists.
+    /// [`Tlsf::set_size_bins`].
+    pub fn set_size_bins(&mut self, percent: u8) {
+        self.0.set_size_bins(percent);
+    }
+
+    /// [`Tlsf::trim`]: the blocks held on the quick lists and in the size bins back to the free
+    /// lists.
     pub fn trim(&mut self) {
         self.0.trim();
     }
@@ -322,7 +334,9 @@ impl<const FL: usize, const SL: usize> HeapRef<'_, FL, SL> {
 // large enough and disjoint (the `Tlsf` contract), or null on failure. A re-entry (which only the
 // critical section lets through, and the `RefCell` refuses) returns null or leaves the block
 // allocated: never two `&mut Tlsf` at once. Nothing here panics, allocates or formats.
-unsafe impl<const FL: usize, const SL: usize> GlobalAlloc for LockedHeap<FL, SL> {
+unsafe impl<const FL: usize, const SL: usize, const SB: usize> GlobalAlloc
+    for LockedHeap<FL, SL, SB>
+{
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         self.0

@@ -471,10 +471,10 @@ fn realloc_does_not_copy_large_blocks_down() {
 
 #[test]
 fn heap_state_stays_small() {
-    // The README promises about 7.1 KiB of state per heap (list heads and bitmaps); a firmware
+    // The README promises about 7.6 KiB of state per heap (list heads and bitmaps); a firmware
     // author budgets RAM by it.
     let size = core::mem::size_of::<Heap>();
-    assert!((6_400..7_300).contains(&size), "size_of::<Heap>() = {size}");
+    assert!((7_000..7_900).contains(&size), "size_of::<Heap>() = {size}");
 }
 
 #[test]

@@ -25,9 +25,13 @@
 //! 6. `used_granules`, `live` and `free_blocks` equal the sums over all blocks, and used plus
 //!    free granules equal `total_granules`.
 //! 7. A used block has exactly the granules its layout's size needs (every spare granule is
-//!    split off), which is why `deallocate` can take the size from the layout.
-//! 8. Every block on quick list `g` is a used block of `g` granules, on no other list; the
-//!    lists hold `quick_blocks` blocks of `quick_granules <= quick_budget` granules, which
+//!    split off), unless allocation rounded it up to a size bin or took it from one: then it
+//!    has at least that many, and at least `SL`. So a block under `SL` granules has its
+//!    layout's size, which is why a free to a quick list can take the size from the layout.
+//! 8. Every block on quick list `g` is a used block of `g` granules, every block in size bin
+//!    `k` a used block of `s >= SL` granules with `bin_down(s) == k` whose payload holds `s`
+//!    after the bin's link, each on no other list; the lists hold `quick_blocks` blocks in
+//!    all, of `quick_granules <= quick_budget` and `bin_granules <= bin_budget` granules, which
 //!    `used_granules` and `live` count as used.
 //!
 //! [`Tlsf::check_invariants`] verifies 1 to 6 and 8 by walking every region and every list;
@@ -61,6 +65,16 @@
 //! ([`Tlsf::trim`]), so they never make an allocation fail. Stores that may not write inside
 //! the region ([`OutOfBand`]) have none.
 //!
+//! # Size bins
+//!
+//! Off by default, on with [`Tlsf::set_size_bins`]: what the quick lists do for small blocks,
+//! for blocks of `SL` granules or more, whose sizes are too many to be held one list per size.
+//! While the quick lists are open, such requests are rounded up to one of four bin sizes per
+//! power of two, and freed blocks wait whole in the bin of the largest bin size they hold,
+//! so that the next request of that bin takes one without search, split or merge; past the
+//! threshold, the next request of [`LOW_FIRST_BYTES`] or more merges them back. It trades
+//! memory (the rounding, unmerged blocks) for time, which is why it is a setting.
+//!
 //! # Time complexity
 //!
 //! `allocate`, `deallocate` and in-place `reallocate` are O(1) for every alignment: the bitmap
@@ -68,7 +82,9 @@
 //! boundary, plus `align - granule` when the alignment exceeds the granule), and the scans above
 //! are bounded by constants. Only when that finds nothing, i.e. the heap is nearly out of memory
 //! for that size, does `allocate` scan the lists of the classes below, so that it never reports
-//! out-of-memory while a block that fits exists.
+//! out-of-memory while a block that fits exists. With the size bins on, the first request of
+//! [`LOW_FIRST_BYTES`] or more past the threshold merges every binned block back: bounded by
+//! the share they may hold, and paid once per binning of a block.
 
 use core::alloc::Layout;
 use core::ptr::NonNull;
@@ -134,17 +150,23 @@ const SIZE_SHIFT: u32 = 2;
 /// The second-level bitmap type.
 type SlMap = u64;
 
-/// The TLSF allocator over regions whose metadata lives in `S`, with `FL` first-level classes
-/// and `SL` second-level classes per power of two.
+/// The TLSF allocator over regions whose metadata lives in `S`, with `FL` first-level classes,
+/// `SL` second-level classes per power of two and `SB` size bins.
 ///
 /// The class count sets the heap's own state (`FL * SL` list heads of 4 bytes, `FL` bitmaps of
 /// 8) and the largest block: `2^(FL + log2(SL) - 1) - 1` granules; a region larger than that is
-/// cut into regions of that size (see `init`). `SL` is a power of two from 2 to 64, `FL` from 1 to 32, and the largest
-/// block at most [`LOCAL_MASK`] granules; other values do not compile.
+/// cut into regions of that size (see `init`). `SL` is a power of two from 2 to 64, `FL` from 1
+/// to 32, and the largest block at most [`LOCAL_MASK`] granules; other values do not compile.
+/// The size bins ([`Tlsf::set_size_bins`]) take a pointer each; `0` leaves them out.
 ///
 /// Use it through the aliases [`crate::Heap`] (in band, default classes), [`crate::SmallHeap`]
 /// (in band, state under 1 KiB) and [`crate::OobHeap`] (out of band).
-pub struct Tlsf<S, const FL: usize = { self::FL }, const SL: usize = { self::SL }> {
+pub struct Tlsf<
+    S,
+    const FL: usize = { self::FL },
+    const SL: usize = { self::SL },
+    const SB: usize = { self::SIZE_BINS },
+> {
     store: S,
     fl_bitmap: u32,
     sl_bitmap: [SlMap; FL],
@@ -175,7 +197,28 @@ pub struct Tlsf<S, const FL: usize = { self::FL }, const SL: usize = { self::SL 
     quick_blocks: usize,
     /// The most granules the quick lists may hold: [`QUICK_SHARE`] of the heap.
     quick_budget: usize,
+    /// Size bins (see [`Tlsf::set_size_bins`]): `bins[k]` heads the freed blocks whose
+    /// largest bin size is bin `k`'s, linked through their payloads like the quick lists; a
+    /// binned block's payload holds its size in granules as a `u32` at byte 8, after the link.
+    bins: [QuickHead; SB],
+    /// Granules held in the bins, also counted in `used_granules` (their blocks are counted in
+    /// `quick_blocks`).
+    bin_granules: u32,
+    /// The most granules the bins may hold: `bin_share` % of the heap, at most `u32::MAX / 2`
+    /// (so that adding a block's size to `bin_granules` cannot overflow); 0 while they are off.
+    /// `u32` keeps [`crate::SmallHeap`], which carries the counters without bins, within 1 KiB.
+    bin_budget: u32,
+    bin_share: u8,
+    /// Whether the bins were ever on: only then may a used block be larger than its layout
+    /// needs (for the debug checks of a free).
+    bins_were_on: bool,
 }
+
+/// Size bins of the default heap ([`Tlsf::set_size_bins`]): four per power of two from `SL`
+/// granules, so for blocks from 1 KiB to 56 MiB; none on bare-metal targets
+/// (`target_os = "none"`), where the bins' code (about 0.6 KB) and state (a pointer per bin)
+/// would cost a firmware for a setting made for hosts' large-block workloads.
+pub const SIZE_BINS: usize = if cfg!(target_os = "none") { 0 } else { 64 };
 
 /// The head of a quick list: the payload of its first block, or null.
 #[derive(Clone, Copy)]
@@ -225,7 +268,7 @@ fn msb(x: u32) -> u32 {
     31 - x.leading_zeros()
 }
 
-impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
+impl<S: MetaStore, const FL: usize, const SL: usize, const SB: usize> Tlsf<S, FL, SL, SB> {
     /// log2 of `SL`.
     const SLI: u32 = SL.trailing_zeros();
 
@@ -302,6 +345,11 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
             quick_granules: 0,
             quick_blocks: 0,
             quick_budget: 0,
+            bins: [QuickHead(core::ptr::null_mut()); SB],
+            bin_granules: 0,
+            bin_budget: 0,
+            bin_share: 0,
+            bins_were_on: false,
         }
     }
 
@@ -341,6 +389,83 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         }
     }
 
+    /// Turns the size bins on (`percent` > 0: the share of the heap they may hold) or off (`0`,
+    /// the default): speed for memory, for workloads of many blocks of `SL` granules (1 KiB)
+    /// or more.
+    ///
+    /// While they are on and the quick lists are open (below [`PLACE_LOW_ABOVE`] % full, see
+    /// [`set_compact_above`](Self::set_compact_above)), a request of `SL` granules or more is
+    /// rounded up to the next bin size, four per power of two (at most 25 % more, 12 % on
+    /// average for sizes spread evenly on a log scale), and a freed block of `SL` granules or
+    /// more waits whole in the bin of the largest bin size it holds, while the bins hold less
+    /// than `percent` % of the heap. A request whose bin holds a block takes it, at any
+    /// fullness, without splitting or merging anything: a few instructions instead of the free
+    /// lists' search, split and merges. The block may be up to 1.5 times the request (one not
+    /// rounded, such as a reallocated block, waits in the bin below its size). Once the heap is
+    /// past the threshold, the next request of [`LOW_FIRST_BYTES`] or more first returns every
+    /// binned block to the free lists, so that the low-address steps see them. Requests the
+    /// bins cannot serve are served as usual; one that nothing else can serve first returns
+    /// every binned block to the free lists (see [`trim`](Self::trim)), so the bins never make
+    /// an allocation fail.
+    ///
+    /// The price is memory: the rounding, and blocks held whole where the free lists would
+    /// have merged them. On the benchmark's large-block stream (4 KiB to 1 MiB), `25` makes it
+    /// faster than every peer (a little faster than the buddy allocator, twice as fast as
+    /// talc), and the region the benchmark streams need 0-2 % larger (the README's "Speed
+    /// against memory: size bins"). A heap without quick lists (out of band, `small-code`) or
+    /// without bins (`SB = 0`, such as [`SmallHeap`](crate::SmallHeap)) ignores the setting.
+    /// Values above 100 count as 100; lowering the share returns every binned block to the free
+    /// lists.
+    pub fn set_size_bins(&mut self, percent: u8) {
+        if !Self::BINS {
+            return;
+        }
+        let lower = percent < self.bin_share;
+        self.bin_share = percent.min(100);
+        self.bins_were_on |= percent != 0;
+        self.update_compact_from();
+        if lower {
+            // The bins may hold more than the new share: none left over.
+            self.trim_bins();
+        }
+    }
+
+    /// The percentage set by [`set_size_bins`](Self::set_size_bins) (0 in a heap without bins).
+    pub fn size_bins(&self) -> u8 {
+        self.bin_share
+    }
+
+    /// Whether this heap can keep size bins: where it keeps quick lists and has bins, and `SL`
+    /// is at least 8 (so that bin sizes are whole numbers of granules).
+    const BINS: bool = Self::QUICK && SB > 0 && SL >= 8;
+
+    /// The bin that a request of `g >= SL` granules rounds up to, and the bin's size: four bins
+    /// per power of two, bin `k` of size `(5 + (k + 3) % 4) << ((k + 3) / 4 + SLI - 3)`
+    /// granules: `SL`, then 1.25, 1.5, 1.75 and 2 times `SL`, and so on (`k` may be `SB` or
+    /// more: a size without a bin).
+    #[cfg_attr(not(target_os = "none"), inline(always))]
+    #[cfg_attr(target_os = "none", inline)]
+    fn bin_up(g: u32) -> (usize, u32) {
+        // `x = g - 1` lies in `[4, 8) << (m - 2)`: its top three bits `j` pick the quarter of
+        // the power of two, and every size up to `(j + 1) << (m - 2)` rounds up to that bin.
+        // `g >= SL >= 8` keeps `m >= SLI - 1 >= 2`; the smallest request, `g = SL`, has
+        // `m = SLI - 1` and `j = 7`, bin 0.
+        let x = g - 1;
+        let m = msb(x);
+        let j = x >> (m - 2);
+        let k = ((m + 1 - Self::SLI) << 2) + j - 7;
+        (k as usize, (j + 1) << (m - 2))
+    }
+
+    /// The bin a freed block of `s >= SL` granules goes to: the one of the largest bin size at
+    /// most `s`, so that the block serves every request of that bin.
+    #[cfg_attr(not(target_os = "none"), inline(always))]
+    #[cfg_attr(target_os = "none", inline)]
+    fn bin_down(s: u32) -> usize {
+        // The bin `s + 1` rounds up to is the first whose size exceeds `s`, bin 1 or above.
+        Self::bin_up(s + 1).0 - 1
+    }
+
     /// The percentage set by [`set_compact_above`](Self::set_compact_above).
     pub fn compact_above(&self) -> u8 {
         match self.compact_above_plus_one {
@@ -355,6 +480,13 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
             return;
         }
         self.quick_budget = self.total_granules / QUICK_SHARE;
+        self.bin_budget = if Self::BINS {
+            self.share(self.bin_share)
+                .min(self.total_granules)
+                .min(u32::MAX as usize / 2) as u32
+        } else {
+            0
+        };
         let percent = self.compact_above();
         let place_low = match percent {
             0 => 0,
@@ -682,7 +814,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     ///
     /// # Time complexity
     /// O(1), except when the heap is nearly exhausted for this size (see the module docs).
-    #[cfg_attr(not(target_os = "none"), inline)]
+    #[cfg_attr(not(target_os = "none"), inline(always))]
     #[cfg_attr(all(target_os = "none", not(feature = "small-code")), inline(never))]
     #[cfg_attr(all(target_os = "none", feature = "small-code"), inline)]
     pub fn allocate(&mut self, layout: Layout) -> Option<NonNull<u8>> {
@@ -696,6 +828,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
             // bounded, so the arithmetic cannot overflow; a small configuration's classes may
             // still end below `g + pad`, which the slow path then refuses.
             let g = ((layout.size() + S::OVERHEAD + (1 << shift) - 1) >> shift).max(1) as u32;
+            let mut fit = g;
             if Self::QUICK && (g as usize) < SL {
                 let p = self.quick[g as usize].0;
                 if !p.is_null() && p.addr() & (layout.align() - 1) == 0 {
@@ -705,26 +838,55 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
                     // SAFETY: a payload pointer is never null.
                     return Some(unsafe { NonNull::new_unchecked(p) });
                 }
-            }
-            let pad = ((layout.align() >> shift) as u32).saturating_sub(1);
-            let found = if g + pad <= Self::MAX_BLOCK_GRANULES / 2 {
-                self.find_class(Self::class_at_least(g + pad))
-            } else {
-                None
-            };
-            if let Some(c) = found {
-                if pad == 0 {
-                    // SAFETY: invariant 2: list `c` is non-empty, and every block of class `c`
-                    // holds `g` granules.
-                    return Some(unsafe { self.pop_and_take(c, g) });
+            } else if Self::BINS && self.bin_budget != 0 {
+                let (k, size) = Self::bin_up(g);
+                if k < SB {
+                    if let Some(p) = self.bin_take(k, layout.align()) {
+                        return Some(p);
+                    }
+                    // Rounded up, so that the block serves any request of its bin once freed;
+                    // only while the bins take blocks (a request under 1 KiB of 65 granules
+                    // comes here at any fullness).
+                    if layout.size() >= LOW_FIRST_BYTES || !self.placing_low() {
+                        fit = size;
+                    }
                 }
-                let b = self.blk(self.heads[c.0][c.1]);
-                // SAFETY: `b` heads list `c`, whose every block holds `g + pad` granules, enough
-                // for `g` at any alignment up to `granule << pad`.
-                return Some(unsafe { self.take(b, c, g, layout.align(), 0) });
             }
+            return self.allocate_fit(fit, g, layout.align());
         }
         self.allocate_slow(layout, 0)
+    }
+
+    /// [`allocate`](Self::allocate)'s common case past the quick lists and bins: `g` granules
+    /// at `align <= LOW_FIRST_BYTES`, from the head of the good-fit class, else `exact <= g`
+    /// granules (what the request needs before rounding to a size bin) as the slow path does,
+    /// so that the rounding never makes a request fail. Out of line on hosts, so that a request
+    /// the quick lists or bins serve saves the registers this needs.
+    #[cfg_attr(not(target_os = "none"), inline(never))]
+    #[cfg_attr(target_os = "none", inline)]
+    fn allocate_fit(&mut self, g: u32, exact: u32, align: usize) -> Option<NonNull<u8>> {
+        let shift = self.store.granule_shift();
+        let pad = ((align >> shift) as u32).saturating_sub(1);
+        let found = if g + pad <= Self::MAX_BLOCK_GRANULES / 2 {
+            self.find_class(Self::class_at_least(g + pad))
+        } else {
+            None
+        };
+        if let Some(c) = found {
+            if pad == 0 {
+                // SAFETY: invariant 2: list `c` is non-empty, and every block of class `c`
+                // holds `g` granules.
+                return Some(unsafe { self.pop_and_take(c, g) });
+            }
+            let b = self.blk(self.heads[c.0][c.1]);
+            // SAFETY: `b` heads list `c`, whose every block holds `g + pad` granules, enough
+            // for `g` at any alignment up to `granule << pad`.
+            return Some(unsafe { self.take(b, c, g, align, 0) });
+        }
+        if exact > Self::MAX_BLOCK_GRANULES {
+            return None;
+        }
+        self.allocate_granules(exact, align, 0)
     }
 
     /// Takes `g` granules from the first block of non-empty list `c`.
@@ -763,6 +925,99 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         self.quick_blocks -= 1;
     }
 
+    /// The first block of bin `k < SB`, taken out of the bin, if there is one and its payload
+    /// is aligned to `align`.
+    #[cfg_attr(not(target_os = "none"), inline(always))]
+    #[cfg_attr(target_os = "none", inline)]
+    fn bin_take(&mut self, k: usize, align: usize) -> Option<NonNull<u8>> {
+        let p = self.bins[k].0;
+        if p.is_null() || p.addr() & (align - 1) != 0 {
+            return None;
+        }
+        // SAFETY: `p` heads bin `k`.
+        unsafe { self.bin_pop(k, p) };
+        // SAFETY: a payload pointer is never null.
+        Some(unsafe { NonNull::new_unchecked(p) })
+    }
+
+    /// Takes block `p`, the head of bin `k < SB`, out of the bin, and returns its size.
+    ///
+    /// # Safety
+    /// `p` is non-null and heads bin `k`.
+    #[cfg_attr(not(target_os = "none"), inline(always))]
+    #[cfg_attr(target_os = "none", inline)]
+    unsafe fn bin_pop(&mut self, k: usize, p: *mut u8) -> u32 {
+        // SAFETY: a binned block's payload (granule-aligned, at least two words long, see
+        // `bin_push`) starts with the bin's link and the block's size, written by `bin_push`.
+        let s = unsafe {
+            self.bins[k].0 = p.cast::<*mut u8>().read();
+            p.cast::<u32>().add(2).read()
+        };
+        self.bin_granules -= s;
+        self.quick_blocks -= 1;
+        s
+    }
+
+    /// Puts used block `ptr` of `s` granules into bin `k = bin_down(s) < SB`. The bin keeps
+    /// `payload`, the same address with the region's provenance: the block's next owner may
+    /// be given more bytes than its last owner's pointer may reach (a `Box`'s covers its
+    /// layout only), while the link itself is written through that pointer, the one the
+    /// aliasing model lets write into the freed block.
+    ///
+    /// # Safety
+    /// `ptr` is the payload of a used block of `s >= SL` granules that nobody else uses any
+    /// more, on no list, `payload` is `store.payload` of its handle, and `Self::BINS` holds.
+    #[cfg_attr(not(target_os = "none"), inline(always))]
+    #[cfg_attr(target_os = "none", inline)]
+    unsafe fn bin_push(&mut self, k: usize, ptr: NonNull<u8>, payload: NonNull<u8>, s: u32) {
+        // SAFETY: the payload is granule-aligned and, in band (`BINS` implies `QUICK_LISTS`),
+        // `s >= 8` granules less an 8-byte header long; the block's owner has given it back.
+        unsafe {
+            ptr.cast::<*mut u8>().write(self.bins[k].0);
+            ptr.cast::<u32>().add(2).write(s);
+        }
+        self.bins[k].0 = payload.as_ptr();
+        self.bin_granules += s;
+        self.quick_blocks += 1;
+    }
+
+    /// Debug checks of a free of used block `ptr` of `s` granules, whose layout needs `size`:
+    /// invariant 7 (the layout is the allocation's, or a smaller one of at least `SL` granules
+    /// after the bins were on), and that the block is on no quick list or bin (where it is
+    /// still "used" in its header, so only the list tells a double free).
+    #[cfg(debug_assertions)]
+    fn debug_check_free(&self, ptr: NonNull<u8>, size: u32, s: u32) {
+        debug_assert!(
+            size == s || (self.bins_were_on && size as usize >= SL && size < s),
+            "layout differs from the allocation's"
+        );
+        if Self::QUICK && (s as usize) < SL {
+            debug_assert!(!Self::on_list(self.quick[s as usize].0, ptr), "double free");
+        }
+        if Self::BINS && s as usize >= SL {
+            let k = Self::bin_down(s);
+            debug_assert!(
+                k >= SB || !Self::on_list(self.bins[k].0, ptr),
+                "double free"
+            );
+        }
+    }
+
+    /// Whether `ptr`'s block is on the quick list or bin that starts at `head` (for debug
+    /// assertions: it walks the list, comparing addresses).
+    #[cfg(debug_assertions)]
+    fn on_list(mut head: *mut u8, ptr: NonNull<u8>) -> bool {
+        while !head.is_null() {
+            if head.addr() == ptr.addr().get() {
+                return true;
+            }
+            // SAFETY: a listed block's payload starts with the list's link (see `quick_push`
+            // and `bin_push`).
+            head = unsafe { head.cast::<*mut u8>().read() };
+        }
+        false
+    }
+
     /// Puts used block `ptr` of `g < SL` granules on quick list `g`.
     ///
     /// # Safety
@@ -779,27 +1034,16 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         self.quick_blocks += 1;
     }
 
-    /// Whether `ptr` is on quick list `g` (for debug assertions: it walks the list).
-    #[cfg(debug_assertions)]
-    fn quick_listed(&self, g: u32, ptr: NonNull<u8>) -> bool {
-        let mut p = self.quick[g as usize].0;
-        while !p.is_null() {
-            if p == ptr.as_ptr() {
-                return true;
-            }
-            // SAFETY: a listed block's payload starts with the list's link (see `quick_push`).
-            p = unsafe { p.cast::<*mut u8>().read() };
-        }
-        false
-    }
-
-    /// Returns every block on the quick lists to the free lists (merging it with its free
-    /// neighbours), so that the whole heap is available to any request. Allocation does this by
-    /// itself before it reports that no block fits, so this is only needed for a heap whose
-    /// [`stats`](Self::stats) should count those blocks as free blocks.
+    /// Returns every block on the quick lists and in the size bins to the free lists
+    /// (merging it with its free neighbours), so that the whole heap is available to any
+    /// request. Allocation does this by itself before it reports that no block fits, so this is
+    /// only needed for a heap whose [`stats`](Self::stats) should count those blocks as free
+    /// blocks.
     ///
     /// # Time complexity
-    /// O(blocks on the quick lists), which hold at most `1 / QUICK_SHARE` of the heap.
+    /// O(blocks on the lists), which hold at most `1 / QUICK_SHARE` of the heap in blocks under
+    /// `SL` granules, and the [`set_size_bins`](Self::set_size_bins) share in blocks of
+    /// `SL` granules or more.
     pub fn trim(&mut self) {
         if !Self::QUICK {
             return;
@@ -811,6 +1055,21 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
                 unsafe {
                     self.quick_pop(g as u32, ptr.as_ptr());
                     self.release_used(ptr, g as u32);
+                }
+            }
+        }
+        self.trim_bins();
+    }
+
+    /// The part of [`trim`](Self::trim) that empties the size bins.
+    fn trim_bins(&mut self) {
+        for k in 0..SB {
+            while let Some(ptr) = NonNull::new(self.bins[k].0) {
+                // SAFETY: `ptr` heads bin `k`, a used block of the size it holds that nobody
+                // uses: taken out of the bin, it is freed as `deallocate` would.
+                unsafe {
+                    let s = self.bin_pop(k, ptr.as_ptr());
+                    self.release_used(ptr, s);
                 }
             }
         }
@@ -835,6 +1094,31 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     #[cfg_attr(not(feature = "small-code"), inline(never))]
     fn allocate_slow(&mut self, layout: Layout, delta: usize) -> Option<NonNull<u8>> {
         let g = self.granules_for(layout.size())?;
+        if Self::BINS && g as usize >= SL && delta == 0 {
+            if self.placing_low() {
+                if self.bin_granules != 0 {
+                    // The heap has filled up since the bins took these blocks: merged back
+                    // before the low-address steps place anything, they are where those steps
+                    // look (held whole through the compact regime, they cost the large-block
+                    // stream a tenth more region). A block is merged back once per binning.
+                    self.trim_bins();
+                }
+            } else if self.bin_budget != 0 {
+                // Over-aligned or over 1 MiB, so not on the fast path: as there, a binned block,
+                // else one rounded up to its bin if a class guarantees it, else the exact size.
+                let (k, size) = Self::bin_up(g);
+                if k < SB {
+                    if let Some(p) = self.bin_take(k, layout.align()) {
+                        return Some(p);
+                    }
+                    if let Some((b, c)) = self.candidate(size, layout.align(), 0) {
+                        // SAFETY: `b` is a free block of class `c` that holds `size` granules
+                        // at the alignment.
+                        return Some(unsafe { self.take(b, c, size, layout.align(), 0) });
+                    }
+                }
+            }
+        }
         self.allocate_granules(g, layout.align(), delta)
     }
 
@@ -1186,60 +1470,77 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     ///
     /// # Time complexity
     /// O(1).
-    #[cfg_attr(not(target_os = "none"), inline)]
+    #[cfg_attr(not(target_os = "none"), inline(always))]
     #[cfg_attr(target_os = "none", inline(never))]
     pub unsafe fn deallocate(&mut self, ptr: NonNull<u8>, layout: Layout) {
-        // A used block has exactly the granules its layout needs (allocation and reallocation
-        // split off every spare granule), so the size comes from the layout, which lets the
-        // load of the next block's header start without waiting for this one's.
+        // A used block under `SL` granules has exactly the granules its layout needs
+        // (invariant 7), so the quick lists take the size from the layout without reading the
+        // header.
         let size = self.granules_for(layout.size()).unwrap_or(0);
-        if Self::QUICK
+        if Self::BINS && (size as usize) >= SL && self.bin_budget != 0 && !self.placing_low() {
+            // The block may be larger than the layout says (rounded up to its bin, or taken
+            // from a list): its header tells.
+            // SAFETY: the caller's contract.
+            let (b, v) = unsafe { self.used_block(ptr) };
+            let s = size_of_flags(v);
+            let k = Self::bin_down(s);
+            if k < SB && self.bin_granules + s <= self.bin_budget {
+                #[cfg(debug_assertions)]
+                self.debug_check_free(ptr, size, s);
+                // SAFETY: the caller gives back `ptr`, a used block of `s` granules, whose
+                // handle is `b.p`.
+                unsafe { self.bin_push(k, ptr, self.store.payload(b.p), s) };
+                return;
+            }
+        } else if Self::QUICK
             && (size as usize) < SL
             && !self.placing_low()
             && self.quick_granules + size as usize <= self.quick_budget
         {
             #[cfg(debug_assertions)]
             {
-                // The checks of `release_used`, and that the block is not listed already: a
-                // listed block is used to the free lists, so only the list tells a double free.
                 // SAFETY: the caller's contract.
                 let (_, v) = unsafe { self.used_block(ptr) };
-                debug_assert_eq!(
-                    size,
-                    size_of_flags(v),
-                    "layout differs from the allocation's"
-                );
-                debug_assert!(!self.quick_listed(size, ptr), "double free");
+                self.debug_check_free(ptr, size, size_of_flags(v));
             }
             // SAFETY: the caller gives back `ptr`, a used block of `size` granules.
             unsafe { self.quick_push(size, ptr) };
             return;
         }
         // SAFETY: the caller's contract.
-        unsafe { self.release_used(ptr, size) };
+        unsafe { self.release_out_of_line(ptr, size) };
     }
 
-    /// Frees used block `ptr` of `size` granules into the free lists.
+    /// [`release_used`](Self::release_used), out of line on hosts, so that a free the quick
+    /// lists take saves the registers this needs.
     ///
     /// # Safety
-    /// `ptr` is the payload of a used block of `size` granules, on no quick list, that nobody
-    /// uses any more.
+    /// As for `release_used`.
+    #[cfg_attr(not(target_os = "none"), inline(never))]
+    #[cfg_attr(target_os = "none", inline)]
+    unsafe fn release_out_of_line(&mut self, ptr: NonNull<u8>, size: u32) {
+        // SAFETY: forwarded.
+        unsafe { self.release_used(ptr, size) }
+    }
+
+    /// Frees used block `ptr` into the free lists. `size` is what its layout needs, for a debug
+    /// check: the size freed is the header's.
+    ///
+    /// # Safety
+    /// `ptr` is the payload of a used block of at least `size` granules, on no list, that
+    /// nobody uses any more.
     #[cfg_attr(not(target_os = "none"), inline(always))]
     #[cfg_attr(target_os = "none", inline)]
     unsafe fn release_used(&mut self, ptr: NonNull<u8>, size: u32) {
         // SAFETY: the caller's contract.
         let (b, v) = unsafe { self.used_block(ptr) };
-        debug_assert_eq!(
-            size,
-            size_of_flags(v),
-            "layout differs from the allocation's"
-        );
-        let size = if Self::SMALL_CODE {
-            // Smaller code: no arithmetic on the layout.
-            size_of_flags(v)
-        } else {
-            size
-        };
+        // The header's size: a block may be larger than its layout (see `set_size_bins`).
+        #[cfg(debug_assertions)]
+        self.debug_check_free(ptr, size, size_of_flags(v));
+        // Only the debug checks read the layout's size.
+        #[cfg(not(debug_assertions))]
+        let _ = size;
+        let size = size_of_flags(v);
         self.used_granules -= size as usize;
         self.live -= 1;
         let links = self.store.owner_handle(b.p, ptr);
@@ -1438,13 +1739,13 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         // SAFETY: the caller's contract for `c`.
         let new = unsafe { self.take(c, class, g, layout.align(), 0) };
 
-        // The old block goes to the free lists, not to a quick list: merged, it may be where a
-        // neighbour grows in place next (reallocation-heavy workloads ran 10 % slower with it
-        // held whole).
+        // The old block goes to the free lists, not to a quick list or bin: merged, it may be
+        // where a neighbour grows in place next (reallocation-heavy workloads ran 10 % slower
+        // with it held whole).
         let old = self.granules_for(layout.size()).unwrap_or(0);
         // SAFETY: `ptr` holds at least `layout.size()` bytes, `new` at least `new_size`; they
-        // are distinct live blocks, so they do not overlap. Then `ptr`, a used block of `old`
-        // granules (invariant 7) on no quick list, is freed once.
+        // are distinct live blocks, so they do not overlap. Then `ptr`, a used block of at least
+        // `old` granules (invariant 7) on no list, is freed once.
         unsafe {
             core::ptr::copy_nonoverlapping(ptr.as_ptr(), new.as_ptr(), layout.size().min(new_size));
             self.release_used(ptr, old);
@@ -1454,10 +1755,13 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
 
     // ----- introspection -----
 
-    /// Bytes not in use: in free blocks and on the quick lists, in constant time ([`stats`](Self::stats) also finds the largest
-    /// free block, which walks one free list).
+    /// Bytes not in use: in free blocks, on the quick lists and in the size bins, in constant
+    /// time ([`stats`](Self::stats) also finds the largest free block, which walks one free
+    /// list).
     pub fn free_bytes(&self) -> usize {
-        (self.total_granules - self.used_granules + self.quick_granules)
+        (self.total_granules - self.used_granules
+            + self.quick_granules
+            + self.bin_granules as usize)
             << self.store.granule_shift()
     }
 
@@ -1505,7 +1809,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         } else {
             self.free_blocks
         };
-        let used = self.used_granules - self.quick_granules;
+        let used = self.used_granules - self.quick_granules - self.bin_granules as usize;
         Stats {
             region_bytes: self.total_granules << gs,
             used_bytes: used << gs,
@@ -1515,7 +1819,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
                 .saturating_sub(S::OVERHEAD),
             live_blocks: self.live - self.quick_blocks,
             free_blocks,
-            quick_list_bytes: self.quick_granules << gs,
+            quick_list_bytes: (self.quick_granules + self.bin_granules as usize) << gs,
         }
     }
 
@@ -1635,8 +1939,24 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
         self.check_quick_lists()
     }
 
-    /// Checks invariant 8: every block on quick list `g` is a used block of `g` granules, and
-    /// the lists hold `quick_blocks` blocks of `quick_granules` granules in all.
+    /// The id and flags of the block a quick list or bin links to at `ptr`, or which of the
+    /// two it is not: inside a region, a block start.
+    fn listed_block(&self, ptr: NonNull<u8>) -> Result<(BlockId, u32), InvariantError> {
+        let fail = |what: &'static str, block: BlockId| Err(InvariantError { what, block });
+        let Some((id, h)) = self.store.block_of(ptr) else {
+            return fail("quick list or bin links outside the regions", NIL);
+        };
+        if !self.looks_like_block(id) {
+            return fail("quick list or bin links to a non-block", id);
+        }
+        // SAFETY: `id` looks like a block start (checked just above).
+        Ok((id, unsafe { self.store.size_flags(h) }))
+    }
+
+    /// Checks invariant 8: every block on quick list `g` is a used block of `g` granules, every
+    /// block in bin `k` a used block of a size whose bin is `k` and that its payload holds, and
+    /// the lists and bins hold `quick_blocks` blocks, `quick_granules` and `bin_granules`
+    /// granules, within their budgets.
     fn check_quick_lists(&self) -> Result<(), InvariantError> {
         let fail = |what: &'static str, block: BlockId| Err(InvariantError { what, block });
         let (mut blocks, mut granules) = (0usize, 0usize);
@@ -1646,14 +1966,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
                 return fail("quick list in a heap that may not have them", NIL);
             }
             while let Some(ptr) = NonNull::new(p) {
-                let Some((id, h)) = self.store.block_of(ptr) else {
-                    return fail("quick list links outside the regions", NIL);
-                };
-                if !self.looks_like_block(id) {
-                    return fail("quick list links to a non-block", id);
-                }
-                // SAFETY: `id` looks like a block start (checked just above).
-                let v = unsafe { self.store.size_flags(h) };
+                let (id, v) = self.listed_block(ptr)?;
                 if v & FREE != 0 || size_of_flags(v) as usize != g {
                     return fail("quick-listed block is free or of another size", id);
                 }
@@ -1667,10 +1980,45 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
                 p = unsafe { ptr.cast::<*mut u8>().read() };
             }
         }
-        if (blocks, granules) != (self.quick_blocks, self.quick_granules)
-            || granules > self.quick_budget
-        {
+        if granules != self.quick_granules || granules > self.quick_budget {
             return fail("quick-list counters disagree with the lists", NIL);
+        }
+        let mut bin_granules = 0u32;
+        for (k, head) in self.bins.iter().enumerate() {
+            let mut p = head.0;
+            if !Self::BINS && !p.is_null() {
+                return fail("bin in a heap that may not have them", NIL);
+            }
+            while let Some(ptr) = NonNull::new(p) {
+                let (id, v) = self.listed_block(ptr)?;
+                let s = size_of_flags(v);
+                if v & FREE != 0 || (s as usize) < SL || Self::bin_down(s) != k {
+                    return fail("binned block is free or in another bin", id);
+                }
+                // SAFETY: a binned block's payload holds the bin's link and its size (see
+                // `bin_push`; it is a used block of this heap, so its payload lies in a region).
+                let (next, listed) = unsafe {
+                    (
+                        ptr.cast::<*mut u8>().read(),
+                        ptr.cast::<u32>().add(2).read(),
+                    )
+                };
+                if listed != s {
+                    return fail("binned block's size disagrees with its header", id);
+                }
+                blocks += 1;
+                bin_granules += listed;
+                if blocks > self.quick_blocks {
+                    return fail("quick list or bin longer than its count (cycle?)", id);
+                }
+                p = next;
+            }
+        }
+        if blocks != self.quick_blocks
+            || bin_granules != self.bin_granules
+            || bin_granules > self.bin_budget
+        {
+            return fail("bin counters disagree with the lists", NIL);
         }
         Ok(())
     }
@@ -1730,7 +2078,7 @@ impl<S: MetaStore, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
     }
 }
 
-impl Tlsf<OutOfBand> {
+impl crate::OobHeap {
     /// Allocates a block for a process that maps the region at address `view`, and returns
     /// its offset from the region's start: `view + offset` is a multiple of `layout.align()`
     /// (the heap's own mapping does not matter). With `view = 0` the offset itself is aligned.
@@ -1874,7 +2222,7 @@ impl Tlsf<OutOfBand> {
     }
 }
 
-impl<S, const FL: usize, const SL: usize> Tlsf<S, FL, SL> {
+impl<S, const FL: usize, const SL: usize, const SB: usize> Tlsf<S, FL, SL, SB> {
     /// Number of regions added.
     pub fn region_count(&self) -> usize {
         self.regions

@@ -293,6 +293,58 @@ fn box_by_value() {
     assert!(keep.iter().enumerate().all(|(i, b)| b[7] == i as u64));
 }
 
+/// The size bins on, as a program would turn them on: large vectors grow, shrink and come and
+/// go in threads; the heap stays consistent, and turning the bins off empties them.
+fn size_bins_on() {
+    HEAP.with(|h| h.set_size_bins(25));
+    let workers: Vec<_> = (0..2u8)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut kept = Vec::new();
+                // Up to 21 kept vectors of up to 80 KiB per thread: 3.4 MiB at most of the
+                // 8 MiB arena (under Miri, 12 KiB and 25 rounds in 1 MiB).
+                let (rounds, spread) = if cfg!(miri) {
+                    (25, 8_000)
+                } else {
+                    (200, 60_000)
+                };
+                for i in 0..rounds {
+                    let n = 1024 + (i * 7919 + t as usize * 104_729) % spread;
+                    let mut v = vec![t; n];
+                    v.resize(n + n / 3, t.wrapping_add(1));
+                    assert!(v[..n].iter().all(|&b| b == t));
+                    if i % 3 == 0 {
+                        kept.push(v);
+                    }
+                    if kept.len() > 20 {
+                        kept.swap_remove(i % kept.len());
+                    }
+                }
+                kept.iter().map(Vec::len).sum::<usize>()
+            })
+        })
+        .collect();
+    for w in workers {
+        assert!(w.join().unwrap() > 0);
+    }
+    // Nothing may panic while the heap is held: the panic would allocate from it.
+    let (on, held, off) = HEAP.with(|h| {
+        let on = h.check_invariants();
+        let held = h.stats().quick_list_bytes;
+        h.set_size_bins(0);
+        (on, held, h.check_invariants())
+    });
+    on.unwrap();
+    off.unwrap();
+    // `small-code` compiles the bins out, with the quick lists.
+    if cfg!(not(feature = "small-code")) {
+        assert!(held > 0, "the bins held nothing");
+    }
+    // Only the quick lists (blocks under 1 KiB) may still hold blocks.
+    let s = HEAP.stats();
+    assert!(s.quick_list_bytes < ARENA_SIZE / 16, "{s:?}");
+}
+
 /// `HEAP`'s own counters see the program's allocations.
 fn stats_track_allocations() {
     let before = HEAP.stats();
@@ -328,6 +380,7 @@ fn main() {
         ("global_alloc_interface", global_alloc_interface),
         ("exhaust_and_recover", exhaust_and_recover),
         ("stats_track_allocations", stats_track_allocations),
+        ("size_bins_on", size_bins_on),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)

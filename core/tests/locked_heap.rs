@@ -188,7 +188,10 @@ fn intact(b: &Live) -> bool {
 
 /// One thread's share: allocate, grow and free blocks of random sizes and alignments, each
 /// filled with its own byte and checked before it is reallocated or freed.
-fn hammer<const FL: usize, const SL: usize>(heap: &LockedHeap<FL, SL>, seed: u64) {
+fn hammer<const FL: usize, const SL: usize, const SB: usize>(
+    heap: &LockedHeap<FL, SL, SB>,
+    seed: u64,
+) {
     let mut rng = Rng(seed | 1);
     let mut live: Vec<Live> = Vec::new();
     for i in 0..OPS {
@@ -243,8 +246,8 @@ fn hammer<const FL: usize, const SL: usize>(heap: &LockedHeap<FL, SL>, seed: u64
 
 /// Threads hammer one heap; one more checks its invariants between their operations. Afterwards
 /// the heap is one free block again.
-fn threads_keep_invariants<const FL: usize, const SL: usize>(
-    heap: &'static LockedHeap<FL, SL>,
+fn threads_keep_invariants<const FL: usize, const SL: usize, const SB: usize>(
+    heap: &'static LockedHeap<FL, SL, SB>,
     bytes: usize,
 ) {
     const THREADS: usize = 4;

@@ -178,8 +178,8 @@ impl Rng {
 }
 
 /// Checks the counters against each other and the model.
-fn check_counters<const FL: usize, const SL: usize>(
-    h: &Tlsf<xalloc_core::InBand, FL, SL>,
+fn check_counters<const FL: usize, const SL: usize, const SB: usize>(
+    h: &Tlsf<xalloc_core::InBand, FL, SL, SB>,
     live: &BTreeMap<usize, (usize, Layout, u8)>,
     step: usize,
 ) {
@@ -211,8 +211,8 @@ fn check_counters<const FL: usize, const SL: usize>(
 /// alignment <= 16: no free block could have held it, even after `trim` (the guarantee "never
 /// fails while a fitting block exists", which small-code states as `largest_free_bytes`); and
 /// a request of `largest_free_bytes` succeeds.
-fn random_ops<const FL: usize, const SL: usize>(
-    h: &mut Tlsf<xalloc_core::InBand, FL, SL>,
+fn random_ops<const FL: usize, const SL: usize, const SB: usize>(
+    h: &mut Tlsf<xalloc_core::InBand, FL, SL, SB>,
     seed: u64,
 ) {
     let mut rng = Rng(seed);

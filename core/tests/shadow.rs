@@ -571,12 +571,14 @@ proptest! {
     fn heap_in_band(
         ops in ops(limits::MAX_OPS),
         compact_above in prop::sample::select(vec![0u8, 1, 25, 100]),
+        bins in prop::sample::select(vec![0u8, 25, 100]),
     ) {
         let region = Region::new(limits::REGION, MAX_ALIGN, 0);
         let mut heap = Heap::empty();
         // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
         unsafe { heap.init(region.start, region.size) };
         heap.set_compact_above(compact_above);
+        heap.set_size_bins(bins);
         run(&mut heap, &ops, region.range(), EXACT)?;
     }
 
@@ -629,9 +631,12 @@ proptest! {
     fn heap_region_sizes(
         size in prop::sample::select(REGION_SIZES.to_vec()),
         offset in 0usize..16,
+        bins in prop::sample::select(vec![0u8, 25, 100]),
         ops in ops(limits::MAX_OPS / 4),
     ) {
-        in_band_region_size::<{ tlsf::FL }, { tlsf::SL }>(size, offset, &ops)?;
+        in_band_region_size::<{ tlsf::FL }, { tlsf::SL }, { tlsf::SIZE_BINS }>(
+            size, offset, bins, &ops,
+        )?;
     }
 
     /// The same for the small configuration.
@@ -641,7 +646,7 @@ proptest! {
         offset in 0usize..16,
         ops in ops(limits::MAX_OPS / 4),
     ) {
-        in_band_region_size::<{ tlsf::SMALL_FL }, { tlsf::SMALL_SL }>(size, offset, &ops)?;
+        in_band_region_size::<{ tlsf::SMALL_FL }, { tlsf::SMALL_SL }, 0>(size, offset, 25, &ops)?;
     }
 
     /// The same for the out-of-band heap, at every granule, with granule-aligned starts.
@@ -668,17 +673,19 @@ proptest! {
     }
 }
 
-/// An in-band heap with `FL` × `SL` classes over `size` bytes starting `offset` bytes past a
-/// 16-aligned address, driven through `ops`.
-fn in_band_region_size<const FL: usize, const SL: usize>(
+/// An in-band heap with `FL` × `SL` classes and `SB` size bins (set to `bins` %) over `size`
+/// bytes starting `offset` bytes past a 16-aligned address, driven through `ops`.
+fn in_band_region_size<const FL: usize, const SL: usize, const SB: usize>(
     size: usize,
     offset: usize,
+    bins: u8,
     ops: &[Op],
 ) -> Result<(), TestCaseError> {
     let region = Region::new(size, MAX_ALIGN, offset);
-    let mut heap = Tlsf::<InBand, FL, SL>::empty();
+    let mut heap = Tlsf::<InBand, FL, SL, SB>::empty();
     // SAFETY: the region is a live buffer used by nothing else; it outlives the heap.
     unsafe { heap.init(region.start, region.size) };
+    heap.set_size_bins(bins);
     run(&mut heap, ops, region.range(), EXACT)
 }
 
@@ -753,21 +760,24 @@ fn part_sizes() -> impl Strategy<Value = Vec<usize>> {
     )
 }
 
-/// Gives a `Tlsf<InBand, FL, SL>` the parts `sizes` of one buffer (at start offsets `offsets`,
-/// with gaps between them), with `compact_above` set before or after, and runs `ops` on it.
-fn run_on_parts<const FL: usize, const SL: usize>(
+/// Gives a `Tlsf<InBand, FL, SL, SB>` the parts `sizes` of one buffer (at start offsets
+/// `offsets`, with gaps between them), with `compact_above` and `bins` (`set_size_bins`) set
+/// before or after, and runs `ops` on it.
+fn run_on_parts<const FL: usize, const SL: usize, const SB: usize>(
     sizes: &[usize],
     offsets: &[usize],
     compact_above: u8,
+    bins: u8,
     set_before: bool,
     ops: &[Op],
 ) -> Result<(), TestCaseError> {
     let gap = 48;
     let total = sizes.iter().sum::<usize>() + (gap + 16) * sizes.len();
     let region = Region::new(total, MAX_ALIGN, 0);
-    let mut heap = Tlsf::<InBand, FL, SL>::empty();
+    let mut heap = Tlsf::<InBand, FL, SL, SB>::empty();
     if set_before {
         heap.set_compact_above(compact_above);
+        heap.set_size_bins(bins);
     }
     let (mut parts, mut at) = (Vec::new(), 0);
     for (i, &size) in sizes.iter().enumerate() {
@@ -782,10 +792,11 @@ fn run_on_parts<const FL: usize, const SL: usize>(
     }
     if !set_before {
         heap.set_compact_above(compact_above);
+        heap.set_size_bins(bins);
     }
     // A part larger than the largest block becomes several regions, cut with no byte lost but
     // the 16 of each cut: recompute where the heap must have cut them.
-    let max = Tlsf::<InBand, FL, SL>::MAX_BLOCK_GRANULES as usize;
+    let max = Tlsf::<InBand, FL, SL, SB>::MAX_BLOCK_GRANULES as usize;
     let (mut regions, mut granules) = (0, 0);
     for part in &parts {
         let (mut at, end) = (part.start, part.end);
@@ -827,8 +838,8 @@ proptest! {
         set_before in any::<bool>(),
         ops in prop::collection::vec(wide_op(), 1..=limits::MAX_OPS / 2),
     ) {
-        run_on_parts::<{ xalloc_core::tlsf::SMALL_FL }, { xalloc_core::tlsf::SMALL_SL }>(
-            &sizes, &offsets, compact_above, set_before, &ops,
+        run_on_parts::<{ xalloc_core::tlsf::SMALL_FL }, { xalloc_core::tlsf::SMALL_SL }, 0>(
+            &sizes, &offsets, compact_above, 25, set_before, &ops,
         )?;
     }
 
@@ -841,15 +852,18 @@ proptest! {
         sizes in part_sizes(),
         offsets in prop::collection::vec(0usize..16, 1..=4),
         compact_above in prop::sample::select(vec![0u8, 1, 25, 50, 100, 255]),
+        bins in prop::sample::select(vec![0u8, 5, 25, 100, 255]),
         set_before in any::<bool>(),
         ops in prop::collection::vec(wide_op(), 1..=limits::MAX_OPS / 2),
     ) {
-        run_on_parts::<{ xalloc_core::tlsf::FL }, { xalloc_core::tlsf::SL }>(
-            &sizes, &offsets, compact_above, set_before, &ops,
-        )?;
+        run_on_parts::<
+            { xalloc_core::tlsf::FL },
+            { xalloc_core::tlsf::SL },
+            { xalloc_core::tlsf::SIZE_BINS },
+        >(&sizes, &offsets, compact_above, bins, set_before, &ops)?;
     }
 
-    /// A configuration neither uses (7 x 8 classes: blocks of up to 1023 granules).
+    /// A configuration neither uses (7 x 8 classes, 8 size bins: blocks of up to 1023 granules).
     // Blocks of up to 1 MiB, filled and checked byte by byte: too slow for Miri, which
     // runs the other properties here.
     #[cfg_attr(miri, ignore)]
@@ -857,9 +871,10 @@ proptest! {
     fn odd_configuration(
         sizes in part_sizes(),
         compact_above in prop::sample::select(vec![0u8, 25, 100]),
+        bins in prop::sample::select(vec![0u8, 25, 100]),
         ops in prop::collection::vec(wide_op(), 1..=limits::MAX_OPS / 2),
     ) {
-        run_on_parts::<7, 8>(&sizes, &[3], compact_above, true, &ops)?;
+        run_on_parts::<7, 8, 8>(&sizes, &[3], compact_above, bins, true, &ops)?;
     }
 }
 

@@ -4,7 +4,7 @@
 //! the harness's, which is the same for every allocator. `scripts/bench-instructions.sh` runs it
 //! for every allocator and prints the table.
 //!
-//! Usage: `instructions ALLOCATOR WORKLOAD` (xalloc, talc, rlsf, buddy, dlmalloc; random-1k,
+//! Usage: `instructions ALLOCATOR WORKLOAD` (xalloc, xalloc-bins, talc, rlsf, buddy, dlmalloc; random-1k,
 //! random-100k, large, realloc). The streams are `xalloc-bench --quick`'s.
 
 #[path = "../allocs.rs"]
@@ -20,7 +20,7 @@ mod timer;
 #[allow(dead_code)]
 mod workload;
 
-use allocs::{BenchAlloc, Buddy, Dl, Rlsf, Talc, Xalloc};
+use allocs::{BenchAlloc, Buddy, Dl, Rlsf, Talc, Xalloc, XallocBins};
 use runner::{replay, Arena, Mode, Outcome};
 use workload::Workload;
 
@@ -64,6 +64,7 @@ fn main() {
     };
     let result = match alloc.as_str() {
         "xalloc" => run::<Xalloc>(&wl),
+        "xalloc-bins" => run::<XallocBins>(&wl),
         "talc" => run::<Talc>(&wl),
         "rlsf" => run::<Rlsf>(&wl),
         "buddy" => run::<Buddy>(&wl),
