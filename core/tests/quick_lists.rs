@@ -17,6 +17,7 @@
 
 use std::alloc::Layout;
 use std::collections::BTreeMap;
+#[cfg(debug_assertions)]
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
 

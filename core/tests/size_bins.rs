@@ -18,25 +18,12 @@ use std::ptr::NonNull;
 
 use xalloc_core::{Heap, SmallHeap};
 
-fn layout(size: usize, align: usize) -> Layout {
-    Layout::from_size_align(size, align).unwrap()
-}
-
-/// `n` bytes, 16-aligned, leaked (a heap may hand out pointers into it until the test ends).
-fn region(n: usize) -> (*mut u8, usize) {
-    let v: &'static mut [u128] = Box::leak(vec![0u128; n.div_ceil(16)].into_boxed_slice());
-    (v.as_mut_ptr().cast(), v.len() * 16)
-}
+mod common;
+use common::{layout, region, Rng};
 
 /// A default heap over `n` bytes with its bins on at `bins` % and its quick lists open always.
 fn heap(n: usize, bins: u8) -> Heap {
-    let (p, len) = region(n);
-    let mut h = Heap::empty();
-    // SAFETY: the region is leaked, so it outlives the heap, and nothing else uses it.
-    unsafe { h.try_init(p, len) }.unwrap();
-    h.set_compact_above(100);
-    h.set_size_bins(bins);
-    h
+    common::heap(n, bins, 100)
 }
 
 /// Whether the bins can exist in this build (`small-code` compiles them out with the quick
@@ -289,12 +276,7 @@ fn double_free_of_a_binned_block_is_caught_in_debug_builds() {
         // build must panic before it changes anything.
         unsafe { h.deallocate(p, l) }
     }));
-    let msg = second.expect_err("a double free of a binned block must panic");
-    let msg = msg
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| msg.downcast_ref::<String>().cloned())
-        .unwrap_or_default();
+    let msg = common::panic_msg(second.expect_err("a double free of a binned block must panic"));
     assert!(msg.contains("double free"), "{msg}");
     h.check_invariants().unwrap();
 }
@@ -314,21 +296,6 @@ fn heaps_without_bins_ignore_the_setting() {
     unsafe { h.deallocate(a, l) };
     assert_eq!(h.stats().quick_list_bytes, 0);
     h.check_invariants().unwrap();
-}
-
-/// A small deterministic generator (xorshift), so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 #[test]

@@ -35,29 +35,11 @@ use std::ptr::NonNull;
 use xalloc_core::tlsf;
 use xalloc_core::{Heap, InBand, SmallHeap, Tlsf};
 
+mod common;
+use common::{heap, layout, region, Rng};
+
 /// Whether the bins can exist in this build (`small-code` compiles them out).
 const BINS: bool = cfg!(not(feature = "small-code"));
-
-fn layout(size: usize, align: usize) -> Layout {
-    Layout::from_size_align(size, align).unwrap()
-}
-
-/// `n` bytes, 16-aligned, leaked (a heap may hand out pointers into it until the test ends).
-fn region(n: usize) -> (*mut u8, usize) {
-    let v: &'static mut [u128] = Box::leak(vec![0u128; n.div_ceil(16)].into_boxed_slice());
-    (v.as_mut_ptr().cast(), v.len() * 16)
-}
-
-/// A default heap over `n` bytes with its bins on at `bins` % and `set_compact_above(compact)`.
-fn heap(n: usize, bins: u8, compact: u8) -> Heap {
-    let (p, len) = region(n);
-    let mut h = Heap::empty();
-    // SAFETY: the region is leaked, so it outlives the heap, and nothing else uses it.
-    unsafe { h.try_init(p, len) }.unwrap();
-    h.set_compact_above(compact);
-    h.set_size_bins(bins);
-    h
-}
 
 /// Bins per power of two, measured: what a 65-granule request rounds up to (80 granules with
 /// four bins per power of two, 72 with eight). 0 where there are no bins.
@@ -98,15 +80,6 @@ fn model_bin_up(g: usize) -> usize {
 /// The granules a request of `size` bytes needs: payload and 8-byte header, rounded up to 16.
 fn granules(size: usize) -> usize {
     ((size + 8 + 15) >> 4).max(1)
-}
-
-/// A caught panic's message.
-#[cfg_attr(any(not(debug_assertions), feature = "small-code"), allow(dead_code))]
-fn panic_msg(e: Box<dyn std::any::Any + Send>) -> String {
-    e.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| e.downcast_ref::<String>().cloned())
-        .unwrap_or_default()
 }
 
 // ------------------------------------------------------------------------------------------
@@ -515,7 +488,7 @@ fn double_free_of_a_binned_block_is_caught_when_the_bins_are_full() {
     assert!(
         caught,
         "double free not caught; heap now: {inv:?} (panic: {})",
-        r.err().map(panic_msg).unwrap_or_default()
+        r.err().map(common::panic_msg).unwrap_or_default()
     );
 }
 
@@ -634,20 +607,6 @@ fn compacting_reallocation_of_rounded_blocks() {
 
 // ------------------------------------------------------------------------------------------
 // Random operations with every setting changing mid-run, every counter checked every step.
-
-/// A small deterministic generator (xorshift), so failures reproduce.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Checks that the first `size` bytes of live block `p` (its ends and every 997th byte) still
 /// hold `tag`, as written when it was handed out.
