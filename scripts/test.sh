@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check CI runs, in order, stopping at the first failure and naming the step.
 #
-#   scripts/test.sh
+#   scripts/test.sh        every step
+#   scripts/test.sh miri   only the Miri steps (which the full run starts in the background)
 #
 # Needs: stable Rust with clippy and rustfmt, the thumbv7em-none-eabihf and thumbv6m-none-eabi
 # targets, nightly with miri, cargo-fuzz, rsyslog, qemu-system-arm, make, gcc, g++, binutils,
@@ -24,6 +25,30 @@ on_exit() {
 }
 trap on_exit EXIT
 
+# Miri interprets on one core for about ten minutes. The full run starts it in the background
+# after the multi-process tests (which time spin hand-offs and want both cores), beside the
+# build and emulation steps that follow (their own target directories, so no build lock is
+# shared), and waits for it before the benchmark smokes, which time hand-offs too. The Miri
+# steps: the unit, property and doc tests under Stacked Borrows, strict provenance. The test
+# that installs LockedHeap as the global allocator runs under Tree Borrows: Stacked Borrows
+# gives a `Box<u8>` a tag covering one byte, so the 8 bytes of free-list links that any in-band
+# allocator writes into the freed block would be flagged even through the owner's own pointer.
+# Then the protocol's shared-memory types (concurrent header rewrites, ledger hand-offs, the
+# slot cycle between threads): a plain read racing a write would be flagged. The OS layer's
+# tests make system calls Miri does not model, so only `wire` runs.
+miri_steps() {
+    MIRIFLAGS=-Zmiri-strict-provenance step "miri (stacked borrows)" \
+        cargo +nightly miri test -p xalloc-core --lib --test shadow --test checked_free \
+        --test alignment --test realloc_slack_attacks
+    MIRIFLAGS=-Zmiri-strict-provenance step "miri (protocol layout)" \
+        cargo +nightly miri test -p xalloc-proto --lib wire::
+    MIRIFLAGS=-Zmiri-strict-provenance step "miri (doc tests)" \
+        cargo +nightly miri test -p xalloc-core --doc
+    MIRIFLAGS="-Zmiri-strict-provenance -Zmiri-tree-borrows" \
+        step "miri (tree borrows, global allocator)" \
+        cargo +nightly miri test -p xalloc-core --test global_alloc
+}
+
 step() {
     step_name="$1"
     shift
@@ -31,6 +56,20 @@ step() {
     echo "=== $step_name: $* ==="
     "$@"
 }
+
+case "${1:-}" in
+    "") ;;
+    miri)
+        miri_steps
+        step_name=""
+        echo "scripts/test.sh miri: all steps passed"
+        exit 0
+        ;;
+    *)
+        echo "usage: scripts/test.sh [miri]" >&2
+        exit 2
+        ;;
+esac
 
 step "format" cargo fmt --all --check
 # The two firmware crates are workspaces of their own (thumbv7em targets, their own profiles).
@@ -52,6 +91,20 @@ RUSTDOCFLAGS=-Dwarnings step "docs (core without a lock)" \
 # errors. The C library's tests (tests/tests/c_library.rs) run make themselves too.
 step "C library (make)" make -s all examples
 step "tests" cargo test --workspace
+# The Miri steps, in the background (see `miri_steps`), in a session of their own so that a
+# failure elsewhere stops them with everything they started.
+miri_log="$(mktemp)"
+setsid --wait bash "${BASH_SOURCE[0]}" miri >"$miri_log" 2>&1 &
+miri_pid=$!
+echo
+echo "=== miri: started in the background (pid $miri_pid, log $miri_log) ==="
+stop_miri() {
+    if [[ -n "$miri_pid" ]]; then
+        kill -- "-$miri_pid" 2>/dev/null || true
+    fi
+    rm -f "$miri_log"
+}
+trap 'on_exit; stop_miri' EXIT
 step "no_std build" cargo build -p xalloc-core --target thumbv7em-none-eabihf
 # The critical-section lock: on Cortex-M4F, and on Cortex-M0/M0+, which has no compare-and-swap
 # (and so no spin lock); then the firmware example on an emulated Cortex-M4 board (QEMU).
@@ -71,21 +124,6 @@ step "firmware in QEMU (mps2-an386)" bash scripts/firmware.sh
 # The code-size table of the README, and its target: `SmallLockedHeap` with `small-code` is no
 # larger than rlsf.
 step "code size (thumbv7em firmware)" bash scripts/code-size.sh --check
-# Miri, strict provenance. The unit, property and doc tests run under Stacked Borrows. The test
-# that installs LockedHeap as the global allocator runs under Tree Borrows: Stacked Borrows gives
-# a `Box<u8>` a tag covering one byte, so the 8 bytes of free-list links that any in-band
-# allocator writes into the freed block would be flagged even through the owner's own pointer.
-MIRIFLAGS=-Zmiri-strict-provenance step "miri (stacked borrows)" \
-    cargo +nightly miri test -p xalloc-core --lib --test shadow --test checked_free --test alignment
-# The protocol's shared-memory types (concurrent header rewrites, ledger hand-offs, the slot
-# cycle between threads): a plain read racing a write would be flagged. The OS layer's tests
-# make system calls Miri does not model, so only `wire` runs.
-MIRIFLAGS=-Zmiri-strict-provenance step "miri (protocol layout)" \
-    cargo +nightly miri test -p xalloc-proto --lib wire::
-MIRIFLAGS=-Zmiri-strict-provenance step "miri (doc tests)" \
-    cargo +nightly miri test -p xalloc-core --doc
-MIRIFLAGS="-Zmiri-strict-provenance -Zmiri-tree-borrows" step "miri (tree borrows, global allocator)" \
-    cargo +nightly miri test -p xalloc-core --test global_alloc
 # The slot protocol under loom, in its own target directory so that the --cfg loom build does
 # not evict the normal one.
 RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=target/loom step "loom" \
@@ -102,6 +140,17 @@ for target in core_heap daemon_requests; do
         "fuzz/corpus/$target" -- -max_total_time=20
 done
 rm -rf "$fuzz_scratch"
+# The Miri steps' output, once they are done; their failing step is named at the end of it.
+step_name="miri (background; its output above)"
+echo
+echo "=== miri: waiting for the background steps ==="
+miri_rc=0
+wait "$miri_pid" || miri_rc=$?
+miri_pid=""
+cat "$miri_log"
+if ((miri_rc != 0)); then
+    exit "$miri_rc"
+fi
 if [[ "${CI:-}" == "true" ]]; then
     step "rsyslog set-up (CI only: changes /etc/rsyslog.d)" bash scripts/check-rsyslog-setup.sh
 fi

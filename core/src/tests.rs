@@ -542,18 +542,96 @@ fn below_the_compaction_threshold_realloc_stays_put_and_leaves_room_to_grow() {
         // A lower block would hold it, but the heap is nearly empty: it shrinks in place.
         let s = h.reallocate(c, l, 1000).unwrap();
         assert_eq!(s, c, "shrinks in place");
-        // `b` cannot grow in place (its successor is used): it moves, to a free block twice
-        // the new size, so that growing again by up to that much stays in place.
+        // `b` cannot grow in place (its successor is used): it moves, to a free block
+        // `GROW_ROOM` times the new size, so that growing again up to that stays in place.
         let g = h.reallocate(b, l, 6000).unwrap();
         assert_ne!(g, b);
-        let g2 = h.reallocate(g, layout(6000, 8), 12000).unwrap();
+        let room = 6000 * crate::tlsf::GROW_ROOM as usize;
+        let g2 = h.reallocate(g, layout(6000, 8), room).unwrap();
         assert_eq!(g2, g, "room was left behind the moved block");
         h.check_invariants().unwrap();
-        h.deallocate(g2, layout(12000, 8));
+        h.deallocate(g2, layout(room, 8));
         h.deallocate(s, layout(1000, 8));
     }
     h.check_invariants().unwrap();
     assert_eq!(h.stats().live_blocks, 0);
+}
+
+/// `reallocate` docs: below the compaction threshold, a block of `SL` granules or more that
+/// shrinks to at least half its size keeps it, and growing back up to it is free; a larger
+/// shrink, a block that would be under `SL` granules (a quick list takes its size from the
+/// layout) and a compacting heap split the spare granules off. Freeing a kept block with its
+/// new, smaller layout is not a wrong layout (debug builds check).
+#[test]
+#[cfg(not(feature = "small-code"))]
+fn below_the_compaction_threshold_a_shrink_to_half_or_more_keeps_the_block() {
+    use crate::tlsf::SL;
+    let mut buf = buffer(1 << 20);
+    let mut h = heap_over(&mut buf);
+    h.set_compact_above(100);
+    // The layout of exactly `g` granules (16 bytes each, 8 of them the header).
+    let of = |g: usize| layout(g * 16 - 8, 8);
+    let used = |h: &Heap| h.stats().used_bytes;
+    // Each block is followed by a used one, so that a split-off tail stays a free block.
+    let a = h.allocate(of(2 * SL)).unwrap();
+    let _a_guard = h.allocate(of(1)).unwrap();
+    let b = h.allocate(of(SL + 2)).unwrap();
+    let _b_guard = h.allocate(of(1)).unwrap();
+    let c = h.allocate(of(2 * SL + 2)).unwrap();
+    let _c_guard = h.allocate(of(1)).unwrap();
+    let before = used(&h);
+    // SAFETY: every pointer used is a live block of this heap with the layout given.
+    unsafe {
+        // To exactly half: kept whole.
+        let p = h.reallocate(a, of(2 * SL), (SL * 16) - 8).unwrap();
+        assert_eq!(
+            (p, used(&h)),
+            (a, before),
+            "a shrink to half keeps the block"
+        );
+        let free_blocks = h.stats().free_blocks;
+        let p = h.reallocate(p, of(SL), 2 * SL * 16 - 8).unwrap();
+        assert_eq!(p, a, "grows back in place");
+        assert_eq!((used(&h), h.stats().free_blocks), (before, free_blocks));
+        let p = h.reallocate(p, of(2 * SL), SL * 16 - 8).unwrap();
+        h.check_invariants().unwrap();
+        // Freed with its new layout: the whole block goes back.
+        h.deallocate(p, of(SL));
+        assert_eq!(used(&h), before - 2 * SL * 16);
+
+        // To one granule under `SL`, by only three granules: split all the same.
+        let q = h.reallocate(b, of(SL + 2), (SL - 1) * 16 - 8).unwrap();
+        assert_eq!(q, b);
+        assert_eq!(used(&h), before - 2 * SL * 16 - 3 * 16);
+        h.deallocate(q, of(SL - 1));
+        assert_eq!(
+            h.stats().quick_list_bytes,
+            (SL - 1) * 16,
+            "on its quick list, whole"
+        );
+        h.check_invariants().unwrap();
+
+        // To less than half: split.
+        let mark = used(&h);
+        let r = h.reallocate(c, of(2 * SL + 2), SL * 16 - 8).unwrap();
+        assert_eq!(
+            (r, used(&h)),
+            (c, mark - (SL + 2) * 16),
+            "a larger shrink splits"
+        );
+
+        // Compacting: every shrink splits (the block is the lowest free-able spot: it stays).
+        h.set_compact_above(0);
+        let mark = used(&h);
+        let r = h.reallocate(r, of(SL), (SL - 8) * 16 - 8).unwrap();
+        assert_eq!(
+            used(&h),
+            mark - 8 * 16,
+            "a compacting heap splits every shrink"
+        );
+        h.deallocate(r, of(SL - 8));
+    }
+    h.check_invariants().unwrap();
 }
 
 #[test]
