@@ -16,10 +16,11 @@ use std::alloc::Layout;
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
 
+use xalloc_core::tlsf::DEFAULT_COMPACT_ABOVE;
 use xalloc_core::{Heap, SmallHeap};
 
 mod common;
-use common::{layout, region, Rng};
+use common::{heap_of, layout, Rng};
 
 /// A default heap over `n` bytes with its bins on at `bins` % and its quick lists open always.
 fn heap(n: usize, bins: u8) -> Heap {
@@ -193,11 +194,7 @@ fn bins_hold_at_most_their_share_and_lowering_it_empties_them() {
 
 #[test]
 fn bins_take_nothing_above_the_quick_lists_threshold_but_still_serve() {
-    let (p0, len) = region(1 << 20);
-    let mut h = Heap::empty();
-    // SAFETY: the region is leaked, so it outlives the heap, and nothing else uses it.
-    unsafe { h.try_init(p0, len) }.unwrap();
-    h.set_size_bins(50);
+    let mut h = common::heap(1 << 20, 50, DEFAULT_COMPACT_ABOVE);
     let l = layout(20 << 10, 8);
     let a = h.allocate(l).unwrap();
     // SAFETY: `a` came from `h` with `l` and is freed once.
@@ -283,11 +280,7 @@ fn double_free_of_a_binned_block_is_caught_in_debug_builds() {
 
 #[test]
 fn heaps_without_bins_ignore_the_setting() {
-    let (p, len) = region(256 << 10);
-    let mut h = SmallHeap::empty();
-    // SAFETY: the region is leaked, so it outlives the heap, and nothing else uses it.
-    unsafe { h.try_init(p, len) }.unwrap();
-    h.set_size_bins(100);
+    let mut h: SmallHeap = heap_of(256 << 10, 100, DEFAULT_COMPACT_ABOVE);
     let l = layout(5000, 8);
     let before = h.stats().used_bytes;
     let a = h.allocate(l).unwrap();

@@ -36,7 +36,7 @@ use xalloc_core::tlsf;
 use xalloc_core::{Heap, InBand, SmallHeap, Tlsf};
 
 mod common;
-use common::{heap, layout, region, Rng};
+use common::{heap, heap_of, layout, region, Rng};
 
 /// Whether the bins can exist in this build (`small-code` compiles them out).
 const BINS: bool = cfg!(not(feature = "small-code"));
@@ -321,12 +321,7 @@ fn request_rounding_past_the_largest_block() {
     type T = Tlsf<InBand, 4, 8, 64>;
     let max = T::MAX_BLOCK_GRANULES as usize;
     assert_eq!(max, 63);
-    let (p0, len) = region(max * 16 + 64);
-    let mut h = T::empty();
-    // SAFETY: the region is leaked, so it outlives the heap, and nothing else uses it.
-    unsafe { h.try_init(p0, len) }.unwrap();
-    h.set_compact_above(100);
-    h.set_size_bins(100);
+    let mut h: T = heap_of(max * 16 + 64, 100, 100);
     let s0 = h.stats();
     for g in 8..=max {
         let l = layout(g * 16 - 8, 8);
@@ -402,12 +397,7 @@ fn settings_changes_while_binned() {
 /// which ignores the setting, the quick lists keep their blocks.
 #[test]
 fn lowering_the_bins_share_leaves_the_quick_lists_alone() {
-    let (p, len) = region(64 << 10);
-    let mut h = SmallHeap::empty();
-    // SAFETY: the region is leaked, so it outlives the heap, and nothing else uses it.
-    unsafe { h.try_init(p, len) }.unwrap();
-    h.set_compact_above(100);
-    h.set_size_bins(25);
+    let mut h: SmallHeap = heap_of(64 << 10, 25, 100);
     let l = layout(100, 8);
     let a = h.allocate(l).unwrap();
     let _b = h.allocate(l).unwrap();

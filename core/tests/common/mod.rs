@@ -1,10 +1,11 @@
-//! Helpers shared by the size-bins test files (`size_bins.rs`, `size_bins_attacks.rs`).
+//! Helpers shared by the size-bins test files (`size_bins.rs`, `size_bins_attacks.rs`): leaked
+//! regions and heaps over them, layouts, a generator, panic messages.
 // Each test crate that includes this module uses a part of it.
 #![allow(dead_code)]
 
 use std::alloc::Layout;
 
-use xalloc_core::Heap;
+use xalloc_core::{Heap, InBand, Tlsf};
 
 /// `Layout::from_size_align(size, align)`, which the tests only call with valid values.
 pub fn layout(size: usize, align: usize) -> Layout {
@@ -19,8 +20,17 @@ pub fn region(n: usize) -> (*mut u8, usize) {
 
 /// A default heap over `n` bytes with `set_compact_above(compact)` and its bins on at `bins` %.
 pub fn heap(n: usize, bins: u8, compact: u8) -> Heap {
+    heap_of(n, bins, compact)
+}
+
+/// [`heap`] for any in-band configuration (`SmallHeap`, tiny ones).
+pub fn heap_of<const FL: usize, const SL: usize, const SB: usize>(
+    n: usize,
+    bins: u8,
+    compact: u8,
+) -> Tlsf<InBand, FL, SL, SB> {
     let (p, len) = region(n);
-    let mut h = Heap::empty();
+    let mut h = Tlsf::<InBand, FL, SL, SB>::empty();
     // SAFETY: the region is leaked, so it outlives the heap, and nothing else uses it.
     unsafe { h.try_init(p, len) }.unwrap();
     h.set_compact_above(compact);
